@@ -1,0 +1,107 @@
+"""The one exception tree of dsbuild.
+
+Every failure a user can cause or meet (bad option, bad checkpoint, unreachable hub, full disk) is raised as a
+subclass of :class:`DsbuildError`. The CLI turns it into one sentence on stderr and the class's exit code; any
+other exception is a bug and is shown with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DsbuildError(Exception):
+    """Base class. ``str(err)`` is the one-sentence message shown to the user."""
+
+    exit_code = 1
+
+
+class SpecError(DsbuildError):
+    """An option, config file or environment variable is invalid."""
+
+    exit_code = 2
+
+
+class LayoutError(SpecError):
+    """A parallel layout (TP/PP/EP/attention-DP) does not fit the model or the cluster."""
+
+
+class ModelConfigError(DsbuildError):
+    """A model ``config.json`` is missing, malformed or contradicts itself."""
+
+    exit_code = 3
+
+
+class CheckpointError(DsbuildError):
+    """A checkpoint's files are missing, corrupt, or do not match the config (safetensors, index, shapes)."""
+
+    exit_code = 3
+
+
+class UnsafePathError(CheckpointError):
+    """A file name would escape its target directory (``..``, absolute path)."""
+
+
+class HubError(DsbuildError):
+    """The Hugging Face hub (or a local mirror) cannot give what was asked for."""
+
+    exit_code = 4
+
+
+class DiskSpaceError(DsbuildError):
+    """Not enough free space at a destination."""
+
+    exit_code = 5
+
+
+class QuantizationError(DsbuildError):
+    """A quantization mode is unknown, unsupported on the target GPU, or failed."""
+
+    exit_code = 6
+
+
+class BuildError(DsbuildError):
+    """Writing per-rank engines failed; collects the failures of several ranks."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, *, rank_failures: dict[int, str] | None = None):
+        self.rank_failures = dict(rank_failures or {})
+        if self.rank_failures:
+            detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(self.rank_failures.items()))
+            message = f"{message} ({detail})"
+        super().__init__(message)
+
+
+class PackageError(DsbuildError):
+    """Rendering the Triton repository or launch files failed (e.g. an unfilled placeholder)."""
+
+    exit_code = 8
+
+
+class ServeError(DsbuildError):
+    """The Triton server could not be started, became unhealthy, or a request failed."""
+
+    exit_code = 9
+
+
+class RegistryError(DsbuildError):
+    """An OCI registry refused a push/pull, or a reference is malformed."""
+
+    exit_code = 10
+
+
+class VerificationError(DsbuildError):
+    """A numeric or digest check failed (reference engine vs transformers, pulled file vs manifest)."""
+
+    exit_code = 11
+
+
+class RunLockedError(DsbuildError):
+    """Another dsbuild process holds the run directory."""
+
+    exit_code = 12
+
+
+class StageError(DsbuildError):
+    """A pipeline stage failed for a reason its own error did not cover."""
+
+    exit_code = 13

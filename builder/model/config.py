@@ -1,0 +1,336 @@
+"""DeepSeek-V3/V3.2 model configuration: parsed and checked from ``config.json``, or from a built-in preset.
+
+Only the fields that decide tensor shapes, routing and quantization are modelled; the raw dict is kept so that a
+checkpoint written by dsbuild carries every key the source had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.errors import ModelConfigError
+
+# The config.json of a file larger than this is not a config: refuse before parsing it.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+FP8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """DeepSeek's native ``quantization_config`` (block FP8)."""
+
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)
+    scale_fmt: str | None = "ue8m0"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "quant_method": self.quant_method,
+            "fmt": self.fmt,
+            "activation_scheme": self.activation_scheme,
+            "weight_block_size": list(self.weight_block_size),
+        }
+        if self.scale_fmt is not None:
+            out["scale_fmt"] = self.scale_fmt
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    first_k_dense_replace: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    num_nextn_predict_layers: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    # DSA indexer (V3.2). index_n_heads == 0 means a V3 model without the indexer.
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    tie_word_embeddings: bool = False
+    model_type: str = "deepseek_v32"
+    quantization: QuantizationConfig | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # ----- derived sizes -----
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_n_heads > 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def kv_cache_elems_per_token_per_layer(self) -> int:
+        """MLA caches the compressed latent plus the shared RoPE key: 512 + 64 = 576 for the real model."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def indexer_cache_bytes_per_token_per_layer(self) -> int:
+        """DSA indexer key cache: ``index_head_dim`` FP8 values plus one fp32 scale (132 B for the real model)."""
+        return self.index_head_dim + 4 if self.has_indexer else 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """MTP layers (index >= num_hidden_layers) are MoE layers like the decoder layers after the dense ones."""
+        return layer >= self.first_k_dense_replace
+
+    @property
+    def mtp_layers(self) -> list[int]:
+        return [self.num_hidden_layers + i for i in range(self.num_nextn_predict_layers)]
+
+    @property
+    def is_fp8_block(self) -> bool:
+        return self.quantization is not None and self.quantization.quant_method == "fp8"
+
+    # ----- (de)serialisation -----
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "config.json") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ModelConfigError(f"{source} must hold a JSON object, not {type(data).__name__}")
+        model_type = data.get("model_type")
+        if model_type not in ("deepseek_v32", "deepseek_v3"):
+            raise ModelConfigError(
+                f"{source} has model_type {model_type!r}; dsbuild builds deepseek_v32 (and deepseek_v3) models only"
+            )
+        values: dict[str, Any] = {}
+        for name, kind in _REQUIRED_FIELDS.items():
+            if name not in data:
+                raise ModelConfigError(f"{source} is missing the required key {name!r}")
+            values[name] = _coerce(data[name], kind, name, source)
+        for name, (kind, default) in _OPTIONAL_FIELDS.items():
+            values[name] = _coerce(data[name], kind, name, source) if data.get(name) is not None else default
+        if model_type == "deepseek_v32":
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                if name not in data:
+                    raise ModelConfigError(f"{source} is a deepseek_v32 config but lacks the DSA indexer key {name!r}")
+                values[name] = _coerce(data[name], int, name, source)
+        values["model_type"] = model_type
+        values["quantization"] = _parse_quantization(data.get("quantization_config"), source)
+        values["raw"] = dict(data)
+        cfg = cls(**values)
+        cfg.validate(source=source)
+        return cfg
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelConfigError(f"no config.json at {path}")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ModelConfigError(f"{path} is {size} bytes; a config.json over {MAX_CONFIG_BYTES} bytes is refused")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelConfigError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HF ``config.json`` content (raw keys kept, modelled keys authoritative)."""
+        out = dict(self.raw)
+        for name in list(_REQUIRED_FIELDS) + list(_OPTIONAL_FIELDS):
+            out[name] = getattr(self, name)
+        if self.has_indexer:
+            out.update(index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim, index_topk=self.index_topk)
+        out["model_type"] = self.model_type
+        out.setdefault("architectures", ["DeepseekV32ForCausalLM" if self.model_type == "deepseek_v32" else "DeepseekV3ForCausalLM"])
+        if self.quantization is not None:
+            out["quantization_config"] = self.quantization.to_dict()
+        else:
+            out.pop("quantization_config", None)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+    # ----- checks -----
+    def validate(self, *, source: str = "config.json") -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ModelConfigError(f"{source}: {msg}")
+
+        for name in _POSITIVE:
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+             f"first_k_dense_replace {self.first_k_dense_replace} is outside 0..num_hidden_layers ({self.num_hidden_layers})")
+        need(self.num_key_value_heads == self.num_attention_heads,
+             "MLA needs num_key_value_heads == num_attention_heads "
+             f"({self.num_key_value_heads} != {self.num_attention_heads})")
+        need(self.n_routed_experts % self.n_group == 0,
+             f"n_group {self.n_group} must divide n_routed_experts {self.n_routed_experts}")
+        need(1 <= self.topk_group <= self.n_group, f"topk_group {self.topk_group} must be in 1..n_group ({self.n_group})")
+        need(self.num_experts_per_tok <= self.topk_group * (self.n_routed_experts // self.n_group),
+             f"num_experts_per_tok {self.num_experts_per_tok} exceeds the experts in topk_group groups")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
+        if self.has_indexer:
+            need(self.index_head_dim >= self.qk_rope_head_dim,
+                 f"index_head_dim {self.index_head_dim} must be >= qk_rope_head_dim {self.qk_rope_head_dim}")
+            need(self.index_topk > 0, "index_topk must be positive")
+        if self.quantization is not None and self.quantization.quant_method == "fp8":
+            need(self.quantization.weight_block_size == (FP8_BLOCK, FP8_BLOCK),
+                 f"only 128x128 FP8 weight blocks are supported, got {list(self.quantization.weight_block_size)}")
+
+
+_REQUIRED_FIELDS: dict[str, type] = {
+    "vocab_size": int,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "moe_intermediate_size": int,
+    "num_hidden_layers": int,
+    "first_k_dense_replace": int,
+    "num_attention_heads": int,
+    "q_lora_rank": int,
+    "kv_lora_rank": int,
+    "qk_nope_head_dim": int,
+    "qk_rope_head_dim": int,
+    "v_head_dim": int,
+    "n_routed_experts": int,
+    "num_experts_per_tok": int,
+}
+_OPTIONAL_FIELDS: dict[str, tuple[type, Any]] = {
+    "num_key_value_heads": (int, None),
+    "n_shared_experts": (int, 1),
+    "n_group": (int, 1),
+    "topk_group": (int, 1),
+    "routed_scaling_factor": (float, 1.0),
+    "norm_topk_prob": (bool, True),
+    "num_nextn_predict_layers": (int, 0),
+    "max_position_embeddings": (int, 4096),
+    "rms_norm_eps": (float, 1e-6),
+    "tie_word_embeddings": (bool, False),
+}
+_POSITIVE = [
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "n_routed_experts", "num_experts_per_tok", "n_group", "max_position_embeddings",
+]
+# Refuse absurd values from untrusted configs before anything allocates by them.
+_MAX_INT = 1 << 24
+
+
+def _coerce(value: Any, kind: type, name: str, source: str) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ModelConfigError(f"{source}: {name} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelConfigError(f"{source}: {name} must be an integer, got {value!r}")
+        if not -_MAX_INT < value < _MAX_INT:
+            raise ModelConfigError(f"{source}: {name} = {value} is out of range")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ModelConfigError(f"{source}: {name} must be a finite number, got {value!r}")
+        return float(value)
+    raise AssertionError(kind)
+
+
+def _parse_quantization(qc: Any, source: str) -> QuantizationConfig | None:
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise ModelConfigError(f"{source}: quantization_config must be an object")
+    method = qc.get("quant_method")
+    if method != "fp8":
+        # ModelOpt/other exports carry their own description in hf_quant_config.json; keep the raw dict only.
+        return QuantizationConfig(quant_method=str(method), fmt=str(qc.get("fmt", "")), weight_block_size=(0, 0),
+                                  scale_fmt=None)
+    block = qc.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ModelConfigError(f"{source}: quantization_config.weight_block_size must be two positive integers")
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ModelConfigError(f"{source}: FP8 format {fmt!r} is not supported (only e4m3)")
+    return QuantizationConfig(
+        fmt=fmt,
+        activation_scheme=str(qc.get("activation_scheme", "dynamic")),
+        weight_block_size=(block[0], block[1]),
+        scale_fmt=qc.get("scale_fmt"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets. The real ones match the published config.json of deepseek-ai/DeepSeek-V3.2 and DeepSeek-V3.
+
+_DEEPSEEK_V3_COMMON: dict[str, Any] = {
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61, "first_k_dense_replace": 3, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+    "num_nextn_predict_layers": 1, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1,
+    "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                            "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+    "torch_dtype": "bfloat16",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v3.2": {
+        **_DEEPSEEK_V3_COMMON, "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"],
+        "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
+    },
+    "deepseek-v3": {**_DEEPSEEK_V3_COMMON, "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]},
+    # Small enough to generate in a second and run anywhere, shaped so that every TP split of 1/2/4/8 falls on whole
+    # 128x128 FP8 blocks like the real model: 16 heads of q 192 / v 128, 1024-wide MLPs and experts (so that even
+    # TP8 with EP1, where each expert's intermediate splits 8 ways, leaves 128 rows per rank), 8 routed experts
+    # (EP 1/2/4/8), 4 layers (PP 1/2/4) of which the first is dense, and kv_a_proj_with_mqa = 128 + 64 = 192 rows,
+    # a partial edge block like the real 576.
+    "tiny": {
+        "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"],
+        "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 1024, "moe_intermediate_size": 1024,
+        "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+        "num_nextn_predict_layers": 1, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+        "index_n_heads": 16, "index_head_dim": 128, "index_topk": 8,
+        "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1,
+        "rope_theta": 10000, "initializer_range": 0.02,
+        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+        "torch_dtype": "bfloat16",
+    },
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ModelConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig.from_dict(json.loads(json.dumps(PRESETS[name])), source=f"preset {name}")
