@@ -273,6 +273,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *, 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {"format": "pt"}))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -1,0 +1,219 @@
+"""``dsbuild``: the command line. Flags are derived from ``builder.specs.RunSpec``; all logic lives elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from builder import __version__
+from builder.errors import DsbuildError
+from builder.specs import RunSpec, resolve_spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options derived from the spec
+
+def _click_type(annotation: Any) -> tuple[Any, bool]:
+    """(click type, multiple) for a spec field's annotation."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _click_type(args[0])
+    if origin is list:
+        return str, True
+    if annotation is bool:
+        return bool, False
+    if annotation in (int, float, str):
+        return annotation, False
+    if annotation is Path:
+        return click.Path(path_type=Path), False
+    return str, False
+
+
+def spec_options(*names: str) -> Callable:
+    """Decorate a command with flags for the named spec fields (all of them when none are named)."""
+    fields = RunSpec.model_fields
+    chosen = names or tuple(fields)
+
+    def decorate(fn: Callable) -> Callable:
+        for name in reversed(chosen):
+            field = fields[name]
+            ctype, multiple = _click_type(field.annotation)
+            flag = "--" + name.replace("_", "-")
+            help_text = field.description or ""
+            if ctype is bool:
+                fn = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(fn)
+            else:
+                default_txt = field.default if field.default not in (None, []) else None
+                if default_txt is not None:
+                    help_text += f"  [default: {default_txt}]"
+                fn = click.option(flag, name, type=ctype, multiple=multiple, default=None, help=help_text)(fn)
+        fn.__spec_fields__ = chosen  # type: ignore[attr-defined]
+        return fn
+    return decorate
+
+
+def common_options(fn: Callable) -> Callable:
+    fn = click.option("--config", "config_file", type=click.Path(path_type=Path),
+                      help="YAML file with defaults for any option (DSBUILD_<OPTION> env vars override it).")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and debug output.")(fn)
+    return fn
+
+
+def spec_from(kwargs: dict[str, Any], config_file: Path | None) -> RunSpec:
+    cli_values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+    cli_values = {k: v for k, v in cli_values.items() if v is not None and v != []}
+    return resolve_spec(cli=cli_values, config_file=config_file)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        verbose = kwargs.get("verbose", False)
+        try:
+            return fn(*args, **kwargs)
+        except DsbuildError as exc:
+            if verbose:
+                import traceback
+
+                traceback.print_exc()
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing partial is kept (rerun to continue)", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="dsbuild")
+def main() -> None:
+    """dsbuild: DeepSeek-V3.2 -> sharded TensorRT-LLM deployment behind Triton Inference Server.
+
+    Stages: plan -> fetch -> quantize -> build -> package. Each stage subcommand builds what it needs first;
+    `dsbuild run` runs them all. Outputs go to build/<run-name>/ with a manifest.json; unchanged stages are cached.
+    """
+
+
+def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float) -> None:
+    if as_json:
+        click.echo(json.dumps({"run_dir": str(run_dir), "stages": [
+            {"stage": r.name, "status": r.status, "key": r.key, "wall_s": round(r.wall_s, 3), "bytes": r.bytes,
+             "info": r.info} for r in results]}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dsbuild {run_dir}  ({total_s:.1f} s)")
+    for col in ("stage", "status", "wall time", "bytes", "key"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.name, r.status, f"{r.wall_s:.2f} s", _human(r.bytes), r.key[:12])
+    Console(stderr=True).print(table)
+    for r in results:
+        if r.info.get("plan"):
+            click.echo(f"  {r.name}: {r.info['plan']}", err=True)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], dry_run: bool, as_json: bool,
+                wait: bool) -> None:
+    from builder.pipeline import run_pipeline, update_latest
+    from builder.stages import all_stages, stages_through
+
+    stages = stages_through(through) if through else all_stages()
+    names = {s.name for s in all_stages()}
+    for f in force:
+        if f not in names and f != "all":
+            raise click.BadParameter(f"unknown stage {f!r}; stages are {', '.join(sorted(names))}", param_hint="--force")
+    forced = {stages[0].name} if "all" in force else set(force)
+    run_dir = spec.run_dir()
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    results = run_pipeline(spec, stages, run_dir=run_dir, force=forced, dry_run=dry_run, wait=wait, log=log)
+    if not dry_run and through is None:
+        update_latest(run_dir)
+    _print_summary(results, as_json=as_json, run_dir=run_dir, total_s=time.perf_counter() - t0)
+
+
+def _stage_command(name: str, help_text: str):
+    @main.command(name=name, help=help_text)
+    @spec_options()
+    @common_options
+    @click.option("--force", multiple=True, help="Rebuild this stage (and everything after it) even if cached.")
+    @click.option("--dry-run", is_flag=True, help="Print what each stage would do and whether it is cached.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the stage summary as JSON.")
+    @click.option("--wait", is_flag=True, help="Wait for another dsbuild process working on the same run directory.")
+    @handle_errors
+    def command(config_file, verbose, force, dry_run, as_json, wait, **kwargs):
+        spec = spec_from(kwargs, config_file)
+        _run_stages(spec, None if name == "run" else name, force=force, dry_run=dry_run, as_json=as_json, wait=wait)
+    return command
+
+
+_stage_command("run", "Run every stage: plan, fetch, quantize, build (cached stages are skipped).")
+_stage_command("fetch", "Get the checkpoint (tiny, local directory or hub) into the run's weights/, verified.")
+_stage_command("quantize", "Convert the fetched checkpoint to --quant into the run's quantized/.")
+_stage_command("build", "Write per-rank engines (rank shards + config) into the run's engines/.")
+
+
+@main.command("plan")
+@spec_options()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@handle_errors
+def plan_cmd(config_file, verbose, as_json, **kwargs):
+    """Check and explain the parallel layout for the model and cluster."""
+    spec = spec_from(kwargs, config_file)
+    from builder.model.catalog import build_catalog
+    from builder.model.source import resolve_model
+    from builder.shard.rules import plan_ranks
+    from builder.stages.plan import layout_of
+
+    cfg = resolve_model(spec.model).config
+    ranks = plan_ranks(cfg, layout_of(spec), build_catalog(cfg))
+    out = {"layout": spec.layout_name(), "weights_per_rank_bytes": [r.nbytes for r in ranks]}
+    click.echo(json.dumps(out, indent=2) if as_json else f"{spec.layout_name()}: max weights per rank "
+               f"{_human(max(out['weights_per_rank_bytes']))}")
+
+
+@main.command("make-tiny")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write (must not exist).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--preset", "preset_name", default="tiny", show_default=True, help="tiny (target) or tiny-draft.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def make_tiny_cmd(out: Path, seed: int, preset_name: str, verbose: bool):
+    """Write a small checkpoint in exactly DeepSeek-V3.2's layout (block FP8, shards, index, tokenizer)."""
+    from builder.errors import SpecError
+    from builder.model.tiny import make_tiny
+
+    if out.exists():
+        raise SpecError(f"{out} already exists; refusing to overwrite it")
+    make_tiny(out, seed=seed, preset_name=preset_name)
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    main()

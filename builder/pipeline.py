@@ -1,0 +1,253 @@
+"""The stage engine: content-addressed keys, atomic outputs, the run manifest, the run lock.
+
+A stage is a function that writes only into a fresh temporary directory. Its key hashes its upstream stages' keys,
+the spec fields that affect it, extra inputs it declares (e.g. the hub commit sha), its own version and the
+versions of the tools it uses. When ``manifest.json`` already lists that key for the stage (and its files are still
+there) the stage is skipped as cached; otherwise it runs, its directory is renamed into place, and only then is the
+manifest entry written. A process killed at any point therefore leaves at worst a ``.NAME.tmp-*`` directory that the
+next run removes, never a partial output listed as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from builder import __version__
+from builder.atomic import atomic_write_json, fsync_dir, remove_stale_temporaries, staging_dir
+from builder.errors import DsbuildError, RunLockedError, StageError
+from builder.specs import RunSpec
+
+MANIFEST = "manifest.json"
+LOCK = ".dsbuild.lock"
+HASH_CHUNK = 8 << 20
+
+
+@dataclass
+class StageContext:
+    spec: RunSpec
+    run_dir: Path
+    out: Path  # the temporary directory the stage writes into
+    inputs: dict[str, Path]  # upstream stage name -> its output directory
+    upstream: dict[str, dict[str, Any]]  # upstream stage name -> its manifest entry
+    extra: dict[str, Any]  # what the stage's key_inputs returned
+    log: Callable[[str], None] = print
+    # Digests a stage already computed while writing (relative path -> sha256) so they are not hashed twice.
+    known_digests: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    name: str
+    version: str
+    output: str  # directory name inside the run directory
+    upstream: tuple[str, ...]
+    run: Callable[[StageContext], dict[str, Any]]
+    tools: tuple[str, ...] = ()
+    # Inputs that are not spec fields (e.g. the hub commit sha); may raise a DsbuildError (hub unreachable).
+    key_inputs: Callable[[RunSpec, dict[str, dict[str, Any]]], dict[str, Any]] | None = None
+    # Shown by --dry-run: what the stage would do, without doing it.
+    describe: Callable[[RunSpec, dict[str, Any]], str] | None = None
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "cached" | "built" | "would build" | "cached (dry run)"
+    key: str
+    wall_s: float
+    bytes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
+    out = {"dsbuild": __version__}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = "absent"
+    return out
+
+
+def stage_key(stage: Stage, spec: RunSpec, upstream_keys: dict[str, str], extra: dict[str, Any]) -> str:
+    body = {
+        "stage": stage.name, "version": stage.version, "upstream": upstream_keys,
+        "config": spec.stage_fields(stage.name), "extra": extra, "tools": tool_versions(stage.tools),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_outputs(root: Path, rel_to: Path, known: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every file under ``root`` with size and sha256 (symlinks recorded with their target's digest)."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.is_dir():
+            continue
+        rel = p.relative_to(rel_to).as_posix()
+        inner = p.relative_to(root).as_posix()
+        digest = (known or {}).get(inner) or sha256_file(p)
+        out.append({"path": rel, "size": p.stat().st_size, "sha256": digest})
+    return out
+
+
+class Manifest:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / MANIFEST
+        self.data: dict[str, Any] = {"dsbuild_version": __version__, "stages": {}}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                # Only ever written atomically, so a corrupt manifest was edited by hand: rebuild everything.
+                self.data = {"dsbuild_version": __version__, "stages": {}}
+
+    @property
+    def stages(self) -> dict[str, dict[str, Any]]:
+        return self.data.setdefault("stages", {})
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def outputs_intact(run_dir: Path, entry: dict[str, Any]) -> bool:
+    for f in entry.get("outputs", []):
+        p = run_dir / f["path"]
+        if not p.is_file() or p.stat().st_size != f["size"]:
+            return False
+    return (run_dir / entry["dir"]).is_dir()
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise RunLockedError(
+                f"another dsbuild process (pid {holder}) is working on {run_dir}; wait for it or pass --wait") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: set[str] | None = None,
+                 dry_run: bool = False, wait: bool = False, log: Callable[[str], None] = print,
+                 on_stage: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+    """Run ``stages`` in order (each one's upstream must come earlier or be in the manifest already)."""
+    force = set(force or ())
+    results: list[StageResult] = []
+    lock = contextlib.nullcontext() if dry_run else run_lock(run_dir, wait=wait)
+    with lock:
+        if not dry_run:
+            remove_stale_temporaries(run_dir)
+        manifest = Manifest(run_dir)
+        keys: dict[str, str] = {}
+        forced_chain = False
+        for stage in stages:
+            upstream_entries = {}
+            for up in stage.upstream:
+                entry = manifest.stages.get(up)
+                if entry is None or (up in keys and entry.get("key") != keys[up]):
+                    if dry_run and up in keys:
+                        upstream_entries[up] = {"key": keys[up], "dir": up, "info": {}}
+                        continue
+                    raise StageError(f"stage {stage.name} needs stage {up}, which has not been built in {run_dir}")
+                upstream_entries[up] = entry
+            extra = stage.key_inputs(spec, upstream_entries) if stage.key_inputs else {}
+            key = stage_key(stage, spec, {u: e["key"] for u, e in upstream_entries.items()}, extra)
+            keys[stage.name] = key
+            forced_chain = forced_chain or stage.name in force
+            entry = manifest.stages.get(stage.name)
+            cached = (not forced_chain and entry is not None and entry.get("key") == key
+                      and outputs_intact(run_dir, entry))
+            if dry_run:
+                what = stage.describe(spec, extra) if stage.describe else ""
+                res = StageResult(stage.name, "cached" if cached else "would build", key, 0.0,
+                                  entry.get("bytes", 0) if cached else 0, {"plan": what} if what else {})
+                results.append(res)
+                if on_stage:
+                    on_stage(res)
+                continue
+            if cached:
+                res = StageResult(stage.name, "cached", key, 0.0, entry.get("bytes", 0), entry.get("info", {}))
+                results.append(res)
+                if on_stage:
+                    on_stage(res)
+                continue
+            t0 = time.perf_counter()
+            final = run_dir / stage.output
+            with staging_dir(final) as tmp:
+                ctx = StageContext(spec=spec, run_dir=run_dir, out=tmp,
+                                   inputs={u: run_dir / e["dir"] for u, e in upstream_entries.items()},
+                                   upstream=upstream_entries, extra=extra, log=log)
+                try:
+                    info = stage.run(ctx) or {}
+                except DsbuildError:
+                    raise
+                except Exception as exc:  # a bug or an unexpected library failure: say which stage, keep the cause
+                    raise StageError(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc
+                _fault_pause(stage.name)
+                outputs = describe_outputs(tmp, tmp.parent, ctx.known_digests)
+                for o in outputs:  # paths as they will be after the rename
+                    o["path"] = f"{stage.output}/" + o["path"].split("/", 1)[1]
+            wall = time.perf_counter() - t0
+            total = sum(o["size"] for o in outputs)
+            manifest.stages[stage.name] = {
+                "key": key, "dir": stage.output, "version": stage.version,
+                "inputs": {u: e["key"] for u, e in upstream_entries.items()}, "config": spec.stage_fields(stage.name),
+                "extra": extra, "tools": tool_versions(stage.tools), "outputs": outputs, "bytes": total,
+                "wall_s": round(wall, 3), "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "info": info,
+            }
+            manifest.data["run_name"] = run_dir.name
+            manifest.data["spec"] = json.loads(spec.model_dump_json())
+            manifest.save()
+            res = StageResult(stage.name, "built", key, wall, total, info)
+            results.append(res)
+            if on_stage:
+                on_stage(res)
+    return results
+
+
+def _fault_pause(stage: str) -> None:
+    """Crash-safety tests set ``DSBUILD_FAULT_PAUSE=<stage>:<seconds>`` to hold a stage after it wrote its
+    temporary directory and before the rename, so that a SIGKILL lands at the worst moment."""
+    spec = os.environ.get("DSBUILD_FAULT_PAUSE", "")
+    name, _, seconds = spec.partition(":")
+    if name == stage:
+        print(f"fault-pause {stage}", flush=True)
+        time.sleep(float(seconds or 5))
+
+
+def update_latest(run_dir: Path) -> None:
+    """Point ``<parent>/latest`` at ``run_dir`` atomically (symlink to a temp name, then rename)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+    fsync_dir(run_dir.parent)

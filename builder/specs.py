@@ -1,0 +1,200 @@
+"""Typed specs: the one source of truth for every option.
+
+Each field of :class:`RunSpec` declares its type, default, help text and the stages whose output it affects. The CLI
+derives its flags from these fields (``builder.cli``), the pipeline derives each stage's cache key from the fields
+that affect it, and values come, in rising precedence, from the defaults, ``--config FILE.yaml``, ``DSBUILD_<NAME>``
+environment variables, and command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from builder.errors import SpecError
+
+QUANT_MODES = ("fp8", "fp8-tensor", "w4afp8", "int4-awq", "nvfp4", "bf16")
+QuantMode = Literal["fp8", "fp8-tensor", "w4afp8", "int4-awq", "nvfp4", "bf16"]
+SpecMode = Literal["none", "mtp", "draft"]
+STAGES = ("plan", "fetch", "quantize", "build", "package")
+
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
+def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), cli: str | None = None, **kw: Any) -> Any:
+    """A spec field: ``stages`` are the stages whose output depends on it (their cache keys include it)."""
+    return Field(default, description=help, json_schema_extra={"stages": list(stages), "cli": cli}, **kw)
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model and source ---
+    model: str = opt("tiny", "Model: 'tiny' (generated), a Hugging Face repo id, or a local checkpoint directory.",
+                     stages=("plan", "fetch"))
+    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.",
+                        stages=("fetch",))
+    seed: int = opt(0, "Seed for the generated tiny model and for sampling.", stages=("fetch",))
+    include: list[str] = opt([], "Glob patterns of repository files to fetch (repeatable).", stages=("fetch",))
+    exclude: list[str] = opt([], "Glob patterns of repository files not to fetch (repeatable).", stages=("fetch",))
+    skip_mtp: bool = opt(False, "Drop the MTP module's tensors (only when no MTP speculative decoding is planned).",
+                         stages=("fetch",))
+    fetch_workers: int = opt(8, "Parallel download workers.", ge=1, le=64)
+    trust_remote_code: bool = opt(False, "Allow a checkpoint's own Python code to run (off unless asked for).")
+
+    # --- layout and cluster ---
+    tp: int = opt(2, "Tensor-parallel size.", stages=("plan", "build", "package"), ge=1, le=1024)
+    pp: int = opt(2, "Pipeline-parallel size.", stages=("plan", "build", "package"), ge=1, le=1024)
+    ep: int = opt(1, "Expert-parallel size for routed experts (divides TP).", stages=("plan", "build", "package"),
+                  ge=1, le=1024)
+    attention_dp: bool = opt(False, "Attention data parallelism (replicated attention, requests split over ranks).",
+                             stages=("plan", "build", "package"))
+    gpu: str | None = opt(None, "Target GPU (e.g. h200-sxm, h100-sxm, b200); none means a CPU-only build.",
+                          stages=("plan", "quantize", "build", "package"))
+    nodes: int = opt(1, "Number of nodes.", stages=("plan", "package"), ge=1, le=4096)
+    gpus_per_node: int | None = opt(None, "GPUs per node (default: the GPU table's, usually 8).",
+                                    stages=("plan", "package"), ge=1, le=64)
+    network: str = opt("ib-ndr", "Scale-out network between nodes (ib-ndr, ib-hdr, roce-400g, eth-100g).",
+                       stages=("plan",))
+    hardware_file: Path | None = opt(None, "YAML file overriding the built-in GPU/network table.", stages=("plan",))
+
+    # --- quantization ---
+    quant: QuantMode = opt("fp8", "Weight format: " + ", ".join(QUANT_MODES) + ".",
+                           stages=("plan", "quantize", "build", "package"))
+    kv_cache_dtype: Literal["auto", "fp8", "bf16"] = opt("fp8", "KV-cache dtype.",
+                                                          stages=("plan", "quantize", "build", "package"))
+    calib_size: int = opt(16, "Calibration prompts (formats that calibrate).", stages=("quantize",), ge=1, le=4096)
+    calib_seq_len: int = opt(64, "Tokens per calibration prompt.", stages=("quantize",), ge=8, le=1 << 20)
+
+    # --- workload (plan, build limits) ---
+    isl: int = opt(1024, "Mean input length in tokens.", stages=("plan", "build", "package"), ge=1, le=1 << 22)
+    osl: int = opt(1024, "Mean output length in tokens.", stages=("plan", "build", "package"), ge=1, le=1 << 22)
+    concurrency: int = opt(64, "Target concurrent sequences.", stages=("plan", "build", "package"), ge=1, le=1 << 20)
+    ttft_ms: float | None = opt(None, "Time-to-first-token limit (ms).", stages=("plan",), gt=0)
+    tpot_ms: float | None = opt(None, "Time-per-output-token limit (ms).", stages=("plan",), gt=0)
+
+    # --- speculative decoding ---
+    spec: SpecMode = opt("none", "Speculative decoding: none, mtp (DeepSeek's own MTP module) or draft (a draft model).",
+                         stages=("build", "package"))
+    draft_len: int = opt(3, "Draft tokens per step.", stages=("build", "package"), ge=1, le=16)
+    draft_model: str | None = opt(None, "Draft model for --spec draft ('tiny-draft', hub id or directory).",
+                                  stages=("build", "package"))
+
+    # --- where ---
+    out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")
+    cache_dir: Path | None = opt(None, "Cache for generated models and hub downloads (default ~/.cache/dsbuild).")
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model must not be empty")
+        return v
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_lower(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunSpec":
+        if self.ep > self.tp or self.tp % self.ep:
+            raise ValueError(f"EP {self.ep} must divide TP {self.tp}")
+        if self.spec == "draft" and not self.draft_model:
+            raise ValueError("--spec draft needs --draft-model")
+        if self.spec == "mtp" and self.skip_mtp:
+            raise ValueError("--spec mtp needs the MTP module; drop --skip-mtp")
+        return self
+
+    # --- derived ---
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsbuild"
+
+    def model_slug(self) -> str:
+        base = self.model.rstrip("/").split("/")[-1] if self.model != "tiny" else "tiny"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", base).lower()
+
+    def layout_name(self) -> str:
+        return f"tp{self.tp}pp{self.pp}ep{self.ep}" + ("adp" if self.attention_dp else "")
+
+    def run_name(self) -> str:
+        spec = "" if self.spec == "none" else f"-{self.spec}{self.draft_len}"
+        return f"{self.model_slug()}-{self.quant}-{self.layout_name()}{spec}"
+
+    def run_dir(self, root: Path = Path("build")) -> Path:
+        return Path(self.out) if self.out else root / self.run_name()
+
+    def stage_fields(self, stage: str) -> dict[str, Any]:
+        """The values that affect ``stage``'s output (part of its cache key)."""
+        out = {}
+        for name, field in type(self).model_fields.items():
+            if stage in (field.json_schema_extra or {}).get("stages", []):
+                value = getattr(self, name)
+                out[name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def field_stages(name: str) -> list[str]:
+    return list((RunSpec.model_fields[name].json_schema_extra or {}).get("stages", []))
+
+
+def env_values(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``DSBUILD_<FIELD>`` variables (list fields: comma-separated)."""
+    environ = dict(os.environ if environ is None else environ)
+    out: dict[str, Any] = {}
+    for name, field in RunSpec.model_fields.items():
+        key = f"DSBUILD_{name.upper()}"
+        if key in environ and environ[key] != "":
+            raw = environ[key]
+            out[name] = [p for p in raw.split(",") if p] if field.annotation == list[str] else raw
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_FILE_BYTES:
+            raise SpecError(f"config file {path} is larger than {MAX_CONFIG_FILE_BYTES} bytes")
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"config file {path} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SpecError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise SpecError(f"config file {path} nests too deeply") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(f"config file {path} must be a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_spec(*, cli: dict[str, Any] | None = None, config_file: str | Path | None = None,
+                 environ: dict[str, str] | None = None) -> RunSpec:
+    """Defaults < config file < environment < command line. Raises SpecError naming the first bad value."""
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(load_config_file(config_file))
+    merged.update(env_values(environ))
+    merged.update({k: v for k, v in (cli or {}).items() if v is not None})
+    try:
+        return RunSpec(**merged)
+    except ValidationError as exc:
+        raise SpecError(_one_sentence(exc)) from None
+
+
+def _one_sentence(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "options"
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        return f"unknown option {loc!r}"
+    if err.get("type") == "literal_error":
+        return f"invalid value {err.get('input')!r} for {loc.replace('_', '-')}: {msg}"
+    return f"invalid {loc.replace('_', '-')}: {msg}" if loc != "options" else msg

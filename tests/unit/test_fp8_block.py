@@ -1,0 +1,53 @@
+import math
+
+import pytest
+import torch
+
+from quantize import fp8_block
+
+
+def naive_dequant(q: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Element by element, straight from the definition W[i,j] = Wq[i,j] * S[i//128, j//128]."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    qf = q.to(torch.float64)
+    for i in range(q.shape[0]):
+        for j in range(q.shape[1]):
+            out[i, j] = qf[i, j] * float(s[i // block, j // block])
+    return out
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (192, 128), (130, 257), (1, 300)])
+def test_dequant_matches_definition_including_partial_edge_blocks(shape):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=g) * 3
+    q, s = fp8_block.quantize(w)
+    assert s.shape == (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
+    ref = naive_dequant(q, s)
+    got = fp8_block.dequantize(q, s, dtype=torch.float32)
+    assert torch.equal(got, ref.to(torch.float32))
+
+
+def test_ue8m0_scales_are_powers_of_two_and_plain_scales_are_not():
+    w = torch.randn(256, 384, generator=torch.Generator().manual_seed(2))
+    _, s = fp8_block.quantize(w, ue8m0=True)
+    assert torch.equal(torch.log2(s), torch.round(torch.log2(s)))
+    _, s2 = fp8_block.quantize(w, ue8m0=False)
+    assert not torch.equal(torch.log2(s2), torch.round(torch.log2(s2)))
+
+
+@pytest.mark.parametrize("ue8m0", [True, False])
+def test_roundtrip_error_bound(ue8m0):
+    # e4m3 has 3 mantissa bits: relative rounding error <= 2^-4 for normal values; ue8m0 loses at most 1 bit more
+    # of range, not precision. Bound each element by 2^-4 * its block's amax (covers subnormal flushing too).
+    w = torch.randn(300, 260, generator=torch.Generator().manual_seed(3))
+    q, s = fp8_block.quantize(w, ue8m0=ue8m0)
+    back = fp8_block.dequantize(q, s, dtype=torch.float32)
+    amax = fp8_block.block_amax(w).repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :260]
+    assert ((back - w).abs() <= amax * 2 ** -4 + 1e-12).all()
+    assert (back - w).abs().max() > 0  # it really quantized
+
+
+def test_scale_grid_mismatch_is_refused():
+    q, s = fp8_block.quantize(torch.randn(256, 256))
+    with pytest.raises(ValueError, match="scale grid"):
+        fp8_block.dequantize(q, s[:1])
