@@ -199,20 +199,56 @@ def plan_cmd(config_file, verbose, as_json, **kwargs):
 
 
 @main.command("make-tiny")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write (must not exist).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--preset", "preset_name", default="tiny", show_default=True, help="tiny (target) or tiny-draft.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Directory to write (must not exist). With --train: one checkpoint and report per model inside.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random init seed (training seed with --train).")
+@click.option("--preset", "preset_name", default=None,
+              help="tiny / tiny-draft (the committed trained weights), tiny-random / tiny-draft-random (seeded "
+                   "random init). With --train: tiny or tiny-draft (default both).")
+@click.option("--train", "do_train", is_flag=True,
+              help="Train on the shipped corpus (CPU, deterministic) instead of using the committed weights.")
+@click.option("--steps", type=int, default=None, help="With --train: override the recipe's step count (quick runs).")
+@click.option("--jobs", type=int, default=2, show_default=True, help="With --train: models trained in parallel.")
+@click.option("--write-builtin", is_flag=True, help="With --train: replace the committed weights in builder/data/trained.")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
-def make_tiny_cmd(out: Path, seed: int, preset_name: str, verbose: bool):
+def make_tiny_cmd(out: Path, seed: int, preset_name: str | None, do_train: bool, steps: int | None, jobs: int,
+                  write_builtin: bool, verbose: bool):
     """Write a small checkpoint in exactly DeepSeek-V3.2's layout (block FP8, shards, index, tokenizer)."""
     from builder.errors import SpecError
-    from builder.model.tiny import make_tiny
 
     if out.exists():
         raise SpecError(f"{out} already exists; refusing to overwrite it")
-    make_tiny(out, seed=seed, preset_name=preset_name)
-    click.echo(str(out))
+    if not do_train:
+        if steps is not None or write_builtin:
+            raise SpecError("--steps and --write-builtin only apply with --train")
+        from builder.model.tiny import generated_model, make_tiny
+
+        preset, trained = generated_model(preset_name or "tiny")
+        if trained:
+            from builder.model.trained import export_builtin
+
+            export_builtin(out, preset)
+        else:
+            make_tiny(out, seed=seed, preset_name=preset)
+        click.echo(str(out))
+        return
+    from builder.train.trainer import RECIPES
+
+    presets = [preset_name] if preset_name else list(RECIPES)
+    unknown = [p for p in presets if p not in RECIPES]
+    if unknown:
+        raise SpecError(f"--train knows the presets {sorted(RECIPES)}, not {unknown[0]!r}")
+    if steps is not None and steps < 1:
+        raise SpecError(f"--steps must be at least 1, got {steps}")
+    if jobs < 1:
+        raise SpecError(f"--jobs must be at least 1, got {jobs}")
+    from builder.train.run import summary_lines, train_models
+
+    reports = train_models(out=out, presets=presets, seed=seed, steps=steps, jobs=jobs, write_builtin=write_builtin)
+    for line in summary_lines(reports):
+        click.echo(line)
+    click.echo(f"checkpoints and reports in {out}")
 
 
 if __name__ == "__main__":

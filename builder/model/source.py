@@ -18,7 +18,12 @@ KNOWN_HUB_CONFIGS = {
     "deepseek-ai/deepseek-r1": "deepseek-v3",
 }
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-GENERATED = ("tiny", "tiny-draft")
+# Generated models: name -> (preset, trained). The trained ones are committed under builder/data/trained/
+# (``dsbuild make-tiny --train`` reproduces them); the ``-random`` ones are the seeded random init.
+GENERATED: dict[str, tuple[str, bool]] = {
+    "tiny": ("tiny", True), "tiny-draft": ("tiny-draft", True),
+    "tiny-random": ("tiny", False), "tiny-draft-random": ("tiny-draft", False),
+}
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,19 @@ import torch
 
 from builder.atomic import atomic_write_json, staging_dir
 from builder.model.catalog import Dtype, Kind, TensorSpec, build_catalog
+from builder.errors import ModelConfigError
 from builder.model.config import PRESETS, ModelConfig
 from builder.model.safetensors_io import TORCH_DTYPES, shard_file_name, write_index, write_safetensors
 from builder.model.tokenizer import train_tokenizer, write_tokenizer_files
 from quantize import fp8_block
 
 # Bump when the bytes make-tiny writes for a given seed change: it is part of every cache key of a tiny model.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 
 
 def tiny_config(name: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
-    data = json.loads(json.dumps(PRESETS[name]))
+    """The config of a tiny preset or generated model name ('tiny-random' has the config of 'tiny')."""
+    data = json.loads(json.dumps(PRESETS[generated_model(name)[0]]))
     data.update(overrides or {})
     return ModelConfig.from_dict(data, source=f"preset {name}")
 
@@ -57,9 +59,11 @@ def init_tensor(spec: TensorSpec, cfg: ModelConfig, seed: int) -> torch.Tensor:
 
 
 def make_tiny(out: str | Path, *, seed: int = 0, preset_name: str = "tiny", overrides: dict[str, Any] | None = None,
-              weights: dict[str, torch.Tensor] | None = None, corpus: str | Path | None = None) -> Path:
+              weights: dict[str, torch.Tensor] | None = None, corpus: str | Path | None = None,
+              tokenizer=None) -> Path:
     """Write the checkpoint to ``out`` atomically. ``weights`` (name -> float tensor) replaces the random init,
-    so a trained model is exported through the same code path."""
+    so a trained model is exported through the same code path; ``tokenizer`` (the one it was trained with)
+    replaces a tokenizer trained afresh on ``corpus``."""
     cfg = tiny_config(preset_name, overrides)
     out = Path(out)
     specs = build_catalog(cfg)
@@ -76,12 +80,7 @@ def make_tiny(out: str | Path, *, seed: int = 0, preset_name: str = "tiny", over
                 if spec.is_scale:
                     continue
                 value = weights[name].float() if weights is not None else init_tensor(spec, cfg, seed)
-                if spec.dtype is Dtype.F8_E4M3:
-                    q, s = fp8_block.quantize(value, ue8m0=(cfg.quantization.scale_fmt == "ue8m0"))
-                    tensors[name] = q
-                    tensors[name[: -len("weight")] + "weight_scale_inv"] = s
-                else:
-                    tensors[name] = value.to(TORCH_DTYPES[spec.dtype])
+                tensors.update(stored_tensors(spec, value, cfg))
             for name in tensors:
                 weight_map[name] = fname
                 total += tensors[name].numel() * tensors[name].element_size()
@@ -92,9 +91,17 @@ def make_tiny(out: str | Path, *, seed: int = 0, preset_name: str = "tiny", over
             "_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True,
             "temperature": 0.6, "top_p": 0.95,
         })
-        tok = train_tokenizer(vocab_size=cfg.vocab_size, corpus=corpus)
+        tok = tokenizer if tokenizer is not None else train_tokenizer(vocab_size=cfg.vocab_size, corpus=corpus)
         write_tokenizer_files(tok, tmp, model_max_length=cfg.max_position_embeddings)
     return out
+
+
+def stored_tensors(spec: TensorSpec, value: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A float value as the checkpoint stores it: block FP8 plus ``weight_scale_inv``, or cast to its dtype."""
+    if spec.dtype is Dtype.F8_E4M3:
+        q, s = fp8_block.quantize(value, ue8m0=(cfg.quantization.scale_fmt == "ue8m0"))
+        return {spec.name: q, spec.name[: -len("weight")] + "weight_scale_inv": s}
+    return {spec.name: value.to(TORCH_DTYPES[spec.dtype])}
 
 
 def _shard_groups(specs: list[TensorSpec], cfg: ModelConfig) -> list[list[str]]:
@@ -108,18 +115,46 @@ def _shard_groups(specs: list[TensorSpec], cfg: ModelConfig) -> list[list[str]]:
 
 
 def tiny_cache_key(*, seed: int, preset_name: str = "tiny") -> str:
+    """Everything that decides the bytes of a generated model: for a trained one the committed weights and
+    tokenizer, for a random one the preset, seed and corpus (the tokenizer is trained on it)."""
     from builder.model.tokenizer import corpus_sha256
 
-    h = hashlib.sha256(json.dumps({
-        "preset": PRESETS[preset_name], "seed": seed, "format": TINY_FORMAT_VERSION, "corpus": corpus_sha256(),
-        "torch": torch.__version__.split("+")[0],
-    }, sort_keys=True).encode())
+    preset, trained = generated_model(preset_name)
+    if trained:
+        from builder.model import trained as trained_mod
+
+        ident = {"trained": trained_mod.builtin_sha256(preset)}
+    else:
+        ident = {"seed": seed, "corpus": corpus_sha256(), "torch": torch.__version__.split("+")[0]}
+    h = hashlib.sha256(json.dumps({"preset": PRESETS[preset], "format": TINY_FORMAT_VERSION, **ident},
+                                  sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
+def generated_model(name: str) -> tuple[str, bool]:
+    """``(preset, trained)`` of a generated model name: 'tiny'/'tiny-draft' are the committed trained weights,
+    'tiny-random'/'tiny-draft-random' the seeded random init (a bare preset name with ``-random``)."""
+    from builder.model.source import GENERATED
+
+    if name in GENERATED:
+        return GENERATED[name]
+    if name in PRESETS:
+        return name, False
+    raise ModelConfigError(f"unknown generated model {name!r}; choose one of {sorted(GENERATED)}")
+
+
 def ensure_tiny(cache_root: str | Path, *, seed: int = 0, preset_name: str = "tiny") -> Path:
-    """The generated tiny checkpoint, made once and reused (keyed by everything that decides its bytes)."""
-    path = Path(cache_root) / f"{preset_name.replace('/', '_')}-seed{seed}-{tiny_cache_key(seed=seed, preset_name=preset_name)}"
+    """The generated model, made once and reused (keyed by everything that decides its bytes). The trained
+    flavours ignore ``seed``: their weights are the committed ones (trained from the seed in their report)."""
+    key = tiny_cache_key(seed=seed, preset_name=preset_name)
+    preset, trained = generated_model(preset_name)
+    label = f"{preset}-trained" if trained else f"{preset}-seed{seed}"
+    path = Path(cache_root) / f"{label}-{key}"
     if not (path / "config.json").is_file():
-        make_tiny(path, seed=seed, preset_name=preset_name)
+        if trained:
+            from builder.model import trained as trained_mod
+
+            trained_mod.export_builtin(path, preset)
+        else:
+            make_tiny(path, seed=seed, preset_name=preset)
     return path

@@ -3,6 +3,7 @@ corpus shipped in ``builder/data/corpus``; DeepSeek's BOS/EOS special tokens at 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def corpus_sha256(corpus: str | Path | None = None) -> str:
 
 
 def train_tokenizer(*, vocab_size: int, corpus: str | Path | None = None):
+    """A fresh tokenizer (deterministic for a corpus); training on the shipped corpus takes seconds, so the
+    result is memoised per (vocab size, corpus content) within a process."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained_tokenizer_json(vocab_size, corpus_sha256(corpus), str(corpus or "")))
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int, corpus_sha: str, corpus: str) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -38,9 +48,9 @@ def train_tokenizer(*, vocab_size: int, corpus: str | Path | None = None):
         vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    texts = [f.read_text(encoding="utf-8") for f in corpus_files(corpus)]
+    texts = [f.read_text(encoding="utf-8") for f in corpus_files(corpus or None)]
     tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return tok.to_str()
 
 
 def write_tokenizer_files(tok, out: str | Path, *, model_max_length: int) -> None:

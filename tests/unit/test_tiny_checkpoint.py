@@ -49,11 +49,14 @@ def test_tokenizer_is_byte_level_and_encodes_anything(tiny_ckpt):
     assert tok.token_to_id("<｜begin▁of▁sentence｜>") == 0 and tok.token_to_id("<｜end▁of▁sentence｜>") == 1
 
 
-def test_generation_is_deterministic_and_seed_dependent(tmp_path, tiny_ckpt):
+def test_generation_is_deterministic_and_seed_dependent(tmp_path, cache_dir):
+    from builder.model.tiny import ensure_tiny
+
+    random_ckpt = ensure_tiny(cache_dir / "models", seed=0, preset_name="tiny-random")
     a = make_tiny(tmp_path / "a", seed=0)
     b = make_tiny(tmp_path / "b", seed=1)
-    for f in sorted(p.name for p in tiny_ckpt.iterdir()):
-        assert (a / f).read_bytes() == (tiny_ckpt / f).read_bytes(), f
+    for f in sorted(p.name for p in random_ckpt.iterdir()):
+        assert (a / f).read_bytes() == (random_ckpt / f).read_bytes(), f
     assert (b / "model-00002-of-000007.safetensors").read_bytes() != (a / "model-00002-of-000007.safetensors").read_bytes()
 
 
