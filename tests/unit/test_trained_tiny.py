@@ -38,8 +38,9 @@ def test_trained_model_is_far_better_than_unigram_on_heldout_text(preset, data):
     got = evaluate(_trained_model(preset), data, seq_len=seq_len, max_sequences=SMALL_EVAL_SEQUENCES)
     assert got["ppl"] < 0.5 * got["unigram_ppl"], got
     if preset == "tiny":
-        # The MTP head predicts two tokens ahead: harder than the next token, still well below unigram.
-        assert got["ppl"] < got["mtp_ppl"] < 0.8 * got["unigram_ppl"], got
+        # The MTP module predicts x[t+2] from h[t] and the true x[t+1] (teacher-forced, as DeepSeek trains it), one
+        # decoder layer deeper than the main head: well below unigram (it may even beat the next-token head).
+        assert got["mtp_ppl"] < 0.5 * got["unigram_ppl"], got
     # The committed report quotes the same model (FP8 values) on the same first sequences.
     report = builtin.builtin_report(preset)
     assert math.isclose(got["nll"], report["heldout_fp8_checkpoint_small"]["nll"], rel_tol=1e-4)
