@@ -122,8 +122,9 @@ def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float) -> 
         table.add_row(r.name, r.status, f"{r.wall_s:.2f} s", _human(r.bytes), r.key[:12])
     Console(stderr=True).print(table)
     for r in results:
-        if r.info.get("plan"):
-            click.echo(f"  {r.name}: {r.info['plan']}", err=True)
+        plan = r.info.get("plan")
+        if plan:
+            click.echo(f"  {r.name}: {plan.get('summary', '') if isinstance(plan, dict) else plan}", err=True)
 
 
 def _human(n: int) -> str:
