@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 from builder.atomic import atomic_write_json, atomic_write_text
 from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
@@ -45,6 +46,9 @@ DISK_RESERVE_BYTES = 256 << 20
 # Transient failures (HTTP 5xx, dropped connections that outlived huggingface_hub's own resume retries) are retried
 # this many times per file, resuming each time from what is already on disk.
 TRANSIENT_ATTEMPTS = 5
+# huggingface_hub's http_get hands data over in chunks of constants.DOWNLOAD_CHUNK_SIZE (10 MiB): a dropped
+# connection or a kill loses what arrived since the last whole chunk. 1 MiB keeps that small at no measurable cost.
+STREAM_CHUNK_BYTES = 1 << 20
 # Testing hook: pretend every volume has this many free bytes (the probe is otherwise os.statvfs).
 FREE_SPACE_ENV = "DSBUILD_FREE_SPACE_BYTES"
 
@@ -88,6 +92,14 @@ def hub_repo(repo_id: str, *, cache_dir: Path | None = None) -> HubRepo:
                    offline=bool(constants.HF_HUB_OFFLINE))
 
 
+def shown_endpoint(endpoint: str) -> str:
+    """``endpoint`` without any ``user:password@`` part, for messages and manifests."""
+    parts = urlsplit(endpoint)
+    if "@" not in parts.netloc:
+        return endpoint
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 @dataclass(frozen=True)
 class RepoFile:
     """A file of the repository tree at one commit."""
@@ -114,10 +126,14 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
     import httpx
     from huggingface_hub import errors as hf
 
-    name = f"{repo.repo_id} on {repo.endpoint}"
+    where = shown_endpoint(repo.endpoint)
+    name = f"{repo.repo_id} on {where}"
     if isinstance(exc, hf.GatedRepoError):
-        return HubError(f"{repo.repo_id} is gated on {repo.endpoint}: accept its terms on the hub, then set HF_TOKEN "
+        return HubError(f"{repo.repo_id} is gated on {where}: accept its terms on the hub, then set HF_TOKEN "
                         "or run `hf auth login` with an account that has access")
+    if isinstance(exc, hf.LocalEntryNotFoundError):  # offline, or the hub unreachable, and not in the cache
+        why = "HF_HUB_OFFLINE is set" if repo.offline else f"{where} cannot be reached"
+        return HubError(f"{what}: {why} and the cache at {repo.cache_dir} does not have it")
     if isinstance(exc, hf.RevisionNotFoundError):
         return HubError(f"{what}: revision not found in {name}")
     if isinstance(exc, hf.EntryNotFoundError):
@@ -133,12 +149,12 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
             return HubError(f"{what}: {name} refused the credentials (HTTP {code}); check HF_TOKEN or `hf auth login`")
         return HubError(f"{what}: {name} answered HTTP {code}")
     if isinstance(exc, (httpx.ConnectError, httpx.TimeoutException, httpx.NetworkError)):
-        return HubError(f"cannot reach the hub at {repo.endpoint} ({type(exc).__name__}) while trying to {what}; "
+        return HubError(f"cannot reach the hub at {where} ({type(exc).__name__}) while trying to {what}; "
                         "check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use what is cached")
     return HubError(f"{what}: {type(exc).__name__} from {name}")
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     import httpx
     from huggingface_hub import errors as hf
 
@@ -172,7 +188,7 @@ def resolve_commit(repo: HubRepo, revision: str) -> str:
         raise hub_error(repo, exc, what=f"resolve revision {revision!r} of {repo.repo_id}") from None
     sha = getattr(info, "sha", None)
     if not isinstance(sha, str) or not SHA1.match(sha):
-        raise HubError(f"{repo.endpoint} gave no valid commit sha for {repo.repo_id}@{revision}")
+        raise HubError(f"{shown_endpoint(repo.endpoint)} gave no valid commit sha for {repo.repo_id}@{revision}")
     if ref_file.is_file() and ref_file.read_text().strip() == sha:
         return sha
     atomic_write_text(ref_file, sha)
@@ -183,7 +199,7 @@ def _parse_file(path: Any, size: Any, blob_id: Any, sha256: Any, *, repo: HubRep
     try:
         rel = safe_relpath(path, what=f"file name in the tree of {repo.repo_id}")
     except UnsafePathError as exc:
-        raise UnsafePathError(f"{exc} (listed by {repo.endpoint})") from None
+        raise UnsafePathError(f"{exc} (listed by {shown_endpoint(repo.endpoint)})") from None
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise HubError(f"the tree of {repo.repo_id} gives {rel!r} an invalid size {size!r}")
     if not (isinstance(blob_id, str) and SHA1.match(blob_id)):
@@ -467,7 +483,7 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
                          displayed_filename=f.path, tqdm_class=_ByteCounter)
             except Exception as exc:  # noqa: BLE001
                 raw.flush()
-                if not _is_transient(exc):
+                if not is_transient(exc):
                     raise hub_error(repo, exc, what=f"download {f.path}") from None
                 last_exc = exc
                 with stats.lock:
@@ -537,9 +553,12 @@ def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
     """Fetch ``files`` with ``workers`` parallel transfers; returns path -> sha256 (all verified)."""
     from tqdm.auto import tqdm
 
+    from huggingface_hub import constants
+
     stats = stats or FetchStats()
     if not files:
         return {}
+    constants.DOWNLOAD_CHUNK_SIZE = STREAM_CHUNK_BYTES
     states = file_states(repo, files)
     total, have = sum(f.size for f in files), sum(s.have_bytes for s in states)
     digests: dict[str, str] = {}
@@ -567,7 +586,7 @@ def blob_path(repo: HubRepo, f: RepoFile) -> Path:
 
 
 __all__ = [
-    "hub_error", "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "resolve_commit", "list_files", "select_files",
+    "hub_error", "is_transient", "shown_endpoint", "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "resolve_commit", "list_files", "select_files",
     "file_states", "bytes_needed", "check_disk_space", "free_bytes", "device_of", "download", "blob_path", "human_bytes",
     "verified_sha256",
 ]
