@@ -106,11 +106,18 @@ def main() -> None:
     """
 
 
-def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float) -> None:
+def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float,
+                   gpu_host: dict[str, Any] | None = None) -> None:
+    from builder.hostfit import instructions_text
+
     if as_json:
-        click.echo(json.dumps({"run_dir": str(run_dir), "stages": [
+        out: dict[str, Any] = {"run_dir": str(run_dir), "stages": [
             {"stage": r.name, "status": r.status, "key": r.key, "wall_s": round(r.wall_s, 3), "bytes": r.bytes,
-             "info": r.info} for r in results]}, indent=2))
+             "info": r.info} for r in results]}
+        if gpu_host:
+            out["stages"] += [{"stage": s, "status": "left for GPU host"} for s in gpu_host["stages"]]
+            out["left_for_gpu_host"] = gpu_host
+        click.echo(json.dumps(out, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -120,11 +127,15 @@ def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float) -> 
         table.add_column(col)
     for r in results:
         table.add_row(r.name, r.status, f"{r.wall_s:.2f} s", _human(r.bytes), r.key[:12])
+    for s in (gpu_host or {}).get("stages", []):
+        table.add_row(s, "left for GPU host", "-", "-", "-")
     Console(stderr=True).print(table)
     for r in results:
         plan = r.info.get("plan")
         if plan:
             click.echo(f"  {r.name}: {plan.get('summary', '') if isinstance(plan, dict) else plan}", err=True)
+    if gpu_host:
+        click.echo(instructions_text(gpu_host), err=True)
 
 
 def _human(n: int) -> str:
@@ -137,6 +148,7 @@ def _human(n: int) -> str:
 
 def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], dry_run: bool, as_json: bool,
                 wait: bool) -> None:
+    from builder.hostfit import gpu_host_instructions, host_fit
     from builder.pipeline import run_pipeline, update_latest
     from builder.stages import all_stages, stages_through
 
@@ -152,10 +164,30 @@ def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], d
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
+    # Up front, from sizes: stages this host should not start (a 690 GB checkpoint on a few CPU cores).
+    fit = host_fit(spec, [s.name for s in stages])
+    if fit.deferred:
+        log(f"this host runs {', '.join(s.name for s in stages if s.name not in fit.deferred)}; "
+            f"{', '.join(fit.deferred)} are left for the GPU host: {fit.reason}")
+        stages = [s for s in stages if s.name not in fit.deferred]
     results = run_pipeline(spec, stages, run_dir=run_dir, force=forced, dry_run=dry_run, wait=wait, log=log)
-    if not dry_run and through is None:
+    if not dry_run and through is None and not fit.deferred:
         update_latest(run_dir)
-    _print_summary(results, as_json=as_json, run_dir=run_dir, total_s=time.perf_counter() - t0)
+    gpu_host = None
+    if fit.deferred:
+        fetched = next((r for r in results if r.name == "fetch"), None)
+        info = fetched.info if fetched else {}
+        planned = info.get("plan") if isinstance(info.get("plan"), dict) else {}
+        commit = info.get("commit") or planned.get("commit") or _manifest_commit(run_dir)
+        gpu_host = gpu_host_instructions(spec, fit, commit=commit)
+    _print_summary(results, as_json=as_json, run_dir=run_dir, total_s=time.perf_counter() - t0, gpu_host=gpu_host)
+
+
+def _manifest_commit(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())["stages"]["fetch"]["extra"].get("commit")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _stage_command(name: str, help_text: str):

@@ -45,14 +45,21 @@ def serve(hub_server, tiny_ckpt):
 
 
 @pytest.fixture
-def fetch(tmp_path, hub_server):
-    """Run `dsbuild fetch` against the local hub with a fresh HF cache (tmp_path/xdg) and no token."""
-    def _fetch(*args: str, env: dict[str, str] | None = None, model: str = REPO_ID) -> subprocess.CompletedProcess:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+def dsb(tmp_path, hub_server):
+    """Run the CLI against the local hub with a fresh HF cache (tmp_path/xdg) and no token."""
+    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
         full = {**base, "HF_ENDPOINT": hub_server.url, "XDG_CACHE_HOME": str(tmp_path / "xdg"),
                 "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO), **(env or {})}
-        return subprocess.run([*DSBUILD, "fetch", "--model", model, "--out", "build/run", "--json", *args],
-                              cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300)
+        return subprocess.run([*DSBUILD, *args], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300)
+    return _run
+
+
+@pytest.fixture
+def fetch(dsb):
+    """`dsbuild fetch --model REPO --out build/run --json ...` against the local hub."""
+    def _fetch(*args: str, env: dict[str, str] | None = None, model: str = REPO_ID) -> subprocess.CompletedProcess:
+        return dsb("fetch", "--model", model, "--out", "build/run", "--json", *args, env=env)
     return _fetch
 
 
@@ -376,3 +383,39 @@ def test_local_directory_is_linked_and_validated(tiny_ckpt, tmp_path):
     bad = run_dsbuild("fetch", "--model", str(broken), "--out", "build/bad", cwd=tmp_path)
     assert bad.returncode == 3 and BIG_SHARD in error_line(bad) and "truncated" in error_line(bad)
     assert not (tmp_path / "build/bad/weights").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `make engine MODEL=deepseek-ai/DeepSeek-V3.2 ...` flow on a CPU host
+
+def test_real_model_run_plans_then_fails_the_disk_check_before_downloading(dsb, serve, hub_server, tmp_path):
+    serve("deepseek-ai/DeepSeek-V3.2")  # the route a real run takes; the disk probe says there is no room
+    proc = dsb("run", "--model", "deepseek-ai/DeepSeek-V3.2", "--tp", "8", "--pp", "2", "--gpu", "h200-sxm",
+               "--nodes", "2", "--out", "build/run", env={"DSBUILD_FREE_SPACE_BYTES": "50000000"})
+    assert proc.returncode == 5, proc.stderr
+    assert "quantize, build are left for the GPU host" in proc.stderr and "689.5 GB" in proc.stderr
+    assert "not enough disk space" in error_line(proc)
+    stages = json.loads((tmp_path / "build/run/manifest.json").read_text())["stages"]
+    assert set(stages) == {"plan"}  # planned first, then stopped before any weights came
+    assert [r for r in hub_server.requests if r.method == "GET" and r.path.endswith(".safetensors")] == []
+
+
+def test_run_leaves_big_stages_for_the_gpu_host_with_a_command_that_finishes_the_job(dsb, serve, tmp_path):
+    repo = serve()
+    small_host = {"DSBUILD_CPU_MAX_CHECKPOINT_BYTES": "1000"}
+    proc = dsb("run", "--model", REPO_ID, "--tp", "2", "--pp", "2", "--out", "build/run", "--json", env=small_host)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [(s["stage"], s["status"]) for s in out["stages"]] == [
+        ("plan", "built"), ("fetch", "built"), ("quantize", "left for GPU host"), ("build", "left for GPU host")]
+    left = out["left_for_gpu_host"]
+    assert left["stages"] == ["quantize", "build"] and "TensorRT-LLM container" in left["where"]
+    assert f"--revision {repo.commit}" in left["command"] and "--out build/run" in left["command"]
+    assert not (tmp_path / "build/latest").exists()  # the run is not complete
+
+    # The printed command, run where the host can take the rest, reuses plan and fetch and finishes.
+    args = left["command"].split()[2:]
+    done = dsb("run", *args, "--json")
+    assert done.returncode == 0, done.stderr
+    status = {s["stage"]: s["status"] for s in json.loads(done.stdout)["stages"]}
+    assert status == {"plan": "cached", "fetch": "cached", "quantize": "built", "build": "built"}
