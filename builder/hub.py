@@ -363,16 +363,22 @@ def _digest_prefix(path: Path, f: RepoFile, upto: int | None = None) -> _Digests
     return d
 
 
+class _Cancelled(Exception):
+    """Raised inside a transfer when the fetch is being abandoned (Ctrl-C, or another file failed)."""
+
+
 class _HashingFile:
     """The file-like object handed to ``huggingface_hub.file_download.http_get``: every chunk written is hashed
     on the way, so verification costs no second read. ``seek``/``truncate`` (the client's reaction to a server that
     ignored ``Range``) re-derive the hashes from what is left on disk."""
 
-    def __init__(self, fh, f: RepoFile):
-        self.fh, self.file = fh, f
+    def __init__(self, fh, f: RepoFile, cancel: threading.Event):
+        self.fh, self.file, self.cancel = fh, f, cancel
         self.digests = _digest_prefix(Path(fh.name), f, fh.tell())
 
     def write(self, chunk: bytes) -> int:
+        if self.cancel.is_set():  # stop within one chunk; what is on disk stays for the next run to resume
+            raise _Cancelled()
         self.digests.update(chunk)
         return self.fh.write(chunk)
 
@@ -455,7 +461,8 @@ def _link_snapshot(repo: HubRepo, commit: str, f: RepoFile) -> None:
     os.replace(tmp, link)
 
 
-def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: FetchStats) -> dict[str, str]:
+def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: FetchStats,
+              cancel: threading.Event) -> dict[str, str]:
     """Stream ``f`` into ``partial`` (continuing what is there), retrying transient failures; its digests."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.file_download import http_get
@@ -477,12 +484,16 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
             pass
         with open(partial, "r+b") as raw:
             raw.seek(have)
-            sink = _HashingFile(raw, f)
+            sink = _HashingFile(raw, f, cancel)
             try:
                 http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size,
                          displayed_filename=f.path, tqdm_class=_ByteCounter)
+            except _Cancelled:
+                raise
             except Exception as exc:  # noqa: BLE001
                 raw.flush()
+                if cancel.is_set():
+                    raise _Cancelled() from None
                 if not is_transient(exc):
                     raise hub_error(repo, exc, what=f"download {f.path}") from None
                 last_exc = exc
@@ -499,7 +510,7 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
     raise hub_error(repo, last_exc, what=f"download {f.path} after {TRANSIENT_ATTEMPTS} attempts")
 
 
-def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats) -> str:
+def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cancel: threading.Event) -> str:
     """Make ``blobs/<etag>`` hold exactly ``f``; return its sha256."""
     from filelock import FileLock
 
@@ -530,7 +541,7 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats) -> st
             raise HubError(f"HF_HUB_OFFLINE is set and {f.path} of {repo.repo_id}@{commit[:12]} is not complete in "
                            f"the cache at {repo.cache_dir}")
         for attempt in (1, 2):
-            digests = _transfer(repo, commit, f, partial, stats)
+            digests = _transfer(repo, commit, f, partial, stats, cancel)
             if _digest_ok(f, digests):
                 break
             got = digests["sha256"] if f.is_lfs else digests["sha1"]
@@ -565,17 +576,19 @@ def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
     with tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=f"fetch {repo.repo_id}", leave=False,
               disable=None) as bar:
         _ByteCounter.bar = bar
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(files))), thread_name_prefix="fetch")
         try:
-            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
-                futures = {pool.submit(_fetch_one, repo, commit, f, stats): f for f in files}
-                try:
-                    for fut in as_completed(futures):
-                        digests[futures[fut].path] = fut.result()
-                except BaseException:
-                    for other in futures:
-                        other.cancel()
-                    raise
+            futures = {pool.submit(_fetch_one, repo, commit, f, stats, cancel): f for f in files}
+            for fut in as_completed(futures):
+                digests[futures[fut].path] = fut.result()
+        except BaseException:
+            # The first failure (or Ctrl-C) stops the other transfers within a chunk instead of letting them run
+            # to the end of multi-GB files; their partial files stay and the next run resumes them.
+            cancel.set()
+            raise
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             _ByteCounter.bar = None
     stats.files += len(files)
     return digests

@@ -196,16 +196,16 @@ def dry_run_plan(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any] | str:
     files = [f for f in hub.list_files(repo, commit)
              if f.path in REQUIRED or path_selected(f.path, include=spec.include, exclude=spec.exclude)]
     note = ""
-    if spec.skip_mtp:
-        by_path = {f.path: f for f in files}
-        index_blob = hub.blob_path(repo, by_path[INDEX_NAME]) if INDEX_NAME in by_path else None
-        config_blob = hub.blob_path(repo, by_path["config.json"]) if "config.json" in by_path else None
-        if index_blob and config_blob and index_blob.is_file() and config_blob.is_file():
-            sel = select_shards(read_index(index_blob), ModelConfig.from_json_file(config_blob), skip_mtp=True)
-            files = [f for f in files if not f.path.endswith(".safetensors") or f.path in set(sel.shards)]
-            note = f"; --skip-mtp drops {len(sel.dropped_shards)} shard(s)"
-        else:
-            note = "; --skip-mtp: upper bound until the index is fetched"
+    by_path = {f.path: f for f in files}
+    index_blob = hub.blob_path(repo, by_path[INDEX_NAME]) if INDEX_NAME in by_path else None
+    config_blob = hub.blob_path(repo, by_path["config.json"]) if "config.json" in by_path else None
+    if index_blob and config_blob and index_blob.is_file() and config_blob.is_file():
+        # The index is cached: count exactly the shards fetch would download.
+        sel = select_shards(read_index(index_blob), ModelConfig.from_json_file(config_blob), skip_mtp=spec.skip_mtp)
+        files = [f for f in files if not f.path.endswith(".safetensors") or f.path in set(sel.shards)]
+        note = f"; --skip-mtp drops {len(sel.dropped_shards)} shard(s)" if spec.skip_mtp else ""
+    elif spec.skip_mtp:
+        note = "; --skip-mtp: an upper bound until the index is fetched"
     states = hub.file_states(repo, files)
     total = sum(f.size for f in files)
     present = sum(s.have_bytes for s in states)

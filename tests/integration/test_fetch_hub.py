@@ -245,28 +245,26 @@ def test_tree_listing_with_dotdot_path_is_refused(fetch, serve, tmp_path):
     assert not list(tmp_path.rglob("evil*"))
 
 
-def test_kill_9_mid_download_then_rerun_resumes_and_verifies(tmp_path, serve, hub_server):
-    repo = serve(faults=Faults(bytes_per_s=2_000_000))
+def _start_throttled_fetch(tmp_path: Path, hub_server: HubServer) -> tuple[subprocess.Popen, list[str], dict]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_ENDPOINT": hub_server.url,
            "XDG_CACHE_HOME": str(tmp_path / "xdg"), "PYTHONPATH": str(REPO)}
     cmd = [*DSBUILD, "fetch", "--model", REPO_ID, "--out", "build/run", "--fetch-workers", "2", "--json"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = hf_cache(tmp_path) / "blobs"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    blobs = hf_cache(tmp_path) / "blobs"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        parts = list(partial.glob("*.dsbuild.incomplete")) if partial.is_dir() else []
+        parts = list(blobs.glob("*.dsbuild.incomplete")) if blobs.is_dir() else []
         if any(p.stat().st_size > 1_000_000 for p in parts):
-            break
+            return proc, cmd, env
         time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("the download never started")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert_nothing_listed(tmp_path)
-    had = {p.name: p.stat().st_size for p in partial.glob("*.dsbuild.incomplete")}
-    assert had
+    proc.kill()
+    pytest.fail("the download never started")
 
+
+def _rerun_resumes(tmp_path: Path, hub_server: HubServer, repo: ServedRepo, cmd: list[str], env: dict) -> None:
+    blobs = hf_cache(tmp_path) / "blobs"
+    had = {p.name: p.stat().st_size for p in blobs.glob("*.dsbuild.incomplete")}
+    assert had
     repo.faults.bytes_per_s = None
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -274,7 +272,29 @@ def test_kill_9_mid_download_then_rerun_resumes_and_verifies(tmp_path, serve, hu
     assert fetch_info(tmp_path)["info"]["fetch"]["resumed_bytes"] >= sum(had.values())
     resumed = [r.range for r in hub_server.requests if r.range]
     assert any(r.startswith("bytes=") and r != "bytes=0-" for r in resumed), resumed
-    assert not list(partial.glob("*.incomplete"))
+    assert not list(blobs.glob("*.incomplete"))
+
+
+def test_kill_9_mid_download_then_rerun_resumes_and_verifies(tmp_path, serve, hub_server):
+    repo = serve(faults=Faults(bytes_per_s=2_000_000))
+    proc, cmd, env = _start_throttled_fetch(tmp_path, hub_server)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert_nothing_listed(tmp_path)
+    _rerun_resumes(tmp_path, hub_server, repo, cmd, env)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_all_transfers_promptly_and_the_rerun_resumes(tmp_path, serve, hub_server):
+    repo = serve(faults=Faults(bytes_per_s=1_000_000))
+    proc, cmd, env = _start_throttled_fetch(tmp_path, hub_server)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert time.monotonic() - t0 < 10  # not waiting for the throttled files to finish
+    assert_nothing_listed(tmp_path)
+    _rerun_resumes(tmp_path, hub_server, repo, cmd, env)
 
 
 def test_skip_mtp_fetches_only_needed_shards_and_writes_a_consistent_index(fetch, serve, hub_server, tmp_path):
@@ -388,6 +408,7 @@ def test_local_directory_is_linked_and_validated(tiny_ckpt, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # The `make engine MODEL=deepseek-ai/DeepSeek-V3.2 ...` flow on a CPU host
 
+@pytest.mark.slow
 def test_real_model_run_plans_then_fails_the_disk_check_before_downloading(dsb, serve, hub_server, tmp_path):
     serve("deepseek-ai/DeepSeek-V3.2")  # the route a real run takes; the disk probe says there is no room
     proc = dsb("run", "--model", "deepseek-ai/DeepSeek-V3.2", "--tp", "8", "--pp", "2", "--gpu", "h200-sxm",
@@ -400,6 +421,7 @@ def test_real_model_run_plans_then_fails_the_disk_check_before_downloading(dsb, 
     assert [r for r in hub_server.requests if r.method == "GET" and r.path.endswith(".safetensors")] == []
 
 
+@pytest.mark.slow
 def test_run_leaves_big_stages_for_the_gpu_host_with_a_command_that_finishes_the_job(dsb, serve, tmp_path):
     repo = serve()
     small_host = {"DSBUILD_CPU_MAX_CHECKPOINT_BYTES": "1000"}
