@@ -165,6 +165,18 @@ def is_transient(exc: BaseException) -> bool:
         type(exc) is OSError and "Consistency check failed" in str(exc))
 
 
+def call_with_retries(fn: Callable[[], Any], *, attempts: int = 4) -> Any:
+    """``fn()``, retried with backoff while it fails transiently (HTTP 5xx/429, dropped connections)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+    raise AssertionError("attempts must be >= 1")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Revision and tree
 
@@ -183,7 +195,7 @@ def resolve_commit(repo: HubRepo, revision: str) -> str:
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision)
+        info = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence
         raise hub_error(repo, exc, what=f"resolve revision {revision!r} of {repo.repo_id}") from None
     sha = getattr(info, "sha", None)
@@ -223,7 +235,8 @@ def list_files(repo: HubRepo, commit: str) -> list[RepoFile]:
     from huggingface_hub.hf_api import RepoFile as HfRepoFile
 
     try:
-        entries = list(HfApi(endpoint=repo.endpoint).list_repo_tree(repo.repo_id, revision=commit, recursive=True))
+        api = HfApi(endpoint=repo.endpoint)
+        entries = call_with_retries(lambda: list(api.list_repo_tree(repo.repo_id, revision=commit, recursive=True)))
     except Exception as exc:  # noqa: BLE001
         raise hub_error(repo, exc, what=f"list the files of {repo.repo_id}@{commit[:12]}") from None
     files = [_parse_file(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None, repo=repo)
@@ -599,7 +612,7 @@ def blob_path(repo: HubRepo, f: RepoFile) -> Path:
 
 
 __all__ = [
-    "hub_error", "is_transient", "shown_endpoint", "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "resolve_commit", "list_files", "select_files",
+    "hub_error", "is_transient", "call_with_retries", "shown_endpoint", "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "resolve_commit", "list_files", "select_files",
     "file_states", "bytes_needed", "check_disk_space", "free_bytes", "device_of", "download", "blob_path", "human_bytes",
     "verified_sha256",
 ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +57,10 @@ def _cached_hub_config(repo_id: str) -> ModelConfig:
     """A hub model's config.json from the local HF cache, fetched (config only) if the hub is reachable."""
     from huggingface_hub import hf_hub_download
 
-    from builder.hub import hub_error, hub_repo, is_transient
+    from builder.hub import call_with_retries, hub_error, hub_repo
 
-    for attempt in range(4):
-        try:
-            return ModelConfig.from_json_file(hf_hub_download(repo_id, "config.json"))
-        except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence naming the repo
-            if attempt < 3 and is_transient(exc):
-                time.sleep(0.5 * 2 ** attempt)
-                continue
-            raise hub_error(hub_repo(repo_id), exc, what=f"read config.json of {repo_id}") from None
-    raise AssertionError("unreachable")
+    try:
+        path = call_with_retries(lambda: hf_hub_download(repo_id, "config.json"))
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence naming the repo
+        raise hub_error(hub_repo(repo_id), exc, what=f"read config.json of {repo_id}") from None
+    return ModelConfig.from_json_file(path)

@@ -175,10 +175,11 @@ def test_wrong_bytes_twice_fail_naming_the_file_and_leave_nothing(fetch, serve, 
 
 
 def test_http_500_then_success(fetch, serve, hub_server, tmp_path):
-    repo = serve(faults=Faults(error500_times={BIG_SHARD: 2, "config.json": 1}))
+    repo = serve(faults=Faults(error500_times={BIG_SHARD: 2, "config.json": 1, "api/revision": 1, "api/tree": 1}))
     proc = fetch()
     assert proc.returncode == 0, proc.stderr
     assert [r.status for r in hub_server.gets(BIG_SHARD)] == [500, 500, 200]
+    assert [r.status for r in hub_server.gets(f"/tree/{repo.commit}")] == [500, 200]
     assert fetch_info(tmp_path)["info"]["fetch"]["retries"] >= 2
     assert_verified_weights(tmp_path, repo)
 

@@ -66,7 +66,8 @@ class Faults:
     drop_after: dict[str, int] = field(default_factory=dict)  # path -> close the connection after N body bytes...
     drop_times: dict[str, int] = field(default_factory=dict)  # ...this many times
     corrupt_times: dict[str, int] = field(default_factory=dict)  # path -> serve flipped bytes this many times
-    error500_times: dict[str, int] = field(default_factory=dict)  # path -> answer 500 this many times
+    # path (or "api/revision", "api/tree") -> answer 500 this many times
+    error500_times: dict[str, int] = field(default_factory=dict)
     gated_token: str | None = None  # resolve needs "Authorization: Bearer <token>", else 401 GatedRepo
     extra_tree_entries: list[dict[str, Any]] = field(default_factory=list)  # e.g. a "../evil" path
     bytes_per_s: float | None = None  # throttle GET bodies (for kill -9 mid-download)
@@ -215,6 +216,8 @@ def _handler_for(server: HubServer):
 
         def _model_info(self, repo_id: str, rev: str) -> None:
             found = self._repo_and_rev(repo_id, rev)
+            if found and server._take(found[0].faults.error500_times, "api/revision"):
+                return self._error(500, None, "Internal Error")
             if found:
                 repo, commit = found
                 self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
@@ -226,6 +229,8 @@ def _handler_for(server: HubServer):
             if not found:
                 return
             repo, commit = found
+            if server._take(repo.faults.error500_times, "api/tree"):
+                return self._error(500, None, "Internal Error")
             entries: list[dict[str, Any]] = []
             for f in sorted(repo.files.values(), key=lambda f: f.path):
                 e: dict[str, Any] = {"type": "file", "path": f.path, "size": f.size, "oid": f.blob_id}
