@@ -67,7 +67,8 @@ def write_synthetic_checkpoint(out: Path, cfg) -> int:
         name = shard_file_name(i, len(order))
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for t in groups[key]:
-            header[t.name] = {"dtype": t.dtype.value, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {"dtype": t.dtype.value, "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
             weight_map[t.name] = name
         raw = json.dumps(header).encode()
@@ -107,7 +108,8 @@ def main() -> None:
     ap.add_argument("--size-gb", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=8)
-    ap.add_argument("--workdir", type=Path, default=None, help="where the checkpoint and caches go (default: a temp dir)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the checkpoint and caches go (default: a temp dir, removed afterwards)")
     ap.add_argument("--no-sync", action="store_true",
                     help="stop the clock without os.sync(): dsbuild's per-blob fsync is then charged, the baseline's "
                          "unflushed pages are not")

@@ -181,8 +181,8 @@ def fetch_from_hub(spec: RunSpec, commit: str, out: Path, *, log: Callable[[str]
     local = {f.path: hub.blob_path(repo, f) for f in meta + wanted}
     info = materialize(local, out, skip_mtp=spec.skip_mtp, include=spec.include, exclude=spec.exclude,
                        digests=digests)
-    info.update({"repo": repo.repo_id, "commit": commit, "endpoint": hub.shown_endpoint(repo.endpoint), "files": len(local),
-                 "verified_files": len(local), "fetch": stats.as_dict()})
+    info.update({"repo": repo.repo_id, "commit": commit, "endpoint": hub.shown_endpoint(repo.endpoint),
+                 "files": len(local), "verified_files": len(local), "fetch": stats.as_dict()})
     return {"info": info, "digests": digests}
 
 
@@ -214,7 +214,8 @@ def dry_run_plan(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any] | str:
         "summary": (f"fetch {repo.repo_id}@{commit[:12]} from {hub.shown_endpoint(repo.endpoint)}: {len(files)} files, "
                     f"{hub.human_bytes(total)}; {hub.human_bytes(present)} already in {repo.cache_dir}; "
                     f"would download {len(todo)} file(s), {hub.human_bytes(total - present)}{note}"),
-        "repo": repo.repo_id, "revision": spec.revision, "commit": commit, "endpoint": hub.shown_endpoint(repo.endpoint),
+        "repo": repo.repo_id, "revision": spec.revision, "commit": commit,
+        "endpoint": hub.shown_endpoint(repo.endpoint),
         "cache_dir": str(repo.cache_dir), "files": len(files), "total_bytes": total, "present_bytes": present,
         "download_bytes": total - present, "free_bytes": hub.free_bytes(repo.cache_dir),
         "to_download": [{"path": s.file.path, "size": s.file.size, "have": s.have_bytes, "status": s.status}

@@ -121,6 +121,7 @@ def test_fetch_verifies_hard_links_records_commit_and_caches(fetch, serve, hub_s
     entry = fetch_info(tmp_path)
     assert entry["extra"] == {"source": "hub", "repo": REPO_ID, "commit": repo.commit}
     assert entry["info"]["verified_files"] == len(repo.files) and entry["info"]["commit"] == repo.commit
+    assert len(hub_server.gets(f"/tree/{repo.commit}")) == 3  # 12 files, 5 per page: the Link header was followed
     shard = tmp_path / "build/run/weights" / BIG_SHARD
     blob = hf_cache(tmp_path) / "blobs" / repo.files[BIG_SHARD].sha256
     assert shard.stat().st_ino == blob.stat().st_ino  # hard link, not a copy

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".png")
-TREE_PAGE = 50
+TREE_PAGE = 5  # small, so that the client must follow the Link header over several pages
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -242,7 +242,8 @@ def _handler_for(server: HubServer):
             page = entries[start:start + TREE_PAGE]
             headers = {}
             if start + TREE_PAGE < len(entries):
-                nxt = f"{server.url}/api/models/{repo_id}/tree/{quote(rev, safe='')}?recursive=true&cursor={start + TREE_PAGE}"
+                nxt = (f"{server.url}/api/models/{repo_id}/tree/{quote(rev, safe='')}"
+                       f"?recursive=true&cursor={start + TREE_PAGE}")
                 headers["Link"] = f'<{nxt}>; rel="next"'
             self._json(page, headers)
 
