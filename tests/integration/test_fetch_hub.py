@@ -443,3 +443,25 @@ def test_run_leaves_big_stages_for_the_gpu_host_with_a_command_that_finishes_the
     assert done.returncode == 0, done.stderr
     status = {s["stage"]: s["status"] for s in json.loads(done.stdout)["stages"]}
     assert status == {"plan": "cached", "fetch": "cached", "quantize": "built", "build": "built"}
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_a_cache_download_each_file_once(tmp_path, serve, hub_server):
+    """Several nodes fetching onto shared storage at once: the per-blob lock (the one huggingface_hub also takes)
+    makes each file travel once, and both runs end verified."""
+    repo = serve(faults=Faults(bytes_per_s=20_000_000))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_ENDPOINT": hub_server.url,
+           "XDG_CACHE_HOME": str(tmp_path / "xdg"), "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([*DSBUILD, "fetch", "--model", REPO_ID, "--out", f"build/node{i}", "--json"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for path in repo.files:
+        if path.endswith(".safetensors"):
+            assert len(hub_server.gets(path)) == 1, path
+    blob = hf_cache(tmp_path) / "blobs" / repo.files[BIG_SHARD].sha256
+    for i in range(2):
+        assert (tmp_path / f"build/node{i}/weights" / BIG_SHARD).stat().st_ino == blob.stat().st_ino
+    assert_blobs_honest(tmp_path)
