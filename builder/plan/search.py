@@ -160,6 +160,7 @@ def _breakdown(d: DecodeEstimate) -> dict[str, float]:
     worst = max(d.stages, key=lambda s: s.ms)
     return {"weights_read": round(worst.weights_ms, 4), "kv_read": round(worst.kv_ms, 4),
             "compute": round(worst.compute_ms, 4), "comm": round(worst.comm.ms, 4),
+            "kernel_latency": round(worst.overhead_ms, 4),
             "stage": round(worst.ms, 4), "microbatches": d.microbatches}
 
 
