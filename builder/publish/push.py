@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 from builder import __version__
 from builder.errors import RegistryError, StageError
-from builder.pipeline import MANIFEST, run_lock, sha256_file
+from builder.pipeline import MANIFEST, _fault_pause, run_lock, sha256_file
 from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, DEFAULT_STAGES, DOCKERFILE_MEDIA_TYPE,
                                       MANIFEST_MEDIA_TYPE, TITLE, WEIGHTS_STAGE, Layer, build_tar, plan_layers)
 from builder.publish.client import OCI_MANIFEST, Progress, RegistryClient, TransferStats
@@ -156,7 +156,9 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
                            digest="sha256:" + sha256_file(config_path), size=config_path.stat().st_size)
             total = sum(layer.size for layer in layers) + config.size
             hook = progress(total) if progress else None
-            for layer in [*layers, config]:
+            for i, layer in enumerate([*layers, config]):
+                if i == len(layers) // 2:
+                    _fault_pause("push")  # crash tests: SIGKILL with some blobs uploaded and no manifest yet
                 client.push_blob(path=layer.source, digest=layer.digest, size=layer.size, title=layer.title,
                                  progress=hook)
             oci_manifest = {
