@@ -229,7 +229,7 @@ class RegistryClient(oras.provider.Registry):
                 location = self._get_location(resp, self.container) or location
                 offset += len(chunk)
                 on_bytes(len(chunk))
-                del chunk
+                del chunk, resp  # the response keeps its request body: drop both before reading the next chunk
         if offset != size:
             raise VerificationError(f"{title} is {offset} bytes on disk but manifest.json records {size}; the run "
                                     "directory changed after it was built")

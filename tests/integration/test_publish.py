@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def test_push_pull_round_trip_is_byte_identical_and_repush_uploads_nothing(tiny_
     assert not (out / "weights").exists() and not (out / "quantized").exists()  # not pushed by default
     dockerfile = (out / "Dockerfile").read_text()
     assert dockerfile.startswith("# syntax=docker/dockerfile:1") and "COPY engines/ ./engines/" in dockerfile
+    assert dsb("dockerfile", str(tiny_run), cwd=tmp_path).stdout == dockerfile
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint:
+        lint = subprocess.run([hadolint, "--no-color", str(out / "Dockerfile")], capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout
 
     # Pull refuses to clobber, and names the missing tag.
     again = dsb("pull", f"{ref}:{tag}", str(out), "--insecure", cwd=tmp_path)
@@ -159,6 +165,23 @@ def test_htpasswd_registry_accepts_right_and_rejects_wrong_credentials(tiny_run,
         for p in stored:
             data = p.read_bytes()
             assert not any(s in data for s in secret_forms), p
+
+
+def test_bearer_token_registry(tiny_run, registry, tmp_path):
+    """A registry behind the distribution token protocol (as Harbor, GHCR, ECR-style services speak it)."""
+    with run_proxy(registry.address, bearer=("bob", PASSWORD)) as proxy:
+        ref = f"oci://{proxy['address']}/dsbuild/tiny:bearer"
+        wrong = dsb("push", str(tiny_run), ref, "--insecure",
+                    env={"DSBUILD_REGISTRY_USER": "bob", "DSBUILD_REGISTRY_PASSWORD": "nope"}, cwd=tmp_path)
+        assert wrong.returncode == 10 and "token service of" in wrong.stderr and "refused user 'bob'" in wrong.stderr
+        env = {"DSBUILD_REGISTRY_USER": "bob", "DSBUILD_REGISTRY_PASSWORD": PASSWORD}
+        right = dsb("push", str(tiny_run), ref, "--insecure", "--json", env=env, cwd=tmp_path)
+        assert right.returncode == 0, right.stderr
+        assert proxy["tokens_issued"] == 1  # one token, reused for every request
+        out = tmp_path / "pulled"
+        assert dsb("pull", ref, str(out), "--insecure", env=env, cwd=tmp_path).returncode == 0
+        assert listed_files(out) == listed_files(tiny_run)
+        assert PASSWORD not in right.stdout + right.stderr + wrong.stderr
 
 
 def test_registry_answering_500_gives_one_clear_error(tiny_run, registry, tmp_path):

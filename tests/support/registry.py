@@ -3,9 +3,11 @@ proxies that misbehave on purpose (one answers 500 to blob uploads, one drops th
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import re
+import secrets
 import shutil
 import socket
 import socketserver
@@ -96,12 +98,14 @@ class _Proxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 @contextlib.contextmanager
-def run_proxy(upstream: str, *, fail_uploads_with: int | None = None, drop_after_patch_bytes: int | None = None
-              ) -> Iterator[dict]:
+def run_proxy(upstream: str, *, fail_uploads_with: int | None = None, drop_after_patch_bytes: int | None = None,
+              bearer: tuple[str, str] | None = None) -> Iterator[dict]:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream``. ``fail_uploads_with``: answer every blob-upload
     request with that status. ``drop_after_patch_bytes``: the first PATCH whose body would take the bytes
-    forwarded past that many is cut off (connection closed without an answer), once. Yields counters."""
-    state = {"dropped": 0, "failed": 0, "patch_bytes": 0, "address": ""}
+    forwarded past that many is cut off (connection closed without an answer), once. ``bearer=(user, password)``:
+    the distribution token protocol as Harbor/GHCR speak it: ``/v2/`` answers 401 ``Bearer realm=.../token``,
+    ``/token`` gives a token for those Basic credentials, requests carrying it pass. Yields counters."""
+    state = {"dropped": 0, "failed": 0, "patch_bytes": 0, "address": "", "tokens_issued": 0, "token": ""}
     lock = threading.Lock()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -110,9 +114,32 @@ def run_proxy(upstream: str, *, fail_uploads_with: int | None = None, drop_after
         def log_message(self, *args):  # keep test output clean
             pass
 
+        def _answer(self, status: int, payload: bytes, headers: dict[str, str] | None = None):
+            self.send_response(status)
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
         def _relay(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
+            if bearer:
+                if self.path.startswith("/token"):
+                    good = "Basic " + base64.b64encode(f"{bearer[0]}:{bearer[1]}".encode()).decode()
+                    if self.headers.get("Authorization") != good:
+                        return self._answer(401, b'{"details":"bad credentials"}')
+                    with lock:
+                        state["tokens_issued"] += 1
+                        state["token"] = secrets.token_hex(16)
+                    return self._answer(200, ('{"token":"%s"}' % state["token"]).encode())
+                if not state["token"] or self.headers.get("Authorization") != f"Bearer {state['token']}":
+                    challenge = (f'Bearer realm="http://{state["address"]}/token",service="test",'
+                                 'scope="repository:dsbuild/tiny:pull,push"')
+                    return self._answer(401, b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}',
+                                        {"Www-Authenticate": challenge})
             if fail_uploads_with and "/blobs/uploads" in self.path:
                 with lock:
                     state["failed"] += 1
