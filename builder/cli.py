@@ -230,13 +230,18 @@ def _transfer_progress(label: str):
         task = bar.add_task(label, total=total)
         bar.start()
         return lambda n: bar.advance(task, n)
-    return bar, start
+
+    def stop() -> None:
+        if bar.live.is_started:
+            bar.stop()
+    return stop, start
 
 
 def _registry_options(fn: Callable) -> Callable:
     fn = click.option("--insecure", is_flag=True,
                       help="Talk plain HTTP to this registry (only for a registry you know serves no TLS, e.g. "
-                           "127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back.")(fn)
+                           "127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; credentials are "
+                           "sent over plain HTTP only to loopback hosts.")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
     fn = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")(fn)
     return fn
@@ -261,12 +266,12 @@ def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: boo
     from builder.publish import parse_reference, push_run
 
     ref = parse_reference(reference, allow_digest=False)
-    bar, start = _transfer_progress("push")
+    stop, start = _transfer_progress("push")
     try:
         result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, insecure=insecure,
                           log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
     finally:
-        bar.stop()
+        stop()
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
@@ -293,12 +298,12 @@ def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: 
     from builder.publish import parse_reference, pull_run
 
     ref = parse_reference(reference, require_tag=True)
-    bar, start = _transfer_progress("pull")
+    stop, start = _transfer_progress("pull")
     try:
         result = pull_run(ref=ref, out=out, insecure=insecure, log=lambda m: click.echo(m, err=True),
                           progress=None if as_json else start)
     finally:
-        bar.stop()
+        stop()
     if as_json:
         click.echo(json.dumps(asdict(result), indent=2))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from builder import __version__
-from builder.errors import RegistryError, StageError
+from builder.errors import RegistryError, SpecError, VerificationError
 from builder.pipeline import MANIFEST, _fault_pause, run_lock, sha256_file
 from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, DEFAULT_STAGES, DOCKERFILE_MEDIA_TYPE,
                                       MANIFEST_MEDIA_TYPE, TITLE, WEIGHTS_STAGE, Layer, build_tar, plan_layers)
@@ -43,15 +43,15 @@ class PushResult:
 def load_run_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
-        raise StageError(f"run directory {run_dir} does not exist")
+        raise SpecError(f"run directory {run_dir} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise StageError(f"{run_dir} has no {MANIFEST}; is it a dsbuild run directory?") from None
+        raise SpecError(f"{run_dir} has no {MANIFEST}; is it a dsbuild run directory?") from None
     except (ValueError, UnicodeDecodeError):
-        raise StageError(f"{path} is not valid JSON") from None
+        raise SpecError(f"{path} is not valid JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
-        raise StageError(f"{path} is not a dsbuild run manifest (no stages)")
+        raise SpecError(f"{path} is not a dsbuild run manifest (no stages)")
     return data
 
 
@@ -101,10 +101,10 @@ def default_tag(manifest: Mapping[str, Any], annotations: Mapping[str, str]) -> 
 def select_stages(manifest: Mapping[str, Any], *, include_weights: bool, log: Callable[[str], None]) -> list[str]:
     stages = manifest["stages"]
     if REQUIRED_STAGE not in stages:
-        raise StageError("the run has no engines yet (stage build is not in manifest.json); run `dsbuild build` first")
+        raise SpecError("the run has no engines yet (stage build is not in manifest.json); run `dsbuild build` first")
     wanted = list(DEFAULT_STAGES) + ([WEIGHTS_STAGE] if include_weights else [])
     if include_weights and WEIGHTS_STAGE not in stages:
-        raise StageError("--include-weights: the run has no quantized checkpoint (stage quantize is not built)")
+        raise SpecError("--include-weights: the run has no quantized checkpoint (stage quantize is not built)")
     missing = [s for s in wanted if s not in stages]
     for s in missing:
         log(f"note: stage {s} is not built in this run; the artifact will not contain it")
@@ -116,10 +116,10 @@ def check_files(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None
         for out in entry.get("outputs", []):
             p = run_dir / out["path"]
             if not p.is_file():
-                raise StageError(f"{out['path']} is listed in manifest.json but missing from {run_dir}")
+                raise VerificationError(f"{out['path']} is listed in manifest.json but missing from {run_dir}")
             if p.stat().st_size != out["size"]:
-                raise StageError(f"{out['path']} is {p.stat().st_size} bytes but manifest.json records {out['size']}; "
-                                 "the run directory changed after it was built")
+                raise VerificationError(f"{out['path']} is {p.stat().st_size} bytes but manifest.json records "
+                                        f"{out['size']}; the run directory changed after it was built")
 
 
 def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False, insecure: bool = False,

@@ -256,3 +256,27 @@ def test_corrupt_files_are_named_on_push_and_on_pull(tiny_run, registry, tmp_pat
     pulled = dsb("pull", ref, str(out), "--insecure", cwd=tmp_path)
     assert pulled.returncode == 11 and pulled.stderr.strip().startswith("error: engines/rank0.safetensors:"), pulled.stderr
     assert not out.exists() and not list(tmp_path.glob(".pulled.tmp-*"))  # nothing half-written
+
+
+def test_bad_push_inputs_are_one_sentence_errors(tiny_run, tmp_path):
+    no_build = tmp_path / "no-build"
+    no_build.mkdir()
+    m = json.loads((tiny_run / "manifest.json").read_text())
+    (no_build / "manifest.json").write_text(json.dumps({**m, "stages": {"plan": m["stages"]["plan"]}}))
+    shrunk = tmp_path / "shrunk"
+    shutil.copytree(tiny_run, shrunk, symlinks=True)
+    (shrunk / "engines" / "rank2.safetensors").write_bytes(b"short")
+    ref = "oci://127.0.0.1:9/dsbuild/tiny:t"  # nothing listens: every case must fail before any traffic
+    cases = [
+        ((str(tmp_path / "absent"), ref), 2, "run directory"),
+        ((str(tmp_path), ref), 2, "has no manifest.json; is it a dsbuild run directory?"),
+        ((str(no_build), ref), 2, "the run has no engines yet"),
+        ((str(shrunk), ref), 11, "engines/rank2.safetensors is 5 bytes but manifest.json records"),
+        ((str(tiny_run), "oci://127.0.0.1:9/dsbuild/tiny@sha256:" + "a" * 64), 10, "pins a digest; push needs a tag"),
+        ((str(tiny_run), "oci://dsbuild/tiny:t"), 10, "no valid registry host"),
+    ]
+    for args, code, message in cases:
+        proc = dsb("push", *args, "--insecure", cwd=tmp_path)
+        assert proc.returncode == code and message in proc.stderr, (args, proc.returncode, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
