@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               "rss_growth_mb_per_gb": ((big_push[-1]["peak_rss_mb"] - big_push[0]["peak_rss_mb"])
                                        / max(big_push[-1]["gb"] - big_push[0]["gb"], 1e-9)) if len(big_push) > 1 else None}
     _plot(rows, args.png)
+    args.png.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"RSS goal (< {RSS_GOAL_MB} MB for every dsbuild transfer): {'met' if result['rss_goal_met'] else 'MISSED'}"
               f"; RSS growth per extra GB pushed: {result['rss_growth_mb_per_gb']:.1f} MB" if result["rss_growth_mb_per_gb"]
               is not None else "")
-        print(f"plot: {args.png}")
+        print(f"plot: {args.png}; data: {args.png.with_suffix('.json')}")
     return 0 if result["rss_goal_met"] else 1
 
 

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
+import jsonschema
 import oras.auth.utils
 import oras.container
 import oras.provider
+import oras.schemas
+import oras.utils
 import requests
 
 from builder.errors import RegistryError, VerificationError
@@ -46,6 +49,7 @@ class TransferStats:
     blobs_skipped: int = 0
     bytes_skipped: int = 0
     upload_attempts_failed: int = 0
+    upload_resumes: int = 0
 
 
 def _oci_error(resp: requests.Response) -> str:
@@ -59,12 +63,13 @@ def _oci_error(resp: requests.Response) -> str:
 
 class RegistryClient(oras.provider.Registry):
     def __init__(self, ref: OciReference, *, insecure: bool = False, retries: int = 3, backoff_s: float = 0.5,
-                 environ: Mapping[str, str] | None = None):
+                 chunk_bytes: int = CHUNK_BYTES, environ: Mapping[str, str] | None = None):
         super().__init__(hostname=ref.registry, insecure=insecure, tls_verify=True)
         self.ref = ref
         self.container = oras.container.Container(ref.oras_target(), registry=ref.registry)
         self.retries = retries
         self.backoff_s = backoff_s
+        self.chunk_bytes = chunk_bytes
         self.stats = TransferStats()
         self._environ = environ
         self._credentials: Credentials | None = None
@@ -213,19 +218,36 @@ class RegistryClient(oras.provider.Registry):
 
     def _chunked_upload(self, *, path: Path, digest: str, size: int, title: str, on_bytes: Progress) -> None:
         # OCI distribution spec, "Pushing a blob in chunks": POST a session, PATCH each chunk with Content-Range,
-        # PUT ?digest= to close it. The registry recomputes the digest and refuses a mismatch.
+        # PUT ?digest= to close it. The registry recomputes the digest and refuses a mismatch. A chunk cut off by a
+        # dropped connection or a 5xx is resumed from the offset the registry reports for the session (GET on the
+        # session URL answers ``Range: 0-<last byte>``), so a 40 GB rank shard is not re-sent from its start.
         start = self.check(self.do_request(f"{self.prefix}://{self.container.upload_blob_url()}", "POST",
                                            headers={"Content-Length": "0"}), f"starting the upload of {title}")
         location = self._get_location(start, self.container)
         if not location:
             raise RegistryError(f"registry {self.ref.registry} started an upload without a Location header")
         offset = 0
+        resumes = 0
         with open(path, "rb") as fh:
-            while chunk := fh.read(CHUNK_BYTES):
+            while chunk := fh.read(self.chunk_bytes):
                 headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
                            "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
-                resp = self.check(self.do_request(location, "PATCH", data=chunk, headers=headers),
-                                  f"uploading {title}")
+                try:
+                    resp = self.check(self.do_request(location, "PATCH", data=chunk, headers=headers),
+                                      f"uploading {title}")
+                except TransientRegistryError:
+                    if resumes == self.retries:
+                        raise
+                    resumes += 1
+                    self.stats.upload_resumes += 1
+                    time.sleep(self.backoff_s * resumes)
+                    location, committed = self._upload_status(location, title)
+                    if committed > offset + len(chunk):
+                        raise TransientRegistryError(f"the registry reports more of {title} than was sent") from None
+                    on_bytes(committed - offset)
+                    offset = committed
+                    fh.seek(offset)
+                    continue
                 location = self._get_location(resp, self.container) or location
                 offset += len(chunk)
                 on_bytes(len(chunk))
@@ -240,8 +262,17 @@ class RegistryClient(oras.provider.Registry):
                                     "different digest); the run directory changed after it was built")
         self.check(resp, f"finishing the upload of {title}")
 
+    def _upload_status(self, location: str, title: str) -> tuple[str, int]:
+        """(session URL, bytes the registry holds) of an upload session."""
+        resp = self.check(self.do_request(location, "GET"), f"asking how much of {title} arrived", ok=(204, 200))
+        last = resp.headers.get("Range", "0-0").rpartition("-")[2]
+        # distribution answers "0-0" for an empty session and "0-N" (inclusive) otherwise.
+        committed = int(last) + 1 if last.isdigit() and int(last) > 0 else 0
+        return self._get_location(resp, self.container) or location, committed
+
     def put_manifest(self, manifest: dict[str, Any], *, tag: str) -> str:
         """Upload an image manifest under ``tag``; returns its digest (``sha256:...``)."""
+        jsonschema.validate(manifest, schema=oras.schemas.manifest)  # oras' OCI image-manifest schema
         body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         url = f"{self.prefix}://{self.container.manifest_url(tag)}"

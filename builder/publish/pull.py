@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
 from builder.atomic import staging_dir
-from builder.errors import RegistryError, UnsafePathError, VerificationError
+from builder.errors import DiskSpaceError, RegistryError, UnsafePathError, VerificationError
 from builder.pipeline import MANIFEST
 from builder.publish.artifact import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, READ_BYTES, TAR_SUFFIX, TITLE
 from builder.publish.client import Progress, RegistryClient, TransferStats
@@ -83,7 +84,7 @@ def _expected_files(run_manifest: Mapping[str, Any], stage_names: list[str]) -> 
 
 
 def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: Mapping[str, str] | None = None,
-             log: Callable[[str], None] = print, progress: Callable[[int, int], Progress] | None = None) -> PullResult:
+             log: Callable[[str], None] = print, progress: Callable[[int], Progress] | None = None) -> PullResult:
     if not (ref.tag or ref.digest):
         raise RegistryError(f"{ref} names no tag or digest; pull needs one")
     t0 = time.perf_counter()
@@ -107,6 +108,11 @@ def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: M
         except (ValueError, UnicodeDecodeError):
             raise VerificationError(f"the {MANIFEST} in {ref} is not valid JSON") from None
         expected = _expected_files(run_manifest, stage_names)
+        need = sum(f["size"] for f in expected.values()) + max((la["size"] for la in layers), default=0)
+        free = shutil.disk_usage(tmp).free
+        if free < need:
+            raise DiskSpaceError(f"pulling {ref} needs about {need / 1e9:.1f} GB under {out.parent}, "
+                                 f"{free / 1e9:.1f} GB are free")
         seen: set[str] = set()
         for layer in layers:
             if layer is manifest_layers[0]:

@@ -15,7 +15,7 @@ from builder.errors import RegistryError, SpecError, VerificationError
 from builder.pipeline import MANIFEST, _fault_pause, run_lock, sha256_file
 from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, DEFAULT_STAGES, DOCKERFILE_MEDIA_TYPE,
                                       MANIFEST_MEDIA_TYPE, TITLE, WEIGHTS_STAGE, Layer, build_tar, plan_layers)
-from builder.publish.client import OCI_MANIFEST, Progress, RegistryClient, TransferStats
+from builder.publish.client import CHUNK_BYTES, OCI_MANIFEST, Progress, RegistryClient, TransferStats
 from builder.publish.dockerfile import TENSORRT_LLM_VERSION, TRITON_IMAGE, dockerfile_values, render_dockerfile
 from builder.publish.reference import OciReference
 
@@ -124,7 +124,7 @@ def check_files(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None
 
 def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False, insecure: bool = False,
              environ: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
-             progress: Callable[[int, int], Progress] | None = None) -> PushResult:
+             progress: Callable[[int], Progress] | None = None, chunk_bytes: int = CHUNK_BYTES) -> PushResult:
     """Push ``run_dir`` to ``ref`` (its tag, or the default tag); ``progress(total_bytes)`` returns a per-byte hook."""
     if ref.digest:
         raise RegistryError(f"cannot push to a digest reference ({ref}); give a tag or none")
@@ -136,7 +136,7 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
         check_files(run_dir, entries)
         annotations = artifact_annotations(manifest, stages)
         target = ref if ref.tag else ref.with_tag(default_tag(manifest, annotations))
-        client = RegistryClient(target, insecure=insecure, environ=environ)
+        client = RegistryClient(target, insecure=insecure, chunk_bytes=chunk_bytes, environ=environ)
         client.ping()
         layers = plan_layers(run_dir, entries)
         with tempfile.TemporaryDirectory(prefix="dsbuild-push-") as tmp:

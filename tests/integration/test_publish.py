@@ -201,9 +201,30 @@ def test_connection_dropped_mid_upload_is_retried_and_the_artifact_is_consistent
         proc = dsb("push", str(tiny_run), f"oci://{proxy['address']}/dsbuild/tiny:drop", "--insecure", "--json",
                    cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
-        assert proxy["dropped"] == 1 and json.loads(proc.stdout)["stats"]["upload_attempts_failed"] == 1
+        stats = json.loads(proc.stdout)["stats"]
+        assert proxy["dropped"] == 1 and stats["upload_resumes"] == 1 and stats["upload_attempts_failed"] == 0
     out = tmp_path / "pulled"
     assert dsb("pull", f"oci://{registry.address}/dsbuild/tiny:drop", str(out), "--insecure", cwd=tmp_path).returncode == 0
+    assert listed_files(out) == listed_files(tiny_run)
+
+
+def test_cut_off_chunk_resumes_the_upload_session_where_the_registry_stopped(tiny_run, registry, tmp_path):
+    from builder.publish import parse_reference, push_run
+
+    chunk = 1 << 20
+    with run_proxy(registry.address, drop_after_patch_bytes=5 * chunk + 10) as proxy:
+        result = push_run(run_dir=tiny_run, ref=parse_reference(f"oci://{proxy['address']}/dsbuild/tiny:resume"),
+                          insecure=True, chunk_bytes=chunk, log=lambda m: None,
+                          environ={"DOCKER_CONFIG": str(tmp_path)})
+    assert proxy["dropped"] == 1 and result.stats.upload_resumes == 1 and result.stats.upload_attempts_failed == 0
+    # Every chunk reached the registry exactly once: the cut-off one was resent, nothing from a blob's start.
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    sizes = [f["size"] for s in ("plan", "build") for f in manifest["stages"][s]["outputs"] if f["size"] >= chunk]
+    assert max(sizes) > 5 * chunk
+    big_chunks = sum(-(-size // chunk) for size in sizes)
+    assert registry.patch_requests() == big_chunks + result.stats.blobs_uploaded - len(sizes)
+    out = tmp_path / "pulled"
+    assert dsb("pull", f"oci://{registry.address}/dsbuild/tiny:resume", str(out), "--insecure", cwd=tmp_path).returncode == 0
     assert listed_files(out) == listed_files(tiny_run)
 
 
