@@ -1,7 +1,7 @@
 """Push a >= 1 GB run directory to a local registry: throughput and the pushing process's peak RSS.
 
 Baseline, in the same run against an identical fresh registry: oras-py's own ``Registry.push`` of the same files
-(its default upload path, one PUT of each whole file). Then ``dsbuild push`` at two sizes (peak RSS should not
+(its default upload path, one PUT of each whole file), and the same with its ``do_chunked=True`` option. Then ``dsbuild push`` at two sizes (peak RSS should not
 grow with the artifact: the goal is under 300 MB whatever the size), a re-push (every blob already there) and a
 ``dsbuild pull`` of the big artifact. Each transfer runs in a child process; its peak RSS is the child's own
 ``ru_maxrss`` from ``os.wait4``.
@@ -29,6 +29,7 @@ from tests.support.registry import run_registry  # noqa: E402
 
 BLOCK = 16 << 20
 RSS_GOAL_MB = 300
+BASELINE = "oras-py Registry.push (baseline)"
 
 
 def make_run(root: Path, *, total_bytes: int, ranks: int) -> int:
@@ -84,9 +85,9 @@ def measure(cmd: list[str]) -> tuple[float, float, str]:
 
 ORAS_BASELINE = """
 import sys, oras.provider
-addr, target, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+addr, target, chunked, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 reg = oras.provider.Registry(hostname=addr, insecure=True)
-reg.push(target=target, files=files, disable_path_validation=True, quiet=True)
+reg.push(target=target, files=files, disable_path_validation=True, quiet=True, do_chunked=chunked == "1")
 """
 
 
@@ -107,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             run = work / f"run-{size}"
             nbytes = make_run(run, total_bytes=int(size * 1e9), ranks=args.ranks)
             big = size == sizes[-1]
-            if big:
+            for chunked, label in (("0", BASELINE), ("1", "oras-py Registry.push(do_chunked=True)")):
+                if not big:
+                    break
                 with run_registry(work / "reg-oras") as reg:
                     files = [str(p) for p in sorted(run.rglob("*")) if p.is_file()]
                     wall, rss, _ = measure([sys.executable, "-c", ORAS_BASELINE, reg.address,
-                                            f"{reg.address}/bench/oras:base", *files])
-                    rows.append({"what": "oras-py Registry.push (baseline)", "gb": nbytes / 1e9, "wall_s": wall,
-                                 "mb_s": nbytes / 1e6 / wall, "peak_rss_mb": rss})
+                                            f"{reg.address}/bench/oras:base", chunked, *files])
+                    rows.append({"what": label, "gb": nbytes / 1e9, "wall_s": wall, "mb_s": nbytes / 1e6 / wall,
+                                 "peak_rss_mb": rss})
                 shutil.rmtree(work / "reg-oras", ignore_errors=True)
             with run_registry(work / f"reg-{size}") as reg:
                 ref = f"oci://{reg.address}/bench/run:t"
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    base = rows[[r["what"] for r in rows].index("oras-py Registry.push (baseline)")]
+    base = rows[[r["what"] for r in rows].index(BASELINE)]
     for r in rows:
         r["throughput_vs_baseline"] = r["mb_s"] / base["mb_s"]
         r["rss_vs_baseline"] = r["peak_rss_mb"] / base["peak_rss_mb"]
