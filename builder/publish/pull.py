@@ -167,6 +167,9 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
                     f = expected.get(name)
                     if f is None:
                         raise VerificationError(f"the artifact carries {name}, which manifest.json does not list")
+                    if member.size != f["size"]:  # before writing a byte: a tar header cannot make us fill the disk
+                        raise VerificationError(f"{name} is {member.size} bytes in {title}, manifest.json records "
+                                                f"{f['size']}")
                     src = tar.extractfile(member)
                     assert src is not None
                     dest = root / name
@@ -177,7 +180,7 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
                             h.update(block)
                             fh.write(block)
                     os.chmod(dest, 0o755 if member.mode & 0o100 else 0o644)
-                    if h.hexdigest() != f["sha256"] or member.size != f["size"]:
+                    if h.hexdigest() != f["sha256"]:
                         raise VerificationError(f"{name} does not match the sha256 manifest.json records for it")
                     seen.add(name)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
