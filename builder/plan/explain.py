@@ -118,6 +118,28 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
+class _Distinct(list):
+    twins: dict
+
+
+def distinct_layouts(result: "PlanResult") -> list:
+    """Feasible layouts in rank order, EP variants that predict the same numbers as a better-ranked layout with
+    the same TP, PP, attention-DP and replicas folded into it (``.twins[layout] = [their EPs]``)."""
+    out = _Distinct()
+    out.twins = {}
+    for lp in result.layouts:
+        if not lp.feasible:
+            continue
+        twin = next((s for s in out if s.layout.tp == lp.layout.tp and s.layout.pp == lp.layout.pp
+                     and s.layout.attention_dp == lp.layout.attention_dp and s.replicas == lp.replicas
+                     and _same_speed(s, lp)), None)
+        if twin is not None and not lp.requested:
+            out.twins.setdefault(twin, []).append(lp.layout.ep)
+        else:
+            out.append(lp)
+    return out
+
+
 def _gib(x: float) -> str:
     return f"{x:.1f}" if x >= 0.1 or x == 0 else f"{x * 1024:.1f}M"
 
@@ -135,17 +157,9 @@ def render_table(result: "PlanResult", *, limit: int = 15) -> None:
     for col in ("#", "layout", "GPUs", "weights", "KV", "act+rsv", "max seqs", "batch", "step ms", "TTFT ms",
                 "tok/s/GPU", "tok/s/user", "bound", "notes"):
         table.add_column(col, justify="right" if col not in ("layout", "bound", "notes") else "left")
-    shown, twins = [], {}
-    for lp in result.layouts:  # EP variants that predict the same numbers collapse into one row
-        if not lp.feasible:
-            continue
-        twin = next((s for s in shown if s.layout.tp == lp.layout.tp and s.layout.pp == lp.layout.pp
-                     and s.layout.attention_dp == lp.layout.attention_dp and s.replicas == lp.replicas
-                     and _same_speed(s, lp)), None)
-        if twin is not None and not lp.requested:
-            twins.setdefault(id(twin), []).append(lp.layout.ep)
-        elif len(shown) < limit or lp.requested:
-            shown.append(lp)
+    distinct = distinct_layouts(result)
+    shown = [lp for lp in distinct if lp.requested or distinct.index(lp) < limit]
+    twins = {id(lp): eps for lp, eps in distinct.twins.items()}
     shown += [lp for lp in result.layouts if lp.requested and lp not in shown]
     for i, lp in enumerate(shown, 1):
         d = lp.to_dict()

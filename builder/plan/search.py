@@ -43,7 +43,7 @@ class Workload:
         return self.isl + self.osl / 2
 
 
-@dataclass
+@dataclass(eq=False)  # identity: plans are keys of dicts (table/plot grouping)
 class LayoutPlan:
     layout: Layout
     replicas: int
