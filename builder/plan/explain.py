@@ -68,7 +68,9 @@ def rationale(result: "PlanResult") -> str:
         reasons = Counter(_reason_kind(r) for lp in result.layouts for r in lp.reasons[:1])
         top = "; ".join(f"{n}x {k}" for k, n in reasons.most_common(3))
         first = result.layouts[0].reasons[0] if result.layouts and result.layouts[0].reasons else "no layouts"
-        return f"No layout fits {result.cluster.gpus} x {result.cluster.gpu.name} ({top}). First: {first}."
+        hint = " (no --gpu was given, so this planned for the CPU reference engine; pass --gpu, e.g. h200-sxm)" \
+            if result.cluster.gpu.arch == "cpu" else ""
+        return f"No layout fits {result.cluster.gpus} x {result.cluster.gpu.name}{hint} ({top}). First: {first}."
     c = result.cluster
     lines = [
         f"Recommended {rec.name} ({_describe(rec)}): {rec.tokens_per_s_per_gpu:.1f} output tok/s/GPU, "
