@@ -37,8 +37,8 @@ class RunSpec(BaseModel):
     # --- model and source ---
     model: str = opt("tiny", "Model: 'tiny' (generated), a Hugging Face repo id, or a local checkpoint directory.",
                      stages=("plan", "fetch"))
-    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.",
-                        stages=("fetch",))
+    # Not a key field itself: fetch resolves it to a commit sha, and that sha is in fetch's key (and so downstream).
+    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.")
     seed: int = opt(0, "Seed for the generated tiny model and for sampling.", stages=("fetch",))
     include: list[str] = opt([], "Glob patterns of repository files to fetch (repeatable).", stages=("fetch",))
     exclude: list[str] = opt([], "Glob patterns of repository files not to fetch (repeatable).", stages=("fetch",))
@@ -62,6 +62,9 @@ class RunSpec(BaseModel):
     network: str = opt("ib-ndr", "Scale-out network between nodes (ib-ndr, ib-hdr, roce-400g, eth-100g).",
                        stages=("plan",))
     hardware_file: Path | None = opt(None, "YAML file overriding the built-in GPU/network table.", stages=("plan",))
+    # Not part of any stage key: it only decides whether the plan stage refuses, which it checks on every run.
+    allow_infeasible: bool = opt(False, "Build the requested layout even when the planner finds it infeasible "
+                                        "(it still records why in plan/plan.json).")
 
     # --- quantization ---
     quant: QuantMode = opt("fp8", "Weight format: " + ", ".join(QUANT_MODES) + ".",
@@ -87,7 +90,7 @@ class RunSpec(BaseModel):
 
     # --- where ---
     out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")
-    cache_dir: Path | None = opt(None, "Cache for generated models and hub downloads (default ~/.cache/dsbuild).")
+    cache_dir: Path | None = opt(None, "Cache for generated models (default ~/.cache/dsbuild) and hub downloads (<cache-dir>/huggingface/hub; default HF_HUB_CACHE).")
 
     @field_validator("model")
     @classmethod
