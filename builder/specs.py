@@ -35,7 +35,8 @@ class RunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- model and source ---
-    model: str = opt("tiny", "Model: 'tiny' (generated), a Hugging Face repo id, or a local checkpoint directory.",
+    model: str = opt("tiny", "Model: 'tiny' (trained, built in), 'tiny-draft', 'tiny-random', a Hugging Face repo id, "
+                     "or a local checkpoint directory.",
                      stages=("plan", "fetch"))
     # Not a key field itself: fetch resolves it to a commit sha, and that sha is in fetch's key (and so downstream).
     revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.")
