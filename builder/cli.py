@@ -172,10 +172,135 @@ def _stage_command(name: str, help_text: str):
     return command
 
 
-_stage_command("run", "Run every stage: plan, fetch, quantize, build (cached stages are skipped).")
+_stage_command("run", "Run every stage: plan, fetch, quantize, build, package (cached stages are skipped).")
 _stage_command("fetch", "Get the checkpoint (tiny, local directory or hub) into the run's weights/, verified.")
 _stage_command("quantize", "Convert the fetched checkpoint to --quant into the run's quantized/.")
 _stage_command("build", "Write per-rank engines (rank shards + config) into the run's engines/.")
+_stage_command("package", "Render the Triton model repository and launch files into the run's package/.")
+
+
+@main.command("serve")
+@click.option("--repo", type=click.Path(path_type=Path), default=Path("build/latest/package/triton_repo"),
+              show_default=True, help="Triton model repository (a run's package/triton_repo).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP, gRPC and metrics ports bind.")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True)
+@click.option("--ready-timeout", type=float, default=600, show_default=True,
+              help="Seconds to wait for the model to load.")
+@click.option("--max-restarts", type=int, default=2, show_default=True,
+              help="Restarts of an unhealthy server (crashed python stub) before giving up.")
+@click.option("--exit-timeout", type=int, default=20, show_default=True,
+              help="Seconds Triton waits for in-flight requests on SIGTERM.")
+@click.option("--log-file", type=click.Path(path_type=Path), help="Write tritonserver's log here.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max_restarts, exit_timeout, log_file,
+              verbose):
+    """Serve a model repository with a real tritonserver (the container's on GPU hosts, else the nvidia-pytriton
+    wheel's) until SIGTERM or Ctrl-C."""
+    from builder.errors import ServeError
+    from triton_repo.interface import MODEL_NAME
+    from triton_repo.server import Ports, serve_forever
+
+    if not (repo / MODEL_NAME / "config.pbtxt").is_file():
+        raise ServeError(f"{repo} is not a dsbuild Triton repository (no {MODEL_NAME}/config.pbtxt); "
+                         "run `dsbuild package` first")
+    sys.exit(serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
+                           models=[MODEL_NAME], ready_timeout=ready_timeout, max_restarts=max_restarts,
+                           exit_timeout_s=exit_timeout, log_path=log_file, log=lambda m: click.echo(m, err=True)))
+
+
+@main.command("generate")
+@click.option("--url", help="Triton server HOST:PORT (the gRPC port for --protocol grpc, the HTTP port for http).")
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path),
+              help="Run the reference engine directly on a run's engines/ directory instead of a server.")
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--stream/--no-stream", default=False, help="Print text as it is generated.")
+@click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=16, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, (1 << 64) - 1), default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--model-name", default="tensorrt_llm", show_default=True)
+@click.option("--timeout", type=float, default=300, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def generate_cmd(url, engine_dir, prompt, protocol, stream, max_tokens, temperature, top_k, top_p, seed, stop,
+                 model_name, timeout, as_json, verbose):
+    """Generate text from a served model (--url) or directly from a run's engines (--engine)."""
+    from builder.errors import SpecError
+
+    if bool(url) == bool(engine_dir):
+        raise SpecError("pass exactly one of --url (a Triton server) or --engine (a run's engines/ directory)")
+    if url:
+        _generate_remote(url=url, prompt=prompt, protocol=protocol, stream=stream, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                         model_name=model_name, timeout=timeout, as_json=as_json)
+    else:
+        _generate_direct(engine_dir=engine_dir, prompt=prompt, stream=stream, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, as_json=as_json)
+
+
+def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,
+                     top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], model_name: str,
+                     timeout: float, as_json: bool) -> None:
+    from triton_repo.client import GenerateOptions, generate
+
+    shown = [""]
+
+    def show(text: str) -> None:  # responses carry cumulative text: print only what is new
+        if text.startswith(shown[0]):
+            click.echo(text[len(shown[0]):], nl=False)
+        else:
+            click.echo("\n" + text, nl=False)
+        shown[0] = text
+
+    opts = GenerateOptions(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, stop=tuple(stop), stream=stream)
+    result = generate(url, opts, protocol=protocol, model=model_name, timeout=timeout,
+                      on_text=show if stream and not as_json else None)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    elif stream:
+        click.echo()
+    else:
+        click.echo(result.text)
+
+
+def _generate_direct(*, engine_dir: Path, prompt: str, stream: bool, max_tokens: int, temperature: float,
+                     top_k: int, top_p: float, seed: int | None, as_json: bool) -> None:
+    """Placeholder for the runtime branch's ``dsbuild generate --engine`` (merged from there)."""
+    from builder.errors import SpecError
+
+    try:
+        from builder.runtime.service import EngineService, GenerationRequest
+    except ImportError:
+        raise SpecError("--engine needs dsbuild's reference engine (builder.runtime.service), which this build "
+                        "lacks") from None
+    with EngineService(engine_dir) as engine:
+        tok = engine.tokenizer()
+        ids: list[int] = []
+
+        def on_token(index: int, token: int) -> None:
+            if stream and not as_json:
+                before = tok.decode(ids)
+                ids.append(token)
+                click.echo(tok.decode(ids)[len(before):], nl=False)
+
+        req = GenerationRequest(prompt_ids=tok.encode(prompt).ids, max_tokens=max_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
+        res = engine.generate([req], on_token=on_token)[0]
+    text = tok.decode(res.token_ids)
+    if as_json:
+        click.echo(json.dumps({"text": text, "token_ids": res.token_ids, "finish_reason": res.finish_reason}, indent=2))
+    elif stream:
+        click.echo()
+    else:
+        click.echo(text)
 
 
 @main.command("plan")

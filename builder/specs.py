@@ -85,6 +85,25 @@ class RunSpec(BaseModel):
     draft_model: str | None = opt(None, "Draft model for --spec draft ('tiny-draft', hub id or directory).",
                                   stages=("build", "package"))
 
+    # --- package (Triton repository and launch files) ---
+    flavour: Literal["auto", "gpu", "cpu"] = opt(
+        "auto", "Triton repository flavour: gpu (TensorRT-LLM container), cpu (reference engine), auto (gpu when "
+        "--gpu is given).", stages=("package",))
+    trtllm_version: str = opt("1.2.1", "TensorRT-LLM version the GPU repository and launch files are rendered for.",
+                              stages=("package",))
+    image: str | None = opt(None, "Container image for launch files (default: the Triton image of --trtllm-version).",
+                            stages=("package",))
+    deploy_dir: str | None = opt(None, "Path of the run directory on the cluster's shared storage (default: this "
+                                 "run directory's absolute path).", stages=("package",))
+    model_path: str | None = opt(None, "Checkpoint path the GPU servers load (default: <deploy-dir>/quantized).",
+                                 stages=("package",))
+    slurm_partition: str | None = opt(None, "Slurm partition for slurm.sbatch.", stages=("package",))
+    slurm_account: str | None = opt(None, "Slurm account for slurm.sbatch.", stages=("package",))
+    slurm_time: str = opt("04:00:00", "Slurm time limit for slurm.sbatch.", stages=("package",))
+    k8s_pvc: str = opt("dsbuild-run", "ReadWriteMany PVC holding the run directory, for lws.yaml.",
+                       stages=("package",))
+    k8s_namespace: str | None = opt(None, "Kubernetes namespace for lws.yaml.", stages=("package",))
+
     # --- where ---
     out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")
     cache_dir: Path | None = opt(None, "Cache for generated models and hub downloads (default ~/.cache/dsbuild).")
