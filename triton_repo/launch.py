@@ -8,6 +8,8 @@ evenly over the nodes, so ``world`` must divide by the node count and each node'
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,6 @@ def slurm_extra(*, partition: str | None, account: str | None) -> str:
 
 def k8s_name(run_name: str) -> str:
     """A DNS-1035 label from the run name (LWS names become pod and service host names)."""
-    import re
-
     name = re.sub(r"[^a-z0-9-]+", "-", f"dsbuild-{run_name}".lower()).strip("-")
     return name[:40].rstrip("-")
 
@@ -101,8 +101,8 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str,
 
     def pod(role: str, script: str, *, ports: bool) -> dict[str, Any]:
         container: dict[str, Any] = {
-            "name": role, "image": image, "command": ["bash", "-c", script], "resources": resources,
-            "volumeMounts": mounts, "env": [{"name": "NCCL_DEBUG", "value": "WARN"}],
+            "name": role, "image": image, "command": ["bash", "-c", script], "resources": copy.deepcopy(resources),
+            "volumeMounts": copy.deepcopy(mounts), "env": [{"name": "NCCL_DEBUG", "value": "WARN"}],
         }
         if ports:
             container["ports"] = [{"name": "http", "containerPort": HTTP_PORT},
@@ -113,13 +113,13 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str,
             container["startupProbe"] = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
                                          "periodSeconds": 30, "failureThreshold": 240}  # first load can take an hour
         return {"metadata": {"labels": {**labels, "dsbuild/role": role}},
-                "spec": {"containers": [container], "volumes": volumes}}
+                "spec": {"containers": [container], "volumes": copy.deepcopy(volumes)}}
 
     meta: dict[str, Any] = {"name": name, "labels": labels}
     if namespace:
         meta["namespace"] = namespace
     lws_spec: dict[str, Any] = {"size": topo.nodes, "restartPolicy": "RecreateGroupOnPodRestart",
-                                "workerTemplate": pod("worker" if topo.nodes > 1 else "leader", 
+                                "workerTemplate": pod("worker" if topo.nodes > 1 else "leader",
                                                       worker_script if topo.nodes > 1 else leader_script,
                                                       ports=topo.nodes == 1)}
     if topo.nodes > 1:
