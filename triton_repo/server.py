@@ -180,6 +180,7 @@ class TritonServer:
         self.proc: subprocess.Popen | None = None
         self._work: Path | None = None
         self._log_fh = None
+        self._log_start = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "TritonServer":
@@ -194,6 +195,8 @@ class TritonServer:
             check_stub_python(env)
         if self.log_path is None:
             self.log_path = self._work / "tritonserver.log"
+        # Only this run's part of an appended log counts (an earlier run's stub failure must not fail this one).
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log_fh = open(self.log_path, "ab")
         cmd = server_command(inst, repo=self.repo, ports=self.ports, host=self.host, backend_dir=backend_dir,
                              exit_timeout_s=self.exit_timeout_s)
@@ -278,7 +281,9 @@ class TritonServer:
     def log_text(self) -> str:
         if self.log_path is None or not self.log_path.exists():
             return ""
-        return self.log_path.read_text(errors="replace")
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._log_start)
+            return fh.read().decode(errors="replace")
 
     def wait_ready(self, *, models: list[str] | None, timeout: float = 300,
                    poll_s: float = 0.25) -> list[ModelState]:
@@ -303,16 +308,43 @@ class TritonServer:
                     failed = [states[n] for n in wanted if n in states and states[n].state == "UNAVAILABLE"]
                     if failed and models is not None:
                         m = failed[0]
-                        raise ServeError(f"model {m.name} failed to load: {m.reason or 'no reason given'}")
+                        reason = (m.reason or "no reason given").strip().splitlines()[0]
+                        raise ServeError(f"model {m.name} failed to load: {reason}")
                     if not pending:
                         return index
             time.sleep(poll_s)
         raise ServeError(f"tritonserver did not get {models or 'its models'} ready within {timeout:.0f} s")
 
-    def unhealthy_reason(self, models: list[str]) -> str | None:
-        """Why the server can no longer serve ``models`` (dead process, stub crash, model not ready), else None."""
+    def stub_pids(self) -> set[int]:
+        """The python-backend stub processes (one per model instance) of this server."""
+        import psutil
+
+        if not self.running:
+            return set()
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=False)
+        except psutil.NoSuchProcess:
+            return set()
+        out = set()
+        for child in children:
+            try:
+                if "triton_python_backend_stub" in " ".join(child.cmdline()[:1]) or \
+                        child.name().startswith("triton_python"):
+                    out.add(child.pid)
+            except psutil.Error:
+                continue
+        return out
+
+    def unhealthy_reason(self, models: list[str], stubs: set[int] | None = None) -> str | None:
+        """Why the server can no longer serve ``models`` (dead process, stub crash, model not ready), else None.
+        ``stubs``: the stub pids seen when the models became ready; a vanished one means a crashed stub, which
+        Triton 2.51 only notices at the next request."""
         if not self.running:
             return f"tritonserver exited with code {self.proc.returncode if self.proc else '?'}"
+        if stubs:
+            gone = stubs - self.stub_pids()
+            if gone:
+                return f"python-backend stub process {sorted(gone)[0]} died"
         log = self.log_text()
         for marker in ("is not healthy",):
             if marker in log:
@@ -362,8 +394,9 @@ def serve_forever(*, repo: Path, ports: Ports, host: str = LOOPBACK, models: lis
                 log(f"serving on http://{server.http_url} grpc {server.grpc_url} "
                     f"metrics http://{host}:{ports.metrics}/metrics")
                 reason = None
+                stubs = server.stub_pids()
                 while not stop_event.wait(health_interval_s):
-                    reason = server.unhealthy_reason(names)
+                    reason = server.unhealthy_reason(names, stubs)
                     if reason:
                         break
                 if reason is None:

@@ -210,6 +210,7 @@ class TritonPythonModel:
             batch = [j for j in self._take_batch() if not self._already_finished(j)]
             if not batch:
                 continue
+            pb_utils.Logger.log_info(f"dsbuild cpu model: batch of {len(batch)} request(s)")
             now = time.time_ns()
             for job in batch:
                 job.first_scheduled_ns = now
