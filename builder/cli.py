@@ -253,11 +253,10 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
     shown = [""]
 
     def show(text: str) -> None:  # responses carry cumulative text: print only what is new
+        text = text.rstrip("\ufffd")  # a character whose bytes are not all generated yet
         if text.startswith(shown[0]):
             click.echo(text[len(shown[0]):], nl=False)
-        else:
-            click.echo("\n" + text, nl=False)
-        shown[0] = text
+            shown[0] = text
 
     opts = GenerateOptions(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed, stop=tuple(stop), stream=stream)
@@ -266,7 +265,8 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     elif stream:
-        click.echo()
+        rest = result.text[len(shown[0]):] if result.text.startswith(shown[0]) else "\n" + result.text
+        click.echo(rest)
     else:
         click.echo(result.text)
 
