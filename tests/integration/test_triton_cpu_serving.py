@@ -228,7 +228,7 @@ def test_malformed_grpc_requests_get_an_error_and_the_server_keeps_serving(serve
     ({"sampling_param_max_tokens": 4}, "text_input"),
     ({"text_input": "hi", "sampling_param_max_tokens": -1}, "at least 1"),
     ({"text_input": "hi", "sampling_param_max_tokens": 10 ** 9}, "max_seq_len"),
-    ({"text_input": "hi", "sampling_param_max_tokens": "many"}, "sampling_param_max_tokens"),
+    ({"text_input": "hi", "sampling_param_max_tokens": "many"}, "Unable to parse"),  # Triton refuses the type
 ])
 def test_malformed_http_requests_get_an_error_and_the_server_keeps_serving(served, expected, body, message):
     from triton_repo.client import generate
@@ -251,6 +251,28 @@ def test_generate_command_over_both_protocols(served, expected):
     proc = run_dsbuild("generate", "--url", served.grpc, "--prompt", PROMPTS[2], "--max-tokens", "8", "--stream",
                        cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.rstrip("\n") == expected[(PROMPTS[2], "greedy")][0]
+
+
+def test_z_crashed_stub_is_detected_and_the_server_restarted(served, expected):
+    """A SIGKILLed python-backend stub leaves Triton 2.51 answering "Stub process is not healthy" (FACTS §3b);
+    `dsbuild serve` notices the dead stub, restarts tritonserver and serves again on the same ports."""
+    import psutil
+
+    from triton_repo.client import generate
+
+    stubs = [c for c in psutil.Process(served.proc.pid).children(recursive=True)
+             if "triton_python_backend_stub" in " ".join(c.cmdline()[:1])]
+    assert len(stubs) == 1
+    n_ready = sum("serving on" in l for l in served.stderr_lines)
+    stubs[0].kill()
+    deadline = time.monotonic() + 180
+    while sum("serving on" in l for l in served.stderr_lines) == n_ready:
+        assert served.proc.poll() is None, "".join(served.stderr_lines)
+        assert time.monotonic() < deadline, "".join(served.stderr_lines)
+        time.sleep(0.5)
+    log = "".join(served.stderr_lines)
+    assert "stub process" in log and "died" in log and "restarting tritonserver (1/2)" in log
+    assert generate(served.grpc, opts(PROMPTS[5]), protocol="grpc").text == expected[(PROMPTS[5], "greedy")][0]
 
 
 def test_zz_sigterm_stops_the_server_within_its_exit_timeout(served):
