@@ -56,7 +56,7 @@ def llm_api_config(spec: RunSpec, engines: Path) -> tuple[dict[str, Any], str]:
     return derived_llm_api(spec), "derived from the spec"
 
 
-def package_inputs(spec: RunSpec, run_dir: Path, engines: Path, out: Path):
+def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
     from triton_repo.package import PackageInputs, relative_engine_dir
     from triton_repo.versions import pin
 
@@ -89,10 +89,25 @@ def _max_positions(engines: Path) -> int:
 def run(ctx: StageContext) -> dict[str, Any]:
     from triton_repo.package import write_package
 
-    p, source = package_inputs(ctx.spec, ctx.run_dir, ctx.inputs["build"], ctx.out)
+    p, source = package_inputs(ctx.spec, ctx.run_dir, ctx.inputs["build"])
     info = write_package(p, ctx.out)
     info["llm_api_source"] = source
     return info
+
+
+def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
+    """The templates' content (an edited template re-renders) and, for the CPU flavour, where dsbuild lives."""
+    import hashlib
+
+    import builder
+    from triton_repo.render import template_dir
+
+    h = hashlib.sha256()
+    root = template_dir(spec.trtllm_version)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return {"templates": h.hexdigest(), "dsbuild_src": str(Path(builder.__file__).resolve().parent.parent)}
 
 
 def describe(spec: RunSpec, extra: dict[str, Any]) -> str:
@@ -100,4 +115,4 @@ def describe(spec: RunSpec, extra: dict[str, Any]) -> str:
 
 
 STAGE = Stage(name="package", version=VERSION, output="package", upstream=("build",), run=run,
-              tools=("nvidia-pytriton",), describe=describe)
+              tools=("nvidia-pytriton",), key_inputs=key_inputs, describe=describe)

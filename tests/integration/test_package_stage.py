@@ -1,0 +1,74 @@
+"""`dsbuild package` through the CLI: flavours, caching, the LLM-API configuration, bad options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.support.triton import check_repository_layout
+
+
+def test_cpu_default_then_gpu_package(dsbuild, tmp_path):
+    res = json.loads(dsbuild("run", "--tp", "2", "--pp", "1", "--out", "build/r", "--json", check=True).stdout)
+    pkg = next(s for s in res["stages"] if s["stage"] == "package")
+    assert pkg["status"] == "built" and pkg["info"]["flavour"] == "cpu"
+    run = tmp_path / "build/r"
+    (cfg,) = check_repository_layout(run / "package/triton_repo")
+    engine_dir = cfg.parameters["engine_dir"].string_value
+    assert (run / "package/triton_repo/tensorrt_llm" / engine_dir / "config.json").is_file()
+    assert cfg.parameters["max_seq_len"].string_value == "512"
+    assert sorted(p.name for p in (run / "package/launch").iterdir()) == ["serve.sh"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {o["path"] for o in manifest["stages"]["package"]["outputs"]} >= {
+        "package/triton_repo/tensorrt_llm/config.pbtxt", "package/triton_repo/tensorrt_llm/1/model.py"}
+
+    again = json.loads(dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--json", check=True).stdout)
+    assert {s["stage"]: s["status"] for s in again["stages"]}["package"] == "cached"
+
+    gpu = json.loads(dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h200-sxm",
+                             "--model-path", "/lustre/ckpt/ds32", "--json", check=True).stdout)
+    info = {s["stage"]: s for s in gpu["stages"]}["package"]["info"]
+    assert info["flavour"] == "gpu" and info["total_gpus"] == 2
+    assert info["image"] == "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
+    model_yaml = yaml.safe_load((run / "package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
+    assert model_yaml["model"] == "/lustre/ckpt/ds32"
+    assert model_yaml["tensor_parallel_size"] == 2 and model_yaml["pipeline_parallel_size"] == 1
+    assert model_yaml["triton_config"] == {"max_batch_size": 0, "decoupled": True}
+    assert sorted(p.name for p in (run / "package/launch").iterdir()) == ["lws.yaml", "serve.sh", "slurm.sbatch"]
+
+
+def test_build_llm_api_yaml_is_used_when_present(dsbuild, tmp_path):
+    dsbuild("build", "--tp", "2", "--pp", "1", "--out", "build/r", check=True)
+    engines = tmp_path / "build/r/engines"
+    if not (engines / "llm_api.yaml").is_file():
+        # The build of this branch writes none yet; the stage then derives the configuration from the spec.
+        res = json.loads(dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h100-sxm",
+                                 "--json", check=True).stdout)
+        assert {s["stage"]: s for s in res["stages"]}["package"]["info"]["llm_api_source"] == "derived from the spec"
+        return
+    built = yaml.safe_load((engines / "llm_api.yaml").read_text())
+    dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h100-sxm", check=True)
+    model_yaml = yaml.safe_load((tmp_path / "build/r/package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
+    assert {k: v for k, v in model_yaml.items() if k not in ("model", "triton_config")} == \
+        {k: v for k, v in built.items() if k != "model"}
+
+
+def test_bad_package_options_fail_cleanly(dsbuild, tmp_path):
+    dsbuild("build", "--tp", "2", "--pp", "1", "--out", "build/r", check=True)
+    bad_version = dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--trtllm-version", "0.9")
+    assert bad_version.returncode == 8 and "no templates for TensorRT-LLM 0.9" in bad_version.stderr
+    uneven = dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h200-sxm", "--nodes", "3")
+    assert uneven.returncode != 0 and "cannot be spread evenly over 3 nodes" in uneven.stderr
+    assert not (tmp_path / "build/r/package").exists()
+    assert not list((tmp_path / "build/r").glob(".package*"))
+
+
+def test_generate_needs_exactly_one_target(dsbuild):
+    both = dsbuild("generate", "--url", "127.0.0.1:1", "--engine", "x", "--prompt", "hi")
+    neither = dsbuild("generate", "--prompt", "hi")
+    for proc in (both, neither):
+        assert proc.returncode == 2 and "exactly one of --url" in proc.stderr
+    unreachable = dsbuild("generate", "--url", "127.0.0.1:9", "--protocol", "http", "--prompt", "hi")
+    assert unreachable.returncode == 9 and "cannot reach" in unreachable.stderr
