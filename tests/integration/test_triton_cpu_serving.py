@@ -253,6 +253,25 @@ def test_generate_command_over_both_protocols(served, expected):
     assert proc.returncode == 0 and proc.stdout.rstrip("\n") == expected[(PROMPTS[2], "greedy")][0]
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_stop_string_truncates_and_reports_stop(served, expected, protocol):
+    from triton_repo.client import generate
+
+    full = expected[(PROMPTS[6], "greedy")][0]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert len(stop) == 2 and stop in full
+    url = served.grpc if protocol == "grpc" else served.http
+    res = generate(url, opts(PROMPTS[6], stop=(stop,), stream=True), protocol=protocol)
+    assert res.text == full[:full.index(stop)] and res.finish_reason == "stop"
+
+
+def test_generate_engine_matches_the_server(served, expected, cpu_run):
+    proc = run_dsbuild("generate", "--engine", str(cpu_run / "engines"), "--prompt", PROMPTS[4], "--max-tokens", "8",
+                       "--json", cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["text"] == expected[(PROMPTS[4], "greedy")][0]
+
+
 def test_z_crashed_stub_is_detected_and_the_server_restarted(served, expected):
     """A SIGKILLed python-backend stub leaves Triton 2.51 answering "Stub process is not healthy" (FACTS §3b);
     `dsbuild serve` notices the dead stub, restarts tritonserver and serves again on the same ports."""
