@@ -85,6 +85,18 @@ class RunSpec(BaseModel):
     draft_model: str | None = opt(None, "Draft model for --spec draft ('tiny-draft', hub id or directory).",
                                   stages=("build", "package"))
 
+    # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py) ---
+    fuse_gate_up: bool = opt(True, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj).",
+                             stages=("build",))
+    fuse_qkv_a: bool = opt(True, "Fuse q_a_proj, kv_a_proj_with_mqa and the indexer's wk into one GEMM (fused_a).",
+                           stages=("build",))
+    absorb_mla: bool = opt(True, "MLA weight absorption: decode attends in the kv_lora + rope latent space.",
+                           stages=("build",))
+    stack_experts: bool = opt(True, "Stack each rank's routed experts into 3-D tensors for one batched GEMM.",
+                              stages=("build",))
+    kv_cache_free_fraction: float = opt(0.9, "TensorRT-LLM kv_cache_config.free_gpu_memory_fraction.",
+                                        stages=("build", "package"), gt=0, le=1)
+
     # --- where ---
     out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")
     cache_dir: Path | None = opt(None, "Cache for generated models and hub downloads (default ~/.cache/dsbuild).")
