@@ -84,9 +84,10 @@ class Engine:
     """One rank's engine. Every method is collective: call it on all ranks with the same arguments."""
 
     def __init__(self, bundle: EngineBundle, comm: Comm, *, dtype: torch.dtype = torch.float32,
-                 absorb_mla: bool | None = None):
+                 absorb_mla: bool | None = None, tensors: dict[str, torch.Tensor] | None = None):
         self.bundle, self.comm, self.dtype = bundle, comm, dtype
-        tensors = bundle.load_rank(comm.rank, dtype=dtype, device=comm.device)
+        if tensors is None:
+            tensors = bundle.load_rank(comm.rank, dtype=dtype, device=comm.device)
         self.model = StageModel(bundle, comm, tensors, dtype=dtype, absorb_mla=absorb_mla)
         self.cfg = bundle.cfg
 

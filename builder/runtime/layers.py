@@ -71,9 +71,13 @@ class Indexer:
 
     def select(self, x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor | None:
         """[B, S, T] bool of the selected keys, or None when every visible key is selected."""
-        T = keys.shape[1]
-        if T <= self.cfg.index_topk:
+        if keys.shape[1] <= self.cfg.index_topk:
             return None
+        top = self.scores(x, q_resid, keys, step).topk(self.cfg.index_topk, dim=-1).indices
+        return torch.zeros_like(step.visible).scatter_(-1, top, True)
+
+    def scores(self, x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor:
+        """[B, S, T] float32 index scores, -inf where the key is not visible."""
         B, S, _ = x.shape
         r = self.cfg.qk_rope_head_dim
         q = linear(q_resid, self.w("wq_b.weight")).view(B, S, self.n_heads, self.head_dim)
@@ -81,9 +85,7 @@ class Indexer:
         scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), keys.float()) * self.head_dim ** -0.5)
         weights = linear(x.to(torch.float32), self.w("weights_proj.weight")) * self.n_heads ** -0.5  # [B, S, H]
         index = torch.einsum("bsh,bsht->bst", weights, scores)
-        index = index.masked_fill(~step.visible, float("-inf"))
-        top = index.topk(self.cfg.index_topk, dim=-1).indices
-        return torch.zeros_like(step.visible).scatter_(-1, top, True)
+        return index.masked_fill(~step.visible, float("-inf"))
 
 
 class MLA:
