@@ -25,6 +25,7 @@ from builder.stages.plan import layout_of
 VERSION = "2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 ENGINE_CONFIG = "config.json"
+LLM_API_FILE = "llm_api.yaml"
 
 
 def catalog_of_checkpoint(src: Path, cfg: ModelConfig):
@@ -66,8 +67,24 @@ def write_engine_bundle(src: Path, out: Path, *, layout: Layout, fusion: FusionO
     return {"ranks": len(plans), "max_rank_bytes": max(sizes.values())}
 
 
+def write_llm_api(spec, src: Path, out: Path, log=print) -> dict[str, Any]:
+    """``llm_api.yaml`` for TensorRT-LLM; validated by TensorRT-LLM itself when it is importable."""
+    from builder.atomic import atomic_write_text
+    from builder.trtllm import PINNED_VERSION, llm_api
+    from builder.trtllm.validate import validate_with_trtllm
+
+    cfg = ModelConfig.from_json_file(Path(src) / "config.json")
+    rendered = llm_api.render(spec, cfg)
+    atomic_write_text(Path(out) / LLM_API_FILE, rendered.to_yaml())
+    for w in rendered.warnings:
+        log(f"warning: {w}")
+    validated = validate_with_trtllm(rendered.options, model_dir=src)
+    return {"trtllm_version": PINNED_VERSION, "trtllm_validated_with": validated, "warnings": rendered.warnings}
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     info = write_engine_bundle(ctx.inputs["quantize"], ctx.out, layout=layout_of(ctx.spec), fusion=fusion_of(ctx.spec))
+    info["llm_api"] = write_llm_api(ctx.spec, ctx.inputs["quantize"], ctx.out, log=ctx.log)
     return info
 
 
