@@ -89,9 +89,7 @@ class RunSpec(BaseModel):
     flavour: Literal["auto", "gpu", "cpu"] = opt(
         "auto", "Triton repository flavour: gpu (TensorRT-LLM container), cpu (reference engine), auto (gpu when "
         "--gpu is given).", stages=("package",))
-    trtllm_version: str = opt("1.2.1", "TensorRT-LLM version the GPU repository and launch files are rendered for.",
-                              stages=("package",))
-    image: str | None = opt(None, "Container image for launch files (default: the Triton image of --trtllm-version).",
+    image: str | None = opt(None, "Container image for launch files (default: the pinned TensorRT-LLM's Triton image).",
                             stages=("package",))
     deploy_dir: str | None = opt(None, "Path of the run directory on the cluster's shared storage (default: this "
                                  "run directory's absolute path).", stages=("package",))
@@ -103,6 +101,17 @@ class RunSpec(BaseModel):
     k8s_pvc: str = opt("dsbuild-run", "ReadWriteMany PVC holding the run directory, for lws.yaml.",
                        stages=("package",))
     k8s_namespace: str | None = opt(None, "Kubernetes namespace for lws.yaml.", stages=("package",))
+    # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py) ---
+    fuse_gate_up: bool = opt(True, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj).",
+                             stages=("build",))
+    fuse_qkv_a: bool = opt(True, "Fuse q_a_proj, kv_a_proj_with_mqa and the indexer's wk into one GEMM (fused_a).",
+                           stages=("build",))
+    absorb_mla: bool = opt(True, "MLA weight absorption: decode attends in the kv_lora + rope latent space.",
+                           stages=("build",))
+    stack_experts: bool = opt(True, "Stack each rank's routed experts into 3-D tensors for one batched GEMM.",
+                              stages=("build",))
+    kv_cache_free_fraction: float = opt(0.9, "TensorRT-LLM kv_cache_config.free_gpu_memory_fraction.",
+                                        stages=("build", "package"), gt=0, le=1)
 
     # --- where ---
     out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")

@@ -69,8 +69,11 @@ def common_values(p: PackageInputs, topo: launch.Topology | None) -> dict[str, A
 
 
 def model_yaml(p: PackageInputs) -> str:
+    from builder.trtllm.contract import require_conforming
+
     config = {"model": p.model_path}
     config.update((k, v) for k, v in p.llm_api.items() if k not in ("model", "triton_config"))
+    require_conforming(config, version=p.pin.version)  # every LLM() key known to the pinned TensorRT-LLM
     config["triton_config"] = dict(TRITON_CONFIG)
     header = (f"# dsbuild {p.dsbuild_version}: LLM() arguments for TensorRT-LLM {p.pin.version} (run {p.run_name}),\n"
               "# read by model.py; triton_config sets the model's max_batch_size and decoupled policy.\n")

@@ -1,4 +1,6 @@
-"""TensorRT-LLM versions dsbuild renders for, with the matching Triton container (FACTS §2b)."""
+"""TensorRT-LLM versions dsbuild renders Triton repositories for. The version itself and its container come from
+``builder.trtllm`` (``PINNED_VERSION`` and the version's allow-list data file); this adds what only the Triton
+model needs to know about a release."""
 
 from __future__ import annotations
 
@@ -10,23 +12,26 @@ from builder.errors import PackageError
 @dataclass(frozen=True)
 class TrtllmPin:
     version: str
-    commit: str  # NVIDIA/TensorRT-LLM commit of the release tag
+    commit: str  # NVIDIA/TensorRT-LLM commit of the release tag (FACTS §2b)
     triton_image: str  # NVIDIA's Triton container that ships this TensorRT-LLM
-    # Known defects of the release's own Triton model that our model.py avoids.
+    # Known defects of the release's own Triton model that dsbuild's model.py avoids.
     notes: tuple[str, ...] = ()
 
 
-PINS: dict[str, TrtllmPin] = {
-    "1.2.1": TrtllmPin(
-        version="1.2.1", commit="376f7e1bd8", triton_image="nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3",
-        notes=("the release's llmapi model.py passes `streaming` positionally into generate_async's lora_request "
-               "slot; dsbuild's model.py passes it by keyword",),
-    ),
+_RELEASES = {
+    "1.2.1": dict(commit="376f7e1bd8", notes=(
+        "the release's llmapi model.py passes `streaming` positionally into generate_async's lora_request slot; "
+        "dsbuild's model.py passes it by keyword",)),
 }
-DEFAULT_TRTLLM = "1.2.1"
 
 
 def pin(version: str) -> TrtllmPin:
-    if version not in PINS:
-        raise PackageError(f"TensorRT-LLM {version} is not pinned; choose one of {', '.join(sorted(PINS))}")
-    return PINS[version]
+    from builder.trtllm.contract import allow_list
+
+    if version not in _RELEASES:
+        raise PackageError(f"no Triton templates for TensorRT-LLM {version}; pinned: {', '.join(sorted(_RELEASES))}")
+    return TrtllmPin(version=version, triton_image=allow_list(version)["container"], **_RELEASES[version])
+
+
+def pinned_versions() -> list[str]:
+    return sorted(_RELEASES)

@@ -14,7 +14,7 @@ import pytest
 from tests.support.triton import check_repository_layout, fixed_inputs
 from triton_repo import interface
 from triton_repo.package import write_package
-from triton_repo.versions import PINS
+from triton_repo.versions import pinned_versions
 
 GOLDEN = Path(__file__).resolve().parent
 CASES = {
@@ -31,7 +31,7 @@ def files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("version", sorted(PINS))
+@pytest.mark.parametrize("version", pinned_versions())
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rendered_package_matches_golden(tmp_path, version, case):
     flavour, over = CASES[case]
@@ -47,7 +47,7 @@ def test_rendered_package_matches_golden(tmp_path, version, case):
         assert got[name] == want[name], f"{case}/{name} differs from the golden file"
 
 
-@pytest.mark.parametrize("version", sorted(PINS))
+@pytest.mark.parametrize("version", pinned_versions())
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_repository_parses_with_tritons_protobuf(version, case):
     flavour, _ = CASES[case]

@@ -39,26 +39,16 @@ def test_cpu_default_then_gpu_package(dsbuild, tmp_path):
     assert sorted(p.name for p in (run / "package/launch").iterdir()) == ["lws.yaml", "serve.sh", "slurm.sbatch"]
 
 
-def test_build_llm_api_yaml_is_used_when_present(dsbuild, tmp_path):
-    dsbuild("build", "--tp", "2", "--pp", "1", "--out", "build/r", check=True)
-    engines = tmp_path / "build/r/engines"
-    if not (engines / "llm_api.yaml").is_file():
-        # The build of this branch writes none yet; the stage then derives the configuration from the spec.
-        res = json.loads(dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h100-sxm",
-                                 "--json", check=True).stdout)
-        assert {s["stage"]: s for s in res["stages"]}["package"]["info"]["llm_api_source"] == "derived from the spec"
-        return
-    built = yaml.safe_load((engines / "llm_api.yaml").read_text())
+def test_model_yaml_is_the_builds_llm_api_yaml_plus_model_and_triton_config(dsbuild, tmp_path):
     dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h100-sxm", check=True)
+    built = yaml.safe_load((tmp_path / "build/r/engines/llm_api.yaml").read_text())
     model_yaml = yaml.safe_load((tmp_path / "build/r/package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
-    assert {k: v for k, v in model_yaml.items() if k not in ("model", "triton_config")} == \
-        {k: v for k, v in built.items() if k != "model"}
+    assert model_yaml["model"] == str((tmp_path / "build/r/quantized").resolve())
+    assert {k: v for k, v in model_yaml.items() if k not in ("model", "triton_config")} == built
 
 
 def test_bad_package_options_fail_cleanly(dsbuild, tmp_path):
     dsbuild("build", "--tp", "2", "--pp", "1", "--out", "build/r", check=True)
-    bad_version = dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--trtllm-version", "0.9")
-    assert bad_version.returncode == 8 and "no templates for TensorRT-LLM 0.9" in bad_version.stderr
     uneven = dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h200-sxm", "--nodes", "3")
     assert uneven.returncode != 0 and "cannot be spread evenly over 3 nodes" in uneven.stderr
     assert not (tmp_path / "build/r/package").exists()

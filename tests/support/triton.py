@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from triton_repo.package import PackageInputs
-from triton_repo.versions import PINS
+from triton_repo.versions import pin
 
 
 def parse_config_pbtxt(path: Path):
@@ -31,9 +31,9 @@ def check_repository_layout(repo: Path) -> list:
 def fixed_inputs(flavour: str, version: str, **over) -> PackageInputs:
     """Package inputs with nothing machine-specific, for golden files."""
     base = dict(
-        flavour=flavour, pin=PINS[version], run_name="deepseek-v3.2-fp8-tp8pp1ep8", layout="tp8pp1ep8",
+        flavour=flavour, pin=pin(version), run_name="deepseek-v3.2-fp8-tp8pp1ep8", layout="tp8pp1ep8",
         tp=8, pp=1, nodes=1, node_gpus=8,
-        llm_api={"backend": "pytorch", "tensor_parallel_size": 8, "pipeline_parallel_size": 1,
+        llm_api={"tensor_parallel_size": 8, "pipeline_parallel_size": 1,
                  "moe_expert_parallel_size": 8, "enable_attention_dp": False, "max_batch_size": 64,
                  "kv_cache_config": {"free_gpu_memory_fraction": 0.9, "dtype": "fp8"}},
         deploy_dir="/shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8",

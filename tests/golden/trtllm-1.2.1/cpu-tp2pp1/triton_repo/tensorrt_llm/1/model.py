@@ -210,21 +210,30 @@ class TritonPythonModel:
             batch = [j for j in self._take_batch() if not self._already_finished(j)]
             if not batch:
                 continue
+            pb_utils.Logger.log_info(f"dsbuild cpu model: batch of {len(batch)} request(s)")
             now = time.time_ns()
             for job in batch:
                 job.first_scheduled_ns = now
-            requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, max_tokens=j.max_tokens,
-                                               temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
-                                               seed=j.seed) for j in batch]
-            try:
-                results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok))
-            except Exception as exc:
+            self._run(batch)
+
+    def _run(self, batch):
+        requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, max_tokens=j.max_tokens,
+                                           temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
+                                           seed=j.seed) for j in batch]
+        try:
+            results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok))
+        except Exception as exc:
+            if len(batch) > 1 and not any(j.tokens for j in batch):
+                # One request the engine refuses must not fail the others: run them one by one.
                 for job in batch:
-                    self._send_error(job.sender, f"generation failed: {type(exc).__name__}: {exc}")
-                    self._forget(job)
-                continue
-            for job, result in zip(batch, results):
-                self._finish(job, result)
+                    self._run([job])
+                return
+            for job in batch:
+                self._send_error(job.sender, f"generation failed: {type(exc).__name__}: {exc}")
+                self._forget(job)
+            return
+        for job, result in zip(batch, results):
+            self._finish(job, result)
 
     def _already_finished(self, job):
         if job.done:  # cancelled while queued
