@@ -199,6 +199,9 @@ def _piece(spec: TensorSpec, weight: TensorSpec, weight_shape: tuple[int, ...], 
     Block-FP8 weights and their ``weight_scale_inv`` may only split on 128 boundaries (the last block of a
     dimension may be partial, as in the 576-row ``kv_a_proj_with_mqa``); other stored forms (INT4 group scales,
     packed nibbles) split in proportion and must land on whole elements."""
+    if spec.follows is not None and dim is not None:
+        dim = spec.follows.index(dim) if dim in spec.follows else None
+        weight_shape = tuple(weight_shape[d] for d in spec.follows)
     if dim is None or parts == 1 or len(spec.shape) == 0:
         return Piece(spec.name, spec.shape, spec.nbytes)
     logical = weight_shape[dim]
