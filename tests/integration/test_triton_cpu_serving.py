@@ -265,6 +265,7 @@ def test_stop_string_truncates_and_reports_stop(served, expected, protocol):
     assert res.text == full[:full.index(stop)] and res.finish_reason == "stop"
 
 
+@pytest.mark.slow  # starts a second engine world of its own
 def test_generate_engine_matches_the_server(served, expected, cpu_run):
     proc = run_dsbuild("generate", "--engine", str(cpu_run / "engines"), "--prompt", PROMPTS[4], "--max-tokens", "8",
                        "--json", cwd=REPO)
@@ -272,6 +273,7 @@ def test_generate_engine_matches_the_server(served, expected, cpu_run):
     assert json.loads(proc.stdout)["text"] == expected[(PROMPTS[4], "greedy")][0]
 
 
+@pytest.mark.slow  # a full server restart
 def test_z_crashed_stub_is_detected_and_the_server_restarted(served, expected):
     """A SIGKILLed python-backend stub leaves Triton 2.51 answering "Stub process is not healthy" (FACTS §3b);
     `dsbuild serve` notices the dead stub, restarts tritonserver and serves again on the same ports."""

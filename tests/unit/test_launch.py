@@ -93,7 +93,7 @@ def test_counts_in_every_launch_file(tmp_path, tp, pp, ep, adp, nodes, node_gpus
     assert f"NODES={nodes}\n" in serve and f"WORLD_SIZE={world}\n" in serve and f"GPUS_PER_NODE={per_node}\n" in serve
 
 
-@pytest.mark.parametrize("tp,pp,ep,adp,nodes,node_gpus,per_node", LAYOUTS[:5])
+@pytest.mark.parametrize("tp,pp,ep,adp,nodes,node_gpus,per_node", [LAYOUTS[1], LAYOUTS[3], LAYOUTS[4]])
 def test_manifests_validate_against_kubernetes_schemas(tmp_path, tp, pp, ep, adp, nodes, node_gpus, per_node):
     import jsonschema
     import kubernetes_validate
