@@ -265,6 +265,50 @@ def test_stop_string_truncates_and_reports_stop(served, expected, protocol):
     assert res.text == full[:full.index(stop)] and res.finish_reason == "stop"
 
 
+def test_stop_input_cancels_a_running_request_at_once(served):
+    """TensorRT-LLM's `stop` input: a request with the same id and stop=true ends the running one."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(served.grpc)
+    client.start_stream(callback=lambda result, error: events.put((time.monotonic(), result, error)))
+
+    def send(fields, rid):
+        tensors = []
+        for name, (dtype, arr) in fields.items():
+            t = grpcclient.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        client.async_stream_infer("tensorrt_llm", tensors, request_id=rid)
+
+    try:
+        send({"text_input": text(PROMPTS[7]), "streaming": ("BOOL", np.array([True])),
+              "sampling_param_max_tokens": ("INT32", np.array([200], dtype=np.int32))}, "long-job")
+        _, first, error = events.get(timeout=60)
+        assert error is None and first.get_response().id == "long-job"
+        stopped_at = time.monotonic()
+        send({"text_input": text(""), "stop": ("BOOL", np.array([True]))}, "long-job")
+        seen_final = seen_refusal = False
+        n_responses = 1
+        while not (seen_final and seen_refusal):
+            at, result, error = events.get(timeout=60)
+            if error is not None:
+                assert "Request cancelled by client" in error.message()
+                seen_refusal = True
+                continue
+            n_responses += 1
+            reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+            if reason == "cancelled":
+                seen_final = True
+                assert at - stopped_at < 5.0  # answered at once, not after 200 tokens
+        assert n_responses < 200
+    finally:
+        client.stop_stream()
+        client.close()
+
+
 @pytest.mark.slow  # starts a second engine world of its own
 def test_generate_engine_matches_the_server(served, expected, cpu_run):
     proc = run_dsbuild("generate", "--engine", str(cpu_run / "engines"), "--prompt", PROMPTS[4], "--max-tokens", "8",

@@ -46,6 +46,7 @@ class Job:
     text: str = ""
     pending: object = None  # the latest streamed response, held back so that the last one can carry FINAL
     done: bool = False  # a stop string matched or the client cancelled: further tokens are dropped
+    final_sent: bool = False  # the FINAL response went out (a `stop` request answers at once, mid-batch)
     finish_reason: str = ""
     stop_reason: str = ""
     arrival_ns: int = 0
@@ -100,7 +101,8 @@ class TritonPythonModel:
         self.tokenizer = self.engine.tokenizer()
         self.queue = queue.Queue()
         self.by_request_id = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # guards sends and the FINAL flag of every job
+        self.forget_lock = threading.Lock()
         self.stopping = threading.Event()
         self.loop = threading.Thread(target=self._batching_loop, name="dsbuild-batching", daemon=True)
         self.loop.start()
@@ -125,7 +127,7 @@ class TritonPythonModel:
                 self._send_error(sender, "the model is shutting down")
                 continue
             if job.request_id:
-                with self.lock:
+                with self.forget_lock:
                     self.by_request_id.setdefault(job.request_id, []).append(job)
             self.queue.put(job)
         return None
@@ -176,11 +178,12 @@ class TritonPythonModel:
         if not request_id:
             self._send_error(sender, "a request id must be provided to stop a request")
             return
-        with self.lock:
-            jobs = self.by_request_id.pop(request_id, [])
+        with self.forget_lock:
+            jobs = list(self.by_request_id.pop(request_id, []))
         for job in jobs:
             job.done = True
             job.finish_reason = job.finish_reason or "cancelled"
+            self._send_final(job, None)  # the engine may keep computing this batch; the client need not wait
         self._send_error(sender, "Request cancelled by client", pb_utils.TritonError.CANCELLED)
 
     # -- batching ----------------------------------------------------------------------------------------------
@@ -259,9 +262,10 @@ class TritonPythonModel:
             job.done, job.finish_reason = True, "cancelled"
             return
         if job.streaming:
-            if job.pending is not None:
-                self._send(job.sender, job.pending, 0)
-            job.pending = self._response(job, None)
+            with self.lock:
+                if job.pending is not None and not job.final_sent:
+                    self._send(job.sender, job.pending, 0)
+                job.pending = self._response(job, None)
 
     def _finish(self, job, result):
         if not job.done:
@@ -274,13 +278,16 @@ class TritonPythonModel:
 
     def _send_final(self, job, result):
         self._forget(job)
-        if job.sender.is_cancelled():
-            return
-        self._send(job.sender, self._response(job, result), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        with self.lock:
+            if job.final_sent:
+                return
+            job.final_sent = True
+            if not job.sender.is_cancelled():
+                self._send(job.sender, self._response(job, result), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _forget(self, job):
         if job.request_id:
-            with self.lock:
+            with self.forget_lock:
                 jobs = self.by_request_id.get(job.request_id, [])
                 if job in jobs:
                     jobs.remove(job)
