@@ -227,8 +227,11 @@ class TritonServer:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
-        if self._work is not None and self.log_path is not None and not str(self.log_path).startswith(str(self._work)):
-            shutil.rmtree(self._work, ignore_errors=True)
+        if self._work is not None:
+            # The log stays (in the temporary directory, named in errors) only when the server failed.
+            log_inside = self.log_path is not None and self._work in self.log_path.parents
+            shutil.rmtree(self._work if (rc == 0 or not log_inside) else self._work / "backends", ignore_errors=True)
+            self._work = None
         return rc
 
     def __enter__(self) -> "TritonServer":
