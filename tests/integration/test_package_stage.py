@@ -32,19 +32,14 @@ def test_cpu_default_then_gpu_package(dsbuild, tmp_path):
     info = {s["stage"]: s for s in gpu["stages"]}["package"]["info"]
     assert info["flavour"] == "gpu" and info["total_gpus"] == 2
     assert info["image"] == "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
+    # model.yaml = the build's llm_api.yaml + model + triton_config
     model_yaml = yaml.safe_load((run / "package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
+    built = yaml.safe_load((run / "engines/llm_api.yaml").read_text())
     assert model_yaml["model"] == "/lustre/ckpt/ds32"
-    assert model_yaml["tensor_parallel_size"] == 2 and model_yaml["pipeline_parallel_size"] == 1
     assert model_yaml["triton_config"] == {"max_batch_size": 0, "decoupled": True}
-    assert sorted(p.name for p in (run / "package/launch").iterdir()) == ["lws.yaml", "serve.sh", "slurm.sbatch"]
-
-
-def test_model_yaml_is_the_builds_llm_api_yaml_plus_model_and_triton_config(dsbuild, tmp_path):
-    dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h100-sxm", check=True)
-    built = yaml.safe_load((tmp_path / "build/r/engines/llm_api.yaml").read_text())
-    model_yaml = yaml.safe_load((tmp_path / "build/r/package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
-    assert model_yaml["model"] == str((tmp_path / "build/r/quantized").resolve())
     assert {k: v for k, v in model_yaml.items() if k not in ("model", "triton_config")} == built
+    assert built["tensor_parallel_size"] == 2 and built["pipeline_parallel_size"] == 1
+    assert sorted(p.name for p in (run / "package/launch").iterdir()) == ["lws.yaml", "serve.sh", "slurm.sbatch"]
 
 
 def test_bad_package_options_fail_cleanly(dsbuild, tmp_path):

@@ -62,9 +62,10 @@ def expected(cpu_run):
     out = {}
     with EngineService(cpu_run / "engines") as engine:
         tok = engine.tokenizer()
-        for p in PROMPTS:
+        for i, p in enumerate(PROMPTS):
             ids = tok.encode(p).ids
-            for name, params in (("greedy", {}), ("sampled", SAMPLED)):
+            modes = (("greedy", {}), ("sampled", SAMPLED)) if i < 2 or i % 4 == 0 else (("greedy", {}),)
+            for name, params in modes:
                 (res,) = engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=8, **params)])
                 out[(p, name)] = (tok.decode(res.token_ids), res.finish_reason, len(res.token_ids))
     return out
@@ -285,7 +286,7 @@ def test_stop_input_cancels_a_running_request_at_once(served):
 
     try:
         send({"text_input": text(PROMPTS[7]), "streaming": ("BOOL", np.array([True])),
-              "sampling_param_max_tokens": ("INT32", np.array([200], dtype=np.int32))}, "long-job")
+              "sampling_param_max_tokens": ("INT32", np.array([100], dtype=np.int32))}, "long-job")
         _, first, error = events.get(timeout=60)
         assert error is None and first.get_response().id == "long-job"
         stopped_at = time.monotonic()
@@ -302,8 +303,8 @@ def test_stop_input_cancels_a_running_request_at_once(served):
             reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
             if reason == "cancelled":
                 seen_final = True
-                assert at - stopped_at < 5.0  # answered at once, not after 200 tokens
-        assert n_responses < 200
+                assert at - stopped_at < 5.0  # answered at once, not after 100 tokens
+        assert n_responses < 100
     finally:
         client.stop_stream()
         client.close()
