@@ -391,5 +391,116 @@ def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tole
         raise VerificationError(f"the reference engine disagrees with transformers: {why}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Registry: push / pull deployments as OCI artifacts
+
+def _transfer_progress(label: str):
+    """A rich progress bar on stderr; returns the ``progress(total) -> hook(nbytes)`` factory push/pull take."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+    def start(total: int):
+        task = bar.add_task(label, total=total)
+        bar.start()
+        return lambda n: bar.advance(task, n)
+
+    def stop() -> None:
+        if bar.live.is_started:
+            bar.stop()
+    return stop, start
+
+
+def _registry_options(fn: Callable) -> Callable:
+    fn = click.option("--insecure", is_flag=True,
+                      help="Talk plain HTTP to this registry (only for a registry you know serves no TLS, e.g. "
+                           "127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; credentials are "
+                           "sent over plain HTTP only to loopback hosts.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")(fn)
+    return fn
+
+
+@main.command("push")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("reference")
+@click.option("--include-weights", is_flag=True,
+              help="Also push quantized/ (the checkpoint the GPU flavour loads). By default the artifact holds "
+                   "engines/ (rank shards, config.json, llm_api.yaml), package/ (Triton repository, launch files, "
+                   "Dockerfile), plan/ and manifest.json.")
+@_registry_options
+@handle_errors
+def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: bool, as_json: bool, verbose: bool):
+    """Push RUN_DIR to REFERENCE (oci://REGISTRY/REPO[:TAG]) as one OCI artifact.
+
+    Without a tag the tag is derived from the run: <model>-<quant>-<layout>-trtllm<version>-<gpu>-<commit or key>.
+    Blobs the registry already has are not uploaded again. Credentials: DSBUILD_REGISTRY_USER and
+    DSBUILD_REGISTRY_PASSWORD, else the docker config (auths, credHelpers, credsStore).
+    """
+    from builder.publish import parse_reference, push_run
+
+    ref = parse_reference(reference, allow_digest=False)
+    stop, start = _transfer_progress("push")
+    try:
+        result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, insecure=insecure,
+                          log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
+    finally:
+        stop()
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    s = result.stats
+    click.echo(f"pushed {result.reference}@{result.digest}", err=True)
+    click.echo(f"  {result.layers} layers, {_human(result.total_bytes)}; uploaded {s.blobs_uploaded} blobs "
+               f"({_human(s.bytes_uploaded)}), {s.blobs_skipped} already in the registry; {result.wall_s:.1f} s",
+               err=True)
+    click.echo(f"{result.reference}@{result.digest}")
+
+
+@main.command("pull")
+@click.argument("reference")
+@click.argument("out", type=click.Path(path_type=Path))
+@_registry_options
+@handle_errors
+def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: bool):
+    """Pull REFERENCE (oci://REGISTRY/REPO:TAG or @sha256:...) into OUT, a new or empty directory.
+
+    Every file is checked against the sha256 its manifest.json records; nothing is left under OUT on failure.
+    """
+    from dataclasses import asdict
+
+    from builder.publish import parse_reference, pull_run
+
+    ref = parse_reference(reference, require_tag=True)
+    stop, start = _transfer_progress("pull")
+    try:
+        result = pull_run(ref=ref, out=out, insecure=insecure, log=lambda m: click.echo(m, err=True),
+                          progress=None if as_json else start)
+    finally:
+        stop()
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+
+
+@main.command("dockerfile")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--include-weights", is_flag=True, help="Also copy quantized/ into the image.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")
+@handle_errors
+def dockerfile_cmd(run_dir: Path, include_weights: bool, verbose: bool):
+    """Print the Dockerfile that layers RUN_DIR onto NVIDIA's Triton TensorRT-LLM image."""
+    from builder.publish.dockerfile import dockerfile_values, render_dockerfile
+    from builder.publish.push import artifact_annotations, load_run_manifest, select_stages
+
+    manifest = load_run_manifest(run_dir)
+    stages = select_stages(manifest, include_weights=include_weights, log=lambda m: click.echo(m, err=True))
+    values = dockerfile_values(annotations=artifact_annotations(manifest, stages),
+                               run_name=str(manifest.get("run_name", run_dir.name)),
+                               stage_dirs=[manifest["stages"][s]["dir"] for s in stages])
+    click.echo(render_dockerfile(values), nl=False)
+
+
 if __name__ == "__main__":
     main()
