@@ -340,5 +340,91 @@ def make_tiny_cmd(out: Path, seed: int, preset_name: str, verbose: bool):
     click.echo(str(out))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The reference engine
+
+def _engine_options(fn: Callable) -> Callable:
+    fn = click.option("--engine", "engine_dir", type=click.Path(path_type=Path), required=True,
+                      help="Engine bundle directory (a run's engines/).")(fn)
+    fn = click.option("--threads-per-rank", type=int, default=None,
+                      help="CPU threads per rank (default: cores / ranks).")(fn)
+    fn = click.option("--python", "python_executable", default=None,
+                      help="Python interpreter for the worker ranks (default: this one).")(fn)
+    return fn
+
+
+@main.command("generate")
+@_engine_options
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same tokens).")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's end-of-sentence token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, ...).")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def generate_cmd(engine_dir, threads_per_rank, python_executable, prompt, max_tokens, temperature, top_k, top_p,
+                 seed, ignore_eos, as_json, verbose):
+    """Generate text with the reference engine (launches the bundle's TP x PP ranks on this host)."""
+    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.runtime.text import encode_prompt
+
+    with EngineService(engine_dir, threads_per_rank=threads_per_rank, python_executable=python_executable) as svc:
+        tok = svc.tokenizer()
+        ids = encode_prompt(svc.bundle, tok, prompt)
+        eos = svc.bundle.cfg.raw.get("eos_token_id")
+        stops = [] if ignore_eos or eos is None else [int(eos)]
+        req = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, stop_token_ids=stops)
+        t0 = time.perf_counter()
+        streamed: list[int] = []
+        shown = [""]
+
+        def on_token(_i: int, token: int) -> None:  # stream the text as it grows (whole characters only)
+            if as_json:
+                return
+            streamed.append(token)
+            now = tok.decode(streamed)
+            if now.startswith(shown[0]) and not now.endswith("\ufffd"):
+                click.echo(now[len(shown[0]):], nl=False)
+                shown[0] = now
+        res = svc.generate([req], on_token=on_token)[0]
+        wall = time.perf_counter() - t0
+    text = tok.decode(res.token_ids)
+    if not as_json and text.startswith(shown[0]):
+        click.echo(text[len(shown[0]):], nl=False)
+    if as_json:
+        click.echo(json.dumps({"text": text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
+                               "prompt_tokens": len(ids), "total_draft_tokens": res.total_draft_tokens,
+                               "total_accepted_draft_tokens": res.total_accepted_draft_tokens,
+                               "wall_s": round(wall, 4)}))
+    else:
+        click.echo("")
+
+
+@main.command("verify")
+@_engine_options
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint the bundle was built from (default: the run's quantized/).")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative logit error.")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tolerance, gen_tokens, verbose):
+    """Compare the reference engine with transformers on fixed prompts; JSON out, non-zero exit beyond tolerance."""
+    from builder.errors import VerificationError
+    from builder.runtime.verify import verify_engine
+
+    report = verify_engine(engine_dir, checkpoint=checkpoint, gen_tokens=gen_tokens, tolerance=tolerance,
+                           threads_per_rank=threads_per_rank, python_executable=python_executable)
+    click.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        why = "greedy tokens differ" if not report["greedy_match"] else \
+            f"max relative logit error {report['max_rel_err']:.2e} exceeds {tolerance:.0e}"
+        raise VerificationError(f"the reference engine disagrees with transformers: {why}")
+
+
 if __name__ == "__main__":
     main()

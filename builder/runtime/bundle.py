@@ -42,7 +42,7 @@ class EngineBundle:
 
     @classmethod
     def open(cls, root: str | Path) -> "EngineBundle":
-        root = Path(root)
+        root = Path(root).resolve()  # workers run elsewhere: never hand them a relative path
         path = root / ENGINE_CONFIG
         if not path.is_file():
             raise CheckpointError(f"{root} is not an engine bundle: it has no {ENGINE_CONFIG} (run `dsbuild build`)")
