@@ -306,21 +306,35 @@ def _generate_direct(*, engine_dir: Path, prompt: str, stream: bool, max_tokens:
 @main.command("plan")
 @spec_options()
 @common_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object (layouts, recommended).")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path), help="Write the throughput/latency plot (PNG).")
+@click.option("--top", type=int, default=15, show_default=True, help="Feasible layouts shown in the table.")
 @handle_errors
-def plan_cmd(config_file, verbose, as_json, **kwargs):
-    """Check and explain the parallel layout for the model and cluster."""
-    spec = spec_from(kwargs, config_file)
-    from builder.model.catalog import build_catalog
-    from builder.model.source import resolve_model
-    from builder.shard.rules import plan_ranks
-    from builder.stages.plan import layout_of
+def plan_cmd(config_file, verbose, as_json, plot_file, top, **kwargs):
+    """Choose and justify TP x PP x EP x attention-DP for the model on the cluster.
 
-    cfg = resolve_model(spec.model).config
-    ranks = plan_ranks(cfg, layout_of(spec), build_catalog(cfg))
-    out = {"layout": spec.layout_name(), "weights_per_rank_bytes": [r.nbytes for r in ranks]}
-    click.echo(json.dumps(out, indent=2) if as_json else f"{spec.layout_name()}: max weights per rank "
-               f"{_human(max(out['weights_per_rank_bytes']))}")
+    Layout flags (--tp/--pp/--ep/--attention-dp, from the command line, --config or DSBUILD_*) fix those
+    dimensions; the others are searched. Exits non-zero when no layout is feasible.
+    """
+    spec = spec_from(kwargs, config_file)
+    from builder.errors import LayoutError
+    from builder.plan.explain import render_table
+    from builder.plan.plot import plot_plan
+    from builder.stages.plan import plan_for_spec
+
+    fixed = {k for k in ("tp", "pp", "ep", "attention_dp") if k in spec.model_fields_set}
+    result = plan_for_spec(spec, fixed=fixed, requested=len(fixed) == 4)
+    if plot_file:
+        plot_plan(result, plot_file)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    else:
+        render_table(result, limit=top)
+    if result.recommended is None:
+        from builder.plan.explain import rationale
+
+        click.echo(f"error: {rationale(result)}", err=True)
+        sys.exit(LayoutError.exit_code)
 
 
 @main.command("make-tiny")

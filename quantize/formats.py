@@ -56,11 +56,12 @@ def quantized_catalog(cfg: ModelConfig, mode: str, *, include_mtp: bool = True) 
         return QuantizedCatalog(out, {}, None)
     if mode == "w4afp8":
         block = build_catalog(_with_fp8(cfg), include_mtp=include_mtp)
+        block_shapes = {s.name: s.shape for s in block}  # a dict, not a scan per scale: 138k tensors for V3.2
         for s in block:
             if s.kind not in EXPERT_KINDS:
                 out.append(s)
             elif s.is_scale:
-                rows, cols = _logical(s.scale_of, block)
+                rows, cols = block_shapes[s.scale_of]
                 out.append(replace(s, shape=(rows, cols // INT4_GROUP), dtype=Dtype.F32))
             else:
                 rows, cols = s.shape
@@ -99,13 +100,6 @@ def quantized_catalog(cfg: ModelConfig, mode: str, *, include_mtp: bool = True) 
         algo = {"fp8-tensor": "FP8", "int4-awq": "W4A16_AWQ", "nvfp4": "NVFP4"}[mode]
         return QuantizedCatalog(out, logical, algo)
     raise QuantizationError(f"unknown quantization mode {mode!r}")
-
-
-def _logical(name: str, specs: list[TensorSpec]) -> tuple[int, int]:
-    for s in specs:
-        if s.name == name:
-            return s.shape  # type: ignore[return-value]
-    raise KeyError(name)
 
 
 def _with_fp8(cfg: ModelConfig) -> ModelConfig:
