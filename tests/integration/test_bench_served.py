@@ -12,7 +12,8 @@ import jsonschema
 import pytest
 
 from tests.conftest import REPO, run_dsbuild
-from tests.integration.test_triton_cpu_serving import cpu_run, served  # noqa: F401  (the one server fixture)
+from tests.integration.test_triton_cpu_serving import (  # noqa: F401  (the one server fixture)
+    PROMPTS, cpu_run, expected, served)
 
 pytestmark = [pytest.mark.server, pytest.mark.xdist_group("triton-cpu")]
 
@@ -67,6 +68,24 @@ def test_a_request_the_server_refuses_is_counted_as_an_error_with_its_message(se
     assert err["index"] == 1 and "max_seq_len" in err["message"]
     assert s["requests"][1]["error"] == err["message"] and s["requests"][1]["tpot_s"] is None
     assert s["output_tokens"] == 15 and s["ttft_ms"]["count"] == 3
+
+
+def test_output_token_counts_equal_the_engines_own_generation(served, cpu_run, expected):  # noqa: F811
+    """Counted streamed tokens and texts equal what EngineService generates directly for the same prompts."""
+    from triton_repo.bench.prompts import Length, Prompt, PromptTokenizer
+    from triton_repo.bench.runner import BenchConfig, PlannedRequest, _run_level
+
+    cfg = BenchConfig(url=served.grpc, engines_dir=cpu_run / "engines", concurrency=(4,), isl=Length(8),
+                      osl=Length(8), num_requests=4, warmup=0)
+    tokenizer = PromptTokenizer(cfg.engines_dir)
+    prompts = PROMPTS[:4]
+    level = asyncio.run(_run_level(cfg, 4, [PlannedRequest(Prompt(p, tokenizer.count_prompt(p)), 8) for p in prompts],
+                                   [], lambda: None))
+    for record, prompt in zip(level.records, prompts):
+        text, reason, n_tokens = expected[(prompt, "greedy")]
+        assert record.ok, record.error
+        assert (record.text, record.finish_reason, record.output_tokens) == (text, reason, n_tokens)
+        assert len(record.inter_token_s) == n_tokens - 1
 
 
 def test_unreachable_server_is_one_clear_error(cpu_run, tmp_path):  # noqa: F811
