@@ -211,98 +211,6 @@ def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max
                            exit_timeout_s=exit_timeout, log_path=log_file, log=lambda m: click.echo(m, err=True)))
 
 
-@main.command("generate")
-@click.option("--url", help="Triton server HOST:PORT (the gRPC port for --protocol grpc, the HTTP port for http).")
-@click.option("--engine", "engine_dir", type=click.Path(path_type=Path),
-              help="Run the reference engine directly on a run's engines/ directory instead of a server.")
-@click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
-@click.option("--stream/--no-stream", default=False, help="Print text as it is generated.")
-@click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=16, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=click.IntRange(0, (1 << 64) - 1), default=None)
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--model-name", default="tensorrt_llm", show_default=True)
-@click.option("--timeout", type=float, default=300, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("-v", "--verbose", is_flag=True)
-@handle_errors
-def generate_cmd(url, engine_dir, prompt, protocol, stream, max_tokens, temperature, top_k, top_p, seed, stop,
-                 model_name, timeout, as_json, verbose):
-    """Generate text from a served model (--url) or directly from a run's engines (--engine)."""
-    from builder.errors import SpecError
-
-    if bool(url) == bool(engine_dir):
-        raise SpecError("pass exactly one of --url (a Triton server) or --engine (a run's engines/ directory)")
-    if url:
-        _generate_remote(url=url, prompt=prompt, protocol=protocol, stream=stream, max_tokens=max_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                         model_name=model_name, timeout=timeout, as_json=as_json)
-    else:
-        _generate_direct(engine_dir=engine_dir, prompt=prompt, stream=stream, max_tokens=max_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, as_json=as_json)
-
-
-def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,
-                     top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], model_name: str,
-                     timeout: float, as_json: bool) -> None:
-    from triton_repo.client import GenerateOptions, generate
-
-    shown = [""]
-
-    def show(text: str) -> None:  # responses carry cumulative text: print only what is new
-        text = text.rstrip("\ufffd")  # a character whose bytes are not all generated yet
-        if text.startswith(shown[0]):
-            click.echo(text[len(shown[0]):], nl=False)
-            shown[0] = text
-
-    opts = GenerateOptions(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=tuple(stop), stream=stream)
-    result = generate(url, opts, protocol=protocol, model=model_name, timeout=timeout,
-                      on_text=show if stream and not as_json else None)
-    if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
-    elif stream:
-        rest = result.text[len(shown[0]):] if result.text.startswith(shown[0]) else "\n" + result.text
-        click.echo(rest)
-    else:
-        click.echo(result.text)
-
-
-def _generate_direct(*, engine_dir: Path, prompt: str, stream: bool, max_tokens: int, temperature: float,
-                     top_k: int, top_p: float, seed: int | None, as_json: bool) -> None:
-    """Placeholder for the runtime branch's ``dsbuild generate --engine`` (merged from there)."""
-    from builder.errors import SpecError
-
-    try:
-        from builder.runtime.service import EngineService, GenerationRequest
-    except ImportError:
-        raise SpecError("--engine needs dsbuild's reference engine (builder.runtime.service), which this build "
-                        "lacks") from None
-    with EngineService(engine_dir) as engine:
-        tok = engine.tokenizer()
-        ids: list[int] = []
-
-        def on_token(index: int, token: int) -> None:
-            if stream and not as_json:
-                before = tok.decode(ids)
-                ids.append(token)
-                click.echo(tok.decode(ids)[len(before):], nl=False)
-
-        req = GenerationRequest(prompt_ids=tok.encode(prompt).ids, max_tokens=max_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=seed)
-        res = engine.generate([req], on_token=on_token)[0]
-    text = tok.decode(res.token_ids)
-    if as_json:
-        click.echo(json.dumps({"text": text, "token_ids": res.token_ids, "finish_reason": res.finish_reason}, indent=2))
-    elif stream:
-        click.echo()
-    else:
-        click.echo(text)
-
-
 @main.command("bench")
 @click.option("--url", required=True, help="Triton server HOST:PORT (gRPC port for --protocol grpc, HTTP port for http).")
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
@@ -421,20 +329,77 @@ def _engine_options(fn: Callable) -> Callable:
 
 
 @main.command("generate")
-@_engine_options
+@click.option("--url", help="A Triton server's HOST:PORT (its gRPC port, or its HTTP port with --protocol http).")
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path),
+              help="Engine bundle directory (a run's engines/): run the reference engine here, no server.")
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same tokens).")
-@click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's end-of-sentence token.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, ...).")
+@click.option("--seed", type=click.IntRange(0, (1 << 64) - 1), default=None,
+              help="Sampling seed (same seed, same tokens).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, finish_reason, ...).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
+              help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).")
+@click.option("--stream/--no-stream", default=False, help="With --url: print text as the server streams it.")
+@click.option("--stop", multiple=True, help="With --url: stop string (repeatable).")
+@click.option("--model-name", default="tensorrt_llm", show_default=True, help="With --url: the served model.")
+@click.option("--timeout", type=float, default=300, show_default=True, help="With --url: seconds to wait.")
+@click.option("--threads-per-rank", type=int, default=None,
+              help="With --engine: CPU threads per rank (default: cores / ranks).")
+@click.option("--python", "python_executable", default=None,
+              help="With --engine: Python interpreter for the worker ranks (default: this one).")
+@click.option("--ignore-eos", is_flag=True, help="With --engine: do not stop at the model's end-of-sentence token.")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
-def generate_cmd(engine_dir, threads_per_rank, python_executable, prompt, max_tokens, temperature, top_k, top_p,
-                 seed, ignore_eos, as_json, verbose):
-    """Generate text with the reference engine (launches the bundle's TP x PP ranks on this host)."""
+def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p, seed, as_json, protocol, stream,
+                 stop, model_name, timeout, threads_per_rank, python_executable, ignore_eos, verbose):
+    """Generate text from a served model (--url) or with the reference engine on this host (--engine)."""
+    from builder.errors import SpecError
+
+    if bool(url) == bool(engine_dir):
+        raise SpecError("pass exactly one of --url (a Triton server) or --engine (a run's engines/ directory)")
+    if url:
+        _generate_remote(url=url, prompt=prompt, protocol=protocol, stream=stream, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                         model_name=model_name, timeout=timeout, as_json=as_json)
+    else:
+        _generate_direct(engine_dir=engine_dir, threads_per_rank=threads_per_rank,
+                         python_executable=python_executable, prompt=prompt, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                         as_json=as_json)
+
+
+def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,
+                     top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], model_name: str,
+                     timeout: float, as_json: bool) -> None:
+    from triton_repo.client import GenerateOptions, generate
+
+    shown = [""]
+
+    def show(text: str) -> None:  # responses carry cumulative text: print only what is new
+        text = text.rstrip("\ufffd")  # a character whose bytes are not all generated yet
+        if text.startswith(shown[0]):
+            click.echo(text[len(shown[0]):], nl=False)
+            shown[0] = text
+
+    opts = GenerateOptions(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, stop=tuple(stop), stream=stream)
+    result = generate(url, opts, protocol=protocol, model=model_name, timeout=timeout,
+                      on_text=show if stream and not as_json else None)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    elif stream:
+        rest = result.text[len(shown[0]):] if result.text.startswith(shown[0]) else "\n" + result.text
+        click.echo(rest)
+    else:
+        click.echo(result.text)
+
+
+def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_executable: str | None, prompt: str,
+                     max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
+                     ignore_eos: bool, as_json: bool) -> None:
     from builder.runtime.service import EngineService, GenerationRequest
     from builder.runtime.text import encode_prompt
 
@@ -491,6 +456,117 @@ def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tole
         why = "greedy tokens differ" if not report["greedy_match"] else \
             f"max relative logit error {report['max_rel_err']:.2e} exceeds {tolerance:.0e}"
         raise VerificationError(f"the reference engine disagrees with transformers: {why}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry: push / pull deployments as OCI artifacts
+
+def _transfer_progress(label: str):
+    """A rich progress bar on stderr; returns the ``progress(total) -> hook(nbytes)`` factory push/pull take."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+    def start(total: int):
+        task = bar.add_task(label, total=total)
+        bar.start()
+        return lambda n: bar.advance(task, n)
+
+    def stop() -> None:
+        if bar.live.is_started:
+            bar.stop()
+    return stop, start
+
+
+def _registry_options(fn: Callable) -> Callable:
+    fn = click.option("--insecure", is_flag=True,
+                      help="Talk plain HTTP to this registry (only for a registry you know serves no TLS, e.g. "
+                           "127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; credentials are "
+                           "sent over plain HTTP only to loopback hosts.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")(fn)
+    return fn
+
+
+@main.command("push")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("reference")
+@click.option("--include-weights", is_flag=True,
+              help="Also push quantized/ (the checkpoint the GPU flavour loads). By default the artifact holds "
+                   "engines/ (rank shards, config.json, llm_api.yaml), package/ (Triton repository, launch files, "
+                   "Dockerfile), plan/ and manifest.json.")
+@_registry_options
+@handle_errors
+def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: bool, as_json: bool, verbose: bool):
+    """Push RUN_DIR to REFERENCE (oci://REGISTRY/REPO[:TAG]) as one OCI artifact.
+
+    Without a tag the tag is derived from the run: <model>-<quant>-<layout>-trtllm<version>-<gpu>-<commit or key>.
+    Blobs the registry already has are not uploaded again. Credentials: DSBUILD_REGISTRY_USER and
+    DSBUILD_REGISTRY_PASSWORD, else the docker config (auths, credHelpers, credsStore).
+    """
+    from builder.publish import parse_reference, push_run
+
+    ref = parse_reference(reference, allow_digest=False)
+    stop, start = _transfer_progress("push")
+    try:
+        result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, insecure=insecure,
+                          log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
+    finally:
+        stop()
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    s = result.stats
+    click.echo(f"pushed {result.reference}@{result.digest}", err=True)
+    click.echo(f"  {result.layers} layers, {_human(result.total_bytes)}; uploaded {s.blobs_uploaded} blobs "
+               f"({_human(s.bytes_uploaded)}), {s.blobs_skipped} already in the registry; {result.wall_s:.1f} s",
+               err=True)
+    click.echo(f"{result.reference}@{result.digest}")
+
+
+@main.command("pull")
+@click.argument("reference")
+@click.argument("out", type=click.Path(path_type=Path))
+@_registry_options
+@handle_errors
+def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: bool):
+    """Pull REFERENCE (oci://REGISTRY/REPO:TAG or @sha256:...) into OUT, a new or empty directory.
+
+    Every file is checked against the sha256 its manifest.json records; nothing is left under OUT on failure.
+    """
+    from dataclasses import asdict
+
+    from builder.publish import parse_reference, pull_run
+
+    ref = parse_reference(reference, require_tag=True)
+    stop, start = _transfer_progress("pull")
+    try:
+        result = pull_run(ref=ref, out=out, insecure=insecure, log=lambda m: click.echo(m, err=True),
+                          progress=None if as_json else start)
+    finally:
+        stop()
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+
+
+@main.command("dockerfile")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--include-weights", is_flag=True, help="Also copy quantized/ into the image.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")
+@handle_errors
+def dockerfile_cmd(run_dir: Path, include_weights: bool, verbose: bool):
+    """Print the Dockerfile that layers RUN_DIR onto NVIDIA's Triton TensorRT-LLM image."""
+    from builder.publish.dockerfile import dockerfile_values, render_dockerfile
+    from builder.publish.push import artifact_annotations, load_run_manifest, select_stages
+
+    manifest = load_run_manifest(run_dir)
+    stages = select_stages(manifest, include_weights=include_weights, log=lambda m: click.echo(m, err=True))
+    values = dockerfile_values(annotations=artifact_annotations(manifest, stages),
+                               run_name=str(manifest.get("run_name", run_dir.name)),
+                               stage_dirs=[manifest["stages"][s]["dir"] for s in stages])
+    click.echo(render_dockerfile(values), nl=False)
 
 
 if __name__ == "__main__":

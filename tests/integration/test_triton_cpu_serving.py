@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -58,15 +57,18 @@ def cpu_run(tmp_path_factory, cache_dir) -> Path:
 def expected(cpu_run):
     """Direct EngineService output for every prompt: greedy, and seeded sampling."""
     from builder.runtime.service import EngineService, GenerationRequest
+    from builder.runtime.text import encode_prompt
 
     out = {}
     with EngineService(cpu_run / "engines") as engine:
         tok = engine.tokenizer()
+        eos = [int(engine.bundle.cfg.raw["eos_token_id"])]  # TensorRT-LLM's default: stop at end-of-sentence
         for i, p in enumerate(PROMPTS):
-            ids = tok.encode(p).ids
+            ids = encode_prompt(engine.bundle, tok, p)
             modes = (("greedy", {}), ("sampled", SAMPLED)) if i < 2 or i % 4 == 0 else (("greedy", {}),)
             for name, params in modes:
-                (res,) = engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=8, **params)])
+                (res,) = engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=8, stop_token_ids=eos,
+                                                            **params)])
                 out[(p, name)] = (tok.decode(res.token_ids), res.finish_reason, len(res.token_ids))
     return out
 

@@ -93,12 +93,17 @@ class TritonPythonModel:
         threads = int(params.get("threads_per_rank") or 0) or None
 
         from builder.runtime.service import EngineService, GenerationRequest
+        from builder.runtime.text import encode_prompt
 
         self.GenerationRequest = GenerationRequest
+        self.encode_prompt = encode_prompt
         # The stub's sys.executable is the python3 found on PATH; engine workers must use the same interpreter.
         python = sys.executable or shutil.which("python3")
         self.engine = EngineService(engine_dir, device="cpu", threads_per_rank=threads, python_executable=python)
         self.tokenizer = self.engine.tokenizer()
+        # As TensorRT-LLM does by default (and `dsbuild generate --engine`): stop at the model's end-of-sentence.
+        eos = self.engine.bundle.cfg.raw.get("eos_token_id")
+        self.stop_token_ids = [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
         self.queue = queue.Queue()
         self.by_request_id = {}
         self.lock = threading.RLock()  # guards sends and the FINAL flag of every job
@@ -142,7 +147,10 @@ class TritonPythonModel:
         prompt = texts[0]
         if not prompt:
             raise BadRequest("text_input is empty")
-        prompt_ids = self.tokenizer.encode(prompt).ids
+        try:  # the bundle's tokenizer settings decide BOS, exactly as for `dsbuild generate --engine`
+            prompt_ids = self.encode_prompt(self.engine.bundle, self.tokenizer, prompt)
+        except Exception as exc:
+            raise BadRequest(str(exc)) from None
         max_tokens = int(_scalar(request, "sampling_param_max_tokens", DEFAULT_MAX_TOKENS))
         if max_tokens < 1:
             raise BadRequest(f"sampling_param_max_tokens must be at least 1, got {max_tokens}")
@@ -222,7 +230,7 @@ class TritonPythonModel:
     def _run(self, batch):
         requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, max_tokens=j.max_tokens,
                                            temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
-                                           seed=j.seed) for j in batch]
+                                           seed=j.seed, stop_token_ids=list(self.stop_token_ids)) for j in batch]
         try:
             results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok))
         except Exception as exc:
