@@ -66,6 +66,8 @@ def test_a_request_the_server_refuses_is_counted_as_an_error_with_its_message(se
     assert (s["sent"], s["ok"], s["errors"]) == (4, 3, 1)
     (err,) = s["error_list"]
     assert err["index"] == 1 and "max_seq_len" in err["message"]
+    # The server's own count of the prompt (in its refusal) equals ours: prompts are as long as reported.
+    assert f"prompt ({requests[0].prompt.tokens} tokens)" in err["message"]
     assert s["requests"][1]["error"] == err["message"] and s["requests"][1]["tpot_s"] is None
     assert s["output_tokens"] == 15 and s["ttft_ms"]["count"] == 3
 

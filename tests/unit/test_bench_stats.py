@@ -55,3 +55,41 @@ def test_length_parsing_and_sampling():
     rng = random.Random(0)
     samples = [Length(10, 50).sample(rng) for _ in range(500)]
     assert min(samples) == 1 and max(samples) > 10  # clipped at 1, spread by the std
+
+
+class _TimedSender:
+    """Stands in for the network in scheduler tests: each request takes ``service_s``; in-flight counts kept."""
+
+    def __init__(self, service_s: float):
+        self.service_s, self.in_flight, self.peak, self.sent_at = service_s, 0, 0, []
+
+    async def send(self, index, req, level_t0):
+        import asyncio
+        import time
+
+        self.sent_at.append(time.perf_counter() - level_t0)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(self.service_s)
+        self.in_flight -= 1
+        return RequestRecord(index=index, prompt_tokens=1, max_tokens=1)
+
+
+@pytest.mark.parametrize("rate", [None, 200.0])
+def test_scheduler_caps_in_flight_at_the_concurrency_and_spaces_poisson_arrivals(rate):
+    import asyncio
+
+    from triton_repo.bench.runner import _run_batch
+
+    sender = _TimedSender(0.02)
+    done = []
+    records, duration = asyncio.run(_run_batch(sender, list(range(60)), concurrency=4, rate=rate,
+                                               rng=random.Random(0), on_done=lambda: done.append(1)))
+    assert [r.index for r in records] == list(range(60)) and len(done) == 60
+    assert sender.peak <= 4
+    if rate is None:  # closed loop: 60 requests of 20 ms, always 4 at a time
+        assert sender.peak == 4 and duration >= 15 * 0.02
+    else:  # Poisson at 200/s: about 60/200 s of arrivals, mean gap near 5 ms
+        gaps = np.diff(sender.sent_at)
+        assert 0.002 < float(np.mean(gaps)) < 0.012
+        assert duration >= 0.15
