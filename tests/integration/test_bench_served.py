@@ -129,3 +129,37 @@ def test_dataset_prompts_jsonl_and_text(cpu_run, tmp_path):  # noqa: F811
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(SpecError, match="line 2"):
         load_dataset(bad, tokenizer)
+
+
+def test_z_requests_cut_off_by_a_dying_server_are_errors_not_losses(served, cpu_run):  # noqa: F811
+    """tritonserver is SIGKILLed while a level runs: every request still ends up ok or an error with a message."""
+    import threading
+    import time
+
+    import psutil
+
+    from triton_repo.bench.prompts import Length, PromptTokenizer
+    from triton_repo.bench.report import summarize
+    from triton_repo.bench.runner import BenchConfig, _run_level, plan_requests
+
+    cfg = BenchConfig(url=served.grpc, engines_dir=cpu_run / "engines", concurrency=(4,), isl=Length(16),
+                      osl=Length(60), num_requests=8, warmup=0, timeout_s=60)
+    tokenizer = PromptTokenizer(cfg.engines_dir)
+    requests = plan_requests(cfg, tokenizer, cfg.num_requests)
+    progress: list[int] = []
+    (triton,) = [p for p in psutil.Process(served.proc.pid).children() if p.name() == "tritonserver"]
+
+    def kill_when_running():
+        deadline = time.monotonic() + 120
+        while not progress and time.monotonic() < deadline:  # one request done: the others are mid-stream
+            time.sleep(0.05)
+        triton.kill()
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    level = asyncio.run(_run_level(cfg, 4, requests, [], lambda: progress.append(1)))
+    killer.join()
+    s = summarize(level, cfg)
+    assert s["sent"] == 8 == s["ok"] + s["errors"] == len(s["requests"])
+    assert 1 <= s["ok"] < 8 and s["errors"] >= 1
+    assert all(e["message"] for e in s["error_list"])
+    assert len(s["error_list"]) == s["errors"]

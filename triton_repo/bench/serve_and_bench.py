@@ -23,6 +23,8 @@ def serve_and_bench(run_dir: Path, bench_args: list[str]) -> int:
 
     run_dir = run_dir.resolve()  # build/latest is a link: results go into the run it names
     repo = run_dir / "package" / "triton_repo"
+    if not repo.is_dir():
+        raise ServeError(f"{run_dir} has no package/triton_repo to serve; run `make engine` (or `dsbuild run`) first")
     out = run_dir / "bench"
     out.mkdir(exist_ok=True)
     ports = free_ports()

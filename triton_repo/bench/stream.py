@@ -85,7 +85,7 @@ async def stream_grpc(client, record: RequestRecord, opts: GenerateOptions, *, m
     import numpy as np
     import tritonclient.grpc.aio as grpcclient
 
-    from triton_repo.client import _grpc_inputs
+    from triton_repo.client import _first, _grpc_inputs
 
     fields = _fields(opts)
     exclude = fields.pop("sampling_param_exclude_input_from_output")
@@ -109,27 +109,19 @@ async def stream_grpc(client, record: RequestRecord, opts: GenerateOptions, *, m
                     break
                 response = result.get_response()
                 if response.outputs:
-                    text = _first_text(result, "text_output")
-                    line.response(text, _first_text(result, "finish_reason"))
+                    line.response(str(_first(result, "text_output", "")), str(_first(result, "finish_reason", "")))
                 final = response.parameters.get("triton_final_response")
                 if final is None or final.bool_param:
                     break
     except TimeoutError:
         record.error = f"no final response within {timeout:.0f} s"
     except Exception as exc:  # a transport failure is a failed request, reported as such
-        record.error = f"{type(exc).__name__}: {getattr(exc, 'message', lambda: str(exc))()}"
+        message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+        record.error = f"{type(exc).__name__}: {message}"
     finally:
         finished.set()
     line.done()
     return record
-
-
-def _first_text(result, name: str) -> str:
-    arr = result.as_numpy(name)
-    if arr is None or arr.size == 0:
-        return ""
-    v = arr.reshape(-1)[0]
-    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
 
 
 async def stream_http(session, url: str, record: RequestRecord, opts: GenerateOptions, *, model: str = MODEL_NAME,
