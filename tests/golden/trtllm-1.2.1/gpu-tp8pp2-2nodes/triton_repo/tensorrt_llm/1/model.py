@@ -82,10 +82,34 @@ class TritonPythonModel:
                 f"TensorRT-LLM is not importable ({exc}); serve this repository from "
                 "NVIDIA's tritonserver:*-trtllm-python-py3 container") from exc
         self.SamplingParams = SamplingParams
+        # model.yaml is an extra-LLM-API-options file: convert its nested blocks the way trtllm-serve does.
+        try:
+            from tensorrt_llm.llmapi.llm_utils import update_llm_args_with_extra_dict
+
+            kwargs = update_llm_args_with_extra_dict({}, config)
+        except ImportError:
+            kwargs = dict(config)
+        # Several MPI ranks (srun/mpirun, trtllm-llmapi-launch): rank 0 leads through an MPI session over the
+        # world; any other rank that runs this model only serves the leader and never takes requests.
+        from tensorrt_llm._utils import global_mpi_rank, global_mpi_size
+
+        if global_mpi_size() > 1:
+            from mpi4py.MPI import COMM_WORLD
+
+            if global_mpi_rank() != 0:
+                from mpi4py.futures import MPICommExecutor
+
+                with MPICommExecutor(COMM_WORLD):
+                    pass
+                self.llm = None
+                return
+            from tensorrt_llm.llmapi import MpiCommSession
+
+            kwargs["_mpi_session"] = MpiCommSession(comm=COMM_WORLD, n_workers=COMM_WORLD.Get_size())
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="trtllm-events", daemon=True)
         self.loop_thread.start()
-        self.llm = LLM(**config)
+        self.llm = LLM(**kwargs)
         self.inflight = {}  # Triton request id -> set of asyncio tasks (for the `stop` input)
         self.lock = threading.Lock()
         pb_utils.Logger.log_info(f"dsbuild trtllm model ready: {json.dumps(config, default=str)}")
