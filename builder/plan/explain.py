@@ -31,19 +31,22 @@ def _why_better(a: "LayoutPlan", b: "LayoutPlan") -> str:
         return f"{b.name} is not feasible ({b.reasons[0]})"
     if a.meets_slo and not b.meets_slo:
         return f"{b.name} misses the latency limits ({b.warnings[-1]})"
-    if b.batch < a.batch and b.max_seqs_replica * b.replicas < a.max_seqs_replica * a.replicas:
+    if any("fewer than the" in w for w in b.warnings) and b.batch * b.replicas < a.batch * a.replicas:
         return (f"{b.name}'s KV cache holds only {b.max_seqs_replica * b.replicas} sequences "
                 f"(vs {a.max_seqs_replica * a.replicas}), which caps its batch")
-    da, db = a.decode.stages, b.decode.stages
-    wa, wb = max(da, key=lambda s: s.ms), max(db, key=lambda s: s.ms)
-    terms = {
-        "reading weights": (wa.weights_ms, wb.weights_ms),
-        "reading the KV cache": (wa.kv_ms, wb.kv_ms),
-        "compute": (wa.compute_ms, wb.compute_ms),
-        "communication": (wa.comm.ms, wb.comm.ms),
-    }
+    def per_step(lp, attr):  # the slowest stage's term, times the micro-batches it runs per decode step
+        worst = max(lp.decode.stages, key=lambda s: s.ms)
+        value = worst.comm.ms if attr == "comm" else getattr(worst, attr)
+        return value * lp.decode.microbatches
+
+    terms = {name: (per_step(a, attr), per_step(b, attr)) for name, attr in (
+        ("reading weights", "weights_ms"), ("reading the KV cache", "kv_ms"), ("compute", "compute_ms"),
+        ("communication", "comm"), ("latency-bound small kernels", "overhead_ms"))}
     name, (x, y) = max(terms.items(), key=lambda kv: kv[1][1] - kv[1][0])
-    why = f"its slowest stage spends {x:.2f} ms on {name} per step vs {y:.2f} ms for {b.name}"
+    why = (f"a decode step ({a.decode.step_ms:.1f} vs {b.decode.step_ms:.1f} ms) spends {x:.2f} ms on {name} "
+           f"on its slowest GPU vs {y:.2f} ms for {b.name}")
+    if b.layout.pp > 1 and b.decode.microbatches > 1:
+        why += f" (whose {b.decode.microbatches} pipeline micro-batches each re-read the stage's weights)"
     if name == "communication":
         why += f" (TP over {a.links.get('tp', 'none').replace('none', 'no link')} vs " \
                f"{b.links.get('tp', 'none').replace('none', 'no link')}" + \
@@ -65,7 +68,9 @@ def rationale(result: "PlanResult") -> str:
         reasons = Counter(_reason_kind(r) for lp in result.layouts for r in lp.reasons[:1])
         top = "; ".join(f"{n}x {k}" for k, n in reasons.most_common(3))
         first = result.layouts[0].reasons[0] if result.layouts and result.layouts[0].reasons else "no layouts"
-        return f"No layout fits {result.cluster.gpus} x {result.cluster.gpu.name} ({top}). First: {first}."
+        hint = " (no --gpu was given, so this planned for the CPU reference engine; pass --gpu, e.g. h200-sxm)" \
+            if result.cluster.gpu.arch == "cpu" else ""
+        return f"No layout fits {result.cluster.gpus} x {result.cluster.gpu.name}{hint} ({top}). First: {first}."
     c = result.cluster
     lines = [
         f"Recommended {rec.name} ({_describe(rec)}): {rec.tokens_per_s_per_gpu:.1f} output tok/s/GPU, "
@@ -73,7 +78,11 @@ def rationale(result: "PlanResult") -> str:
         f"{rec.weights_per_stage[0] / GIB:.1f} GiB of weights per GPU leaves room for "
         f"{rec.max_seqs_replica * rec.replicas} sequences of {result.workload.seq_len} tokens.",
     ]
-    if rec.layout.tp > 1:
+    if rec.layout.tp > 1 and rec.layout.attention_dp:
+        lines.append(f"Attention runs data-parallel on each of the {rec.layout.tp} GPUs (no all-reduces, every GPU "
+                     f"caches only its own requests); the MoE dispatch/combine all-to-all goes over "
+                     f"{rec.links.get('tp')}.")
+    elif rec.layout.tp > 1:
         where = "inside the NVLink domain" if rec.links.get("tp") == "nvlink" else f"over {rec.links.get('tp')}"
         lines.append(f"Its TP all-reduces stay {where} ({c.gpus_per_node} GPUs per node).")
     if rec.layout.pp > 1:
@@ -111,6 +120,28 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
+class _Distinct(list):
+    twins: dict
+
+
+def distinct_layouts(result: "PlanResult") -> list:
+    """Feasible layouts in rank order, EP variants that predict the same numbers as a better-ranked layout with
+    the same TP, PP, attention-DP and replicas folded into it (``.twins[layout] = [their EPs]``)."""
+    out = _Distinct()
+    out.twins = {}
+    for lp in result.layouts:
+        if not lp.feasible:
+            continue
+        twin = next((s for s in out if s.layout.tp == lp.layout.tp and s.layout.pp == lp.layout.pp
+                     and s.layout.attention_dp == lp.layout.attention_dp and s.replicas == lp.replicas
+                     and _same_speed(s, lp)), None)
+        if twin is not None and not lp.requested:
+            out.twins.setdefault(twin, []).append(lp.layout.ep)
+        else:
+            out.append(lp)
+    return out
+
+
 def _gib(x: float) -> str:
     return f"{x:.1f}" if x >= 0.1 or x == 0 else f"{x * 1024:.1f}M"
 
@@ -128,13 +159,17 @@ def render_table(result: "PlanResult", *, limit: int = 15) -> None:
     for col in ("#", "layout", "GPUs", "weights", "KV", "act+rsv", "max seqs", "batch", "step ms", "TTFT ms",
                 "tok/s/GPU", "tok/s/user", "bound", "notes"):
         table.add_column(col, justify="right" if col not in ("layout", "bound", "notes") else "left")
-    shown = [lp for lp in result.layouts if lp.feasible][:limit]
+    distinct = distinct_layouts(result)
+    shown = [lp for lp in distinct if lp.requested or distinct.index(lp) < limit]
+    twins = {id(lp): eps for lp, eps in distinct.twins.items()}
     shown += [lp for lp in result.layouts if lp.requested and lp not in shown]
     for i, lp in enumerate(shown, 1):
         d = lp.to_dict()
         m = d["memory_per_gpu_gib"] or {}
         mark = "*" if lp is result.recommended else ("req" if lp.requested else str(i))
         notes = "; ".join(lp.reasons[:1] or lp.warnings[:1])
+        if twins.get(id(lp)):
+            notes = f"same for EP {','.join(map(str, twins[id(lp)]))}" + (f"; {notes}" if notes else "")
         table.add_row(mark, lp.name, str(lp.gpus), _gib(m.get("weights", 0)), _gib(m.get("kv_cache", 0)),
                       _gib(m.get("activations", 0) + m.get("reserve", 0)), str(d["max_concurrent_sequences"]),
                       str(lp.batch), f"{d['decode_step_ms']:.2f}" if lp.decode else "-",

@@ -3,8 +3,11 @@
 Peak numbers are vendor datasheet values (dense, no sparsity; ../shared/FACTS.md §5). Memory is what
 ``nvidia-smi`` reports as total (a little under the marketing GB: H200 "141 GB" is 143771 MiB). The efficiency
 fractions say how much of a peak real kernels reach (memory-bound GEMV/attention ~80 % of HBM bandwidth, large FP8
-GEMMs ~60 % of peak, NCCL bus bandwidth ~80 % of the link); they are the planner's only tuning knobs and a
-hardware YAML may override them per GPU.
+GEMMs ~60 % of peak, NCCL bus bandwidth ~80 % of the link); they and ``layer_overhead_us`` are the planner's only tuning knobs
+and a hardware YAML may override them per GPU. ``layer_overhead_us`` (65 us on Hopper) is calibrated on
+aiconfigurator 0.12's silicon measurements of TensorRT-LLM 1.3: DeepSeek-V3's MLA block on 8xH200 at decode
+batch 64 takes 78 us per layer where its bytes and FLOPs account for 13 us; other architectures are scaled
+from it by their kernel-launch/latency generation, not measured.
 
 A hardware YAML looks like::
 
@@ -50,6 +53,9 @@ class GPU:
     compute_efficiency: float = 0.6
     link_efficiency: float = 0.8
     runtime_reserve_gib: float = 2.0  # CUDA context, cuBLAS/DeepGEMM workspaces, NCCL buffers, CUDA-graph pool
+    # Per decoder layer and decode step, the time its many small kernels (norms, RoPE, MLA's batched GEMMs, the
+    # router, quantize/dequantize) take beyond their bytes and FLOPs: latency-bound at decode batch sizes.
+    layer_overhead_us: float = 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -73,12 +79,12 @@ class Network:
 
 
 GPUS: dict[str, GPU] = {g.name: g for g in (
-    GPU("h100-sxm", "hopper", 81559 * MIB / (1 << 30), 3.35, 989, 1979, 0, "nvlink", 450, 6.0),
-    GPU("h200-sxm", "hopper", 143771 * MIB / (1 << 30), 4.8, 989, 1979, 0, "nvlink", 450, 6.0),
-    GPU("h100-pcie", "hopper", 81559 * MIB / (1 << 30), 2.0, 756, 1513, 0, "pcie", 64, 15.0),
-    GPU("a100-sxm-80g", "ampere", 81920 * MIB / (1 << 30), 2.0, 312, 0, 0, "nvlink", 300, 8.0),
-    GPU("b200", "blackwell", 183359 * MIB / (1 << 30), 7.7, 2250, 4500, 9000, "nvlink", 900, 5.0),
-    GPU("l40s", "ada", 46068 * MIB / (1 << 30), 0.864, 362, 733, 0, "pcie", 32, 15.0),
+    GPU("h100-sxm", "hopper", 81559 * MIB / (1 << 30), 3.35, 989, 1979, 0, "nvlink", 450, 6.0, layer_overhead_us=65.0),
+    GPU("h200-sxm", "hopper", 143771 * MIB / (1 << 30), 4.8, 989, 1979, 0, "nvlink", 450, 6.0, layer_overhead_us=65.0),
+    GPU("h100-pcie", "hopper", 81559 * MIB / (1 << 30), 2.0, 756, 1513, 0, "pcie", 64, 15.0, layer_overhead_us=70.0),
+    GPU("a100-sxm-80g", "ampere", 81920 * MIB / (1 << 30), 2.0, 312, 0, 0, "nvlink", 300, 8.0, layer_overhead_us=90.0),
+    GPU("b200", "blackwell", 183359 * MIB / (1 << 30), 7.7, 2250, 4500, 9000, "nvlink", 900, 5.0, layer_overhead_us=50.0),
+    GPU("l40s", "ada", 46068 * MIB / (1 << 30), 0.864, 362, 733, 0, "pcie", 32, 15.0, layer_overhead_us=80.0),
     # The CPU reference engine (builder/runtime): one process per rank on one host, fp32 math on dequantized
     # weights, gloo collectives over shared memory. Sized for a small CI machine so the tiny model's predictions
     # can be compared with measured runs; override it with a hardware YAML for a bigger host.
@@ -123,6 +129,7 @@ class _GPUOverride(BaseModel):
     compute_efficiency: float | None = None
     link_efficiency: float | None = None
     runtime_reserve_gib: float | None = None
+    layer_overhead_us: float | None = None
 
 
 class _NetworkOverride(BaseModel):

@@ -206,3 +206,10 @@ def activation_bytes(cfg: ModelConfig, layout: Layout, *, batch: int, context: i
     vocab = cfg.vocab_size if layout.attention_dp else cfg.vocab_size // layout.tp
     logits = max(batch, 1) * vocab * 4
     return hidden + attn + moe + index + logits
+
+
+def clear_caches() -> None:
+    """Forget every cached catalogue and per-layout plan (benchmarks measure cold searches)."""
+    weight_catalog.cache_clear()
+    _expert_pieces.cache_clear()
+    _SHARED.clear()

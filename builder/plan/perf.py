@@ -154,6 +154,7 @@ class StageTime:
     kv_ms: float
     compute_ms: float
     comm: Comm
+    overhead_ms: float = 0.0  # latency-bound small kernels (GPU.layer_overhead_us per layer)
 
     @property
     def memory_ms(self) -> float:
@@ -161,7 +162,7 @@ class StageTime:
 
     @property
     def ms(self) -> float:
-        return max(self.memory_ms, self.compute_ms) + self.comm.ms - self.comm.pp_p2p.ms
+        return max(self.memory_ms, self.compute_ms) + self.overhead_ms + self.comm.ms - self.comm.pp_p2p.ms
 
 
 @dataclass
@@ -176,7 +177,7 @@ class DecodeEstimate:
     def bound(self) -> str:
         worst = max(self.stages, key=lambda s: s.ms)
         parts = {"memory": worst.memory_ms, "compute": worst.compute_ms,
-                 "communication": worst.comm.ms}
+                 "communication": worst.comm.ms, "kernel latency": worst.overhead_ms}
         return max(parts, key=parts.get)
 
 
@@ -232,7 +233,8 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
         if s < layout.pp - 1:
             p2p = b * cfg.hidden_size * ACT_BYTES * 2  # hidden states and residual
             comm.pp_p2p.add(p2p, place.pp[s].seconds(p2p), place.pp[s])
-        out.append(StageTime(read / hbm * 1e3, kv / hbm * 1e3, flops / peak * 1e3, comm))
+        out.append(StageTime(read / hbm * 1e3, kv / hbm * 1e3, flops / peak * 1e3, comm,
+                             len(layers) * gpu.layer_overhead_us / 1e3))
         for name in ("tp_allreduce", "ep_dispatch_combine", "pp_p2p", "vocab"):
             a, c = getattr(total, name), getattr(comm, name)
             a.add(c.bytes * m, c.ms * m / 1e3, Link(c.link, 1, 0, 1))
@@ -277,7 +279,7 @@ def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement
             comm.pp_p2p.add(p2p, place.pp[s].seconds(p2p, steps=0), place.pp[s])
         w = max(weights[s], key=lambda r: r.total)
         read = (w.dense + w.routed_experts * frac) / hbm
-        chunk_s.append(max(chunk * flops / peak, read) + chunk * comm.ms / 1e3)
+        chunk_s.append(max(chunk * flops / peak, read) + chunk * comm.ms / 1e3 + len(layers) * gpu.layer_overhead_us / 1e6)
         for name in ("tp_allreduce", "ep_dispatch_combine", "pp_p2p", "vocab"):
             a, c = getattr(total, name), getattr(comm, name)
             a.add(c.bytes, c.ms / 1e3, Link(c.link, 1, 0, 1))

@@ -23,7 +23,9 @@ def plot_plan(result: "PlanResult", path: str | Path, *, label_top: int = 8) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    feasible = [lp for lp in result.layouts if lp.feasible]
+    from builder.plan.explain import distinct_layouts
+
+    feasible = distinct_layouts(result)  # EP variants with identical predictions drawn once
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     c = result.cluster
     fig.suptitle(f"{result.model}: {c.nodes}x{c.gpus_per_node} {c.gpu.name} ({c.network.name}), {result.quant}, "
@@ -71,7 +73,7 @@ def plot_plan(result: "PlanResult", path: str | Path, *, label_top: int = 8) -> 
     bx.axvline(c.gpu.memory_gib, color="k", lw=1, ls=":", label=f"{c.gpu.name} memory")
     bx.set_xlabel("GiB per GPU (fullest pipeline stage)")
     bx.invert_yaxis()
-    bx.legend(fontsize=8, loc="lower right")
+    bx.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

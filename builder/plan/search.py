@@ -43,7 +43,7 @@ class Workload:
         return self.isl + self.osl / 2
 
 
-@dataclass
+@dataclass(eq=False)  # identity: plans are keys of dicts (table/plot grouping)
 class LayoutPlan:
     layout: Layout
     replicas: int
@@ -160,6 +160,7 @@ def _breakdown(d: DecodeEstimate) -> dict[str, float]:
     worst = max(d.stages, key=lambda s: s.ms)
     return {"weights_read": round(worst.weights_ms, 4), "kv_read": round(worst.kv_ms, 4),
             "compute": round(worst.compute_ms, 4), "comm": round(worst.comm.ms, 4),
+            "kernel_latency": round(worst.overhead_ms, 4),
             "stage": round(worst.ms, 4), "microbatches": d.microbatches}
 
 

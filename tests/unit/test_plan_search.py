@@ -63,7 +63,9 @@ def test_decode_is_memory_bound_and_faster_on_more_bandwidth():
     assert h200.decode.bound == "memory"
     assert b200.decode.step_ms < h200.decode.step_ms
     step = h200.to_dict()["decode_breakdown_ms"]
-    assert step["stage"] == pytest.approx(max(step["weights_read"] + step["kv_read"], step["compute"]) + step["comm"])
+    assert step["stage"] == pytest.approx(max(step["weights_read"] + step["kv_read"], step["compute"]) + step["comm"]
+                                          + step["kernel_latency"], abs=1e-3)
+    assert step["kernel_latency"] == pytest.approx(61 * 0.065)
 
 
 @pytest.mark.parametrize("kw,reason", [
