@@ -244,6 +244,59 @@ def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max
                            exit_timeout_s=exit_timeout, log_path=log_file, log=lambda m: click.echo(m, err=True)))
 
 
+@main.command("bench")
+@click.option("--url", required=True, help="Triton server HOST:PORT (gRPC port for --protocol grpc, HTTP port for http).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("build/latest"), show_default=True,
+              help="The served run: its engines/ give the tokenizer, its manifest the planner's prediction.")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--isl", default="128", show_default=True, help="Input tokens per request: MEAN or MEAN:STD.")
+@click.option("--osl", default="64", show_default=True, help="Output tokens per request (max_tokens): MEAN or MEAN:STD.")
+@click.option("--num-requests", type=click.IntRange(1), default=32, show_default=True, help="Requests per level.")
+@click.option("--request-rate", type=click.FloatRange(0, min_open=True), default=None,
+              help="Poisson arrivals at this many requests/s (in flight capped at the concurrency); "
+                   "default: closed loop.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True,
+              help="Warm-up requests per level, excluded from the figures.")
+@click.option("--dataset", type=click.Path(path_type=Path), help="Real prompts: JSON Lines with \"prompt\", or text lines.")
+@click.option("--ttft-ms", type=click.FloatRange(0, min_open=True), help="Goodput: TTFT limit.")
+@click.option("--tpot-ms", type=click.FloatRange(0, min_open=True), help="Goodput: TPOT limit.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=600, show_default=True,
+              help="Seconds one request may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON (docs/bench.md).")
+@click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON result to this file.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG plot here.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, request_rate, seed, warmup, dataset, ttft_ms,
+              tpot_ms, timeout, as_json, output, plot_path, verbose):
+    """Benchmark a served model: streamed requests at each concurrency; TTFT, TPOT = (latency - TTFT) /
+    (output tokens - 1), inter-token and end-to-end latency, throughput, goodput, errors; next to the planner's
+    prediction for the run's layout."""
+    from builder.atomic import atomic_write_json
+    from builder.errors import SpecError
+    from triton_repo.bench import BenchConfig, Length, plot, print_tables, run_bench
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        raise SpecError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
+    cfg = BenchConfig(url=url, engines_dir=run_dir / "engines", protocol=protocol, concurrency=levels,
+                      isl=Length.parse(isl, what="--isl"), osl=Length.parse(osl, what="--osl"),
+                      num_requests=num_requests, request_rate=request_rate, seed=seed, warmup=warmup, dataset=dataset,
+                      ttft_ms=ttft_ms, tpot_ms=tpot_ms, timeout_s=timeout)
+    result = run_bench(cfg, run_dir=run_dir, show_progress=sys.stderr.isatty() or not as_json)
+    if output:
+        atomic_write_json(output, result)
+    if plot_path:
+        plot(result, plot_path)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_tables(result)
+
+
 @main.command("plan")
 @spec_options()
 @common_options
