@@ -70,15 +70,16 @@ def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int = 0) -
 
 def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None) -> int:
     """One token from a row of logits: greedy at temperature 0, else temperature, top-k, top-p, seeded draw."""
+    logits = logits.to(torch.float32).cpu()  # sampling (and its seeded generator) on the host
     if req.temperature == 0:
-        return int(torch.argmax(logits.to(torch.float32)))
+        return int(torch.argmax(logits))
     return int(torch.multinomial(probabilities(logits, req), 1, generator=gen))
 
 
 def probabilities(logits: torch.Tensor, req: GenerationRequest) -> torch.Tensor:
     """The sampling distribution of a row of logits (temperature > 0): temperature, then top-k, then top-p.
     Speculative sampling applies this same function to the target's and the draft's logits."""
-    logits = logits.to(torch.float32) / req.temperature
+    logits = logits.to(torch.float32).cpu() / req.temperature
     if 0 < req.top_k < logits.numel():
         kth = torch.topk(logits, req.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,6 +89,20 @@ def probabilities(logits: torch.Tensor, req: GenerationRequest) -> torch.Tensor:
         drop = torch.cumsum(probs, dim=-1) - probs > req.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def peak_rss_bytes() -> int:
+    """This program's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over from the parent
+    across fork + exec, so a worker started from a large process would report its parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Engine:
@@ -215,9 +230,30 @@ class Engine:
         return [GenerationResult(token_ids=o, finish_reason=r, target_forwards=len(o) + (r == "stop"))
                 for o, r in zip(out, reasons)]
 
+    def rank_stats(self) -> list[dict[str, int]] | None:
+        """Per rank (on rank 0): peak and current RSS, bytes of loaded weights, tensor bytes of its rank file."""
+        import psutil
+
+        weights = sum(t.numel() * t.element_size() for t in self.model.w.t.values())
+        mine = torch.tensor([peak_rss_bytes(),
+                             psutil.Process().memory_info().rss, weights,
+                             self.bundle.tensor_bytes(self.comm.rank)], dtype=torch.int64, device=self.comm.device)
+        rows = [mine]
+        if self.comm.distributed:
+            import torch.distributed as dist
+
+            rows = [torch.empty_like(mine) for _ in range(self.bundle.world_size)]
+            dist.all_gather(rows, mine)
+        if self.comm.rank != 0:
+            return None
+        keys = ("peak_rss_bytes", "rss_bytes", "loaded_weight_bytes", "shard_bytes")
+        return [dict(zip(keys, map(int, r.cpu().tolist()))) for r in rows]
+
     # ----- the command loop of ranks other than 0 -----
     def run_command(self, cmd: dict[str, Any]) -> Any:
         op = cmd.get("op")
+        if op == "stats":
+            return self.rank_stats()
         if op == "generate":
             return self.generate([GenerationRequest(**r) for r in cmd["requests"]], speculative=cmd.get("speculative"))
         if op == "logits":
@@ -259,6 +295,10 @@ class Driver:
             validate_request(GenerationRequest(prompt_ids=list(p), max_tokens=1), self.engine.cfg, i)
         self.engine.comm.broadcast_json({"op": "logits", "prompts": [list(map(int, p)) for p in prompts]}, src=0)
         return self.engine.prompt_logits(prompts)
+
+    def rank_stats(self) -> list[dict[str, int]]:
+        self.engine.comm.broadcast_json({"op": "stats"}, src=0)
+        return self.engine.rank_stats()
 
     def stop(self) -> None:
         self.engine.comm.broadcast_json({"op": "stop"}, src=0)

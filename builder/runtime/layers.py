@@ -100,7 +100,8 @@ class MLA:
         self.indexer = Indexer(cfg, w.sub("indexer.")) if cfg.has_indexer else None
         nope, v, c = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         kv_b = w("kv_b_proj.weight").view(self.heads, nope + v, c)
-        self.w_uk, self.w_uv = kv_b[:, :nope], kv_b[:, nope:]  # [h, nope, c], [h, v, c]
+        # Contiguous copies, made once: einsum would otherwise copy these strided views on every decode step.
+        self.w_uk, self.w_uv = kv_b[:, :nope].contiguous(), kv_b[:, nope:].contiguous()  # [h, nope, c], [h, v, c]
 
     def project_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.fused_a:
@@ -215,10 +216,14 @@ class MoE:
         if token.numel():
             which = local[token, slot]
             wts = weights[token, slot].to(x.dtype)
-            if self.stacked and token.numel() >= len(self.experts):
+            hit = torch.unique(which)
+            if self.stacked and hit.numel() == len(self.experts):
+                # Every local expert has tokens: one batched GEMM reads each expert's weights once. With some
+                # experts idle, the per-expert loop below reads only the experts in use (decode is bound by
+                # weight reads), as a grouped GEMM skips empty groups.
                 out = self._grouped(x, token, which, wts, out)
             else:
-                for i in torch.unique(which).tolist():
+                for i in hit.tolist():
                     sel = which == i
                     out.index_add_(0, token[sel], self._expert(i, x[token[sel]]) * wts[sel, None])
         if self.shared is not None:

@@ -148,6 +148,11 @@ class EngineService:
         self._check_open()
         return self._driver.prompt_logits([list(p) for p in prompts])
 
+    def rank_stats(self) -> list[dict[str, int]]:
+        """Per rank: peak/current RSS, loaded weight bytes and rank-file tensor bytes."""
+        self._check_open()
+        return self._driver.rank_stats()
+
     def tokenizer(self):
         return self.bundle.tokenizer()
 
