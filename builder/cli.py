@@ -237,14 +237,24 @@ def _engine_options(fn: Callable) -> Callable:
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same tokens).")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's end-of-sentence token.")
+@spec_options("spec", "draft_len")
+@click.option("--draft-engine", type=click.Path(path_type=Path), default=None,
+              help="Draft model bundle for --spec draft (default: ENGINE/draft, as `dsbuild build --spec draft` "
+                   "writes it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token_ids, ...).")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
 def generate_cmd(engine_dir, threads_per_rank, python_executable, prompt, max_tokens, temperature, top_k, top_p,
-                 seed, ignore_eos, as_json, verbose):
+                 seed, ignore_eos, spec, draft_len, draft_engine, as_json, verbose):
     """Generate text with the reference engine (launches the bundle's TP x PP ranks on this host)."""
     from builder.runtime.service import EngineService, GenerationRequest
     from builder.runtime.text import encode_prompt
+    from builder.trtllm.speculative import DRAFT_DIR
+
+    speculative = None
+    if spec not in (None, "none"):
+        speculative = {"mode": spec, "draft_len": draft_len or RunSpec.model_fields["draft_len"].default,
+                       "draft_engine": str(draft_engine or Path(engine_dir) / DRAFT_DIR) if spec == "draft" else None}
 
     with EngineService(engine_dir, threads_per_rank=threads_per_rank, python_executable=python_executable) as svc:
         tok = svc.tokenizer()
@@ -265,7 +275,7 @@ def generate_cmd(engine_dir, threads_per_rank, python_executable, prompt, max_to
             if now.startswith(shown[0]) and not now.endswith("\ufffd"):
                 click.echo(now[len(shown[0]):], nl=False)
                 shown[0] = now
-        res = svc.generate([req], on_token=on_token)[0]
+        res = svc.generate([req], on_token=on_token, speculative=speculative)[0]
         wall = time.perf_counter() - t0
     text = tok.decode(res.token_ids)
     if not as_json and text.startswith(shown[0]):
@@ -274,6 +284,8 @@ def generate_cmd(engine_dir, threads_per_rank, python_executable, prompt, max_to
         click.echo(json.dumps({"text": text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
                                "prompt_tokens": len(ids), "total_draft_tokens": res.total_draft_tokens,
                                "total_accepted_draft_tokens": res.total_accepted_draft_tokens,
+                               "acceptance_rate": round(res.acceptance_rate, 4),
+                               "target_forwards": res.target_forwards,
                                "wall_s": round(wall, 4)}))
     else:
         click.echo("")
