@@ -253,7 +253,8 @@ def generate_cmd(engine_dir, threads_per_rank, python_executable, prompt, max_to
 
     speculative = None
     if spec not in (None, "none"):
-        speculative = {"mode": spec, "draft_len": draft_len or RunSpec.model_fields["draft_len"].default,
+        n = RunSpec.model_fields["draft_len"].default if draft_len is None else draft_len
+        speculative = {"mode": spec, "draft_len": n,
                        "draft_engine": str(draft_engine or Path(engine_dir) / DRAFT_DIR) if spec == "draft" else None}
 
     with EngineService(engine_dir, threads_per_rank=threads_per_rank, python_executable=python_executable) as svc:
