@@ -166,3 +166,16 @@ def test_draft_with_another_vocabulary_is_refused(bundles, engine, tmp_path):
     with pytest.raises(CheckpointError, match="vocabulary 512 differs"):
         Driver(engine).generate(_requests(1), speculative={"mode": "draft", "draft_len": 2,
                                                            "draft_engine": str(other)})
+
+
+@pytest.mark.slow
+def test_torchrun_launch_runs_speculative_tasks(bundles, tmp_path):
+    from tests.support.engines import run_torchrun
+
+    reqs = [r.to_dict() for r in _requests(2)]
+    plain, _ = run_torchrun(bundles(1, 2), {"generate": reqs}, tmp_path / "plain", nproc=2)
+    spec, _ = run_torchrun(bundles(1, 2), {"generate": reqs, "speculative": {"mode": "mtp", "draft_len": 3}},
+                           tmp_path / "spec", nproc=2)
+    assert [r["token_ids"] for r in spec["generate"]] == [r["token_ids"] for r in plain["generate"]]
+    assert 0 < sum(r["total_accepted_draft_tokens"] for r in spec["generate"]) < \
+        sum(r["total_draft_tokens"] for r in spec["generate"])
