@@ -8,7 +8,7 @@
    (dequantized) weights, in a fresh process so the numbers are the engine's own.
 
 Decode rate = batch x (N2 - N1) / (t(N2) - t(N1)): the difference of two generations of N1 and N2 tokens from
-the same prompts, so prefill cancels out. Best of ``--repeats``.
+the same prompts, so prefill cancels out. Best of ``--repeats``, measured round-robin across all paths.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_engine.py [--json] [--plot bench_engine.png]
 """
@@ -31,16 +31,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def decode_rate(generate, *, batch: int, n1: int, n2: int, repeats: int) -> float:
-    def best(n: int) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            generate(n)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    generate(n1)  # warm-up
-    return batch * (n2 - n1) / (best(n2) - best(n1))
+def decode_rates(paths: dict, *, batch: int, n1: int, n2: int, repeats: int) -> dict[str, float]:
+    """Decode tokens/s of every path, measured round-robin (path after path, repeat after repeat) so that load
+    from other processes on a shared machine falls on all of them alike; the best time of each is kept."""
+    best: dict[tuple[str, int], float] = {}
+    for fn in paths.values():
+        fn(n1)  # warm-up
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            for n in (n1, n2):
+                t0 = time.perf_counter()
+                fn(n)
+                best[name, n] = min(best.get((name, n), float("inf")), time.perf_counter() - t0)
+    return {name: batch * (n2 - n1) / (best[name, n2] - best[name, n1]) for name in paths}
 
 
 def engine_generate(bundle_dir: Path, prompts, *, device: str):
@@ -110,22 +113,25 @@ def main(argv=None) -> int:
     float_dir = write_dequantized_checkpoint(ckpt, tmp / "fp32")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, 1024, (args.batch, args.prompt_len), generator=g).tolist()
-    rate = lambda fn: decode_rate(fn, batch=args.batch, n1=args.n1, n2=args.n2, repeats=args.repeats)
 
     variants = {"fused (all on)": FusionOptions(), "unfused (all off)": FusionOptions.none()}
     for name in ("fuse_gate_up", "fuse_qkv_a", "absorb_mla", "stack_experts"):
         variants[f"all on but {name}"] = replace(FusionOptions(), **{name: False})
     results: dict = {"device": args.device, "batch": args.batch, "prompt_len": args.prompt_len,
-                     "decode_tokens": [args.n1, args.n2], "torch_threads": torch.get_num_threads(),
-                     "decode_tokens_per_s": {}}
-    results["decode_tokens_per_s"]["transformers generate"] = rate(hf_generate(float_dir, prompts, device=args.device))
+                     "decode_tokens": [args.n1, args.n2], "repeats": args.repeats,
+                     "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
+    paths = {"transformers generate": hf_generate(float_dir, prompts, device=args.device)}
+    services = []
     for name, fusion in variants.items():
         bundle = tmp / name.replace(" ", "_").replace("(", "").replace(")", "")
         bundle.mkdir()
         write_engine_bundle(ckpt, bundle, layout=Layout(1, 1, 1), fusion=fusion)
-        svc, run = engine_generate(bundle, prompts, device=args.device)
-        with svc:
-            results["decode_tokens_per_s"][f"engine {name}"] = rate(run)
+        svc, paths[f"engine {name}"] = engine_generate(bundle, prompts, device=args.device)
+        services.append(svc)
+    results["decode_tokens_per_s"] = decode_rates(paths, batch=args.batch, n1=args.n1, n2=args.n2,
+                                                  repeats=args.repeats)
+    for svc in services:
+        svc.close()
     tps = results["decode_tokens_per_s"]
     results["engine_vs_transformers"] = tps["engine fused (all on)"] / tps["transformers generate"]
     results["fused_vs_unfused"] = tps["engine fused (all on)"] / tps["engine unfused (all off)"]

@@ -79,6 +79,9 @@ class TensorSpec:
     layer: int | None = None  # decoder layer index; MTP layers are num_hidden_layers + i
     expert: int | None = None
     scale_of: str | None = None  # for a ``weight_scale_inv``: the weight it scales
+    # For a scale of lower rank than its weight: which weight dimension each of its dimensions follows
+    # (an AWQ ``pre_quant_scale`` of length ``in`` follows dimension 1). None: dimension i follows dimension i.
+    follows: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from builder.errors import CheckpointError
@@ -103,6 +101,3 @@ class EngineBundle:
                     out[name] = t.to(dtype)
         return {k: v.to(device) for k, v in out.items()}
 
-
-def runtime_info(bundle: EngineBundle) -> dict[str, Any]:
-    return {"world_size": bundle.world_size, "layout": bundle.layout.name(), "fusion": bundle.fusion.to_dict()}

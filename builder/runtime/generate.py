@@ -235,8 +235,9 @@ class Engine:
         import psutil
 
         weights = sum(t.numel() * t.element_size() for t in self.model.w.t.values())
-        mine = torch.tensor([peak_rss_bytes(),
-                             psutil.Process().memory_info().rss, weights,
+        rss = psutil.Process().memory_info().rss
+        mine = torch.tensor([max(peak_rss_bytes(), rss),  # the kernel's high-water mark can lag the current RSS
+                             rss, weights,
                              self.bundle.tensor_bytes(self.comm.rank)], dtype=torch.int64, device=self.comm.device)
         rows = [mine]
         if self.comm.distributed:

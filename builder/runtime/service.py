@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -65,6 +66,7 @@ class EngineService:
         self._store = None
         self._closed = False
         self._log_dir = None
+        self._lock = threading.Lock()  # one collective at a time (a Triton model may call from several threads)
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // self.world)
         dtype_name = _dtype_name(dtype)
         if self.world > 1:
@@ -141,17 +143,20 @@ class EngineService:
         self._check_open()
         if not requests:
             return []
-        return self._driver.generate(list(requests), on_token=on_token, speculative=speculative)
+        with self._lock:
+            return self._driver.generate(list(requests), on_token=on_token, speculative=speculative)
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Float32 logits at every position of each prompt (``[len, vocab]``), for verification."""
         self._check_open()
-        return self._driver.prompt_logits([list(p) for p in prompts])
+        with self._lock:
+            return self._driver.prompt_logits([list(p) for p in prompts])
 
     def rank_stats(self) -> list[dict[str, int]]:
         """Per rank: peak/current RSS, loaded weight bytes and rank-file tensor bytes."""
         self._check_open()
-        return self._driver.rank_stats()
+        with self._lock:
+            return self._driver.rank_stats()
 
     def tokenizer(self):
         return self.bundle.tokenizer()
@@ -164,11 +169,15 @@ class EngineService:
         if self._closed:
             return
         self._closed = True
-        if self.world > 1:
+        if self.world > 1 and hasattr(self, "_driver"):
+            # A request still running in another thread finishes first; a stuck one is cut off by the kill below.
+            idle = self._lock.acquire(timeout=timeout)
             try:
-                if all(p.poll() is None for p in self._procs):
+                if idle and all(p.poll() is None for p in self._procs):
                     self._driver.stop()
             finally:
+                if idle:
+                    self._lock.release()
                 if dist.is_initialized():
                     dist.destroy_process_group()
                 deadline = time.monotonic() + timeout

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-
 import pytest
 import torch
 
@@ -19,17 +17,12 @@ def run_dir(tmp_path_factory, cache_dir):
     return work / "build" / "r"
 
 
-def test_generate_json_is_deterministic_greedy_and_seeded_sampling_repeats(run_dir, dsbuild):
-    engine = str(run_dir / "engines")
-    greedy = json.loads(dsbuild("generate", "--engine", engine, "--prompt", "The river", "--max-tokens", "6",
-                                "--ignore-eos", "--json", check=True).stdout)
+def test_generate_json(run_dir, dsbuild):
+    greedy = json.loads(dsbuild("generate", "--engine", str(run_dir / "engines"), "--prompt", "The river",
+                                "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json", check=True).stdout)
     assert len(greedy["token_ids"]) == 6 and greedy["finish_reason"] == "length"
     assert greedy["total_draft_tokens"] == greedy["total_accepted_draft_tokens"] == 0
     assert isinstance(greedy["text"], str) and greedy["prompt_tokens"] >= 2
-    sampled = [json.loads(dsbuild("generate", "--engine", engine, "--prompt", "The river", "--max-tokens", "6",
-                                  "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", "7",
-                                  "--ignore-eos", "--json", check=True).stdout)["token_ids"] for _ in range(2)]
-    assert sampled[0] == sampled[1] != greedy["token_ids"]
 
 
 def test_verify_passes_and_reports_errors(run_dir, dsbuild):
@@ -39,24 +32,26 @@ def test_verify_passes_and_reports_errors(run_dir, dsbuild):
     assert 0 < report["max_rel_err"] < 1e-4 and report["max_abs_err"] > 0
 
 
-def test_verify_fails_on_a_tampered_rank(run_dir, dsbuild, tmp_path):
+def test_verify_fails_on_a_tampered_rank(tiny_ckpt, tmp_path):
+    """verify_engine itself (the CLI's logic) on a one-rank bundle whose final norm was altered."""
     from safetensors.torch import load_file, save_file
 
-    bad = tmp_path / "engines"
-    shutil.copytree(run_dir / "engines", bad)
-    tensors = load_file(str(bad / "rank1.safetensors"))
+    from builder.runtime.verify import verify_engine
+    from tests.support.engines import build_bundle
+
+    bad = build_bundle(tiny_ckpt, tmp_path / "engines", tp=1, pp=1, ep=1)
+    tensors = load_file(str(bad / "rank0.safetensors"))
     tensors["model.norm.weight"] = (tensors["model.norm.weight"].float() * 1.01).to(torch.bfloat16)
-    save_file(tensors, str(bad / "rank1.safetensors"))
-    res = dsbuild("verify", "--engine", str(bad), "--checkpoint", str(run_dir / "quantized"))
-    assert res.returncode == 11, res.stderr
-    assert json.loads(res.stdout)["ok"] is False
-    assert "disagrees with transformers" in res.stderr
+    save_file(tensors, str(bad / "rank0.safetensors"))
+    report = verify_engine(bad, checkpoint=tiny_ckpt, gen_tokens=4)
+    assert report["ok"] is False and report["max_rel_err"] > 1e-3
 
 
 @pytest.mark.slow
-def test_verify_fails_at_zero_tolerance(run_dir, dsbuild):
+def test_verify_exits_11_beyond_tolerance(run_dir, dsbuild):
     res = dsbuild("verify", "--engine", str(run_dir / "engines"), "--tolerance", "0")
     assert res.returncode == 11 and "exceeds" in res.stderr
+    assert json.loads(res.stdout)["ok"] is False
 
 
 def test_generate_refuses_a_directory_that_is_not_a_bundle(dsbuild, tmp_path):
