@@ -327,24 +327,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
         "torch_dtype": "bfloat16",
     },
-    # A draft model for speculative decoding against "tiny": the same vocabulary (so make-tiny trains the same
-    # tokenizer), fewer and narrower layers and experts, no MTP module. Heads, head dims, lora ranks and 128-multiple
-    # MLP widths are kept so that every TP split of 1/2/4/8 still falls on whole FP8 blocks.
-    "tiny-draft": {
-        "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"],
-        "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 512, "moe_intermediate_size": 256,
-        "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 16, "num_key_value_heads": 16,
-        "q_lora_rank": 128, "kv_lora_rank": 128, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
-        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "routed_scaling_factor": 2.5, "norm_topk_prob": True,
-        "num_nextn_predict_layers": 0, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
-        "index_n_heads": 16, "index_head_dim": 128, "index_topk": 8,
-        "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 1,
-        "rope_theta": 10000, "initializer_range": 0.02,
-        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
-        "torch_dtype": "bfloat16",
-    },
+}
+# A draft model for speculative decoding against "tiny": the same tokenizer, width and head layout (so the same TP
+# splits fall on whole FP8 blocks), 2 layers (1 dense + 1 MoE) and 4 routed experts (EP 1/2/4), no MTP.
+PRESETS["tiny-draft"] = {
+    **PRESETS["tiny"], "num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 4,
+    "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "num_nextn_predict_layers": 0,
 }
 
 
