@@ -41,14 +41,20 @@ NOTES = {
 
 
 def checkpoints(name: str, root: Path, args) -> tuple[Path, Path]:
-    from builder.model.tiny import ensure_tiny
+    from builder.model.tiny import make_tiny
 
     if name == "trained":
         if not (args.target and args.draft):
             raise SystemExit("--sets trained needs --target DIR and --draft DIR")
         return Path(args.target), Path(args.draft)
-    if name == "random":
-        return (ensure_tiny(root / "models", seed=0), ensure_tiny(root / "models", seed=0, preset_name="tiny-draft"))
+    if name == "random":  # seeded random init, whatever the default 'tiny' weights are
+        made = []
+        for preset in ("tiny", "tiny-draft"):
+            out = root / f"random-{preset}"
+            if not (out / "config.json").is_file():
+                make_tiny(out, seed=0, preset_name=preset)
+            made.append(out)
+        return made[0], made[1]
     from tests.support.speculative import noisy_copy, planted_target
 
     return planted_target(root / "synthetic-target"), noisy_copy(root / "synthetic-draft")
