@@ -68,7 +68,8 @@ class DraftProposer:
     def prefill(self, tokens, lens, hidden, first) -> None:
         if self.draft is not None:
             B, S = tokens.shape
-            self.draft.forward(tokens, StepPositions(torch.zeros(B, dtype=torch.long), S), self.cache, None)
+            zeros = torch.zeros(B, dtype=torch.long, device=self.draft.comm.device)
+            self.draft.forward(tokens, StepPositions(zeros, S), self.cache, None)
         self.cached = lens.clone()
 
     def _forward(self, rows: list[list[int]], starts: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,7 @@ class DraftProposer:
         for b, r in enumerate(rows):
             tokens[b, :len(r)] = torch.tensor(r, dtype=torch.long)
         last = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)
-        return self.draft.forward(tokens, StepPositions(starts, width), self.cache, last)
+        return self.draft.forward(tokens, StepPositions(starts.to(self.draft.comm.device), width), self.cache, last)
 
     def propose(self, state):
         from builder.runtime.speculative import DraftRound, draft_tokens_collectively
