@@ -197,7 +197,7 @@ def plot(result: dict, path: str) -> None:
     for ax in axes:
         ax.set_xticks(list(DRAFT_LENGTHS))
         ax.legend(fontsize=7)
-    fig.suptitle("; ".join(f"{k}: {v}" for k, v in result["notes"].items()), fontsize=6)
+    fig.suptitle("\n".join(f"{k}: {v}" for k, v in result["notes"].items()), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
