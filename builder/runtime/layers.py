@@ -194,16 +194,22 @@ class MoE:
         self.stacked = w.has("experts.down_proj.weight")
         e = w.sub("experts.")
         if self.stacked:
-            self.gate_up = e("gate_up_proj.weight") if e.has("gate_up_proj.weight") else \
+            # Kept transposed ([E, in, out], contiguous, made once at load) so that both the batched GEMM and the
+            # per-expert GEMMs run without a per-call copy of the weights.
+            gate_up = e("gate_up_proj.weight") if e.has("gate_up_proj.weight") else \
                 torch.cat([e("gate_proj.weight"), e("up_proj.weight")], dim=1)
-            self.down = e("down_proj.weight")
+            self.gate_up_t = gate_up.transpose(1, 2).contiguous()
+            self.down_t = e("down_proj.weight").transpose(1, 2).contiguous()
+            for name in ("gate_up_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+                w.t.pop(w.prefix + "experts." + name, None)  # the transposed copies replace them
+            w.t[w.prefix + "experts.gate_up_t"], w.t[w.prefix + "experts.down_t"] = self.gate_up_t, self.down_t
         self.local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.long)
         self.local[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
 
     def _expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.stacked:
-            gate, up = linear(x, self.gate_up[i]).chunk(2, dim=-1)
-            return linear(F.silu(gate) * up, self.down[i])
+            gate, up = torch.matmul(x, self.gate_up_t[i]).chunk(2, dim=-1)
+            return torch.matmul(F.silu(gate) * up, self.down_t[i])
         return MLP(self.w.sub(f"experts.{self.experts[i]}."))(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,14 +222,14 @@ class MoE:
         if token.numel():
             which = local[token, slot]
             wts = weights[token, slot].to(x.dtype)
-            hit = torch.unique(which)
-            if self.stacked and hit.numel() == len(self.experts):
+            counts = torch.bincount(which, minlength=len(self.experts))
+            if self.stacked and bool((counts > 0).all()):
                 # Every local expert has tokens: one batched GEMM reads each expert's weights once. With some
                 # experts idle, the per-expert loop below reads only the experts in use (decode is bound by
                 # weight reads), as a grouped GEMM skips empty groups.
-                out = self._grouped(x, token, which, wts, out)
+                out = self._grouped(x, token, which, wts, counts, out)
             else:
-                for i in hit.tolist():
+                for i in counts.nonzero().flatten().tolist():
                     sel = which == i
                     out.index_add_(0, token[sel], self._expert(i, x[token[sel]]) * wts[sel, None])
         if self.shared is not None:
@@ -232,18 +238,17 @@ class MoE:
                 out = out + s
         return out.view(shape)
 
-    def _grouped(self, x, token, which, wts, out):
+    def _grouped(self, x, token, which, wts, counts, out):
         """One batched GEMM over the stacked experts: tokens grouped per expert, padded to the largest group."""
         E = len(self.experts)
         order = torch.argsort(which, stable=True)
         token, which, wts = token[order], which[order], wts[order]
-        counts = torch.bincount(which, minlength=E)
         cap = int(counts.max())
         offsets = torch.cumsum(counts, 0) - counts
         col = torch.arange(which.numel(), device=x.device) - offsets[which]
         gathered = x.new_zeros(E, cap, x.shape[-1])
         gathered[which, col] = x[token]
-        gate, up = torch.bmm(gathered, self.gate_up.transpose(1, 2)).chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, self.down.transpose(1, 2))  # [E, cap, H]
+        gate, up = torch.bmm(gathered, self.gate_up_t).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_t)  # [E, cap, H]
         out.index_add_(0, token, y[which, col] * wts[:, None])
         return out
