@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--n1", type=int, default=8)
     ap.add_argument("--n2", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rss-layout", default="2,2,2", help="tp,pp,ep of the multi-rank RSS measurement")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
