@@ -86,7 +86,7 @@ def write_llm_api(spec, src: Path, out: Path, log=print) -> dict[str, Any]:
 def run(ctx: StageContext) -> dict[str, Any]:
     info = write_engine_bundle(ctx.inputs["quantize"], ctx.out, layout=layout_of(ctx.spec), fusion=fusion_of(ctx.spec))
     if ctx.spec.spec == "draft":
-        info["draft"] = build_draft(ctx.spec, ctx.inputs["quantize"], ctx.out, fusion=fusion_of(ctx.spec))
+        info["draft"] = build_draft(ctx, target_src=ctx.inputs["quantize"], fusion=fusion_of(ctx.spec))
     info["llm_api"] = write_llm_api(ctx.spec, ctx.inputs["quantize"], ctx.out, log=ctx.log)
     return info
 

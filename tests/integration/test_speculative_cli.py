@@ -31,3 +31,12 @@ def test_build_with_draft_writes_both_bundles_and_generate_reports_metrics(dsbui
         assert 0 <= r["total_accepted_draft_tokens"] <= r["total_draft_tokens"]
     bad = dsbuild("generate", "--engine", str(engines), "--prompt", "x", "--spec", "mtp", "--draft-len", "0")
     assert bad.returncode != 0 and "draft length 0" in bad.stderr
+
+
+def test_a_draft_model_with_another_vocabulary_fails_the_build_cleanly(dsbuild, tmp_path):
+    from builder.model.tiny import make_tiny
+
+    other = make_tiny(tmp_path / "other-draft", preset_name="tiny-draft", overrides={"vocab_size": 512})
+    res = dsbuild("run", "--tp", "1", "--pp", "1", "--spec", "draft", "--draft-model", str(other), "--out", "build/r")
+    assert res.returncode != 0 and "vocabulary of 512" in res.stderr
+    assert not (tmp_path / "build" / "r" / "engines").exists()  # nothing half-written
