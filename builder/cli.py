@@ -458,7 +458,7 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
         tok = svc.tokenizer()
         ids = encode_prompt(svc.bundle, tok, prompt)
         eos = svc.bundle.cfg.raw.get("eos_token_id")
-        stops = [] if ignore_eos or eos is None else [int(eos)]
+        stops = [] if ignore_eos else [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
         req = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop_token_ids=stops)
         t0 = time.perf_counter()
