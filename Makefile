@@ -33,6 +33,7 @@ RUN_FLAGS := --model $(MODEL) --tp $(TP) --pp $(PP) --ep $(EP) --quant $(QUANT) 
 
 help:
 	@echo "make engine [MODEL=tiny TP=2 PP=2 EP=1 QUANT=fp8 GPU= NODES=1 GPUS_PER_NODE= OUT=]  whole pipeline"
+	@echo "            [SPEC=none|mtp|draft DRAFT_LEN=3 DRAFT_MODEL=tiny-draft|hub-id|dir]  speculative decoding"
 	@echo "make push REGISTRY=host[:port] [REPO=dsbuild TAG= RUN=build/latest INSECURE=1 PUSH_FLAGS=--include-weights]"
 	@echo "make test        fast test suite;   make test-full   everything"
 	@echo "make serve       serve build/latest with tritonserver on 127.0.0.1 [SERVE_FLAGS=--http-port ...]"

@@ -10,7 +10,7 @@
 Decode rate = batch x (N2 - N1) / (t(N2) - t(N1)): the difference of two generations of N1 and N2 tokens from
 the same prompts, so prefill cancels out. Best of ``--repeats``, measured round-robin across all paths.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_engine.py [--json] [--plot bench_engine.png]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_engine.py [--json] [--png benchmarks/results/bench_engine.png]
 """
 
 from __future__ import annotations
@@ -90,11 +90,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--n1", type=int, default=8)
     ap.add_argument("--n2", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rss-layout", default="2,2,2", help="tp,pp,ep of the multi-rank RSS measurement")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    ap.add_argument("--plot", default="bench_engine.png", help="PNG file to write ('' for none)")
+    ap.add_argument("--png", type=Path, default=REPO / "benchmarks" / "results" / "bench_engine.png",
+                    help="PNG plot to write; the JSON results are written next to it")
     ap.add_argument("--_rss-child", dest="rss_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_threads", dest="threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -102,14 +103,28 @@ def main(argv=None) -> int:
         rss_child(args.rss_child, args.threads)
         return 0
 
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
+        results = measure(args, Path(scratch))
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, args.png)
+    args.png.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+    return 0
+
+
+def measure(args, tmp: Path) -> dict:
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import ensure_tiny
     from builder.shard.fusion import FusionOptions
     from builder.shard.rules import Layout
     from builder.stages.build import write_engine_bundle
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-engine-"))
-    ckpt = ensure_tiny(Path(os.environ.get("XDG_CACHE_HOME", tmp)) / "dsbuild" / "models")
+    from builder.specs import RunSpec
+
+    ckpt = ensure_tiny(RunSpec().cache_root / "models")
     float_dir = write_dequantized_checkpoint(ckpt, tmp / "fp32")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, 1024, (args.batch, args.prompt_len), generator=g).tolist()
@@ -151,14 +166,7 @@ def main(argv=None) -> int:
     results["bare_torch_process_rss_bytes"] = bare_torch_rss()
     results["ranks"] = json.loads(out.stdout.strip().splitlines()[-1])
 
-    if args.plot:
-        plot(results, args.plot)
-        results["plot"] = str(Path(args.plot).resolve())
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_table(results)
-    return 0
+    return results
 
 
 def print_table(r: dict) -> None:

@@ -384,15 +384,22 @@ def _engine_options(fn: Callable) -> Callable:
 @click.option("--python", "python_executable", default=None,
               help="With --engine: Python interpreter for the worker ranks (default: this one).")
 @click.option("--ignore-eos", is_flag=True, help="With --engine: do not stop at the model's end-of-sentence token.")
+@spec_options("spec", "draft_len")
+@click.option("--draft-engine", type=click.Path(path_type=Path), default=None,
+              help="With --engine --spec draft: the draft model's bundle (default: ENGINE/draft, as `dsbuild build "
+                   "--spec draft` writes it).")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
 def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p, seed, as_json, protocol, stream,
-                 stop, model_name, timeout, threads_per_rank, python_executable, ignore_eos, verbose):
+                 stop, model_name, timeout, threads_per_rank, python_executable, ignore_eos, spec, draft_len,
+                 draft_engine, verbose):
     """Generate text from a served model (--url) or with the reference engine on this host (--engine)."""
     from builder.errors import SpecError
 
     if bool(url) == bool(engine_dir):
         raise SpecError("pass exactly one of --url (a Triton server) or --engine (a run's engines/ directory)")
+    if url and spec not in (None, "none"):
+        raise SpecError("--spec applies to --engine; a served model's speculative decoding is fixed at build time")
     if url:
         _generate_remote(url=url, prompt=prompt, protocol=protocol, stream=stream, max_tokens=max_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
@@ -401,7 +408,18 @@ def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p,
         _generate_direct(engine_dir=engine_dir, threads_per_rank=threads_per_rank,
                          python_executable=python_executable, prompt=prompt, max_tokens=max_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                         as_json=as_json)
+                         as_json=as_json, speculative=_speculative_options(engine_dir, spec, draft_len, draft_engine))
+
+
+def _speculative_options(engine_dir: Path, spec: str | None, draft_len: int | None,
+                         draft_engine: Path | None) -> dict[str, Any] | None:
+    from builder.trtllm.speculative import DRAFT_DIR
+
+    if spec in (None, "none"):
+        return None
+    n = RunSpec.model_fields["draft_len"].default if draft_len is None else draft_len
+    return {"mode": spec, "draft_len": n,
+            "draft_engine": str(draft_engine or Path(engine_dir) / DRAFT_DIR) if spec == "draft" else None}
 
 
 def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,
@@ -432,7 +450,7 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
 
 def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_executable: str | None, prompt: str,
                      max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                     ignore_eos: bool, as_json: bool) -> None:
+                     ignore_eos: bool, as_json: bool, speculative: dict[str, Any] | None = None) -> None:
     from builder.runtime.service import EngineService, GenerationRequest
     from builder.runtime.text import encode_prompt
 
@@ -440,7 +458,7 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
         tok = svc.tokenizer()
         ids = encode_prompt(svc.bundle, tok, prompt)
         eos = svc.bundle.cfg.raw.get("eos_token_id")
-        stops = [] if ignore_eos or eos is None else [int(eos)]
+        stops = [] if ignore_eos else [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
         req = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop_token_ids=stops)
         t0 = time.perf_counter()
@@ -455,7 +473,7 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
             if now.startswith(shown[0]) and not now.endswith("\ufffd"):
                 click.echo(now[len(shown[0]):], nl=False)
                 shown[0] = now
-        res = svc.generate([req], on_token=on_token)[0]
+        res = svc.generate([req], on_token=on_token, speculative=speculative)[0]
         wall = time.perf_counter() - t0
     text = tok.decode(res.token_ids)
     if not as_json and text.startswith(shown[0]):
@@ -464,7 +482,8 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
         click.echo(json.dumps({"text": text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
                                "prompt_tokens": len(ids), "total_draft_tokens": res.total_draft_tokens,
                                "total_accepted_draft_tokens": res.total_accepted_draft_tokens,
-                               "wall_s": round(wall, 4)}))
+                               "acceptance_rate": round(res.acceptance_rate, 4),
+                               "target_forwards": res.target_forwards, "wall_s": round(wall, 4)}))
     else:
         click.echo("")
 

@@ -92,6 +92,11 @@ class EngineBundle:
                 if name.endswith("." + SCALE):
                     continue
                 t = f.get_tensor(name)
+                if t.dtype in (torch.int8, torch.uint8) or (t.dtype == torch.float8_e4m3fn and not (
+                        name.endswith(".weight") and name[: -len("weight")] + SCALE in names)):
+                    raise CheckpointError(
+                        f"{path.name}: {name} is {t.dtype} without a 128x128 block scale; the reference engine runs "
+                        "block-FP8 and BF16 bundles only (INT4/NVFP4/per-tensor FP8 run on TensorRT-LLM)")
                 scale_name = name[: -len("weight")] + SCALE if name.endswith(".weight") else None
                 if name.endswith(FP32_SUFFIXES):
                     out[name] = t.to(torch.float32)

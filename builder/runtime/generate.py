@@ -41,6 +41,11 @@ class GenerationResult:
     finish_reason: str  # "length" | "stop"
     total_draft_tokens: int = 0
     total_accepted_draft_tokens: int = 0
+    target_forwards: int = 0  # forward passes of the target model that served this request (prefill included)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
 
 
 def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int = 0) -> None:
@@ -68,7 +73,13 @@ def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | 
     logits = logits.to(torch.float32).cpu()  # sampling (and its seeded generator) on the host
     if req.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / req.temperature
+    return int(torch.multinomial(probabilities(logits, req), 1, generator=gen))
+
+
+def probabilities(logits: torch.Tensor, req: GenerationRequest) -> torch.Tensor:
+    """The sampling distribution of a row of logits (temperature > 0): temperature, then top-k, then top-p.
+    Speculative sampling applies this same function to the target's and the draft's logits."""
+    logits = logits.to(torch.float32).cpu() / req.temperature
     if 0 < req.top_k < logits.numel():
         kth = torch.topk(logits, req.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -77,7 +88,7 @@ def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | 
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = torch.cumsum(probs, dim=-1) - probs > req.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
+    return torch.softmax(logits, dim=-1)
 
 
 def peak_rss_bytes() -> int:
@@ -106,9 +117,10 @@ class Engine:
         self.cfg = bundle.cfg
 
     # ----- one forward step -----
-    def forward(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache,
-                last_index: torch.Tensor | None) -> torch.Tensor | None:
-        """Logits on last-stage ranks ([B, V] at ``last_index`` per row, or [B, S, V] when it is None)."""
+    def hidden(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache, *,
+               decode: bool | None = None) -> torch.Tensor | None:
+        """Final hidden states before the norm ([B, S, H]) on last-stage ranks, None on the others. ``decode``
+        forces the decode attention path (absorbed MLA) for a multi-token step, as speculative verification uses."""
         comm, model = self.comm, self.model
         B, S = tokens.shape
         with torch.inference_mode():
@@ -116,13 +128,23 @@ class Engine:
                 h = model.embed(tokens.to(comm.device))
             else:
                 h = comm.recv_prev((B, S, self.cfg.hidden_size), self.dtype)
-            h = model.layers_forward(h, cache, model.step_context(pos))
+            h = model.layers_forward(h, cache, model.step_context(pos, decode=decode))
             if not comm.last_stage:
                 comm.send_next(h)
                 return None
+            return h
+
+    def forward(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache,
+                last_index: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits on last-stage ranks ([B, V] at ``last_index`` per row, or [B, S, V] when it is None)."""
+        B = tokens.shape[0]
+        h = self.hidden(tokens, pos, cache)
+        with torch.inference_mode():
+            if h is None:
+                return None
             if last_index is not None:
                 h = h[torch.arange(B, device=h.device), last_index.to(h.device)]
-            return model.logits(h)
+            return self.model.logits(h)
 
     def _batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
@@ -155,7 +177,13 @@ class Engine:
         return x
 
     def generate(self, requests: list[GenerationRequest], *,
-                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+                 on_token: Callable[[int, int], None] | None = None,
+                 speculative: dict[str, Any] | None = None) -> list[GenerationResult]:
+        if speculative and speculative.get("mode", "none") != "none":
+            from builder.runtime.speculative import SpeculativeDecoder, SpeculativeOptions
+
+            return SpeculativeDecoder(self, SpeculativeOptions.from_dict(speculative)).generate(
+                requests, on_token=on_token)
         comm = self.comm
         B = len(requests)
         tokens, lens = self._batch([r.prompt_ids for r in requests])
@@ -199,7 +227,8 @@ class Engine:
             if logits is not None:
                 logits = logits[:, 0]
             step += 1
-        return [GenerationResult(token_ids=o, finish_reason=r) for o, r in zip(out, reasons)]
+        return [GenerationResult(token_ids=o, finish_reason=r, target_forwards=len(o) + (r == "stop"))
+                for o, r in zip(out, reasons)]
 
     def rank_stats(self) -> list[dict[str, int]] | None:
         """Per rank (on rank 0): peak and current RSS, bytes of loaded weights, tensor bytes of its rank file."""
@@ -227,7 +256,7 @@ class Engine:
         if op == "stats":
             return self.rank_stats()
         if op == "generate":
-            return self.generate([GenerationRequest(**r) for r in cmd["requests"]])
+            return self.generate([GenerationRequest(**r) for r in cmd["requests"]], speculative=cmd.get("speculative"))
         if op == "logits":
             return self.prompt_logits(cmd["prompts"])
         raise ValueError(f"unknown engine command {op!r}")
@@ -248,11 +277,19 @@ class Driver:
         self.engine = engine
 
     def generate(self, requests: list[GenerationRequest], *,
-                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+                 on_token: Callable[[int, int], None] | None = None,
+                 speculative: dict[str, Any] | None = None) -> list[GenerationResult]:
+        """``speculative``: ``builder.runtime.speculative.SpeculativeOptions`` as a dict (None: plain decoding)."""
         for i, r in enumerate(requests):
             validate_request(r, self.engine.cfg, i)
-        self.engine.comm.broadcast_json({"op": "generate", "requests": [r.to_dict() for r in requests]}, src=0)
-        return self.engine.generate(requests, on_token=on_token)
+        if speculative and speculative.get("mode", "none") != "none":
+            from builder.runtime.speculative import SpeculativeOptions, check_options
+
+            speculative = SpeculativeOptions.from_dict(speculative).to_dict()
+            check_options(self.engine.bundle, SpeculativeOptions.from_dict(speculative), requests)
+        self.engine.comm.broadcast_json({"op": "generate", "requests": [r.to_dict() for r in requests],
+                                         "speculative": speculative}, src=0)
+        return self.engine.generate(requests, on_token=on_token, speculative=speculative)
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         for i, p in enumerate(prompts):

@@ -20,25 +20,16 @@ class LayerCache:
     index_k: torch.Tensor | None  # [B, capacity, index_head_dim]
 
 
-@dataclass
 class StepPositions:
-    """Where one forward step writes and what each query may see."""
+    """Where one forward step writes and what each query may see (derived values computed once per step)."""
 
-    starts: torch.Tensor  # [B] position of each row's first new token
-    width: int  # S new tokens per row (rows with fewer valid tokens are right-padded)
-
-    @property
-    def positions(self) -> torch.Tensor:  # [B, S]
-        return self.starts[:, None] + torch.arange(self.width, device=self.starts.device)[None, :]
-
-    @property
-    def key_len(self) -> int:
-        return int(self.starts.max().item()) + self.width
-
-    @property
-    def uniform_start(self) -> int | None:
-        first = int(self.starts[0].item())
-        return first if bool((self.starts == first).all()) else None
+    def __init__(self, starts: torch.Tensor, width: int):
+        self.starts = starts  # [B] position of each row's first new token
+        self.width = width  # S new tokens per row (rows with fewer valid tokens are right-padded)
+        self.positions = starts[:, None] + torch.arange(width, device=starts.device)[None, :]  # [B, S]
+        first, last = int(starts.min()), int(starts.max())
+        self.key_len = last + width
+        self.uniform_start = first if first == last else None
 
     def visible(self) -> torch.Tensor:
         """[B, S, T] True where key column t is at or before the query's position (causal, per sequence)."""

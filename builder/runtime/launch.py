@@ -4,7 +4,8 @@ runs a task file and writes the results. Shares all layer code with ``EngineServ
 ``python -m torch.distributed.run --nproc-per-node N [--nnodes 2 --rdzv-backend c10d --rdzv-endpoint
 127.0.0.1:PORT] -m builder.runtime.launch --engine DIR --task task.json --out result.json``
 
-task.json: ``{"logits": [[ids...], ...], "generate": [{GenerationRequest fields}, ...]}`` (either optional).
+task.json: ``{"logits": [[ids...], ...], "generate": [{GenerationRequest fields}, ...], "speculative": {...}}``
+(each optional; ``speculative`` as ``builder.runtime.speculative.SpeculativeOptions``).
 result.json: ``{"world_size", "generate": [{"token_ids", "finish_reason"}]}``; logits go to ``<out>.logits.safetensors``
 as ``logits.{i}``.
 """
@@ -66,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                           str(Path(args.out).with_suffix(".logits.safetensors")))
             if task.get("generate"):
                 t0 = time.perf_counter()
-                res = driver.generate([GenerationRequest(**r) for r in task["generate"]])
+                res = driver.generate([GenerationRequest(**r) for r in task["generate"]],
+                                      speculative=task.get("speculative"))
                 result["generate_s"] = time.perf_counter() - t0
-                result["generate"] = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason} for r in res]
+                result["generate"] = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                                       "total_draft_tokens": r.total_draft_tokens,
+                                       "total_accepted_draft_tokens": r.total_accepted_draft_tokens} for r in res]
         finally:
             driver.stop()
         atomic_write_json(args.out, result)

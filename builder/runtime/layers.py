@@ -39,6 +39,13 @@ class Step:
     visible: torch.Tensor  # [B, S, T] bool
     decode: bool  # one new token per row: absorbed MLA (when enabled) attends in the latent space
 
+    def __post_init__(self) -> None:
+        # The forms every layer needs, made once per step: [cos, cos] / [sin, sin] for the half-split RoPE of the
+        # indexer, and head-broadcast views for the queries.
+        self.cos2, self.sin2 = torch.cat([self.cos, self.cos], dim=-1), torch.cat([self.sin, self.sin], dim=-1)
+        self.cos_h, self.sin_h = self.cos[:, :, None], self.sin[:, :, None]
+        self.cos2_h, self.sin2_h = self.cos2[:, :, None], self.sin2[:, :, None]
+
 
 class Weights:
     """A rank's tensors under one name prefix."""
@@ -67,7 +74,7 @@ class Indexer:
         k = F.layer_norm(k_pre, (self.head_dim,), self.w("k_norm.weight").to(k_pre.dtype),
                          self.w("k_norm.bias").to(k_pre.dtype), eps=1e-6)
         r = self.cfg.qk_rope_head_dim
-        return torch.cat([rotate_half_split(k[..., :r], step.cos, step.sin), k[..., r:]], dim=-1)
+        return torch.cat([rotate_half_split(k[..., :r], step.cos2, step.sin2), k[..., r:]], dim=-1)
 
     def select(self, x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor | None:
         """[B, S, T] bool of the selected keys, or None when every visible key is selected."""
@@ -81,7 +88,7 @@ class Indexer:
         B, S, _ = x.shape
         r = self.cfg.qk_rope_head_dim
         q = linear(q_resid, self.w("wq_b.weight")).view(B, S, self.n_heads, self.head_dim)
-        q = torch.cat([rotate_half_split(q[..., :r], step.cos[:, :, None], step.sin[:, :, None]), q[..., r:]], dim=-1)
+        q = torch.cat([rotate_half_split(q[..., :r], step.cos2_h, step.sin2_h), q[..., r:]], dim=-1)
         scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), keys.float()) * self.head_dim ** -0.5)
         weights = linear(x.to(torch.float32), self.w("weights_proj.weight")) * self.n_heads ** -0.5  # [B, S, H]
         index = torch.einsum("bsh,bsht->bst", weights, scores)
@@ -118,7 +125,7 @@ class MLA:
         q_resid = rms_norm(q_a, self.w("q_a_layernorm.weight"), cfg.rms_norm_eps)
         q = linear(q_resid, self.w("q_b_proj.weight")).view(B, S, self.heads, cfg.qk_head_dim)
         q_nope = q[..., :nope]
-        q_pe = rotate_interleaved(q[..., nope:], step.cos[:, :, None], step.sin[:, :, None])
+        q_pe = rotate_interleaved(q[..., nope:], step.cos_h, step.sin_h)
         latent = rms_norm(kv_a[..., :c], self.w("kv_a_layernorm.weight"), cfg.rms_norm_eps)
         k_pe = rotate_interleaved(kv_a[..., c:], step.cos, step.sin)
         kv = kv_cache.write(cache.latent, torch.cat([latent, k_pe], dim=-1), step.pos)  # [B, T, c + r]
@@ -175,7 +182,7 @@ def route(cfg: ModelConfig, x: torch.Tensor, w: Weights) -> tuple[torch.Tensor, 
     group_scores = choice.view(-1, g, n // g).topk(2, dim=-1)[0].sum(dim=-1)
     groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
     keep = torch.zeros_like(group_scores).scatter_(1, groups, 1).bool()
-    choice = choice.masked_fill(~keep.repeat_interleave(n // g, dim=1), float("-inf"))
+    choice = choice.masked_fill(~keep[:, :, None].expand(-1, g, n // g).reshape(-1, n), float("-inf"))
     idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
     weights = scores.gather(1, idx)
     if cfg.norm_topk_prob:
@@ -194,16 +201,22 @@ class MoE:
         self.stacked = w.has("experts.down_proj.weight")
         e = w.sub("experts.")
         if self.stacked:
-            self.gate_up = e("gate_up_proj.weight") if e.has("gate_up_proj.weight") else \
+            # Kept transposed ([E, in, out], contiguous, made once at load) so that both the batched GEMM and the
+            # per-expert GEMMs run without a per-call copy of the weights.
+            gate_up = e("gate_up_proj.weight") if e.has("gate_up_proj.weight") else \
                 torch.cat([e("gate_proj.weight"), e("up_proj.weight")], dim=1)
-            self.down = e("down_proj.weight")
+            self.gate_up_t = gate_up.transpose(1, 2).contiguous()
+            self.down_t = e("down_proj.weight").transpose(1, 2).contiguous()
+            for name in ("gate_up_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+                w.t.pop(w.prefix + "experts." + name, None)  # the transposed copies replace them
+            w.t[w.prefix + "experts.gate_up_t"], w.t[w.prefix + "experts.down_t"] = self.gate_up_t, self.down_t
         self.local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.long)
         self.local[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
 
     def _expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.stacked:
-            gate, up = linear(x, self.gate_up[i]).chunk(2, dim=-1)
-            return linear(F.silu(gate) * up, self.down[i])
+            gate, up = torch.matmul(x, self.gate_up_t[i]).chunk(2, dim=-1)
+            return torch.matmul(F.silu(gate) * up, self.down_t[i])
         return MLP(self.w.sub(f"experts.{self.experts[i]}."))(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,14 +229,14 @@ class MoE:
         if token.numel():
             which = local[token, slot]
             wts = weights[token, slot].to(x.dtype)
-            hit = torch.unique(which)
-            if self.stacked and hit.numel() == len(self.experts):
+            counts = torch.bincount(which, minlength=len(self.experts))
+            if self.stacked and bool((counts > 0).all()):
                 # Every local expert has tokens: one batched GEMM reads each expert's weights once. With some
                 # experts idle, the per-expert loop below reads only the experts in use (decode is bound by
                 # weight reads), as a grouped GEMM skips empty groups.
-                out = self._grouped(x, token, which, wts, out)
+                out = self._grouped(x, token, which, wts, counts, out)
             else:
-                for i in hit.tolist():
+                for i in counts.nonzero().flatten().tolist():
                     sel = which == i
                     out.index_add_(0, token[sel], self._expert(i, x[token[sel]]) * wts[sel, None])
         if self.shared is not None:
@@ -232,18 +245,17 @@ class MoE:
                 out = out + s
         return out.view(shape)
 
-    def _grouped(self, x, token, which, wts, out):
+    def _grouped(self, x, token, which, wts, counts, out):
         """One batched GEMM over the stacked experts: tokens grouped per expert, padded to the largest group."""
         E = len(self.experts)
         order = torch.argsort(which, stable=True)
         token, which, wts = token[order], which[order], wts[order]
-        counts = torch.bincount(which, minlength=E)
         cap = int(counts.max())
         offsets = torch.cumsum(counts, 0) - counts
         col = torch.arange(which.numel(), device=x.device) - offsets[which]
         gathered = x.new_zeros(E, cap, x.shape[-1])
         gathered[which, col] = x[token]
-        gate, up = torch.bmm(gathered, self.gate_up.transpose(1, 2)).chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, self.down.transpose(1, 2))  # [E, cap, H]
+        gate, up = torch.bmm(gathered, self.gate_up_t).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_t)  # [E, cap, H]
         out.index_add_(0, token, y[which, col] * wts[:, None])
         return out

@@ -86,9 +86,9 @@ def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Indexer: non-interleaved RoPE on the whole of ``x`` (the caller passes the first rope_dim dims)."""
-    c, s = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+def rotate_half_split(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """Indexer: non-interleaved RoPE on the whole of ``x`` (the caller passes the first rope_dim dims);
+    ``cos2``/``sin2`` are the per-pair values repeated for both halves, ``[cos, cos]``, as transformers builds them."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * c + rotated * s
+    return x * cos2 + rotated * sin2

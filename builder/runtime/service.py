@@ -136,12 +136,15 @@ class EngineService:
 
     # ----- the contract -----
     def generate(self, requests: list[GenerationRequest], *,
-                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+                 on_token: Callable[[int, int], None] | None = None,
+                 speculative: dict | None = None) -> list[GenerationResult]:
+        """``speculative``: None for plain decoding, or ``builder.runtime.speculative.SpeculativeOptions`` fields
+        (``mode`` mtp|draft, ``draft_len``, ``draft_engine`` for a draft model's bundle)."""
         self._check_open()
         if not requests:
             return []
         with self._lock:
-            return self._driver.generate(list(requests), on_token=on_token)
+            return self._driver.generate(list(requests), on_token=on_token, speculative=speculative)
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Float32 logits at every position of each prompt (``[len, vocab]``), for verification."""

@@ -20,6 +20,7 @@ from builder.pipeline import Stage, StageContext
 from builder.shard.fusion import FusionOptions, fuse_rank_tensors
 from builder.shard.rules import Layout, plan_ranks, stage_layers
 from builder.shard.writer import rank_file, write_all_ranks
+from builder.stages.draft import build_draft, key_inputs as draft_key_inputs
 from builder.stages.plan import layout_of
 
 VERSION = "2"
@@ -84,9 +85,12 @@ def write_llm_api(spec, src: Path, out: Path, log=print) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     info = write_engine_bundle(ctx.inputs["quantize"], ctx.out, layout=layout_of(ctx.spec), fusion=fusion_of(ctx.spec))
+    if ctx.spec.spec == "draft":
+        info["draft"] = build_draft(ctx, target_src=ctx.inputs["quantize"], fusion=fusion_of(ctx.spec))
     info["llm_api"] = write_llm_api(ctx.spec, ctx.inputs["quantize"], ctx.out, log=ctx.log)
     return info
 
 
 STAGE = Stage(name="build", version=VERSION, output="engines", upstream=("plan", "quantize"), run=run,
+              key_inputs=draft_key_inputs,
               tools=("torch", "safetensors"), describe=lambda spec, extra: f"write {spec.tp * spec.pp} rank files")

@@ -67,3 +67,16 @@ def test_missing_or_broken_bundle_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model": {}}')
     with pytest.raises(CheckpointError, match="not a valid engine config"):
         EngineBundle.open(tmp_path)
+
+
+def test_a_format_the_reference_engine_cannot_run_is_named(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_engine_bundle(tiny_ckpt, tmp_path, layout=Layout(1, 1, 1), fusion=FusionOptions.none())
+    tensors = load_file(str(tmp_path / "rank0.safetensors"))
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] // 2, dtype=torch.int8)  # INT4 packed
+    tensors.pop(name[: -len("weight")] + "weight_scale_inv")
+    save_file(tensors, str(tmp_path / "rank0.safetensors"))
+    with pytest.raises(CheckpointError, match="experts.0.up_proj.weight is torch.int8 .* block-FP8 and BF16 bundles"):
+        EngineBundle.open(tmp_path).load_rank(0)

@@ -90,7 +90,7 @@ def test_rope_variants_rotate_as_defined():
     cos, sin = angle.cos(), angle.sin()
     inter = rotate_interleaved(x, cos, sin)  # pair (x0, x1) rotated by angle 0, output [evens..., odds...]
     assert torch.allclose(inter[0], x[0] * cos[0] - x[1] * sin[0]) and torch.allclose(inter[4], x[1] * cos[0] + x[0] * sin[0])
-    half = rotate_half_split(x, cos, sin)  # pair (x0, x4) rotated by angle 0
+    half = rotate_half_split(x, torch.cat([cos, cos]), torch.cat([sin, sin]))  # pair (x0, x4) rotated by angle 0
     assert torch.allclose(half[0], x[0] * cos[0] - x[4] * sin[0]) and torch.allclose(half[4], x[4] * cos[0] + x[0] * sin[0])
 
 
