@@ -104,6 +104,7 @@ RULES: dict[Kind, Rule] = {
     Kind.EXPERT_GATE: Rule(Split.MOE, 0),
     Kind.EXPERT_UP: Rule(Split.MOE, 0),
     Kind.EXPERT_DOWN: Rule(Split.MOE, 1),
+    Kind.EXPERT_ACT_SCALE: Rule(Split.REPLICATED, None),
     Kind.MTP_EMBED: Rule(Split.VOCAB, 0),
     Kind.MTP_NORM: Rule(Split.REPLICATED, None),
     Kind.MTP_EH_PROJ: Rule(Split.REPLICATED, None),

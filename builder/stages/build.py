@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from builder.atomic import atomic_write_json
-from builder.model.catalog import build_catalog
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import validate_checkpoint
 from builder.pipeline import Stage, StageContext
@@ -25,18 +24,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 
 def catalog_of_checkpoint(src: Path, cfg: ModelConfig):
-    """The catalogue restricted to what the checkpoint holds (MTP may have been skipped at fetch)."""
+    """The quantized format's catalogue (mode read from hf_quant_config.json), restricted to what the checkpoint
+    holds (MTP may have been skipped at fetch), and the logical shapes of packed weights."""
+    from quantize.formats import mode_of_checkpoint, quantized_catalog
+
     layout = validate_checkpoint(src)
-    specs = [s for s in build_catalog(cfg) if s.name in layout.index.weight_map]
-    return layout, specs
+    catalog = quantized_catalog(cfg, mode_of_checkpoint(src))
+    specs = [s for s in catalog.specs if s.name in layout.index.weight_map]
+    return layout, specs, catalog.logical_shapes
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     src = ctx.inputs["quantize"]
     cfg = ModelConfig.from_json_file(src / "config.json")
     layout = layout_of(ctx.spec)
-    ckpt, specs = catalog_of_checkpoint(src, cfg)
-    plans = plan_ranks(cfg, layout, specs)
+    ckpt, specs, logical_shapes = catalog_of_checkpoint(src, cfg)
+    plans = plan_ranks(cfg, layout, specs, weight_shapes=logical_shapes)
     sizes = write_all_ranks(ckpt, plans, ctx.out)
     quant = json.loads((src / "hf_quant_config.json").read_text()) if (src / "hf_quant_config.json").exists() else {}
     mapping = {
