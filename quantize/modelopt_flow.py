@@ -37,7 +37,8 @@ def modelopt_config(mode: str) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
 
     cfg = copy.deepcopy(getattr(mtq, MODELOPT_CFG[mode]))
-    cfg["quant_cfg"]["*weights_proj*"] = {"enable": False}
+    # ModelOpt 0.47's quant_cfg is an ordered list of rules (later ones win).
+    cfg["quant_cfg"].append({"quantizer_name": "*weights_proj*", "enable": False})
     return cfg
 
 
