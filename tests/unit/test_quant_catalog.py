@@ -1,0 +1,37 @@
+"""Every format's catalogue slices under the sharding rules, for the tiny and the real model."""
+
+from __future__ import annotations
+
+import pytest
+
+from builder.model.config import preset
+from builder.model.tiny import tiny_config
+from builder.shard.rules import Layout, plan_ranks
+from quantize.formats import QUANT_ALGO, quantized_catalog
+
+
+@pytest.mark.parametrize("mode", sorted(QUANT_ALGO))
+@pytest.mark.parametrize("layout", [Layout(tp=2, pp=2), Layout(tp=8, pp=1, ep=8), Layout(tp=4, pp=2, ep=2)])
+def test_every_format_slices_and_every_rank_gets_all_w4a8_input_scales(mode, layout):
+    cfg = tiny_config()
+    cat = quantized_catalog(cfg, mode)
+    plans = plan_ranks(cfg, layout, cat.specs, weight_shapes=cat.logical_shapes)
+    held = [{p.name for p in plan.pieces} for plan in plans]
+    for plan, names in zip(plans, held):
+        scales = {n for n in names if n.endswith(".input_scale") and ".experts." in n}
+        main_moe = [l for l in plan.layers if cfg.is_moe_layer(l) and l < cfg.num_hidden_layers]
+        if mode == "w4afp8":  # TensorRT-LLM's W4A8 loader reads every expert's input scale on every rank
+            assert len(scales) == 3 * cfg.n_routed_experts * len(main_moe)
+    # Every stored tensor lands somewhere.
+    assert set().union(*held) == {s.name for s in cat.specs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["w4afp8", "int4-awq", "nvfp4", "fp8-tensor"])
+def test_real_model_tp8_splits_land_on_packed_bytes_and_groups(mode):
+    cfg = preset("deepseek-v3.2")
+    cat = quantized_catalog(cfg, mode)
+    plans = plan_ranks(cfg, Layout(tp=8, pp=1, ep=1), cat.specs, weight_shapes=cat.logical_shapes)
+    assert len(plans) == 8
+    sizes = [p.nbytes for p in plans]
+    assert max(sizes) - min(sizes) < 0.01 * max(sizes)
