@@ -282,7 +282,11 @@ def write_report(job: QuantJob) -> dict[str, Any]:
     body: dict[str, Any] = {"mode": job.mode, "quant_algo": formats.QUANT_ALGO[job.mode],
                             "reference": "source block-FP8 weights dequantized to BF16"}
     body["weights"] = report.weight_sqnr(job.src, job.out, mode=job.mode)
-    if job.report_logits and _fits_in_memory(cfg):
+    if body["weights"]["tensors"] and body["weights"]["lossless_tensors"] == body["weights"]["tensors"]:
+        # Every weight is bit-identical to the BF16 reference and no activation is quantized: same logits.
+        body["logits"] = {"kl_mean": 0.0, "kl_max": 0.0, "top1_agreement": 1.0,
+                          "note": "weights bit-identical to the reference; no forward needed"}
+    elif job.report_logits and _fits_in_memory(cfg):
         tokens = calibration_tokens(job)
         body["logits"] = report.logits_quality(job.src, job.out, mode=job.mode, tokens=tokens)
     else:

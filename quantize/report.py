@@ -1,6 +1,6 @@
 """``quant_report.json``: what a format costs in accuracy, measured, for every quantize run.
 
-- Per quantized tensor: SQNR in dB of the format's dequantized weight against the source dequantized to BF16
+- Per tensor (every weight, norm and bias the output holds): SQNR in dB of the format's dequantized weight against the source dequantized to BF16
   (``10 log10(sum w^2 / sum (w - w_q)^2)``), summarised by tensor kind.
 - On the calibration prompts: mean KL(p_bf16 || p_quant) of the next-token distributions and top-1 agreement of
   the quantized model (weights dequantized by the format's own dequantizer, static FP8 activation scales applied
@@ -44,7 +44,7 @@ def weight_sqnr(src: Path, quant: Path, *, mode: str) -> dict[str, Any]:
     with TensorReader(src) as ref:
         names = set(ref.names)
         for name, w in dequant.iter_float(quant, mode=mode):
-            if name not in names or w.dim() != 2:
+            if name not in names or w.dim() == 0:
                 continue
             r = reference_float(ref, name)
             per[name] = round(sqnr_db(r, w), 3)
@@ -57,9 +57,15 @@ def weight_sqnr(src: Path, quant: Path, *, mode: str) -> dict[str, Any]:
         "min_db": min(finite) if finite else None,
         "median_db": statistics.median(finite) if finite else None,
         "lossless_tensors": sum(1 for v in per.values() if v == math.inf),
-        "by_kind": {k: {"n": len(v), "min_db": min(v), "median_db": statistics.median(v)} for k, v in sorted(by_kind.items())},
-        "per_tensor_db": {n: (v if math.isfinite(v) else "inf") for n, v in per.items()},
+        "by_kind": {k: {"n": len(v), "min_db": _db(min(v)), "median_db": _db(statistics.median(v))}
+                    for k, v in sorted(by_kind.items())},
+        "per_tensor_db": {n: _db(v) for n, v in per.items()},
     }
+
+
+def _db(v: float) -> float | str:
+    """JSON has no infinity: a lossless tensor's SQNR is written as the string "inf"."""
+    return v if math.isfinite(v) else "inf"
 
 
 def logits_quality(src: Path, quant: Path, *, mode: str, tokens: torch.Tensor) -> dict[str, Any]:
