@@ -13,7 +13,8 @@ Verified against (not just read from documentation):
   (``WInt4AFP8FusedMoEMethod``, ``W4A8_CUSTOM``: weights used as stored, every expert's input scale read on every
   rank). The MTP layer's experts stay block FP8 (the upstream script drops the MTP layer; we keep it loadable).
 - fp8-tensor / int4-awq / nvfp4: what ModelOpt 0.47 ``export_hf_checkpoint`` writes for a transformers
-  ``DeepseekV32ForCausalLM`` with per-expert linears (tests/unit/test_quant_formats.py runs the export and compares):
+  ``DeepseekV32ForCausalLM`` with per-expert linears (tests/integration/test_quantize_modes.py runs the export and
+  compares):
   quantized linears get ``weight_scale``/``input_scale`` scalars (FP8), U8 ``[out/2, in]`` + F32
   ``weight_scale [out, in/128]`` (+ BF16 ``pre_quant_scale [in]`` where ModelOpt could not fold it into the
   preceding norm) (INT4 AWQ), U8 ``[out, in/2]`` + F8 ``weight_scale [out, in/16]`` + F32 ``weight_scale_2`` and

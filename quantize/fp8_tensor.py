@@ -2,7 +2,7 @@
 
 ``W = float(Wq) * weight_scale`` with a float32 scalar ``weight_scale = amax(W) / 448``; activations get a static
 ``input_scale = amax(x) / 448`` from calibration (ModelOpt's ``export_hf_checkpoint``, checked against its output on
-the tiny model in tests/unit/test_quant_formats.py).
+the tiny model in tests/integration/test_quantize_modes.py).
 """
 
 from __future__ import annotations

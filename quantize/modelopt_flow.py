@@ -83,8 +83,9 @@ def plan_output(export_dir: Path, src: Path, cfg: ModelConfig) -> tuple[list[lis
             return (1, int(parts[2]))
         return (2, 0) if name.startswith(("lm_head", "model.norm")) else (0, 0)
 
+    compensated = unquantized_consumer_fixes(ex, source, cfg)
     for name in ex.names:
-        groups.setdefault(key(name), []).append(passthrough(ex, name))
+        groups.setdefault(key(name), []).append(compensated.get(name) or passthrough(ex, name))
     mtp_modules: set[str] = set()
     for spec in build_catalog(cfg):
         if spec.is_scale or not is_mtp_tensor(spec.name, cfg) or spec.name not in source.layout.index.weight_map:
@@ -98,6 +99,45 @@ def plan_output(export_dir: Path, src: Path, cfg: ModelConfig) -> tuple[list[lis
         mtp_modules.add(f"model.layers.{spec.layer}.*")
     shards = [sorted(groups[k], key=lambda p: p.name) for k in sorted(groups)]
     return shards, sorted(mtp_modules), ex, source
+
+
+# Linears that read a norm's output but are not quantized (so carry no pre_quant_scale): the router (excluded by
+# ModelOpt) and the indexer's weights_proj (excluded by us).
+UNQUANTIZED_CONSUMERS = {"input_layernorm": ("self_attn.indexer.weights_proj",), "post_attention_layernorm": ("mlp.gate",)}
+
+
+def unquantized_consumer_fixes(ex: TensorReader, source: TensorReader, cfg: ModelConfig) -> dict[str, Planned]:
+    """AWQ export folds the shared ``pre_quant_scale`` of a norm's quantized consumers into the norm weight
+    (``g' = g / s``); the norm's unquantized consumers then see ``x / s`` too, and ModelOpt 0.47 does not compensate
+    them. Rescale their input columns by ``g / g'`` so every consumer computes what it did before export. A no-op
+    where the norm is unchanged (FP8, NVFP4)."""
+    from quantize.report import reference_float
+
+    fixes: dict[str, Planned] = {}
+    names = set(ex.names)
+    for layer in range(cfg.num_hidden_layers):
+        for norm, consumers in UNQUANTIZED_CONSUMERS.items():
+            norm_name = f"model.layers.{layer}.{norm}.weight"
+            if norm_name not in names:
+                continue
+            g_src = reference_float(source, norm_name)
+            g_new = ex.read(norm_name).to(torch.float32)
+            if torch.equal(g_src, g_new):
+                continue
+            ratio = torch.where(g_new != 0, g_src / g_new, torch.ones_like(g_new))
+            for c in consumers:
+                w = f"model.layers.{layer}.{c}.weight"
+                if w in names and ex.dtype(w).value in ("BF16", "F32"):
+                    dtype = ex.dtype(w)
+                    fixes[w] = computed(w, dtype, ex.shape(w), lambda w=w, r=ratio, dt=dtype: [
+                        (ex.read(w).to(torch.float32) * r[None, :]).to(_torch_dtype(dt))])
+    return fixes
+
+
+def _torch_dtype(dt):
+    from builder.model.safetensors_io import TORCH_DTYPES
+
+    return TORCH_DTYPES[dt]
 
 
 def _bf16():

@@ -3,8 +3,8 @@
 ``W = e2m1(q) * float(weight_scale[i, j // 16]) * weight_scale_2`` with ``weight_scale_2 = amax(W) / (6 * 448)``
 and ``weight_scale = amax(block) / 6 / weight_scale_2`` rounded to e4m3. Two e2m1 codes per byte along the input
 dimension, low nibble first: ``uint8 [out, in/2]``. This is the layout ModelOpt 0.47's ``export_hf_checkpoint``
-writes for ``NVFP4_DEFAULT_CFG`` (checked against its output in tests/unit/test_quant_formats.py) and TensorRT-LLM
-loads on Blackwell.
+writes for ``NVFP4_DEFAULT_CFG`` (checked against its output in
+tests/integration/test_quantize_modes.py) and TensorRT-LLM loads on Blackwell.
 """
 
 from __future__ import annotations
