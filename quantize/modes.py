@@ -125,7 +125,8 @@ def verify_block_fp8(reader: TensorReader, *, on_bytes: Callable[[int], None] | 
                 if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
                     raise QuantizationError(f"{scale!r} holds non-finite or non-positive scales")
                 for chunk in passthrough(reader, name).produce():
-                    if bool(((chunk & 0x7F) == 0x7F).any()):
+                    raw = chunk.numpy().tobytes()  # bytes.count scans at memory speed; torch ops are 10x slower
+                    if raw.count(b"\x7f") or raw.count(b"\xff"):
                         raise QuantizationError(f"block-FP8 weight {name!r} holds NaN values")
                     if on_bytes:
                         on_bytes(chunk.numel())

@@ -48,3 +48,24 @@ def test_full_size_calibration_is_refused_with_the_gpu_node_command(tmp_path):
     assert "torchrun --nproc-per-node 8" in msg and "--quant_cfg NVFP4_DEFAULT_CFG" in msg
     assert "quantize_fp8_to_nvfp4.sh" in msg and str(tmp_path / "weights") in msg
     _refuse_full_size(job, tiny_config(), "calibration")  # the tiny model fits: no error
+
+
+def test_rank_writer_reads_per_tensor_scalar_scales(tmp_path):
+    import torch
+
+    from builder.model.safetensors_io import validate_checkpoint, write_index, write_safetensors
+    from builder.shard.rules import Piece, RankPlan
+    from builder.shard.writer import write_rank
+
+    tensors = {"a.weight": torch.ones(4, 2, dtype=torch.float8_e4m3fn), "a.weight_scale": torch.tensor(0.5),
+               "a.input_scale": torch.tensor([0.25])}
+    size = write_safetensors(tmp_path / "m.safetensors", tensors)
+    write_index(tmp_path, {n: "m.safetensors" for n in tensors}, total_size=size)
+    plan = RankPlan(0, 0, 0, [], [], [Piece("a.weight", (2, 2), 4, 0, 2, 4), Piece("a.weight_scale", (), 4),
+                                       Piece("a.input_scale", (1,), 4)])
+    write_rank(validate_checkpoint(tmp_path), plan, tmp_path)
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "rank0.safetensors")
+    assert got["a.weight_scale"].shape == () and float(got["a.weight_scale"]) == 0.5
+    assert got["a.weight"].shape == (2, 2)
