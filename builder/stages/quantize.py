@@ -17,6 +17,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
                              gpu=spec.gpu, calib_size=spec.calib_size, calib_seq_len=spec.calib_seq_len, log=ctx.log))
 
 
+def key_inputs(spec, upstream: dict[str, Any]) -> dict[str, Any]:
+    """Every mode's report, and the calibrating modes' output, depend on the calibration corpus's text."""
+    from builder.model.tokenizer import corpus_sha256
+
+    return {"corpus": corpus_sha256()}
+
+
 STAGE = Stage(name="quantize", version=VERSION, output="quantized", upstream=("fetch",), run=run,
-              tools=("torch", "safetensors", "nvidia-modelopt", "transformers"),
+              tools=("torch", "safetensors", "nvidia-modelopt", "transformers"), key_inputs=key_inputs,
               describe=lambda spec, extra: f"quantize to {spec.quant}")
