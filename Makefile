@@ -17,6 +17,13 @@ NODES  ?= 1
 GPUS_PER_NODE ?=
 OUT    ?=
 DSBUILD_FLAGS ?=
+# make push: RUN (default build/latest) to oci://$(REGISTRY)/$(REPO)[:$(TAG)]; INSECURE=1 for a plain-HTTP registry.
+RUN      ?= build/latest
+REGISTRY ?=
+REPO     ?= dsbuild
+TAG      ?=
+INSECURE ?=
+PUSH_FLAGS ?=
 
 # Optional flags only when set, so the CLI's own defaults (and --config / DSBUILD_* env) still apply.
 RUN_FLAGS := --model $(MODEL) --tp $(TP) --pp $(PP) --ep $(EP) --quant $(QUANT) --spec $(SPEC) \
@@ -26,6 +33,7 @@ RUN_FLAGS := --model $(MODEL) --tp $(TP) --pp $(PP) --ep $(EP) --quant $(QUANT) 
 
 help:
 	@echo "make engine [MODEL=tiny TP=2 PP=2 EP=1 QUANT=fp8 GPU= NODES=1 GPUS_PER_NODE= OUT=]  whole pipeline"
+	@echo "make push REGISTRY=host[:port] [REPO=dsbuild TAG= RUN=build/latest INSECURE=1 PUSH_FLAGS=--include-weights]"
 	@echo "make test        fast test suite;   make test-full   everything"
 	@echo "make clean       remove build/;     make distclean   also the virtualenv"
 
@@ -46,6 +54,10 @@ test: $(BIN)/dsbuild
 
 test-full: $(BIN)/dsbuild
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
+push: $(BIN)/dsbuild
+	@test -n "$(REGISTRY)" || { echo "make push needs REGISTRY=host[:port] (e.g. REGISTRY=127.0.0.1:5000 INSECURE=1)"; exit 2; }
+	$(BIN)/dsbuild push $(RUN) oci://$(REGISTRY)/$(REPO)$(if $(TAG),:$(TAG)) $(if $(INSECURE),--insecure) $(PUSH_FLAGS)
 
 clean:
 	rm -rf build

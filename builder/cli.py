@@ -181,21 +181,35 @@ _stage_command("build", "Write per-rank engines (rank shards + config) into the 
 @main.command("plan")
 @spec_options()
 @common_options
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object (layouts, recommended).")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path), help="Write the throughput/latency plot (PNG).")
+@click.option("--top", type=int, default=15, show_default=True, help="Feasible layouts shown in the table.")
 @handle_errors
-def plan_cmd(config_file, verbose, as_json, **kwargs):
-    """Check and explain the parallel layout for the model and cluster."""
-    spec = spec_from(kwargs, config_file)
-    from builder.model.catalog import build_catalog
-    from builder.model.source import resolve_model
-    from builder.shard.rules import plan_ranks
-    from builder.stages.plan import layout_of
+def plan_cmd(config_file, verbose, as_json, plot_file, top, **kwargs):
+    """Choose and justify TP x PP x EP x attention-DP for the model on the cluster.
 
-    cfg = resolve_model(spec.model).config
-    ranks = plan_ranks(cfg, layout_of(spec), build_catalog(cfg))
-    out = {"layout": spec.layout_name(), "weights_per_rank_bytes": [r.nbytes for r in ranks]}
-    click.echo(json.dumps(out, indent=2) if as_json else f"{spec.layout_name()}: max weights per rank "
-               f"{_human(max(out['weights_per_rank_bytes']))}")
+    Layout flags (--tp/--pp/--ep/--attention-dp, from the command line, --config or DSBUILD_*) fix those
+    dimensions; the others are searched. Exits non-zero when no layout is feasible.
+    """
+    spec = spec_from(kwargs, config_file)
+    from builder.errors import LayoutError
+    from builder.plan.explain import render_table
+    from builder.plan.plot import plot_plan
+    from builder.stages.plan import plan_for_spec
+
+    fixed = {k for k in ("tp", "pp", "ep", "attention_dp") if k in spec.model_fields_set}
+    result = plan_for_spec(spec, fixed=fixed, requested=len(fixed) == 4)
+    if plot_file:
+        plot_plan(result, plot_file)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    else:
+        render_table(result, limit=top)
+    if result.recommended is None:
+        from builder.plan.explain import rationale
+
+        click.echo(f"error: {rationale(result)}", err=True)
+        sys.exit(LayoutError.exit_code)
 
 
 @main.command("make-tiny")
@@ -213,6 +227,117 @@ def make_tiny_cmd(out: Path, seed: int, preset_name: str, verbose: bool):
         raise SpecError(f"{out} already exists; refusing to overwrite it")
     make_tiny(out, seed=seed, preset_name=preset_name)
     click.echo(str(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry: push / pull deployments as OCI artifacts
+
+def _transfer_progress(label: str):
+    """A rich progress bar on stderr; returns the ``progress(total) -> hook(nbytes)`` factory push/pull take."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+    def start(total: int):
+        task = bar.add_task(label, total=total)
+        bar.start()
+        return lambda n: bar.advance(task, n)
+
+    def stop() -> None:
+        if bar.live.is_started:
+            bar.stop()
+    return stop, start
+
+
+def _registry_options(fn: Callable) -> Callable:
+    fn = click.option("--insecure", is_flag=True,
+                      help="Talk plain HTTP to this registry (only for a registry you know serves no TLS, e.g. "
+                           "127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; credentials are "
+                           "sent over plain HTTP only to loopback hosts.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+    fn = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")(fn)
+    return fn
+
+
+@main.command("push")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("reference")
+@click.option("--include-weights", is_flag=True,
+              help="Also push quantized/ (the checkpoint the GPU flavour loads). By default the artifact holds "
+                   "engines/ (rank shards, config.json, llm_api.yaml), package/ (Triton repository, launch files, "
+                   "Dockerfile), plan/ and manifest.json.")
+@_registry_options
+@handle_errors
+def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: bool, as_json: bool, verbose: bool):
+    """Push RUN_DIR to REFERENCE (oci://REGISTRY/REPO[:TAG]) as one OCI artifact.
+
+    Without a tag the tag is derived from the run: <model>-<quant>-<layout>-trtllm<version>-<gpu>-<commit or key>.
+    Blobs the registry already has are not uploaded again. Credentials: DSBUILD_REGISTRY_USER and
+    DSBUILD_REGISTRY_PASSWORD, else the docker config (auths, credHelpers, credsStore).
+    """
+    from builder.publish import parse_reference, push_run
+
+    ref = parse_reference(reference, allow_digest=False)
+    stop, start = _transfer_progress("push")
+    try:
+        result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, insecure=insecure,
+                          log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
+    finally:
+        stop()
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    s = result.stats
+    click.echo(f"pushed {result.reference}@{result.digest}", err=True)
+    click.echo(f"  {result.layers} layers, {_human(result.total_bytes)}; uploaded {s.blobs_uploaded} blobs "
+               f"({_human(s.bytes_uploaded)}), {s.blobs_skipped} already in the registry; {result.wall_s:.1f} s",
+               err=True)
+    click.echo(f"{result.reference}@{result.digest}")
+
+
+@main.command("pull")
+@click.argument("reference")
+@click.argument("out", type=click.Path(path_type=Path))
+@_registry_options
+@handle_errors
+def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: bool):
+    """Pull REFERENCE (oci://REGISTRY/REPO:TAG or @sha256:...) into OUT, a new or empty directory.
+
+    Every file is checked against the sha256 its manifest.json records; nothing is left under OUT on failure.
+    """
+    from dataclasses import asdict
+
+    from builder.publish import parse_reference, pull_run
+
+    ref = parse_reference(reference, require_tag=True)
+    stop, start = _transfer_progress("pull")
+    try:
+        result = pull_run(ref=ref, out=out, insecure=insecure, log=lambda m: click.echo(m, err=True),
+                          progress=None if as_json else start)
+    finally:
+        stop()
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+
+
+@main.command("dockerfile")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--include-weights", is_flag=True, help="Also copy quantized/ into the image.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")
+@handle_errors
+def dockerfile_cmd(run_dir: Path, include_weights: bool, verbose: bool):
+    """Print the Dockerfile that layers RUN_DIR onto NVIDIA's Triton TensorRT-LLM image."""
+    from builder.publish.dockerfile import dockerfile_values, render_dockerfile
+    from builder.publish.push import artifact_annotations, load_run_manifest, select_stages
+
+    manifest = load_run_manifest(run_dir)
+    stages = select_stages(manifest, include_weights=include_weights, log=lambda m: click.echo(m, err=True))
+    values = dockerfile_values(annotations=artifact_annotations(manifest, stages),
+                               run_name=str(manifest.get("run_name", run_dir.name)),
+                               stage_dirs=[manifest["stages"][s]["dir"] for s in stages])
+    click.echo(render_dockerfile(values), nl=False)
 
 
 if __name__ == "__main__":

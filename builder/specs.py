@@ -62,6 +62,9 @@ class RunSpec(BaseModel):
     network: str = opt("ib-ndr", "Scale-out network between nodes (ib-ndr, ib-hdr, roce-400g, eth-100g).",
                        stages=("plan",))
     hardware_file: Path | None = opt(None, "YAML file overriding the built-in GPU/network table.", stages=("plan",))
+    # Not part of any stage key: it only decides whether the plan stage refuses, which it checks on every run.
+    allow_infeasible: bool = opt(False, "Build the requested layout even when the planner finds it infeasible "
+                                        "(it still records why in plan/plan.json).")
 
     # --- quantization ---
     quant: QuantMode = opt("fp8", "Weight format: " + ", ".join(QUANT_MODES) + ".",

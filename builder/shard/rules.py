@@ -247,11 +247,12 @@ def plan_ranks(cfg: ModelConfig, layout: Layout, specs: list[TensorSpec], *,
         layers = list(stages[pp_rank]) + (cfg.mtp_layers if pp_rank == layout.pp - 1 else [])
         experts = list(range(ep_rank * experts_per_ep, (ep_rank + 1) * experts_per_ep))
         plan = RankPlan(rank, tp_rank, pp_rank, layers, experts)
+        layer_set, expert_set = set(layers), set(experts)  # membership per tensor: sets keep the search fast
         for spec in specs:
             rule = RULES[spec.kind]
-            if not _on_stage(spec, rule, pp_rank, layout.pp, layers):
+            if not _on_stage(spec, rule, pp_rank, layout.pp, layer_set):
                 continue
-            if rule.split is Split.MOE and spec.expert not in experts:
+            if rule.split is Split.MOE and spec.expert not in expert_set:
                 continue
             parts = _split_count(rule, cfg, layout, spec.kind)
             if rule.split is Split.MOE:
@@ -266,7 +267,7 @@ def plan_ranks(cfg: ModelConfig, layout: Layout, specs: list[TensorSpec], *,
     return plans
 
 
-def _on_stage(spec: TensorSpec, rule: Rule, pp_rank: int, pp: int, layers: list[int]) -> bool:
+def _on_stage(spec: TensorSpec, rule: Rule, pp_rank: int, pp: int, layers: set[int]) -> bool:
     if rule.stage is Stage.FIRST:
         return pp_rank == 0
     if rule.stage is Stage.LAST:

@@ -1,0 +1,338 @@
+"""A registry client on top of oras' ``Registry``, with what a multi-GB push needs that oras' own push lacks.
+
+oras 0.2.43's ``Registry.push`` uploads each file with one ``PUT`` of ``fd.read()`` (the whole file in memory)
+unless asked for chunks, retries every failure five times with sleeps of 2 + 3**n seconds (minutes before an
+error surfaces), and resolves credentials only through its own backends (its token backend cannot answer the
+``Basic`` challenge of an htpasswd registry). This subclass keeps oras' session, URL building, ``HEAD`` blob
+check and manifest schema validation, and replaces the request path: credentials looked up once when a 401 asks for
+them (Basic or Bearer-token challenge), a bounded retry of a whole blob upload on transient failures, chunked
+``POST``/``PATCH``/``PUT`` uploads from a bounded buffer, and errors as one-sentence :class:`RegistryError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Mapping
+
+import jsonschema
+import oras.auth.utils
+import oras.container
+import oras.provider
+import oras.schemas
+import oras.utils
+import requests
+
+from builder.errors import RegistryError, VerificationError
+from builder.publish.credentials import Credentials, find_credentials
+from builder.publish.reference import OciReference
+
+CHUNK_BYTES = 32 << 20  # one PATCH; also the most a transfer holds in memory
+READ_BYTES = 1 << 20
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 300
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+Progress = Callable[[int], None]
+
+
+class TransientRegistryError(RegistryError):
+    """A dropped connection or a 5xx answer: the operation may succeed when repeated."""
+
+
+@dataclass
+class TransferStats:
+    blobs_uploaded: int = 0
+    bytes_uploaded: int = 0
+    blobs_skipped: int = 0
+    bytes_skipped: int = 0
+    upload_attempts_failed: int = 0
+    upload_resumes: int = 0
+
+
+def _oci_error(resp: requests.Response) -> str:
+    try:
+        errors = resp.json().get("errors") or []
+        first = errors[0]
+        return f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return ""
+
+
+class RegistryClient(oras.provider.Registry):
+    def __init__(self, ref: OciReference, *, insecure: bool = False, retries: int = 3, backoff_s: float = 0.5,
+                 chunk_bytes: int = CHUNK_BYTES, environ: Mapping[str, str] | None = None):
+        super().__init__(hostname=ref.registry, insecure=insecure, tls_verify=True)
+        self.ref = ref
+        self.container = oras.container.Container(ref.oras_target(), registry=ref.registry)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.chunk_bytes = chunk_bytes
+        self.stats = TransferStats()
+        self._environ = environ
+        self._credentials: Credentials | None = None
+        self._credentials_looked_up = False
+        self._authorization: str | None = None
+
+    # --- the request path -------------------------------------------------------------------------------------
+
+    def _send(self, method: str, url: str, **kw: Any) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                                        verify=self._tls_verify, allow_redirects=True, **kw)
+        except requests.exceptions.SSLError:
+            raise RegistryError(f"TLS handshake with {self.ref.registry} failed; for a plain-HTTP registry pass "
+                                "--insecure") from None
+        except requests.exceptions.ConnectionError as exc:
+            reason = "connection refused" if "refused" in str(exc).lower() else "connection failed or was dropped"
+            raise TransientRegistryError(f"cannot reach registry {self.ref.registry} ({reason}) during "
+                                         f"{method} {_path(url)}") from None
+        except requests.exceptions.Timeout:
+            raise TransientRegistryError(f"registry {self.ref.registry} did not answer {method} {_path(url)} "
+                                         "in time") from None
+
+    def do_request(self, url: str, method: str = "GET", data: Any = None, headers: dict | None = None,
+                   json: dict | None = None, stream: bool = False) -> requests.Response:  # noqa: A002 (oras' API)
+        headers = dict(headers or {})
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        resp = self._send(method, url, data=data, json=json, headers=headers, stream=stream)
+        if resp.status_code != 401:
+            return resp
+        self._authorization = self._answer_challenge(resp)
+        headers["Authorization"] = self._authorization
+        resp = self._send(method, url, data=data, json=json, headers=headers, stream=stream)
+        if resp.status_code == 401:
+            creds = self._credentials
+            assert creds is not None  # _answer_challenge raised otherwise
+            raise RegistryError(f"registry {self.ref.registry} rejected the credentials of user {creds.username!r} "
+                                f"(from {creds.source})")
+        return resp
+
+    def _answer_challenge(self, resp: requests.Response) -> str:
+        if not self._credentials_looked_up:
+            self._credentials = find_credentials(self.ref.registry, environ=self._environ)
+            self._credentials_looked_up = True
+        creds = self._credentials
+        challenge = resp.headers.get("Www-Authenticate", "")
+        scheme = challenge.split(" ", 1)[0].lower()
+        if scheme == "basic":
+            if creds is None:
+                raise RegistryError(f"registry {self.ref.registry} requires credentials: set DSBUILD_REGISTRY_USER and "
+                                    "DSBUILD_REGISTRY_PASSWORD, or log in with docker/oras")
+            if self.prefix == "http" and not self.ref.is_loopback:
+                raise RegistryError(f"refusing to send credentials to {self.ref.registry} over plain HTTP; use TLS")
+            return creds.basic_header()
+        if scheme == "bearer":
+            return "Bearer " + self._request_token(oras.auth.utils.parse_auth_header(challenge), creds)
+        raise RegistryError(f"registry {self.ref.registry} asks for an authentication scheme dsbuild does not "
+                            f"speak ({scheme or 'none given'})")
+
+    def _request_token(self, h: Any, creds: Credentials | None) -> str:
+        # The distribution token protocol: GET realm?service=..&scope=.. with Basic credentials (or anonymously).
+        if not h.realm or not str(h.realm).startswith(("https://", "http://")):
+            raise RegistryError(f"registry {self.ref.registry} sent a Bearer challenge without a usable realm")
+        params = {k: v for k, v in (("service", h.service), ("scope", h.scope)) if v}
+        headers = {"Authorization": creds.basic_header()} if creds else {}
+        answer = self._send("GET", h.realm, params=params, headers=headers)
+        if answer.status_code in (401, 403):
+            who = f"user {creds.username!r} (from {creds.source})" if creds else "anonymous access"
+            raise RegistryError(f"the token service of {self.ref.registry} refused {who}")
+        if answer.status_code != 200:
+            raise RegistryError(f"the token service of {self.ref.registry} answered HTTP {answer.status_code}")
+        try:
+            body = answer.json()
+            return str(body.get("token") or body["access_token"])
+        except (ValueError, KeyError, AttributeError):
+            raise RegistryError(f"the token service of {self.ref.registry} gave no token") from None
+
+    def check(self, resp: requests.Response, what: str, ok: tuple[int, ...] = (200, 201, 202, 204)) -> requests.Response:
+        if resp.status_code in ok:
+            return resp
+        detail = _oci_error(resp)
+        msg = f"registry {self.ref.registry} answered HTTP {resp.status_code} {resp.reason} to {what}" + (
+            f" ({detail})" if detail else "")
+        if resp.status_code == 403:
+            msg = f"registry {self.ref.registry} denied {what} (HTTP 403{': ' + detail if detail else ''})"
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise TransientRegistryError(msg)
+        raise RegistryError(msg)
+
+    # oras' helpers call this; keep its contract (raise on non-2xx) with our errors.
+    def _check_200_response(self, response: requests.Response) -> None:
+        self.check(response, f"{response.request.method} {_path(response.request.url or '')}")
+
+    def with_retries(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn`` again after a transient failure, up to ``retries`` more times, with a short backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except TransientRegistryError as exc:
+                self.stats.upload_attempts_failed += 1
+                if attempt == self.retries:
+                    raise RegistryError(f"{what} failed after {attempt + 1} attempts: {exc}") from None
+                time.sleep(self.backoff_s * (2 ** attempt))
+        raise AssertionError("unreachable")
+
+    # --- API --------------------------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        resp = self.do_request(f"{self.prefix}://{self.ref.registry}/v2/", "GET")
+        if resp.status_code == 404:
+            raise RegistryError(f"{self.ref.registry} is not an OCI registry (no /v2/ endpoint)")
+        self.check(resp, "GET /v2/")
+
+    def has_blob(self, digest: str) -> bool:
+        resp = self.do_request(f"{self.prefix}://{self.container.get_blob_url(digest)}", "HEAD")
+        if resp.status_code == 404:
+            return False
+        self.check(resp, f"HEAD blob {digest[:19]}")
+        return True
+
+    def push_blob(self, *, path: Path, digest: str, size: int, title: str, progress: Progress | None = None) -> bool:
+        """Upload ``path`` as blob ``digest`` unless the registry has it; True when bytes were sent."""
+        if self.with_retries(lambda: self.has_blob(digest), f"checking {title}"):
+            self.stats.blobs_skipped += 1
+            self.stats.bytes_skipped += size
+            if progress:
+                progress(size)
+            return False
+        sent = [0]
+
+        def attempt() -> None:
+            if progress and sent[0]:
+                progress(-sent[0])  # a retried upload starts over
+            sent[0] = 0
+
+            def count(n: int) -> None:
+                sent[0] += n
+                if progress:
+                    progress(n)
+            self._chunked_upload(path=path, digest=digest, size=size, title=title, on_bytes=count)
+        self.with_retries(attempt, f"uploading {title}")
+        self.stats.blobs_uploaded += 1
+        self.stats.bytes_uploaded += size
+        return True
+
+    def _chunked_upload(self, *, path: Path, digest: str, size: int, title: str, on_bytes: Progress) -> None:
+        # OCI distribution spec, "Pushing a blob in chunks": POST a session, PATCH each chunk with Content-Range,
+        # PUT ?digest= to close it. The registry recomputes the digest and refuses a mismatch. A chunk cut off by a
+        # dropped connection or a 5xx is resumed from the offset the registry reports for the session (GET on the
+        # session URL answers ``Range: 0-<last byte>``), so a 40 GB rank shard is not re-sent from its start.
+        start = self.check(self.do_request(f"{self.prefix}://{self.container.upload_blob_url()}", "POST",
+                                           headers={"Content-Length": "0"}), f"starting the upload of {title}")
+        location = self._get_location(start, self.container)
+        if not location:
+            raise RegistryError(f"registry {self.ref.registry} started an upload without a Location header")
+        offset = 0
+        resumes = 0
+        with open(path, "rb") as fh:
+            while chunk := fh.read(self.chunk_bytes):
+                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
+                           "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
+                try:
+                    resp = self.check(self.do_request(location, "PATCH", data=chunk, headers=headers),
+                                      f"uploading {title}")
+                except TransientRegistryError:
+                    if resumes == self.retries:
+                        raise
+                    resumes += 1
+                    self.stats.upload_resumes += 1
+                    time.sleep(self.backoff_s * resumes)
+                    location, committed = self._upload_status(location, title)
+                    if committed > offset + len(chunk):
+                        raise TransientRegistryError(f"the registry reports more of {title} than was sent") from None
+                    on_bytes(committed - offset)
+                    offset = committed
+                    fh.seek(offset)
+                    continue
+                location = self._get_location(resp, self.container) or location
+                offset += len(chunk)
+                on_bytes(len(chunk))
+                del chunk, resp  # the response keeps its request body: drop both before reading the next chunk
+        if offset != size:
+            raise VerificationError(f"{title} is {offset} bytes on disk but manifest.json records {size}; the run "
+                                    "directory changed after it was built")
+        close = oras.utils.append_url_params(location, {"digest": digest})
+        resp = self.do_request(close, "PUT", headers={"Content-Length": "0"})
+        if resp.status_code == 400 and "DIGEST_INVALID" in _oci_error(resp):
+            raise VerificationError(f"{title} does not match its sha256 in manifest.json (the registry computed a "
+                                    "different digest); the run directory changed after it was built")
+        self.check(resp, f"finishing the upload of {title}")
+
+    def _upload_status(self, location: str, title: str) -> tuple[str, int]:
+        """(session URL, bytes the registry holds) of an upload session."""
+        resp = self.check(self.do_request(location, "GET"), f"asking how much of {title} arrived", ok=(204, 200))
+        last = resp.headers.get("Range", "0-0").rpartition("-")[2]
+        # distribution answers "0-0" for an empty session and "0-N" (inclusive) otherwise.
+        committed = int(last) + 1 if last.isdigit() and int(last) > 0 else 0
+        return self._get_location(resp, self.container) or location, committed
+
+    def put_manifest(self, manifest: dict[str, Any], *, tag: str) -> str:
+        """Upload an image manifest under ``tag``; returns its digest (``sha256:...``)."""
+        jsonschema.validate(manifest, schema=oras.schemas.manifest)  # oras' OCI image-manifest schema
+        body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        url = f"{self.prefix}://{self.container.manifest_url(tag)}"
+
+        def put() -> requests.Response:
+            return self.check(self.do_request(url, "PUT", data=body, headers={"Content-Type": OCI_MANIFEST}),
+                              f"PUT manifest {self.ref.repository}:{tag}")
+        resp = self.with_retries(put, "uploading the manifest")
+        answered = resp.headers.get("Docker-Content-Digest")
+        if answered and answered != digest:
+            raise VerificationError(f"registry stored the manifest as {answered}, not {digest}")
+        return digest
+
+    def fetch_manifest(self) -> tuple[dict[str, Any], str]:
+        """(manifest, digest) for the reference's tag or digest, checked against a pinned digest."""
+        url = f"{self.prefix}://{self.container.manifest_url(self.ref.reference)}"
+
+        def get() -> requests.Response:
+            resp = self.do_request(url, "GET", headers={"Accept": OCI_MANIFEST})
+            if resp.status_code == 404:
+                raise RegistryError(f"{self.ref} does not exist in the registry ({_oci_error(resp) or 'HTTP 404'})")
+            return self.check(resp, f"GET manifest {self.ref}")
+        resp = self.with_retries(get, f"reading {self.ref}")
+        digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
+        if self.ref.digest and digest != self.ref.digest:
+            raise VerificationError(f"registry answered {self.ref} with a manifest whose digest is {digest}")
+        try:
+            manifest = resp.json()
+        except ValueError:
+            raise RegistryError(f"the manifest of {self.ref} is not JSON") from None
+        if not isinstance(manifest, dict) or manifest.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST:
+            raise RegistryError(f"{self.ref} is not an OCI image manifest (an index or a Docker v2 image?)")
+        return manifest, digest
+
+    def download_blob_to(self, *, digest: str, size: int, out: BinaryIO, title: str,
+                         progress: Progress | None = None) -> None:
+        """Stream blob ``digest`` into ``out``, hashing as it goes; a mismatch is a VerificationError."""
+        def attempt() -> None:
+            out.seek(0)
+            out.truncate()
+            h = hashlib.sha256()
+            got = 0
+            with self.check(self.do_request(f"{self.prefix}://{self.container.get_blob_url(digest)}", "GET",
+                                            stream=True), f"downloading {title}") as resp:
+                try:
+                    for block in resp.iter_content(chunk_size=READ_BYTES):
+                        h.update(block)
+                        out.write(block)
+                        got += len(block)
+                        if progress:
+                            progress(len(block))
+                except requests.exceptions.RequestException:
+                    if progress:
+                        progress(-got)
+                    raise TransientRegistryError(f"the download of {title} was cut off") from None
+            if got != size or "sha256:" + h.hexdigest() != digest:
+                raise VerificationError(f"{title}: the registry sent {got} bytes with sha256:{h.hexdigest()[:12]}..., "
+                                        f"the artifact manifest records {size} bytes with {digest[:19]}...")
+        self.with_retries(attempt, f"downloading {title}")
+
+
+def _path(url: str) -> str:
+    return "/" + url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
