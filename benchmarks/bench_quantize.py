@@ -125,7 +125,8 @@ def main() -> None:
     rows = []
     try:
         for gb in args.sizes:
-            experts = max(4, int(round(gb * 1e9 / (3 * 3 * 1024 * 1024) / 4)) * 4)  # 3 MoE layers x 3 matrices
+            # 4 MoE layers (3 decoder + MTP) x 3 matrices of 1024 x 1024 FP8 bytes per expert
+            experts = max(4, int(round(gb * 1e9 / (4 * 3 * 1024 * 1024) / 4)) * 4)
             src = scratch / f"ckpt-{gb:g}gb"
             nbytes = make_checkpoint(src, experts=experts)
             shards = sorted(src.glob("*.safetensors"))
