@@ -130,10 +130,15 @@ def test_nvfp4_is_refused_for_hopper_and_cpu_plans(tiny_ckpt, tmp_path):
     assert not any((tmp_path / "h").iterdir())
 
 
-def test_cli_nvfp4_on_hopper_exits_with_one_sentence(dsbuild):
+def test_cli_nvfp4_on_hopper_exits_with_one_sentence(dsbuild, tmp_path):
+    # The plan stage refuses first; forced past it, the quantize stage refuses on its own.
     res = dsbuild("quantize", "--quant", "nvfp4", "--gpu", "h200-sxm")
+    assert res.returncode != 0 and "nvfp4" in res.stderr and "h200-sxm" in res.stderr, res.stderr
+    res = dsbuild("quantize", "--quant", "nvfp4", "--gpu", "h200-sxm", "--allow-infeasible")
     assert res.returncode == QuantizationError.exit_code, res.stderr
     assert "nvfp4 needs a Blackwell GPU" in res.stderr and "h200-sxm" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("quantized/*.safetensors"))
 
 
 @pytest.mark.slow
