@@ -201,6 +201,12 @@ def _refuse_full_size(job: QuantJob, cfg: ModelConfig, what: str) -> None:
         return
     from quantize.modelopt_flow import gpu_commands
 
+    params = sum(s.numel for s in build_catalog(cfg) if not s.is_scale) / 1e9
+    if job.mode not in ("nvfp4", "w4afp8"):
+        raise QuantizationError(
+            f"{what} for this {params:.0f}B-parameter model needs it whole in GPU memory, and ModelOpt's multi-GPU "
+            f"DeepSeek flow (examples/deepseek) produces only NVFP4 (and the expert amax that --quant w4afp8 uses); "
+            f"use --quant fp8 or w4afp8 on Hopper, nvfp4 on Blackwell")
     raise QuantizationError(
         f"{what} for this {sum(s.numel for s in build_catalog(cfg) if not s.is_scale) / 1e9:.0f}B-parameter model "
         f"needs it whole in (GPU) memory, which this machine lacks; on an 8-GPU node run: "

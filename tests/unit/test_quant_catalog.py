@@ -48,6 +48,9 @@ def test_full_size_calibration_is_refused_with_the_gpu_node_command(tmp_path):
     assert "torchrun --nproc-per-node 8" in msg and "--quant_cfg NVFP4_DEFAULT_CFG" in msg
     assert "quantize_fp8_to_nvfp4.sh" in msg and str(tmp_path / "weights") in msg
     _refuse_full_size(job, tiny_config(), "calibration")  # the tiny model fits: no error
+    awq = QuantJob(src=tmp_path / "weights", out=tmp_path / "quantized", mode="int4-awq")
+    with pytest.raises(QuantizationError, match="produces only NVFP4"):
+        _refuse_full_size(awq, preset("deepseek-v3.2"), "ModelOpt INT4_AWQ_CFG calibration")
 
 
 def test_rank_writer_reads_per_tensor_scalar_scales(tmp_path):
