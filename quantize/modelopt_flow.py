@@ -15,9 +15,11 @@ an index, tokenizer files copied.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -60,8 +62,10 @@ def quantize_and_export(src: Path, export_dir: Path, *, mode: str, tokens: torch
                 m(tokens[i: i + 1])
         progress(f"calibrated on {len(tokens)} prompts")
 
-    mtq.quantize(model, modelopt_config(mode), forward_loop)
-    export_hf_checkpoint(model, export_dir=str(export_dir))
+    # ModelOpt prints progress to stdout, which belongs to the CLI's --json output: send it to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        mtq.quantize(model, modelopt_config(mode), forward_loop)
+        export_hf_checkpoint(model, export_dir=str(export_dir))
 
 
 def plan_output(export_dir: Path, src: Path, cfg: ModelConfig) -> tuple[list[list[Planned]], list[str], TensorReader, TensorReader]:
