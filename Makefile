@@ -33,8 +33,11 @@ RUN_FLAGS := --model $(MODEL) --tp $(TP) --pp $(PP) --ep $(EP) --quant $(QUANT) 
 
 help:
 	@echo "make engine [MODEL=tiny TP=2 PP=2 EP=1 QUANT=fp8 GPU= NODES=1 GPUS_PER_NODE= OUT=]  whole pipeline"
+	@echo "            [SPEC=none|mtp|draft DRAFT_LEN=3 DRAFT_MODEL=tiny-draft|hub-id|dir]  speculative decoding"
 	@echo "make push REGISTRY=host[:port] [REPO=dsbuild TAG= RUN=build/latest INSECURE=1 PUSH_FLAGS=--include-weights]"
 	@echo "make test        fast test suite;   make test-full   everything"
+	@echo "make serve       serve build/latest with tritonserver on 127.0.0.1 [SERVE_FLAGS=--http-port ...]"
+	@echo "make bench       serve build/latest, benchmark it into build/latest/bench/ [BENCH_FLAGS=...]"
 	@echo "make clean       remove build/;     make distclean   also the virtualenv"
 
 # The virtualenv is (re)installed whenever pyproject.toml changes.
@@ -55,9 +58,19 @@ test: $(BIN)/dsbuild
 test-full: $(BIN)/dsbuild
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
+# Serve the latest run's Triton repository on 127.0.0.1 (HTTP 8000, gRPC 8001, metrics 8002) until Ctrl-C.
+SERVE_FLAGS ?=
+serve: $(BIN)/dsbuild
+	$(BIN)/dsbuild serve --repo build/latest/package/triton_repo $(SERVE_FLAGS)
+
 push: $(BIN)/dsbuild
 	@test -n "$(REGISTRY)" || { echo "make push needs REGISTRY=host[:port] (e.g. REGISTRY=127.0.0.1:5000 INSECURE=1)"; exit 2; }
 	$(BIN)/dsbuild push $(RUN) oci://$(REGISTRY)/$(REPO)$(if $(TAG),:$(TAG)) $(if $(INSECURE),--insecure) $(PUSH_FLAGS)
+
+# Serve build/latest in the background on free ports, benchmark it (results in build/latest/bench/), stop it.
+BENCH_FLAGS ?= --concurrency 1,4,16 --isl 64 --osl 32 --num-requests 32
+bench: $(BIN)/dsbuild
+	$(BIN)/python -m triton_repo.bench.serve_and_bench --run build/latest -- $(BENCH_FLAGS)
 
 clean:
 	rm -rf build

@@ -106,11 +106,18 @@ def main() -> None:
     """
 
 
-def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float) -> None:
+def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float,
+                   gpu_host: dict[str, Any] | None = None) -> None:
+    from builder.hostfit import instructions_text
+
     if as_json:
-        click.echo(json.dumps({"run_dir": str(run_dir), "stages": [
+        out: dict[str, Any] = {"run_dir": str(run_dir), "stages": [
             {"stage": r.name, "status": r.status, "key": r.key, "wall_s": round(r.wall_s, 3), "bytes": r.bytes,
-             "info": r.info} for r in results]}, indent=2))
+             "info": r.info} for r in results]}
+        if gpu_host:
+            out["stages"] += [{"stage": s, "status": "left for GPU host"} for s in gpu_host["stages"]]
+            out["left_for_gpu_host"] = gpu_host
+        click.echo(json.dumps(out, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -120,10 +127,15 @@ def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float) -> 
         table.add_column(col)
     for r in results:
         table.add_row(r.name, r.status, f"{r.wall_s:.2f} s", _human(r.bytes), r.key[:12])
+    for s in (gpu_host or {}).get("stages", []):
+        table.add_row(s, "left for GPU host", "-", "-", "-")
     Console(stderr=True).print(table)
     for r in results:
-        if r.info.get("plan"):
-            click.echo(f"  {r.name}: {r.info['plan']}", err=True)
+        plan = r.info.get("plan")
+        if plan:
+            click.echo(f"  {r.name}: {plan.get('summary', '') if isinstance(plan, dict) else plan}", err=True)
+    if gpu_host:
+        click.echo(instructions_text(gpu_host), err=True)
 
 
 def _human(n: int) -> str:
@@ -136,6 +148,7 @@ def _human(n: int) -> str:
 
 def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], dry_run: bool, as_json: bool,
                 wait: bool) -> None:
+    from builder.hostfit import gpu_host_instructions, host_fit
     from builder.pipeline import run_pipeline, update_latest
     from builder.stages import all_stages, stages_through
 
@@ -151,10 +164,30 @@ def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], d
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
+    # Up front, from sizes: stages this host should not start (a 690 GB checkpoint on a few CPU cores).
+    fit = host_fit(spec, [s.name for s in stages])
+    if fit.deferred:
+        log(f"this host runs {', '.join(s.name for s in stages if s.name not in fit.deferred)}; "
+            f"{', '.join(fit.deferred)} are left for the GPU host: {fit.reason}")
+        stages = [s for s in stages if s.name not in fit.deferred]
     results = run_pipeline(spec, stages, run_dir=run_dir, force=forced, dry_run=dry_run, wait=wait, log=log)
-    if not dry_run and through is None:
+    if not dry_run and through is None and not fit.deferred:
         update_latest(run_dir)
-    _print_summary(results, as_json=as_json, run_dir=run_dir, total_s=time.perf_counter() - t0)
+    gpu_host = None
+    if fit.deferred:
+        fetched = next((r for r in results if r.name == "fetch"), None)
+        info = fetched.info if fetched else {}
+        planned = info.get("plan") if isinstance(info.get("plan"), dict) else {}
+        commit = info.get("commit") or planned.get("commit") or _manifest_commit(run_dir)
+        gpu_host = gpu_host_instructions(spec, fit, commit=commit)
+    _print_summary(results, as_json=as_json, run_dir=run_dir, total_s=time.perf_counter() - t0, gpu_host=gpu_host)
+
+
+def _manifest_commit(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())["stages"]["fetch"]["extra"].get("commit")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _stage_command(name: str, help_text: str):
@@ -172,10 +205,96 @@ def _stage_command(name: str, help_text: str):
     return command
 
 
-_stage_command("run", "Run every stage: plan, fetch, quantize, build (cached stages are skipped).")
+_stage_command("run", "Run every stage: plan, fetch, quantize, build, package (cached stages are skipped).")
 _stage_command("fetch", "Get the checkpoint (tiny, local directory or hub) into the run's weights/, verified.")
 _stage_command("quantize", "Convert the fetched checkpoint to --quant into the run's quantized/.")
 _stage_command("build", "Write per-rank engines (rank shards + config) into the run's engines/.")
+_stage_command("package", "Render the Triton model repository and launch files into the run's package/.")
+
+
+@main.command("serve")
+@click.option("--repo", type=click.Path(path_type=Path), default=Path("build/latest/package/triton_repo"),
+              show_default=True, help="Triton model repository (a run's package/triton_repo).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP, gRPC and metrics ports bind.")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True)
+@click.option("--ready-timeout", type=float, default=600, show_default=True,
+              help="Seconds to wait for the model to load.")
+@click.option("--max-restarts", type=int, default=2, show_default=True,
+              help="Restarts of an unhealthy server (crashed python stub) before giving up.")
+@click.option("--exit-timeout", type=int, default=20, show_default=True,
+              help="Seconds Triton waits for in-flight requests on SIGTERM.")
+@click.option("--log-file", type=click.Path(path_type=Path), help="Write tritonserver's log here.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max_restarts, exit_timeout, log_file,
+              verbose):
+    """Serve a model repository with a real tritonserver (the container's on GPU hosts, else the nvidia-pytriton
+    wheel's) until SIGTERM or Ctrl-C."""
+    from builder.errors import ServeError
+    from triton_repo.interface import MODEL_NAME
+    from triton_repo.server import Ports, serve_forever
+
+    if not (repo / MODEL_NAME / "config.pbtxt").is_file():
+        raise ServeError(f"{repo} is not a dsbuild Triton repository (no {MODEL_NAME}/config.pbtxt); "
+                         "run `dsbuild package` first")
+    sys.exit(serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
+                           models=[MODEL_NAME], ready_timeout=ready_timeout, max_restarts=max_restarts,
+                           exit_timeout_s=exit_timeout, log_path=log_file, log=lambda m: click.echo(m, err=True)))
+
+
+@main.command("bench")
+@click.option("--url", required=True, help="Triton server HOST:PORT (gRPC port for --protocol grpc, HTTP port for http).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("build/latest"), show_default=True,
+              help="The served run: its engines/ give the tokenizer, its manifest the planner's prediction.")
+@click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
+@click.option("--isl", default="128", show_default=True, help="Input tokens per request: MEAN or MEAN:STD.")
+@click.option("--osl", default="64", show_default=True, help="Output tokens per request (max_tokens): MEAN or MEAN:STD.")
+@click.option("--num-requests", type=click.IntRange(1), default=32, show_default=True, help="Requests per level.")
+@click.option("--request-rate", type=click.FloatRange(0, min_open=True), default=None,
+              help="Poisson arrivals at this many requests/s (in flight capped at the concurrency); "
+                   "default: closed loop.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True,
+              help="Warm-up requests per level, excluded from the figures.")
+@click.option("--dataset", type=click.Path(path_type=Path), help="Real prompts: JSON Lines with \"prompt\", or text lines.")
+@click.option("--ttft-ms", type=click.FloatRange(0, min_open=True), help="Goodput: TTFT limit.")
+@click.option("--tpot-ms", type=click.FloatRange(0, min_open=True), help="Goodput: TPOT limit.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=600, show_default=True,
+              help="Seconds one request may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result document as JSON (docs/bench.md).")
+@click.option("--output", type=click.Path(path_type=Path), help="Also write the JSON result to this file.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG plot here.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, request_rate, seed, warmup, dataset, ttft_ms,
+              tpot_ms, timeout, as_json, output, plot_path, verbose):
+    """Benchmark a served model: streamed requests at each concurrency; TTFT, TPOT = (latency - TTFT) /
+    (output tokens - 1), inter-token and end-to-end latency, throughput, goodput, errors; next to the planner's
+    prediction for the run's layout."""
+    from builder.atomic import atomic_write_json
+    from builder.errors import SpecError
+    from triton_repo.bench import BenchConfig, Length, plot, print_tables, run_bench
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+    except ValueError:
+        raise SpecError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
+    cfg = BenchConfig(url=url, engines_dir=run_dir / "engines", protocol=protocol, concurrency=levels,
+                      isl=Length.parse(isl, what="--isl"), osl=Length.parse(osl, what="--osl"),
+                      num_requests=num_requests, request_rate=request_rate, seed=seed, warmup=warmup, dataset=dataset,
+                      ttft_ms=ttft_ms, tpot_ms=tpot_ms, timeout_s=timeout)
+    result = run_bench(cfg, run_dir=run_dir, show_progress=sys.stderr.isatty() or not as_json)
+    if output:
+        atomic_write_json(output, result)
+    if plot_path:
+        plot(result, plot_path)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_tables(result)
 
 
 @main.command("plan")
@@ -227,6 +346,168 @@ def make_tiny_cmd(out: Path, seed: int, preset_name: str, verbose: bool):
         raise SpecError(f"{out} already exists; refusing to overwrite it")
     make_tiny(out, seed=seed, preset_name=preset_name)
     click.echo(str(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference engine
+
+def _engine_options(fn: Callable) -> Callable:
+    fn = click.option("--engine", "engine_dir", type=click.Path(path_type=Path), required=True,
+                      help="Engine bundle directory (a run's engines/).")(fn)
+    fn = click.option("--threads-per-rank", type=int, default=None,
+                      help="CPU threads per rank (default: cores / ranks).")(fn)
+    fn = click.option("--python", "python_executable", default=None,
+                      help="Python interpreter for the worker ranks (default: this one).")(fn)
+    return fn
+
+
+@main.command("generate")
+@click.option("--url", help="A Triton server's HOST:PORT (its gRPC port, or its HTTP port with --protocol http).")
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path),
+              help="Engine bundle directory (a run's engines/): run the reference engine here, no server.")
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, (1 << 64) - 1), default=None,
+              help="Sampling seed (same seed, same tokens).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, finish_reason, ...).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
+              help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).")
+@click.option("--stream/--no-stream", default=False, help="With --url: print text as the server streams it.")
+@click.option("--stop", multiple=True, help="With --url: stop string (repeatable).")
+@click.option("--model-name", default="tensorrt_llm", show_default=True, help="With --url: the served model.")
+@click.option("--timeout", type=float, default=300, show_default=True, help="With --url: seconds to wait.")
+@click.option("--threads-per-rank", type=int, default=None,
+              help="With --engine: CPU threads per rank (default: cores / ranks).")
+@click.option("--python", "python_executable", default=None,
+              help="With --engine: Python interpreter for the worker ranks (default: this one).")
+@click.option("--ignore-eos", is_flag=True, help="With --engine: do not stop at the model's end-of-sentence token.")
+@spec_options("spec", "draft_len")
+@click.option("--draft-engine", type=click.Path(path_type=Path), default=None,
+              help="With --engine --spec draft: the draft model's bundle (default: ENGINE/draft, as `dsbuild build "
+                   "--spec draft` writes it).")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p, seed, as_json, protocol, stream,
+                 stop, model_name, timeout, threads_per_rank, python_executable, ignore_eos, spec, draft_len,
+                 draft_engine, verbose):
+    """Generate text from a served model (--url) or with the reference engine on this host (--engine)."""
+    from builder.errors import SpecError
+
+    if bool(url) == bool(engine_dir):
+        raise SpecError("pass exactly one of --url (a Triton server) or --engine (a run's engines/ directory)")
+    if url and spec not in (None, "none"):
+        raise SpecError("--spec applies to --engine; a served model's speculative decoding is fixed at build time")
+    if url:
+        _generate_remote(url=url, prompt=prompt, protocol=protocol, stream=stream, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                         model_name=model_name, timeout=timeout, as_json=as_json)
+    else:
+        _generate_direct(engine_dir=engine_dir, threads_per_rank=threads_per_rank,
+                         python_executable=python_executable, prompt=prompt, max_tokens=max_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                         as_json=as_json, speculative=_speculative_options(engine_dir, spec, draft_len, draft_engine))
+
+
+def _speculative_options(engine_dir: Path, spec: str | None, draft_len: int | None,
+                         draft_engine: Path | None) -> dict[str, Any] | None:
+    from builder.trtllm.speculative import DRAFT_DIR
+
+    if spec in (None, "none"):
+        return None
+    n = RunSpec.model_fields["draft_len"].default if draft_len is None else draft_len
+    return {"mode": spec, "draft_len": n,
+            "draft_engine": str(draft_engine or Path(engine_dir) / DRAFT_DIR) if spec == "draft" else None}
+
+
+def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,
+                     top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], model_name: str,
+                     timeout: float, as_json: bool) -> None:
+    from triton_repo.client import GenerateOptions, generate
+
+    shown = [""]
+
+    def show(text: str) -> None:  # responses carry cumulative text: print only what is new
+        text = text.rstrip("\ufffd")  # a character whose bytes are not all generated yet
+        if text.startswith(shown[0]):
+            click.echo(text[len(shown[0]):], nl=False)
+            shown[0] = text
+
+    opts = GenerateOptions(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, stop=tuple(stop), stream=stream)
+    result = generate(url, opts, protocol=protocol, model=model_name, timeout=timeout,
+                      on_text=show if stream and not as_json else None)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    elif stream:
+        rest = result.text[len(shown[0]):] if result.text.startswith(shown[0]) else "\n" + result.text
+        click.echo(rest)
+    else:
+        click.echo(result.text)
+
+
+def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_executable: str | None, prompt: str,
+                     max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
+                     ignore_eos: bool, as_json: bool, speculative: dict[str, Any] | None = None) -> None:
+    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.runtime.text import encode_prompt
+
+    with EngineService(engine_dir, threads_per_rank=threads_per_rank, python_executable=python_executable) as svc:
+        tok = svc.tokenizer()
+        ids = encode_prompt(svc.bundle, tok, prompt)
+        eos = svc.bundle.cfg.raw.get("eos_token_id")
+        stops = [] if ignore_eos else [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+        req = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, stop_token_ids=stops)
+        t0 = time.perf_counter()
+        streamed: list[int] = []
+        shown = [""]
+
+        def on_token(_i: int, token: int) -> None:  # stream the text as it grows (whole characters only)
+            if as_json:
+                return
+            streamed.append(token)
+            now = tok.decode(streamed)
+            if now.startswith(shown[0]) and not now.endswith("\ufffd"):
+                click.echo(now[len(shown[0]):], nl=False)
+                shown[0] = now
+        res = svc.generate([req], on_token=on_token, speculative=speculative)[0]
+        wall = time.perf_counter() - t0
+    text = tok.decode(res.token_ids)
+    if not as_json and text.startswith(shown[0]):
+        click.echo(text[len(shown[0]):], nl=False)
+    if as_json:
+        click.echo(json.dumps({"text": text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
+                               "prompt_tokens": len(ids), "total_draft_tokens": res.total_draft_tokens,
+                               "total_accepted_draft_tokens": res.total_accepted_draft_tokens,
+                               "acceptance_rate": round(res.acceptance_rate, 4),
+                               "target_forwards": res.target_forwards, "wall_s": round(wall, 4)}))
+    else:
+        click.echo("")
+
+
+@main.command("verify")
+@_engine_options
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint the bundle was built from (default: the run's quantized/).")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Largest relative logit error.")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tolerance, gen_tokens, verbose):
+    """Compare the reference engine with transformers on fixed prompts; JSON out, non-zero exit beyond tolerance."""
+    from builder.errors import VerificationError
+    from builder.runtime.verify import verify_engine
+
+    report = verify_engine(engine_dir, checkpoint=checkpoint, gen_tokens=gen_tokens, tolerance=tolerance,
+                           threads_per_rank=threads_per_rank, python_executable=python_executable)
+    click.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        why = "greedy tokens differ" if not report["greedy_match"] else \
+            f"max relative logit error {report['max_rel_err']:.2e} exceeds {tolerance:.0e}"
+        raise VerificationError(f"the reference engine disagrees with transformers: {why}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -105,3 +105,7 @@ class StageError(DsbuildError):
     """A pipeline stage failed for a reason its own error did not cover."""
 
     exit_code = 13
+
+
+class RequestError(SpecError):
+    """A generation request is invalid (empty prompt, token id outside the vocabulary, bad sampling value)."""

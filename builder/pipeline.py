@@ -55,8 +55,9 @@ class Stage:
     tools: tuple[str, ...] = ()
     # Inputs that are not spec fields (e.g. the hub commit sha); may raise a DsbuildError (hub unreachable).
     key_inputs: Callable[[RunSpec, dict[str, dict[str, Any]]], dict[str, Any]] | None = None
-    # Shown by --dry-run: what the stage would do, without doing it.
-    describe: Callable[[RunSpec, dict[str, Any]], str] | None = None
+    # Shown by --dry-run: what the stage would do, without doing it (a line, or a dict with a "summary" line and
+    # details for --json).
+    describe: Callable[[RunSpec, dict[str, Any]], str | dict[str, Any]] | None = None
 
 
 @dataclass

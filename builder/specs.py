@@ -37,8 +37,8 @@ class RunSpec(BaseModel):
     # --- model and source ---
     model: str = opt("tiny", "Model: 'tiny' (generated), a Hugging Face repo id, or a local checkpoint directory.",
                      stages=("plan", "fetch"))
-    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.",
-                        stages=("fetch",))
+    # Not a key field itself: fetch resolves it to a commit sha, and that sha is in fetch's key (and so downstream).
+    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.")
     seed: int = opt(0, "Seed for the generated tiny model and for sampling.", stages=("fetch",))
     include: list[str] = opt([], "Glob patterns of repository files to fetch (repeatable).", stages=("fetch",))
     exclude: list[str] = opt([], "Glob patterns of repository files not to fetch (repeatable).", stages=("fetch",))
@@ -88,9 +88,37 @@ class RunSpec(BaseModel):
     draft_model: str | None = opt(None, "Draft model for --spec draft ('tiny-draft', hub id or directory).",
                                   stages=("build", "package"))
 
+    # --- package (Triton repository and launch files) ---
+    flavour: Literal["auto", "gpu", "cpu"] = opt(
+        "auto", "Triton repository flavour: gpu (TensorRT-LLM container), cpu (reference engine), auto (gpu when "
+        "--gpu is given).", stages=("package",))
+    image: str | None = opt(None, "Container image for launch files (default: the pinned TensorRT-LLM's Triton image).",
+                            stages=("package",))
+    deploy_dir: str | None = opt(None, "Path of the run directory on the cluster's shared storage (default: this "
+                                 "run directory's absolute path).", stages=("package",))
+    model_path: str | None = opt(None, "Checkpoint path the GPU servers load (default: <deploy-dir>/quantized).",
+                                 stages=("package",))
+    slurm_partition: str | None = opt(None, "Slurm partition for slurm.sbatch.", stages=("package",))
+    slurm_account: str | None = opt(None, "Slurm account for slurm.sbatch.", stages=("package",))
+    slurm_time: str = opt("04:00:00", "Slurm time limit for slurm.sbatch.", stages=("package",))
+    k8s_pvc: str = opt("dsbuild-run", "ReadWriteMany PVC holding the run directory, for lws.yaml.",
+                       stages=("package",))
+    k8s_namespace: str | None = opt(None, "Kubernetes namespace for lws.yaml.", stages=("package",))
+    # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py) ---
+    fuse_gate_up: bool = opt(True, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj).",
+                             stages=("build",))
+    fuse_qkv_a: bool = opt(True, "Fuse q_a_proj, kv_a_proj_with_mqa and the indexer's wk into one GEMM (fused_a).",
+                           stages=("build",))
+    absorb_mla: bool = opt(True, "MLA weight absorption: decode attends in the kv_lora + rope latent space.",
+                           stages=("build",))
+    stack_experts: bool = opt(True, "Stack each rank's routed experts into 3-D tensors for one batched GEMM.",
+                              stages=("build",))
+    kv_cache_free_fraction: float = opt(0.9, "TensorRT-LLM kv_cache_config.free_gpu_memory_fraction.",
+                                        stages=("build", "package"), gt=0, le=1)
+
     # --- where ---
     out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")
-    cache_dir: Path | None = opt(None, "Cache for generated models and hub downloads (default ~/.cache/dsbuild).")
+    cache_dir: Path | None = opt(None, "Cache for generated models (default ~/.cache/dsbuild) and hub downloads (<cache-dir>/huggingface/hub; default HF_HUB_CACHE).")
 
     @field_validator("model")
     @classmethod

@@ -328,6 +328,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "torch_dtype": "bfloat16",
     },
 }
+# A draft model for speculative decoding against "tiny": the same tokenizer, width and head layout (so the same TP
+# splits fall on whole FP8 blocks), 2 layers (1 dense + 1 MoE) and 4 routed experts (EP 1/2/4), no MTP.
+PRESETS["tiny-draft"] = {
+    **PRESETS["tiny"], "num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 4,
+    "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "num_nextn_predict_layers": 0,
+}
 
 
 def preset(name: str) -> ModelConfig:

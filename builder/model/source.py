@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +52,15 @@ def resolve_model(model: str) -> ModelSource:
                     "an existing directory, nor a hub repo id (owner/name)")
 
 
+@functools.lru_cache(maxsize=16)
 def _cached_hub_config(repo_id: str) -> ModelConfig:
     """A hub model's config.json from the local HF cache, fetched (config only) if the hub is reachable."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from builder.hub import call_with_retries, hub_error, hub_repo
 
     try:
-        path = hf_hub_download(repo_id, "config.json")
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise ModelConfigError(
-            f"cannot read config.json of {repo_id} (not cached and the hub did not answer: {type(exc).__name__}); "
-            "pass a local directory or a preset") from None
+        path = call_with_retries(lambda: hf_hub_download(repo_id, "config.json"))
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence naming the repo
+        raise hub_error(hub_repo(repo_id), exc, what=f"read config.json of {repo_id}") from None
     return ModelConfig.from_json_file(path)

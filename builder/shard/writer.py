@@ -36,14 +36,14 @@ def rank_file(rank: int) -> str:
 
 
 def write_rank(layout: CheckpointLayout, plan: RankPlan, out_dir: Path,
-               transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> int:
+               transform: Callable[[dict[str, torch.Tensor], RankPlan], dict[str, torch.Tensor]] | None = None) -> int:
     handles: dict = {}
     tensors = {p.name: read_piece(layout, p, handles) for p in plan.pieces}
     for p in plan.pieces:
         if tuple(tensors[p.name].shape) != p.shape:
             raise BuildError(f"rank {plan.rank}: {p.name} sliced to {tuple(tensors[p.name].shape)}, planned {p.shape}")
     if transform is not None:
-        tensors = transform(tensors)
+        tensors = transform(tensors, plan)
     meta = {"format": "pt", "rank": str(plan.rank), "tp_rank": str(plan.tp_rank), "pp_rank": str(plan.pp_rank)}
     return write_safetensors(out_dir / rank_file(plan.rank), tensors, metadata=meta)
 

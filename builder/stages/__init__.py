@@ -6,9 +6,9 @@ from builder.pipeline import Stage
 
 
 def all_stages() -> list[Stage]:
-    from builder.stages import build, fetch, plan, quantize
+    from builder.stages import build, fetch, package, plan, quantize
 
-    return [plan.STAGE, fetch.STAGE, quantize.STAGE, build.STAGE]
+    return [plan.STAGE, fetch.STAGE, quantize.STAGE, build.STAGE, package.STAGE]
 
 
 def stages_through(name: str) -> list[Stage]:

@@ -47,13 +47,17 @@ def test_run_refuses_an_infeasible_layout_unless_allowed(dsbuild, tmp_path):
     assert "layout tp2pp2ep1 is not feasible" in res.stderr and "needs 4 GPUs" in res.stderr
     assert "--allow-infeasible" in res.stderr
     assert not list(tmp_path.rglob("manifest.json"))  # refused before any stage ran
-    ok = dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2", "--allow-infeasible", "--json")
+    # Allowed through the plan, the stages up to build run; package still refuses to render launch files for a
+    # cluster shape that cannot host the ranks (its own check, with its own message).
+    ok = dsbuild("build", "--gpu", "h100-sxm", "--gpus-per-node", "2", "--allow-infeasible", "--json")
     assert ok.returncode == 0, ok.stderr
+    pkg = dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2", "--allow-infeasible")
+    assert pkg.returncode != 0 and "need 4 GPUs per node, but nodes have 2" in pkg.stderr
     run_dir = tmp_path / json.loads(ok.stdout)["run_dir"]
     plan = json.loads((run_dir / "plan" / "plan.json").read_text())
     assert plan["requested"]["feasible"] is False and plan["allowed_infeasible"] is True
     # The flag is not part of any key: dropping it again still refuses, even though every stage is cached.
-    again = dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2")
+    again = dsbuild("build", "--gpu", "h100-sxm", "--gpus-per-node", "2")
     assert again.returncode == 2 and "not feasible" in again.stderr
 
 

@@ -1,0 +1,228 @@
+"""Reference-engine benchmark on the tiny model, with its baselines measured in the same run:
+
+1. decode tokens/s of the reference engine (TP1, all fusions, latent KV cache with absorbed MLA) against
+   transformers' ``generate`` (fp32, eager, DynamicCache) on the same dequantized checkpoint (goal >= 2x);
+2. the fused bundle against the unfused one, and each fusion switched off alone (``fuse_gate_up``,
+   ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``);
+3. peak RSS of every rank of a multi-rank service against its shard (rank-file tensor bytes) and its loaded
+   (dequantized) weights, in a fresh process so the numbers are the engine's own.
+
+Decode rate = batch x (N2 - N1) / (t(N2) - t(N1)): the difference of two generations of N1 and N2 tokens from
+the same prompts, so prefill cancels out. Best of ``--repeats``, measured round-robin across all paths.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_engine.py [--json] [--png benchmarks/results/bench_engine.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def decode_rates(paths: dict, *, batch: int, n1: int, n2: int, repeats: int) -> dict[str, float]:
+    """Decode tokens/s of every path, measured round-robin (path after path, repeat after repeat) so that load
+    from other processes on a shared machine falls on all of them alike; the best time of each is kept."""
+    best: dict[tuple[str, int], float] = {}
+    for fn in paths.values():
+        fn(n1)  # warm-up
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            for n in (n1, n2):
+                t0 = time.perf_counter()
+                fn(n)
+                best[name, n] = min(best.get((name, n), float("inf")), time.perf_counter() - t0)
+    return {name: batch * (n2 - n1) / (best[name, n2] - best[name, n1]) for name in paths}
+
+
+def engine_generate(bundle_dir: Path, prompts, *, device: str):
+    from builder.runtime.service import EngineService, GenerationRequest
+
+    svc = EngineService(bundle_dir, device=device)
+
+    def run(n: int):
+        return svc.generate([GenerationRequest(prompt_ids=p, max_tokens=n) for p in prompts])
+    return svc, run
+
+
+def hf_generate(float_dir: Path, prompts, *, device: str):
+    from builder.model.hf_compat import load_hf_model
+
+    model = load_hf_model(float_dir).to(device)
+    ids = torch.tensor(prompts, device=device)
+
+    def run(n: int):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False)
+    return run
+
+
+def rss_child(bundle_dir: str, threads: int) -> None:
+    """Runs in a fresh process: start the multi-rank service, generate once, report every rank's memory."""
+    from builder.runtime.service import EngineService, GenerationRequest
+
+    with EngineService(bundle_dir, threads_per_rank=threads) as svc:
+        svc.generate([GenerationRequest(prompt_ids=list(range(2, 34)), max_tokens=8)])
+        print(json.dumps(svc.rank_stats()))
+
+
+def bare_torch_rss() -> int:
+    code = "import torch; from builder.runtime.generate import peak_rss_bytes; print(peak_rss_bytes())"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}).stdout)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--n1", type=int, default=8)
+    ap.add_argument("--n2", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rss-layout", default="2,2,2", help="tp,pp,ep of the multi-rank RSS measurement")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    ap.add_argument("--png", type=Path, default=REPO / "benchmarks" / "results" / "bench_engine.png",
+                    help="PNG plot to write; the JSON results are written next to it")
+    ap.add_argument("--_rss-child", dest="rss_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_threads", dest="threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child, args.threads)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as scratch:
+        results = measure(args, Path(scratch))
+    args.png.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, args.png)
+    args.png.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+    return 0
+
+
+def measure(args, tmp: Path) -> dict:
+    from builder.model.hf_compat import write_dequantized_checkpoint
+    from builder.model.tiny import ensure_tiny
+    from builder.shard.fusion import FusionOptions
+    from builder.shard.rules import Layout
+    from builder.stages.build import write_engine_bundle
+
+    from builder.specs import RunSpec
+
+    ckpt = ensure_tiny(RunSpec().cache_root / "models")
+    float_dir = write_dequantized_checkpoint(ckpt, tmp / "fp32")
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, 1024, (args.batch, args.prompt_len), generator=g).tolist()
+
+    variants = {"fused (all on)": FusionOptions(), "unfused (all off)": FusionOptions.none()}
+    for name in ("fuse_gate_up", "fuse_qkv_a", "absorb_mla", "stack_experts"):
+        variants[f"all on but {name}"] = replace(FusionOptions(), **{name: False})
+    results: dict = {"device": args.device, "batch": args.batch, "prompt_len": args.prompt_len,
+                     "decode_tokens": [args.n1, args.n2], "repeats": args.repeats,
+                     "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
+    paths = {"transformers generate": hf_generate(float_dir, prompts, device=args.device)}
+    services = []
+    for name, fusion in variants.items():
+        bundle = tmp / name.replace(" ", "_").replace("(", "").replace(")", "")
+        bundle.mkdir()
+        write_engine_bundle(ckpt, bundle, layout=Layout(1, 1, 1), fusion=fusion)
+        svc, paths[f"engine {name}"] = engine_generate(bundle, prompts, device=args.device)
+        services.append(svc)
+    results["decode_tokens_per_s"] = decode_rates(paths, batch=args.batch, n1=args.n1, n2=args.n2,
+                                                  repeats=args.repeats)
+    for svc in services:
+        svc.close()
+    tps = results["decode_tokens_per_s"]
+    results["engine_vs_transformers"] = tps["engine fused (all on)"] / tps["transformers generate"]
+    results["fused_vs_unfused"] = tps["engine fused (all on)"] / tps["engine unfused (all off)"]
+    results["each_fusion_speedup"] = {k.removeprefix("engine all on but "): tps["engine fused (all on)"] / v
+                                      for k, v in tps.items() if k.startswith("engine all on but")}
+
+    tp, pp, ep = map(int, args.rss_layout.split(","))
+    rss_bundle = tmp / "rss"
+    rss_bundle.mkdir()
+    write_engine_bundle(ckpt, rss_bundle, layout=Layout(tp, pp, ep), fusion=FusionOptions())
+    threads = max(1, (os.cpu_count() or 1) // (tp * pp))
+    out = subprocess.run([sys.executable, __file__, "--_rss-child", str(rss_bundle), "--_threads", str(threads)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if out.returncode != 0:
+        raise SystemExit(f"RSS measurement failed: {out.stderr[-2000:]}")
+    results["rss_layout"] = f"tp{tp}pp{pp}ep{ep}"
+    results["bare_torch_process_rss_bytes"] = bare_torch_rss()
+    results["ranks"] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    return results
+
+
+def print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"decode tokens/s, tiny model, batch {r['batch']}, prompt {r['prompt_len']}, {r['device']}")
+    t.add_column("path")
+    t.add_column("tokens/s", justify="right")
+    t.add_column("vs transformers", justify="right")
+    base = r["decode_tokens_per_s"]["transformers generate"]
+    for k, v in r["decode_tokens_per_s"].items():
+        t.add_row(k, f"{v:.1f}", f"{v / base:.2f}x")
+    c.print(t)
+    c.print(f"engine (fused) / transformers: {r['engine_vs_transformers']:.2f}x   "
+            f"fused / unfused: {r['fused_vs_unfused']:.2f}x   "
+            + "  ".join(f"{k}: {v:.2f}x" for k, v in r["each_fusion_speedup"].items()))
+    m = Table(title=f"memory per rank ({r['rss_layout']}; a bare torch process: "
+                    f"{r['bare_torch_process_rss_bytes'] / 2**20:.0f} MiB)")
+    for col in ("rank", "shard MiB", "loaded weights MiB", "peak RSS MiB", "peak RSS - bare torch MiB"):
+        m.add_column(col, justify="right")
+    for i, rank in enumerate(r["ranks"]):
+        m.add_row(str(i), f"{rank['shard_bytes'] / 2**20:.1f}", f"{rank['loaded_weight_bytes'] / 2**20:.1f}",
+                  f"{rank['peak_rss_bytes'] / 2**20:.0f}",
+                  f"{(rank['peak_rss_bytes'] - r['bare_torch_process_rss_bytes']) / 2**20:.0f}")
+    c.print(m)
+
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    names = list(r["decode_tokens_per_s"])
+    vals = [r["decode_tokens_per_s"][n] for n in names]
+    a.barh(names, vals, color=["grey"] + ["tab:blue"] * (len(names) - 1))
+    a.set_xlabel("decode tokens/s")
+    a.set_title(f"tiny model, batch {r['batch']}, {r['device']}")
+    a.invert_yaxis()
+    ranks = range(len(r["ranks"]))
+    w = 0.27
+    mib = lambda k: [x[k] / 2**20 for x in r["ranks"]]
+    b.bar([i - w for i in ranks], mib("shard_bytes"), w, label="shard (rank file tensors)")
+    b.bar(list(ranks), mib("loaded_weight_bytes"), w, label="loaded weights (dequantized)")
+    b.bar([i + w for i in ranks], [x - r["bare_torch_process_rss_bytes"] / 2**20 for x in mib("peak_rss_bytes")], w,
+          label="peak RSS above a bare torch process")
+    b.set_xticks(list(ranks))
+    b.set_xlabel(f"rank ({r['rss_layout']})")
+    b.set_ylabel("MiB")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

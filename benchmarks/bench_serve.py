@@ -1,0 +1,142 @@
+"""Serving throughput of the CPU-flavour Triton repository against the reference engine called directly.
+
+Baselines, in this process: ``EngineService.generate`` one request at a time, and all of a level's requests in one
+batched call. Then the packaged repository is served by a real tritonserver (127.0.0.1) and driven over gRPC
+streaming at each concurrency level. Prints tokens/s and the ratios served / direct; ``--json`` for machines,
+``--plot FILE.png`` for people.
+
+    PYTHONPATH=. python benchmarks/bench_serve.py --concurrency 1,4,16 --max-tokens 16 --plot serve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Serving benchmark prompt number {i}: the model writes"
+
+
+def build_run(work: Path, tp: int, pp: int) -> Path:
+    from builder.pipeline import run_pipeline
+    from builder.specs import resolve_spec
+    from builder.stages import all_stages
+
+    spec = resolve_spec(cli={"tp": tp, "pp": pp, "out": str(work / "run"), "concurrency": 64})
+    run_pipeline(spec, all_stages(), run_dir=spec.run_dir(), log=lambda m: None)
+    return spec.run_dir()
+
+
+def direct(engines: Path, levels: list[int], max_tokens: int) -> dict[str, float]:
+    from builder.runtime.service import EngineService, GenerationRequest
+
+    out = {}
+    with EngineService(engines) as engine:
+        tok = engine.tokenizer()
+        reqs = [GenerationRequest(prompt_ids=tok.encode(PROMPT.format(i=i)).ids, max_tokens=max_tokens)
+                for i in range(max(levels))]
+        for r in reqs[:2]:  # warm-up: first calls pay for allocations and thread-pool start
+            engine.generate([r])
+        t0 = time.perf_counter()
+        n = sum(len(engine.generate([r])[0].token_ids) for r in reqs[:4])
+        out["sequential"] = n / (time.perf_counter() - t0)
+        for c in levels:
+            t0 = time.perf_counter()
+            n = sum(len(r.token_ids) for r in engine.generate(reqs[:c]))
+            out[f"batch{c}"] = n / (time.perf_counter() - t0)
+    return out
+
+
+def served(repo: Path, levels: list[int], max_tokens: int, rounds: int) -> dict[int, dict[str, float]]:
+    from triton_repo.client import GenerateOptions, generate
+    from triton_repo.server import TritonServer
+
+    out = {}
+    with TritonServer(repo=repo) as server:
+        t_start = time.perf_counter()
+        server.wait_ready(models=["tensorrt_llm"], timeout=600)
+        ready_s = time.perf_counter() - t_start
+        generate(server.grpc_url, GenerateOptions(prompt="warm-up", max_tokens=2))
+        for c in levels:
+            results = []
+
+            def worker(i: int) -> None:
+                for r in range(rounds):
+                    results.append(generate(server.grpc_url, GenerateOptions(
+                        prompt=PROMPT.format(i=i + r * c), max_tokens=max_tokens, stream=True)))
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(c)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            tokens = sum(len(r.responses) for r in results)  # one streamed response per token
+            out[c] = {"tokens_per_s": tokens / wall, "ttft_ms": 1000 * statistics.mean(r.first_response_s for r in results),
+                      "latency_ms": 1000 * statistics.mean(r.total_s for r in results), "requests": len(results)}
+        out[0] = {"ready_s": ready_s}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, help="an existing run directory (default: build tiny TP2xPP1 in a temp dir)")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client thread at each level")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--plot", type=Path)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        run = args.run or build_run(Path(tmp), args.tp, args.pp)
+        base = direct(run / "engines", levels, args.max_tokens)
+        srv = served(run / "package" / "triton_repo", levels, args.max_tokens, args.rounds)
+    rows = [{"concurrency": c, **srv[c], "direct_batch_tokens_per_s": base[f"batch{c}"],
+             "served_over_direct_sequential": srv[c]["tokens_per_s"] / base["sequential"],
+             "served_over_direct_batch": srv[c]["tokens_per_s"] / base[f"batch{c}"]} for c in levels]
+    result = {"direct_sequential_tokens_per_s": base["sequential"], "server_ready_s": srv[0]["ready_s"],
+              "max_tokens": args.max_tokens, "levels": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"direct, one request at a time: {base['sequential']:.1f} tokens/s; server ready in "
+              f"{srv[0]['ready_s']:.1f} s")
+        print(f"{'conc':>4} {'served tok/s':>12} {'direct batch':>12} {'x sequential':>12} {'x batch':>8} "
+              f"{'TTFT ms':>8} {'latency ms':>10}")
+        for r in rows:
+            print(f"{r['concurrency']:>4} {r['tokens_per_s']:>12.1f} {r['direct_batch_tokens_per_s']:>12.1f} "
+                  f"{r['served_over_direct_sequential']:>12.2f} {r['served_over_direct_batch']:>8.2f} "
+                  f"{r['ttft_ms']:>8.1f} {r['latency_ms']:>10.1f}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(levels, [r["tokens_per_s"] for r in rows], "o-", label="Triton (gRPC streaming)")
+        ax.plot(levels, [r["direct_batch_tokens_per_s"] for r in rows], "s--", label="EngineService, one batch")
+        ax.axhline(base["sequential"], color="grey", ls=":", label="EngineService, one at a time")
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_xscale("log", base=2)
+        ax.set_title("CPU-flavour Triton serving vs the engine called directly")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Collective execution of requests on every rank: batched prefill with right padding, batched decode over
+per-sequence caches, PP hand-off of activations, sampling on one rank and a broadcast of the chosen tokens.
+
+Every rank runs the same loop on the same (broadcast) requests, so all ranks agree on shapes and on when to stop
+without further messages; only the sampled tokens travel each step.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from builder.errors import RequestError
+from builder.model.config import ModelConfig
+from builder.runtime.bundle import EngineBundle
+from builder.runtime.distributed import Comm
+from builder.runtime.kv_cache import KVCache, StepPositions
+from builder.runtime.model import StageModel
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens; a stop token ends generation and is not included
+    finish_reason: str  # "length" | "stop"
+    total_draft_tokens: int = 0
+    total_accepted_draft_tokens: int = 0
+    target_forwards: int = 0  # forward passes of the target model that served this request (prefill included)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
+
+
+def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int = 0) -> None:
+    what = f"request {index}"
+    if not req.prompt_ids:
+        raise RequestError(f"{what} has an empty prompt")
+    bad = [t for t in list(req.prompt_ids) + list(req.stop_token_ids) if not 0 <= int(t) < cfg.vocab_size]
+    if bad:
+        raise RequestError(f"{what} has token id {bad[0]} outside the vocabulary of {cfg.vocab_size}")
+    if req.max_tokens < 1:
+        raise RequestError(f"{what} asks for max_tokens {req.max_tokens}; it must be at least 1")
+    if len(req.prompt_ids) + req.max_tokens > cfg.max_position_embeddings:
+        raise RequestError(f"{what} needs {len(req.prompt_ids) + req.max_tokens} positions, more than the model's "
+                           f"{cfg.max_position_embeddings}")
+    if not req.temperature >= 0:
+        raise RequestError(f"{what} has temperature {req.temperature}; it must be >= 0")
+    if req.top_k < 0:
+        raise RequestError(f"{what} has top_k {req.top_k}; it must be >= 0 (0 = off)")
+    if not 0 < req.top_p <= 1:
+        raise RequestError(f"{what} has top_p {req.top_p}; it must be in (0, 1]")
+
+
+def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None) -> int:
+    """One token from a row of logits: greedy at temperature 0, else temperature, top-k, top-p, seeded draw."""
+    logits = logits.to(torch.float32).cpu()  # sampling (and its seeded generator) on the host
+    if req.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, req), 1, generator=gen))
+
+
+def probabilities(logits: torch.Tensor, req: GenerationRequest) -> torch.Tensor:
+    """The sampling distribution of a row of logits (temperature > 0): temperature, then top-k, then top-p.
+    Speculative sampling applies this same function to the target's and the draft's logits."""
+    logits = logits.to(torch.float32).cpu() / req.temperature
+    if 0 < req.top_k < logits.numel():
+        kth = torch.topk(logits, req.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if req.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = torch.cumsum(probs, dim=-1) - probs > req.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def peak_rss_bytes() -> int:
+    """This program's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over from the parent
+    across fork + exec, so a worker started from a large process would report its parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Engine:
+    """One rank's engine. Every method is collective: call it on all ranks with the same arguments."""
+
+    def __init__(self, bundle: EngineBundle, comm: Comm, *, dtype: torch.dtype = torch.float32,
+                 absorb_mla: bool | None = None, tensors: dict[str, torch.Tensor] | None = None):
+        self.bundle, self.comm, self.dtype = bundle, comm, dtype
+        if tensors is None:
+            tensors = bundle.load_rank(comm.rank, dtype=dtype, device=comm.device)
+        self.model = StageModel(bundle, comm, tensors, dtype=dtype, absorb_mla=absorb_mla)
+        self.cfg = bundle.cfg
+
+    # ----- one forward step -----
+    def hidden(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache, *,
+               decode: bool | None = None) -> torch.Tensor | None:
+        """Final hidden states before the norm ([B, S, H]) on last-stage ranks, None on the others. ``decode``
+        forces the decode attention path (absorbed MLA) for a multi-token step, as speculative verification uses."""
+        comm, model = self.comm, self.model
+        B, S = tokens.shape
+        with torch.inference_mode():
+            if comm.first_stage:
+                h = model.embed(tokens.to(comm.device))
+            else:
+                h = comm.recv_prev((B, S, self.cfg.hidden_size), self.dtype)
+            h = model.layers_forward(h, cache, model.step_context(pos, decode=decode))
+            if not comm.last_stage:
+                comm.send_next(h)
+                return None
+            return h
+
+    def forward(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache,
+                last_index: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits on last-stage ranks ([B, V] at ``last_index`` per row, or [B, S, V] when it is None)."""
+        B = tokens.shape[0]
+        h = self.hidden(tokens, pos, cache)
+        with torch.inference_mode():
+            if h is None:
+                return None
+            if last_index is not None:
+                h = h[torch.arange(B, device=h.device), last_index.to(h.device)]
+            return self.model.logits(h)
+
+    def _batch(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        return tokens, lens
+
+    # ----- collective operations -----
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor] | None:
+        """Logits at every prompt position ([len, V] per prompt, float32), returned on rank 0 (None elsewhere)."""
+        tokens, lens = self._batch(prompts)
+        B, S = tokens.shape
+        cache = self.model.new_cache(batch=B, capacity=S)
+        logits = self.forward(tokens, StepPositions(torch.zeros(B, dtype=torch.long, device=self.comm.device), S),
+                              cache, None)
+        logits = self._to_rank0(logits, (B, S, self.cfg.vocab_size))
+        if self.comm.rank != 0:
+            return None
+        return [logits[b, : int(lens[b])].float().cpu() for b in range(B)]
+
+    def _to_rank0(self, x: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+        src = self.comm.sampler_rank
+        if src == 0:
+            return x
+        if self.comm.rank == src:
+            self.comm.send(x, dst=0)
+        elif self.comm.rank == 0:
+            return self.comm.recv(shape, self.dtype, src=src)
+        return x
+
+    def generate(self, requests: list[GenerationRequest], *,
+                 on_token: Callable[[int, int], None] | None = None,
+                 speculative: dict[str, Any] | None = None) -> list[GenerationResult]:
+        if speculative and speculative.get("mode", "none") != "none":
+            from builder.runtime.speculative import SpeculativeDecoder, SpeculativeOptions
+
+            return SpeculativeDecoder(self, SpeculativeOptions.from_dict(speculative)).generate(
+                requests, on_token=on_token)
+        comm = self.comm
+        B = len(requests)
+        tokens, lens = self._batch([r.prompt_ids for r in requests])
+        capacity = int(lens.max()) + max(r.max_tokens for r in requests)
+        cache = self.model.new_cache(batch=B, capacity=capacity)
+        sampler = comm.rank == comm.sampler_rank
+        gens = []
+        if sampler:
+            for r in requests:
+                g = torch.Generator()
+                g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+                gens.append(g)
+        out: list[list[int]] = [[] for _ in requests]
+        reasons: list[str | None] = [None] * B
+        stops = [set(r.stop_token_ids) for r in requests]
+        zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
+        logits = self.forward(tokens, StepPositions(zeros, tokens.shape[1]), cache, lens - 1)
+        step = 0
+        while True:
+            chosen = torch.zeros(B, dtype=torch.long, device=comm.device)
+            if sampler:
+                chosen = torch.tensor([sample(logits[b], requests[b], gens[b]) if reasons[b] is None else 0
+                                       for b in range(B)], dtype=torch.long, device=comm.device)
+            comm.broadcast(chosen, src=comm.sampler_rank)
+            ids = chosen.cpu().tolist()
+            for b, t in enumerate(ids):
+                if reasons[b] is not None:
+                    continue
+                if t in stops[b]:
+                    reasons[b] = "stop"
+                    continue
+                out[b].append(t)
+                if on_token is not None and comm.rank == 0:
+                    on_token(b, t)
+                if len(out[b]) >= requests[b].max_tokens:
+                    reasons[b] = "length"
+            if all(r is not None for r in reasons):
+                break
+            starts = (lens + step).to(comm.device)  # the position of the token just chosen
+            logits = self.forward(chosen[:, None].cpu(), StepPositions(starts, 1), cache, None)
+            if logits is not None:
+                logits = logits[:, 0]
+            step += 1
+        return [GenerationResult(token_ids=o, finish_reason=r, target_forwards=len(o) + (r == "stop"))
+                for o, r in zip(out, reasons)]
+
+    def rank_stats(self) -> list[dict[str, int]] | None:
+        """Per rank (on rank 0): peak and current RSS, bytes of loaded weights, tensor bytes of its rank file."""
+        import psutil
+
+        weights = sum(t.numel() * t.element_size() for t in self.model.w.t.values())
+        rss = psutil.Process().memory_info().rss
+        mine = torch.tensor([max(peak_rss_bytes(), rss),  # the kernel's high-water mark can lag the current RSS
+                             rss, weights,
+                             self.bundle.tensor_bytes(self.comm.rank)], dtype=torch.int64, device=self.comm.device)
+        rows = [mine]
+        if self.comm.distributed:
+            import torch.distributed as dist
+
+            rows = [torch.empty_like(mine) for _ in range(self.bundle.world_size)]
+            dist.all_gather(rows, mine)
+        if self.comm.rank != 0:
+            return None
+        keys = ("peak_rss_bytes", "rss_bytes", "loaded_weight_bytes", "shard_bytes")
+        return [dict(zip(keys, map(int, r.cpu().tolist()))) for r in rows]
+
+    # ----- the command loop of ranks other than 0 -----
+    def run_command(self, cmd: dict[str, Any]) -> Any:
+        op = cmd.get("op")
+        if op == "stats":
+            return self.rank_stats()
+        if op == "generate":
+            return self.generate([GenerationRequest(**r) for r in cmd["requests"]], speculative=cmd.get("speculative"))
+        if op == "logits":
+            return self.prompt_logits(cmd["prompts"])
+        raise ValueError(f"unknown engine command {op!r}")
+
+    def serve(self) -> None:
+        """Ranks 1..N-1: execute rank 0's commands until it broadcasts a stop."""
+        while True:
+            cmd = self.comm.broadcast_json(src=0)
+            if cmd.get("op") == "stop":
+                return
+            self.run_command(cmd)
+
+
+class Driver:
+    """Rank 0's side: broadcast a command, then take part in it."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def generate(self, requests: list[GenerationRequest], *,
+                 on_token: Callable[[int, int], None] | None = None,
+                 speculative: dict[str, Any] | None = None) -> list[GenerationResult]:
+        """``speculative``: ``builder.runtime.speculative.SpeculativeOptions`` as a dict (None: plain decoding)."""
+        for i, r in enumerate(requests):
+            validate_request(r, self.engine.cfg, i)
+        if speculative and speculative.get("mode", "none") != "none":
+            from builder.runtime.speculative import SpeculativeOptions, check_options
+
+            speculative = SpeculativeOptions.from_dict(speculative).to_dict()
+            check_options(self.engine.bundle, SpeculativeOptions.from_dict(speculative), requests)
+        self.engine.comm.broadcast_json({"op": "generate", "requests": [r.to_dict() for r in requests],
+                                         "speculative": speculative}, src=0)
+        return self.engine.generate(requests, on_token=on_token, speculative=speculative)
+
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        for i, p in enumerate(prompts):
+            validate_request(GenerationRequest(prompt_ids=list(p), max_tokens=1), self.engine.cfg, i)
+        self.engine.comm.broadcast_json({"op": "logits", "prompts": [list(map(int, p)) for p in prompts]}, src=0)
+        return self.engine.prompt_logits(prompts)
+
+    def rank_stats(self) -> list[dict[str, int]]:
+        self.engine.comm.broadcast_json({"op": "stats"}, src=0)
+        return self.engine.rank_stats()
+
+    def stop(self) -> None:
+        self.engine.comm.broadcast_json({"op": "stop"}, src=0)

@@ -1,0 +1,261 @@
+"""The layers of one rank: MLA with a latent cache and weight absorption, the DSA indexer, dense MLP, MoE with the
+noaux_tc router, norms. Semantics follow transformers 5.14.1 ``DeepseekV32ForCausalLM`` (FACTS §1b); tensor
+parallelism follows ``builder.shard.rules`` (each layer computes its rank's partial sum; the caller's all-reduce
+completes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from builder.model.config import ModelConfig
+from builder.runtime import kv_cache
+from builder.runtime.kv_cache import LayerCache, StepPositions
+from builder.runtime.rope import RopeTable, rotate_half_split, rotate_interleaved
+from builder.shard.fusion import fused_a_parts
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+@dataclass
+class Step:
+    """What every layer of one forward step shares."""
+
+    pos: StepPositions
+    cos: torch.Tensor  # [B, S, rope/2]
+    sin: torch.Tensor
+    visible: torch.Tensor  # [B, S, T] bool
+    decode: bool  # one new token per row: absorbed MLA (when enabled) attends in the latent space
+
+    def __post_init__(self) -> None:
+        # The forms every layer needs, made once per step: [cos, cos] / [sin, sin] for the half-split RoPE of the
+        # indexer, and head-broadcast views for the queries.
+        self.cos2, self.sin2 = torch.cat([self.cos, self.cos], dim=-1), torch.cat([self.sin, self.sin], dim=-1)
+        self.cos_h, self.sin_h = self.cos[:, :, None], self.sin[:, :, None]
+        self.cos2_h, self.sin2_h = self.cos2[:, :, None], self.sin2[:, :, None]
+
+
+class Weights:
+    """A rank's tensors under one name prefix."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str = ""):
+        self.t, self.prefix = tensors, prefix
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.t[self.prefix + name]
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.t
+
+    def sub(self, prefix: str) -> "Weights":
+        return Weights(self.t, self.prefix + prefix)
+
+
+class Indexer:
+    """DSA: per query, the ``index_topk`` keys with the highest ReLU-weighted scores (all keys while fewer)."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights):
+        self.cfg, self.w = cfg, w
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+
+    def keys(self, k_pre: torch.Tensor, step: Step) -> torch.Tensor:
+        k = F.layer_norm(k_pre, (self.head_dim,), self.w("k_norm.weight").to(k_pre.dtype),
+                         self.w("k_norm.bias").to(k_pre.dtype), eps=1e-6)
+        r = self.cfg.qk_rope_head_dim
+        return torch.cat([rotate_half_split(k[..., :r], step.cos2, step.sin2), k[..., r:]], dim=-1)
+
+    def select(self, x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor | None:
+        """[B, S, T] bool of the selected keys, or None when every visible key is selected."""
+        if keys.shape[1] <= self.cfg.index_topk:
+            return None
+        top = self.scores(x, q_resid, keys, step).topk(self.cfg.index_topk, dim=-1).indices
+        return torch.zeros_like(step.visible).scatter_(-1, top, True)
+
+    def scores(self, x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor:
+        """[B, S, T] float32 index scores, -inf where the key is not visible."""
+        B, S, _ = x.shape
+        r = self.cfg.qk_rope_head_dim
+        q = linear(q_resid, self.w("wq_b.weight")).view(B, S, self.n_heads, self.head_dim)
+        q = torch.cat([rotate_half_split(q[..., :r], step.cos2_h, step.sin2_h), q[..., r:]], dim=-1)
+        scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), keys.float()) * self.head_dim ** -0.5)
+        weights = linear(x.to(torch.float32), self.w("weights_proj.weight")) * self.n_heads ** -0.5  # [B, S, H]
+        index = torch.einsum("bsh,bsht->bst", weights, scores)
+        return index.masked_fill(~step.visible, float("-inf"))
+
+
+class MLA:
+    """Multi-head latent attention over this rank's heads. The cache holds the normalised latent and the rotated
+    shared rope key; the expanded path re-projects keys/values from it (prefill), the absorbed path folds
+    ``kv_b_proj`` into the query and output sides and attends in the latent space (decode)."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights, *, tp: int, rope: RopeTable, absorb: bool):
+        self.cfg, self.w, self.rope, self.absorb = cfg, w, rope, absorb
+        self.heads = cfg.num_attention_heads // tp
+        self.fused_a = w.has("fused_a.weight")
+        self.indexer = Indexer(cfg, w.sub("indexer.")) if cfg.has_indexer else None
+        nope, v, c = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        kv_b = w("kv_b_proj.weight").view(self.heads, nope + v, c)
+        # Contiguous copies, made once: einsum would otherwise copy these strided views on every decode step.
+        self.w_uk, self.w_uv = kv_b[:, :nope].contiguous(), kv_b[:, nope:].contiguous()  # [h, nope, c], [h, v, c]
+
+    def project_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.fused_a:
+            parts = torch.split(linear(x, self.w("fused_a.weight")), [r for _, r in fused_a_parts(self.cfg)], dim=-1)
+            return parts[0], parts[1], (parts[2] if len(parts) > 2 else None)
+        idx_k = linear(x, self.w("indexer.wk.weight")) if self.indexer else None
+        return linear(x, self.w("q_a_proj.weight")), linear(x, self.w("kv_a_proj_with_mqa.weight")), idx_k
+
+    def __call__(self, x: torch.Tensor, cache: LayerCache, step: Step) -> torch.Tensor:
+        cfg = self.cfg
+        B, S, _ = x.shape
+        nope, r, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        q_a, kv_a, idx_k = self.project_a(x)
+        q_resid = rms_norm(q_a, self.w("q_a_layernorm.weight"), cfg.rms_norm_eps)
+        q = linear(q_resid, self.w("q_b_proj.weight")).view(B, S, self.heads, cfg.qk_head_dim)
+        q_nope = q[..., :nope]
+        q_pe = rotate_interleaved(q[..., nope:], step.cos_h, step.sin_h)
+        latent = rms_norm(kv_a[..., :c], self.w("kv_a_layernorm.weight"), cfg.rms_norm_eps)
+        k_pe = rotate_interleaved(kv_a[..., c:], step.cos, step.sin)
+        kv = kv_cache.write(cache.latent, torch.cat([latent, k_pe], dim=-1), step.pos)  # [B, T, c + r]
+        allowed = step.visible
+        if self.indexer is not None:
+            keys = kv_cache.write(cache.index_k, self.indexer.keys(idx_k, step), step.pos)
+            selected = self.indexer.select(x, q_resid, keys, step)
+            if selected is not None:
+                allowed = allowed & selected
+        c_kv, k_rope = kv[..., :c], kv[..., c:]
+        if self.absorb and step.decode:
+            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, self.w_uk)
+            scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_rope)
+            probs = self._softmax(scores, allowed)
+            out = torch.einsum("bshc,hvc->bshv", torch.einsum("bsht,btc->bshc", probs, c_kv), self.w_uv)
+        else:
+            kv_up = linear(c_kv, self.w("kv_b_proj.weight")).view(B, -1, self.heads, nope + cfg.v_head_dim)
+            k_nope, value = kv_up[..., :nope], kv_up[..., nope:]
+            scores = torch.einsum("bshd,bthd->bsht", q_nope, k_nope) + torch.einsum("bshr,btr->bsht", q_pe, k_rope)
+            probs = self._softmax(scores, allowed)
+            out = torch.einsum("bsht,bthv->bshv", probs, value)
+        return linear(out.reshape(B, S, -1), self.w("o_proj.weight"))
+
+    def _softmax(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        scores = (scores * self.rope.softmax_scale).masked_fill(~allowed[:, :, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
+class MLP:
+    """SwiGLU over this rank's slice of the intermediate dim. ``active`` is False on the ranks that only hold a
+    replica (TensorRT-LLM splits a dense/shared MLP over gcd(intermediate/128, tp) ranks): they add nothing, so the
+    TP all-reduce sums each slice exactly once."""
+
+    def __init__(self, w: Weights, *, active: bool = True):
+        self.w, self.active = w, active
+        self.fused = w.has("gate_up_proj.weight")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.active:
+            return None
+        if self.fused:
+            gate, up = linear(x, self.w("gate_up_proj.weight")).chunk(2, dim=-1)
+        else:
+            gate, up = linear(x, self.w("gate_proj.weight")), linear(x, self.w("up_proj.weight"))
+        return linear(F.silu(gate) * up, self.w("down_proj.weight"))
+
+
+def route(cfg: ModelConfig, x: torch.Tensor, w: Weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """noaux_tc: sigmoid scores; choose by scores + bias within the best ``topk_group`` groups (group score = sum
+    of its top-2 biased scores); weight by the unbiased scores, normalised, times ``routed_scaling_factor``."""
+    n, g = cfg.n_routed_experts, cfg.n_group
+    scores = linear(x.to(torch.float32), w("gate.weight")).sigmoid()
+    choice = scores + w("gate.e_score_correction_bias")
+    group_scores = choice.view(-1, g, n // g).topk(2, dim=-1)[0].sum(dim=-1)
+    groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores).scatter_(1, groups, 1).bool()
+    choice = choice.masked_fill(~keep[:, :, None].expand(-1, g, n // g).reshape(-1, n), float("-inf"))
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, weights * cfg.routed_scaling_factor
+
+
+class MoE:
+    """Routed experts of this rank (its EP block, its moe-TP slice of each) plus the shared expert. Every rank
+    routes all tokens (the router is replicated) and computes its experts' partial outputs; the TP all-reduce that
+    follows is the combine (each (expert, slice) pair lives on exactly one rank of the TP group)."""
+
+    def __init__(self, cfg: ModelConfig, w: Weights, *, experts: list[int], shared_active: bool):
+        self.cfg, self.w, self.experts = cfg, w, experts
+        self.shared = MLP(w.sub("shared_experts."), active=shared_active) if cfg.n_shared_experts else None
+        self.stacked = w.has("experts.down_proj.weight")
+        e = w.sub("experts.")
+        if self.stacked:
+            # Kept transposed ([E, in, out], contiguous, made once at load) so that both the batched GEMM and the
+            # per-expert GEMMs run without a per-call copy of the weights.
+            gate_up = e("gate_up_proj.weight") if e.has("gate_up_proj.weight") else \
+                torch.cat([e("gate_proj.weight"), e("up_proj.weight")], dim=1)
+            self.gate_up_t = gate_up.transpose(1, 2).contiguous()
+            self.down_t = e("down_proj.weight").transpose(1, 2).contiguous()
+            for name in ("gate_up_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+                w.t.pop(w.prefix + "experts." + name, None)  # the transposed copies replace them
+            w.t[w.prefix + "experts.gate_up_t"], w.t[w.prefix + "experts.down_t"] = self.gate_up_t, self.down_t
+        self.local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.long)
+        self.local[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
+
+    def _expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            gate, up = torch.matmul(x, self.gate_up_t[i]).chunk(2, dim=-1)
+            return torch.matmul(F.silu(gate) * up, self.down_t[i])
+        return MLP(self.w.sub(f"experts.{self.experts[i]}."))(x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        idx, weights = route(self.cfg, x, self.w)
+        local = self.local.to(idx.device)[idx]  # [N, k] local expert slot or -1
+        out = torch.zeros_like(x)
+        token, slot = torch.nonzero(local >= 0, as_tuple=True)
+        if token.numel():
+            which = local[token, slot]
+            wts = weights[token, slot].to(x.dtype)
+            counts = torch.bincount(which, minlength=len(self.experts))
+            if self.stacked and bool((counts > 0).all()):
+                # Every local expert has tokens: one batched GEMM reads each expert's weights once. With some
+                # experts idle, the per-expert loop below reads only the experts in use (decode is bound by
+                # weight reads), as a grouped GEMM skips empty groups.
+                out = self._grouped(x, token, which, wts, counts, out)
+            else:
+                for i in counts.nonzero().flatten().tolist():
+                    sel = which == i
+                    out.index_add_(0, token[sel], self._expert(i, x[token[sel]]) * wts[sel, None])
+        if self.shared is not None:
+            s = self.shared(x)
+            if s is not None:
+                out = out + s
+        return out.view(shape)
+
+    def _grouped(self, x, token, which, wts, counts, out):
+        """One batched GEMM over the stacked experts: tokens grouped per expert, padded to the largest group."""
+        E = len(self.experts)
+        order = torch.argsort(which, stable=True)
+        token, which, wts = token[order], which[order], wts[order]
+        cap = int(counts.max())
+        offsets = torch.cumsum(counts, 0) - counts
+        col = torch.arange(which.numel(), device=x.device) - offsets[which]
+        gathered = x.new_zeros(E, cap, x.shape[-1])
+        gathered[which, col] = x[token]
+        gate, up = torch.bmm(gathered, self.gate_up_t).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_t)  # [E, cap, H]
+        out.index_add_(0, token, y[which, col] * wts[:, None])
+        return out

@@ -1,0 +1,77 @@
+"""One rank's stage of the model: vocab-parallel embedding (first stage), its decoder layers, final norm and
+vocab-parallel LM head (last stage). Which layers, experts and slices it holds comes from the bundle's mapping
+(written from ``builder.shard.rules``); the gcd rule for dense/shared MLPs is ``rules.mlp_tp``."""
+
+from __future__ import annotations
+
+import torch
+
+from builder.errors import CheckpointError
+from builder.runtime.bundle import EngineBundle
+from builder.runtime.distributed import Comm
+from builder.runtime.kv_cache import KVCache, StepPositions
+from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, rms_norm
+from builder.runtime.rope import RopeTable
+from builder.shard.rules import mlp_tp
+
+
+class StageModel:
+    def __init__(self, bundle: EngineBundle, comm: Comm, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                 absorb_mla: bool | None = None):
+        cfg, layout = bundle.cfg, bundle.layout
+        if layout.attention_dp:
+            raise CheckpointError("the reference engine runs attention-TP layouts only; this bundle uses attention-DP")
+        self.cfg, self.comm, self.dtype = cfg, comm, dtype
+        self.rope = RopeTable.from_config(cfg)
+        info = bundle.ranks[comm.rank]
+        self.layers = list(bundle.stage_layers[comm.pp_rank])  # decoder layers; MTP layers are not run here
+        absorb = bundle.fusion.absorb_mla if absorb_mla is None else absorb_mla
+        w = Weights(tensors)
+        self.w = w
+        self.attn, self.mlp = {}, {}
+        self._absorb, self._tp, self._experts = absorb, layout.tp, info.experts
+        self._dense_active = comm.tp_rank < mlp_tp(cfg.intermediate_size, layout)
+        self._shared_active = comm.tp_rank < mlp_tp(cfg.moe_intermediate_size * cfg.n_shared_experts, layout)
+        for i in self.layers:
+            self.add_layer(i)
+        self.vocab_per_rank = cfg.vocab_size // layout.tp
+
+    def add_layer(self, i: int) -> None:
+        """Attention and MLP of decoder layer ``i`` (an MTP module's layer ``num_hidden_layers + k`` too)."""
+        lw = self.w.sub(f"model.layers.{i}.")
+        self.attn[i] = MLA(self.cfg, lw.sub("self_attn."), tp=self._tp, rope=self.rope, absorb=self._absorb)
+        self.mlp[i] = (MoE(self.cfg, lw.sub("mlp."), experts=self._experts, shared_active=self._shared_active)
+                       if self.cfg.is_moe_layer(i) else MLP(lw.sub("mlp."), active=self._dense_active))
+
+    def new_cache(self, *, batch: int, capacity: int) -> KVCache:
+        return KVCache(self.cfg, self.layers, batch=batch, capacity=capacity, dtype=self.dtype, device=self.comm.device)
+
+    def embed(self, tokens: torch.Tensor, weight: str = "model.embed_tokens.weight") -> torch.Tensor:
+        lo = self.comm.tp_rank * self.vocab_per_rank
+        local = tokens - lo
+        inside = (local >= 0) & (local < self.vocab_per_rank)
+        h = self.w(weight)[local.clamp(0, self.vocab_per_rank - 1)]
+        h = h * inside[..., None].to(h.dtype)
+        return self.comm.all_reduce_tp(h)
+
+    def step_context(self, pos: StepPositions, *, decode: bool | None = None) -> Step:
+        cos, sin = self.rope.cos_sin(pos.positions, self.dtype)
+        return Step(pos, cos, sin, pos.visible(), decode=pos.width == 1 if decode is None else decode)
+
+    def layers_forward(self, h: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        for i in self.layers:
+            h = self.layer_forward(i, h, cache, step)
+        return h
+
+    def layer_forward(self, i: int, h: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+        eps = self.cfg.rms_norm_eps
+        lw = self.w.sub(f"model.layers.{i}.")
+        h = h + self.comm.all_reduce_tp(self.attn[i](rms_norm(h, lw("input_layernorm.weight"), eps), cache[i], step))
+        x = rms_norm(h, lw("post_attention_layernorm.weight"), eps)
+        y = self.mlp[i](x)
+        return h + self.comm.all_reduce_tp(y if y is not None else torch.zeros_like(x))
+
+    def logits(self, h: torch.Tensor, *, norm: str = "model.norm.weight", head: str = "lm_head.weight") -> torch.Tensor:
+        """Full-vocabulary logits of final hidden states (last stage; local slice then TP all-gather)."""
+        h = rms_norm(h, self.w(norm), self.cfg.rms_norm_eps)
+        return self.comm.all_gather_tp(torch.nn.functional.linear(h, self.w(head)), dim=-1)

@@ -1,0 +1,215 @@
+"""``EngineService``: the reference engine as a Python object (rank 0 in this process, ranks 1..N-1 as worker
+processes), used by ``dsbuild generate/verify``, the Triton CPU model and the benchmarks.
+
+All ranks join one ``torch.distributed.TCPStore`` created here on 127.0.0.1 (port 0: the OS picks) and passed as
+``store=`` (FACTS §3b: mixing with ``init_method=tcp://`` breaks). Workers are started with
+``subprocess.Popen([python, "-m", "builder.runtime.worker", ...])`` -- never fork -- with ``PR_SET_PDEATHSIG`` so a
+killed host never leaves busy orphans, the repository path passed in ``PYTHONPATH`` explicitly (a Triton
+python-backend stub runs isolated and its ``sys.executable`` may be wrong: pass ``python_executable=``), and a
+long gloo timeout so idle groups survive. One multi-rank service per process at a time (torch.distributed has one
+default group per process); a world of one runs in-process without torch.distributed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from builder.errors import ServeError
+from builder.runtime.bundle import EngineBundle
+from builder.runtime.distributed import LONG_TIMEOUT, backend_for, make_comm
+from builder.runtime.generate import Driver, Engine, GenerationRequest, GenerationResult
+from builder.runtime.worker import DTYPES, ready_key
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 600.0
+
+__all__ = ["EngineService", "GenerationRequest", "GenerationResult"]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the process that started it dies (Linux PR_SET_PDEATHSIG = 1)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ServeError(f"compute dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+
+
+class EngineService:
+    def __init__(self, engine_dir: str | Path, *, device: str = "cpu", threads_per_rank: int | None = None,
+                 dtype: torch.dtype = torch.float32, python_executable: str | None = None,
+                 absorb_mla: bool | None = None, start_timeout: float = START_TIMEOUT_S):
+        self.bundle = EngineBundle.open(engine_dir)
+        self.device = device
+        self.world = self.bundle.world_size
+        self._procs: list[subprocess.Popen] = []
+        self._logs: list[Path] = []
+        self._store = None
+        self._closed = False
+        self._log_dir = None
+        self._lock = threading.Lock()  # one collective at a time (a Triton model may call from several threads)
+        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // self.world)
+        dtype_name = _dtype_name(dtype)
+        if self.world > 1:
+            if dist.is_initialized():
+                raise ServeError("this process already has a torch.distributed group; close the other "
+                                 "EngineService first (one multi-rank service per process)")
+            torch.set_num_threads(threads)
+            self._store = dist.TCPStore("127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
+                                        timeout=timedelta(seconds=start_timeout))
+            self._spawn(python_executable or sys.executable, threads, dtype_name, absorb_mla)
+        try:
+            tensors = self.bundle.load_rank(0, dtype=dtype, device=device)
+            if self.world > 1:
+                self._wait_ready(start_timeout)
+                dist.init_process_group(backend_for(device), store=self._store, rank=0, world_size=self.world,
+                                        timeout=LONG_TIMEOUT)
+            comm = make_comm(self.bundle.layout, rank=0, device=device)
+            self._driver = Driver(Engine(self.bundle, comm, dtype=dtype, absorb_mla=absorb_mla, tensors=tensors))
+        except BaseException:
+            self._kill_workers()
+            raise
+
+    # ----- start-up -----
+    def _spawn(self, python: str, threads: int, dtype_name: str, absorb_mla: bool | None) -> None:
+        if not python or not Path(python).exists():
+            raise ServeError(f"cannot start engine workers: python executable {python!r} does not exist "
+                             "(pass python_executable=)")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["OMP_NUM_THREADS"] = str(threads)
+        self._log_dir = tempfile.TemporaryDirectory(prefix="dsbuild-workers-")
+        absorb = "bundle" if absorb_mla is None else ("on" if absorb_mla else "off")
+        for rank in range(1, self.world):
+            log = Path(self._log_dir.name) / f"rank{rank}.log"
+            self._logs.append(log)
+            cmd = [python, "-m", "builder.runtime.worker", "--engine", str(self.bundle.root), "--rank", str(rank),
+                   "--world", str(self.world), "--store-host", "127.0.0.1", "--store-port", str(self._store.port),
+                   "--device", self.device, "--dtype", dtype_name, "--absorb-mla", absorb]
+            with open(log, "wb") as fh:
+                self._procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                                                    cwd=str(REPO_ROOT)))
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(range(1, self.world))
+        while pending:
+            for rank in sorted(pending):
+                if self._store.check([ready_key(rank)]):
+                    status = self._store.get(ready_key(rank)).decode()
+                    if status != "ok":
+                        raise ServeError(f"engine rank {rank} failed to start: {status.removeprefix('error: ')}")
+                    pending.discard(rank)
+                elif self._procs[rank - 1].poll() is not None:
+                    raise ServeError(f"engine rank {rank} exited with code {self._procs[rank - 1].returncode} "
+                                     f"while starting: {self._log_tail(rank)}")
+            if pending and time.monotonic() > deadline:
+                raise ServeError(f"engine ranks {sorted(pending)} did not start within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _log_tail(self, rank: int, lines: int = 5) -> str:
+        try:
+            text = self._logs[rank - 1].read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(no output)"
+
+    # ----- the contract -----
+    def generate(self, requests: list[GenerationRequest], *,
+                 on_token: Callable[[int, int], None] | None = None,
+                 speculative: dict | None = None) -> list[GenerationResult]:
+        """``speculative``: None for plain decoding, or ``builder.runtime.speculative.SpeculativeOptions`` fields
+        (``mode`` mtp|draft, ``draft_len``, ``draft_engine`` for a draft model's bundle)."""
+        self._check_open()
+        if not requests:
+            return []
+        with self._lock:
+            return self._driver.generate(list(requests), on_token=on_token, speculative=speculative)
+
+    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
+        """Float32 logits at every position of each prompt (``[len, vocab]``), for verification."""
+        self._check_open()
+        with self._lock:
+            return self._driver.prompt_logits([list(p) for p in prompts])
+
+    def rank_stats(self) -> list[dict[str, int]]:
+        """Per rank: peak/current RSS, loaded weight bytes and rank-file tensor bytes."""
+        self._check_open()
+        with self._lock:
+            return self._driver.rank_stats()
+
+    def tokenizer(self):
+        return self.bundle.tokenizer()
+
+    @property
+    def engine(self) -> Engine:
+        return self._driver.engine
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.world > 1 and hasattr(self, "_driver"):
+            # A request still running in another thread finishes first; a stuck one is cut off by the kill below.
+            idle = self._lock.acquire(timeout=timeout)
+            try:
+                if idle and all(p.poll() is None for p in self._procs):
+                    self._driver.stop()
+            finally:
+                if idle:
+                    self._lock.release()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                deadline = time.monotonic() + timeout
+                for p in self._procs:
+                    try:
+                        p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+                self._kill_workers()
+        if self._log_dir is not None:
+            self._log_dir.cleanup()
+
+    def _kill_workers(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if dist.is_initialized() and self._closed is False:
+            dist.destroy_process_group()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ServeError("the engine service is closed")
+
+    def __enter__(self) -> "EngineService":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self._kill_workers()
+        except Exception:
+            pass

@@ -1,0 +1,300 @@
+"""Speculative decoding in the reference engine: a drafter proposes N tokens, one multi-token forward of the target
+verifies them all, and an acceptance rule keeps a prefix plus one token of the target's own.
+
+Acceptance rules (per request):
+- greedy (temperature 0): accept the longest prefix of drafts equal to the target's argmax, then emit the target's
+  argmax at the first mismatch (or after the last draft): the output is plain greedy decoding's, token for token.
+- sampling: standard speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x with
+  probability min(1, p(x)/q(x)); on rejection draw from norm(max(0, p - q)); after N acceptances draw a bonus token
+  from p. p and q are the target's and the drafter's distributions after the same temperature/top-k/top-p
+  (``builder.runtime.generate.probabilities``), so the output follows the target's distribution exactly.
+
+Caches need no copying on rejection: column t of every cache holds position t, a query at position p sees only
+columns <= p, and the next step overwrites the rejected columns before anything can see them. That holds for the
+target's MLA latent and DSA indexer caches, the MTP module's own caches and the draft model's caches.
+
+Every rank runs :meth:`SpeculativeDecoder.generate` on the same broadcast requests; draft tokens and verification
+outcomes travel from the sampler rank (TP rank 0 of the last stage) by broadcast.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from builder.errors import RequestError
+from builder.runtime.generate import GenerationRequest, GenerationResult, probabilities, sample
+from builder.runtime.kv_cache import StepPositions
+
+MODES = ("mtp", "draft")
+MAX_DRAFT_LEN = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    mode: str  # "mtp" | "draft"
+    draft_len: int = 3
+    draft_engine: str | None = None  # the draft model's engine bundle (mode "draft")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SpeculativeOptions":
+        unknown = set(data) - {"mode", "draft_len", "draft_engine"}
+        if unknown:
+            raise RequestError(f"unknown speculative option {sorted(unknown)[0]!r}")
+        opts = cls(mode=str(data.get("mode")), draft_len=int(data.get("draft_len", 3)),
+                   draft_engine=str(Path(data["draft_engine"]).resolve()) if data.get("draft_engine") else None)
+        if opts.mode not in MODES:
+            raise RequestError(f"speculative mode {opts.mode!r} is not one of {', '.join(MODES)}")
+        if not 1 <= opts.draft_len <= MAX_DRAFT_LEN:
+            raise RequestError(f"draft length {opts.draft_len} is outside 1..{MAX_DRAFT_LEN}")
+        if opts.mode == "draft" and not opts.draft_engine:
+            raise RequestError("speculative mode 'draft' needs a draft model's engine bundle (draft_engine)")
+        return opts
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_options(bundle, opts: SpeculativeOptions, requests: list[GenerationRequest]) -> None:
+    """Rank 0, before anything is broadcast: the drafter exists and fits the target (a clear error, no hang)."""
+    if opts.mode == "mtp":
+        from builder.runtime.mtp import bundle_has_mtp
+
+        bundle_has_mtp(bundle, require=True)
+    else:
+        from builder.runtime.draft import open_draft_bundle
+
+        open_draft_bundle(opts.draft_engine, target=bundle)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Acceptance rules (pure functions of one request's drafts and distributions)
+
+def greedy_verify(drafts: list[int], target_logits: torch.Tensor) -> tuple[int, list[int]]:
+    """``target_logits`` [N+1, V] at the pending token and each draft -> (accepted count, tokens to emit)."""
+    best = torch.argmax(target_logits.to(torch.float32), dim=-1).tolist()
+    a = 0
+    while a < len(drafts) and drafts[a] == best[a]:
+        a += 1
+    return a, list(drafts[:a]) + [best[a]]
+
+
+def standard_acceptance(p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(p_x / q_x, max=1.0)
+
+
+def rejection_verify(drafts: list[int], q: torch.Tensor, p: torch.Tensor, gen: torch.Generator | None, *,
+                     acceptance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = standard_acceptance
+                     ) -> tuple[int, list[int]]:
+    """Speculative rejection sampling. ``q`` [N, V]: the drafter's distributions the drafts were drawn from;
+    ``p`` [N+1, V]: the target's at the pending token and after each draft. Returns (accepted, tokens to emit).
+    ``acceptance`` is the acceptance probability (replaceable so that tests can show a wrong rule is caught)."""
+    for k, x in enumerate(drafts):
+        u = torch.rand((), generator=gen)
+        if u < acceptance(p[k, x], q[k, x]):
+            continue
+        residual = torch.clamp(p[k] - q[k], min=0)
+        total = residual.sum()
+        # p <= q everywhere only when p == q, where rejection has probability 0; guard against rounding.
+        dist = residual / total if total > 0 else p[k]
+        return k, list(drafts[:k]) + [int(torch.multinomial(dist, 1, generator=gen))]
+    return len(drafts), list(drafts) + [int(torch.multinomial(p[len(drafts)], 1, generator=gen))]
+
+
+def choose_draft(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None
+                 ) -> tuple[int, torch.Tensor | None]:
+    """A draft token from one row of drafter logits: argmax for greedy requests, else a draw from q (returned)."""
+    if req.temperature == 0:
+        return int(torch.argmax(logits.to(torch.float32))), None
+    q = probabilities(logits, req)
+    return int(torch.multinomial(q, 1, generator=gen)), q
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drafters
+
+@dataclass
+class DraftRound:
+    """What the sampler rank needs from one round of drafting (drafts are known on every rank)."""
+
+    drafts: torch.Tensor  # [B, N] long
+    q: list[list[torch.Tensor | None]] | None  # sampler rank: per row, per draft, the draft distribution
+
+
+class Proposer(Protocol):
+    def start(self, *, batch: int, capacity: int) -> None: ...
+
+    def prefill(self, tokens: torch.Tensor, lens: torch.Tensor, hidden: torch.Tensor | None,
+                first: torch.Tensor) -> None: ...
+
+    def propose(self, state: "DecodeState") -> DraftRound: ...
+
+    def accept(self, state: "DecodeState", accepted: torch.Tensor, new_tokens: torch.Tensor, drafts: torch.Tensor,
+               hidden: torch.Tensor | None, old_positions: torch.Tensor) -> None: ...
+
+
+@dataclass
+class DecodeState:
+    """Per-row state every rank keeps identical: the pending token (emitted, not yet in the target's cache) and its
+    position, the whole token history, which rows are still generating."""
+
+    requests: list[GenerationRequest]
+    draft_len: int
+    pending: torch.Tensor  # [B] long
+    positions: torch.Tensor  # [B] long: position of the pending token
+    history: list[list[int]]
+    active: list[bool]
+    gens: list[torch.Generator] = field(default_factory=list)  # sampler rank only
+    sampler: bool = False
+
+
+def make_proposer(engine, opts: SpeculativeOptions) -> Proposer:
+    if opts.mode == "mtp":
+        from builder.runtime.mtp import MTPProposer
+
+        return MTPProposer(engine)
+    from builder.runtime.draft import DraftProposer
+
+    return DraftProposer(engine, opts.draft_engine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decoding loop
+
+class SpeculativeDecoder:
+    """Collective: every rank constructs it with the same options and calls :meth:`generate` with the same
+    requests."""
+
+    def __init__(self, engine, opts: SpeculativeOptions):
+        self.engine, self.opts = engine, opts
+        self.comm = engine.comm
+        self.proposer = make_proposer(engine, opts)
+
+    def generate(self, requests: list[GenerationRequest], *,
+                 on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+        engine, comm, N = self.engine, self.comm, self.opts.draft_len
+        B = len(requests)
+        tokens, lens = engine._batch([r.prompt_ids for r in requests])
+        # A row can finish with its pending token up to N + 1 positions past its last emitted token, and finished
+        # rows keep being verified (at a fixed position) until the batch ends: room for 2N + 2 beyond the longest.
+        capacity = int(lens.max()) + max(r.max_tokens for r in requests) + 2 * N + 2
+        cache = engine.model.new_cache(batch=B, capacity=capacity)
+        self.proposer.start(batch=B, capacity=capacity)
+        sampler = comm.rank == comm.sampler_rank
+        gens = []
+        if sampler:
+            for r in requests:
+                g = torch.Generator()
+                g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+                gens.append(g)
+        results = [GenerationResult(token_ids=[], finish_reason="length", target_forwards=1) for _ in requests]
+        reasons: list[str | None] = [None] * B
+        stops = [set(r.stop_token_ids) for r in requests]
+
+        def emit(b: int, new: list[int]) -> None:
+            for t in new:
+                if t in stops[b]:
+                    reasons[b] = "stop"
+                    return
+                results[b].token_ids.append(t)
+                if on_token is not None and comm.rank == 0:
+                    on_token(b, t)
+                if len(results[b].token_ids) >= requests[b].max_tokens:
+                    reasons[b] = "length"
+                    return
+
+        # Prefill: the target over the prompts, its first token exactly as plain decoding samples it.
+        zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
+        hidden = engine.hidden(tokens, StepPositions(zeros, tokens.shape[1]), cache)
+        first = torch.zeros(B, dtype=torch.long, device=comm.device)
+        if sampler:
+            with torch.inference_mode():
+                last = hidden[torch.arange(B, device=hidden.device), (lens - 1).to(hidden.device)]
+                logits = engine.model.logits(last)
+            first = torch.tensor([sample(logits[b], requests[b], gens[b]) for b in range(B)], dtype=torch.long,
+                                 device=comm.device)
+        elif comm.last_stage:  # the other TP ranks of the last stage take part in the vocab all-gather
+            with torch.inference_mode():
+                engine.model.logits(hidden[torch.arange(B, device=hidden.device), (lens - 1).to(hidden.device)])
+        comm.broadcast(first, src=comm.sampler_rank)
+        first_ids = first.cpu().tolist()
+        for b in range(B):
+            emit(b, [first_ids[b]])
+        state = DecodeState(requests=requests, draft_len=N, pending=first.cpu(), positions=lens.clone(),
+                            history=[list(r.prompt_ids) + [first_ids[b]] for b, r in enumerate(requests)],
+                            active=[r is None for r in reasons], gens=gens, sampler=sampler)
+        self.proposer.prefill(tokens, lens, hidden, first)
+
+        while any(state.active):
+            round_ = self.proposer.propose(state)
+            drafts = round_.drafts.cpu()
+            verify = torch.cat([state.pending[:, None], drafts], dim=1)  # [B, N+1]
+            hidden = engine.hidden(verify, StepPositions(state.positions.to(comm.device), N + 1), cache, decode=True)
+            outcome = torch.zeros(B, N + 2, dtype=torch.long, device=comm.device)  # [accepted, tokens...]
+            if comm.last_stage:
+                with torch.inference_mode():
+                    logits = engine.model.logits(hidden)  # [B, N+1, V] (collective over the last stage's TP)
+            if sampler:
+                outcome = self._verify(state, drafts, round_.q, logits).to(comm.device)
+            comm.broadcast(outcome, src=comm.sampler_rank)
+            outcome = outcome.cpu()
+            accepted = outcome[:, 0].clone()
+            new_tokens = torch.zeros(B, dtype=torch.long)
+            old_positions = state.positions.clone()
+            for b in range(B):
+                a = int(accepted[b])
+                new = outcome[b, 1:a + 2].tolist()
+                new_tokens[b] = new[-1]
+                if not state.active[b]:  # finished rows stay put (bounded cache use); their outputs are ignored
+                    new_tokens[b] = state.pending[b]
+                    continue
+                res = results[b]
+                res.total_draft_tokens += N
+                res.total_accepted_draft_tokens += a
+                res.target_forwards += 1
+                emit(b, new)
+                state.history[b].extend(new)
+                state.positions[b] += a + 1
+                state.active[b] = reasons[b] is None
+            accepted[state.positions == old_positions] = 0  # rows that were already finished
+            self.proposer.accept(state, accepted, new_tokens, drafts, hidden, old_positions)
+            state.pending = new_tokens
+        for b, r in enumerate(reasons):
+            results[b].finish_reason = r or "length"
+        return results
+
+    def _verify(self, state: DecodeState, drafts: torch.Tensor, q, logits: torch.Tensor) -> torch.Tensor:
+        B, N = drafts.shape
+        out = torch.zeros(B, N + 2, dtype=torch.long)
+        for b, req in enumerate(state.requests):
+            if not state.active[b]:
+                continue
+            row = drafts[b].tolist()
+            if req.temperature == 0:
+                a, new = greedy_verify(row, logits[b])
+            else:
+                p = torch.stack([probabilities(logits[b, k], req) for k in range(N + 1)])
+                a, new = rejection_verify(row, torch.stack(q[b]), p, state.gens[b])
+            out[b, 0] = a
+            out[b, 1:a + 2] = torch.tensor(new, dtype=torch.long)
+        return out
+
+
+def draft_tokens_collectively(comm, logits_rows: torch.Tensor | None, state: DecodeState,
+                              q: list[list[torch.Tensor | None]]) -> torch.Tensor:
+    """One draft token per row: chosen on the sampler rank from ``logits_rows`` [B, V], broadcast to every rank."""
+    B = len(state.requests)
+    chosen = torch.zeros(B, dtype=torch.long, device=comm.device)
+    if state.sampler:
+        picks = []
+        for b, req in enumerate(state.requests):
+            t, dist = choose_draft(logits_rows[b], req, state.gens[b] if state.gens else None)
+            picks.append(t)
+            q[b].append(dist)
+        chosen = torch.tensor(picks, dtype=torch.long, device=comm.device)
+    comm.broadcast(chosen, src=comm.sampler_rank)
+    return chosen.cpu()

@@ -1,0 +1,102 @@
+"""package stage: the Triton model repository and launch files in ``package/``.
+
+``package/triton_repo/`` (GPU flavour: TensorRT-LLM's llmapi model for NVIDIA's Triton container; CPU flavour: the
+reference engine behind the same interface), ``package/launch/`` (``serve.sh``, ``slurm.sbatch``, ``lws.yaml``) and
+``package/package.json``. The GPU flavour's ``model.yaml`` is the build's ``engines/llm_api.yaml`` (rendered for
+``builder.trtllm.PINNED_VERSION``) with ``model:`` and ``triton_config`` added.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from builder.errors import PackageError
+from builder.pipeline import Stage, StageContext
+from builder.specs import RunSpec
+
+VERSION = "1"
+LLM_API_FILE = "llm_api.yaml"
+
+
+def flavour_of(spec: RunSpec) -> str:
+    if spec.flavour != "auto":
+        return spec.flavour
+    return "gpu" if spec.gpu else "cpu"
+
+
+def llm_api_config(engines: Path) -> dict[str, Any]:
+    path = engines / LLM_API_FILE
+    if not path.is_file():
+        raise PackageError(f"{path} is missing; rebuild the engines (dsbuild build --force build)")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise PackageError(f"{path} is not a mapping of LLM() arguments")
+    return data
+
+
+def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
+    from builder.trtllm import PINNED_VERSION
+    from triton_repo.package import PackageInputs, relative_engine_dir
+    from triton_repo.versions import pin
+
+    deploy_dir = spec.deploy_dir or str(run_dir.resolve())
+    model_path = spec.model_path or f"{deploy_dir.rstrip('/')}/quantized"
+    llm_api = llm_api_config(engines)
+    max_seq_len = _max_positions(engines)
+    import builder
+
+    return PackageInputs(
+        flavour=flavour_of(spec), pin=pin(PINNED_VERSION), run_name=run_dir.name, layout=spec.layout_name(),
+        tp=spec.tp, pp=spec.pp, nodes=spec.nodes, node_gpus=spec.gpus_per_node, llm_api=llm_api,
+        deploy_dir=deploy_dir, model_path=model_path,
+        engine_dir_rel=relative_engine_dir(run_dir / "package", engines),
+        dsbuild_src=str(Path(builder.__file__).resolve().parent.parent),
+        engine_max_batch_size=min(spec.concurrency, 64), max_seq_len=max_seq_len, image=spec.image,
+        slurm_partition=spec.slurm_partition, slurm_account=spec.slurm_account, slurm_time=spec.slurm_time,
+        k8s_pvc=spec.k8s_pvc, k8s_namespace=spec.k8s_namespace,
+    )
+
+
+def _max_positions(engines: Path) -> int:
+    import json
+
+    data = json.loads((engines / "config.json").read_text())
+    model = data.get("model", data)
+    return int(model.get("max_position_embeddings", 0) or 0)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from triton_repo.package import write_package
+
+    p = package_inputs(ctx.spec, ctx.run_dir, ctx.inputs["build"])
+    return write_package(p, ctx.out)
+
+
+def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
+    """The templates' content (an edited template re-renders) and, for the CPU flavour, where dsbuild lives."""
+    import hashlib
+
+    import builder
+    from triton_repo.render import template_dir
+
+    h = hashlib.sha256()
+    from builder.trtllm import PINNED_VERSION
+
+    root = template_dir(PINNED_VERSION)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return {"templates": h.hexdigest(), "dsbuild_src": str(Path(builder.__file__).resolve().parent.parent)}
+
+
+def describe(spec: RunSpec, extra: dict[str, Any]) -> str:
+    from builder.trtllm import PINNED_VERSION
+
+    return f"render the {flavour_of(spec)} Triton repository (TensorRT-LLM {PINNED_VERSION}) and launch files"
+
+
+STAGE = Stage(name="package", version=VERSION, output="package", upstream=("build",), run=run,
+              tools=("nvidia-pytriton",), key_inputs=key_inputs, describe=describe)

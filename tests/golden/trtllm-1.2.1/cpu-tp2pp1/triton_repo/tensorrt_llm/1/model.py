@@ -1,0 +1,345 @@
+"""CPU flavour of the ``tensorrt_llm`` Triton model: dsbuild's reference engine behind TensorRT-LLM's llmapi tensor
+interface, for hosts without a GPU (and for dsbuild's own end-to-end tests).
+
+The model is decoupled: ``execute`` validates each request, answers bad ones at once with an error, and queues the
+rest. One batching thread takes up to ``engine_max_batch_size`` queued requests (waiting ``batch_window_ms`` for
+more to arrive), runs them together through ``EngineService.generate`` (rank 0 here, the other TP x PP ranks as
+worker processes) and streams tokens back as they come. As in TensorRT-LLM 1.2.x, every streamed response carries
+the cumulative text, and the last one is flagged final and carries the whole text and the finish reason.
+"""
+
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+DEFAULT_MAX_TOKENS = 16
+UINT64_MAX = (1 << 64) - 1
+
+
+class BadRequest(Exception):
+    """A request the model refuses; the message goes back to the client."""
+
+
+@dataclass
+class Job:
+    sender: object
+    request_id: str
+    prompt_ids: list
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: object
+    stop_strings: list
+    streaming: bool
+    exclude_input: bool
+    prompt_text: str
+    tokens: list = field(default_factory=list)
+    text: str = ""
+    pending: object = None  # the latest streamed response, held back so that the last one can carry FINAL
+    done: bool = False  # a stop string matched or the client cancelled: further tokens are dropped
+    final_sent: bool = False  # the FINAL response went out (a `stop` request answers at once, mid-batch)
+    finish_reason: str = ""
+    stop_reason: str = ""
+    arrival_ns: int = 0
+    first_scheduled_ns: int = 0
+    first_token_ns: int = 0
+    last_token_ns: int = 0
+
+
+def _scalar(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    arr = tensor.as_numpy()
+    if arr.size != 1:
+        raise BadRequest(f"{name} must hold exactly one value, got shape {list(arr.shape)}")
+    return arr.reshape(-1)[0].item()
+
+
+def _strings(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return []
+    out = []
+    for v in tensor.as_numpy().reshape(-1):
+        out.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
+    return out
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in self.model_config.get("parameters", {}).items()}
+        model_dir = args["model_repository"]
+        src = params.get("dsbuild_src", "")
+        if src:
+            src = os.path.normpath(os.path.join(model_dir, src))
+            # The stub runs Python isolated (PYTHONPATH ignored); engine workers are ordinary processes and read it.
+            sys.path.insert(0, src)
+            os.environ["PYTHONPATH"] = os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        engine_dir = os.path.normpath(os.path.join(model_dir, params["engine_dir"]))
+        self.max_batch = max(1, int(params.get("engine_max_batch_size") or 8))
+        self.window_s = max(0.0, float(params.get("batch_window_ms") or 0)) / 1000.0
+        self.max_seq_len = int(params.get("max_seq_len") or 0)
+        threads = int(params.get("threads_per_rank") or 0) or None
+
+        from builder.runtime.service import EngineService, GenerationRequest
+        from builder.runtime.text import encode_prompt
+
+        self.GenerationRequest = GenerationRequest
+        self.encode_prompt = encode_prompt
+        # The stub's sys.executable is the python3 found on PATH; engine workers must use the same interpreter.
+        python = sys.executable or shutil.which("python3")
+        self.engine = EngineService(engine_dir, device="cpu", threads_per_rank=threads, python_executable=python)
+        self.tokenizer = self.engine.tokenizer()
+        # As TensorRT-LLM does by default (and `dsbuild generate --engine`): stop at the model's end-of-sentence.
+        eos = self.engine.bundle.cfg.raw.get("eos_token_id")
+        self.stop_token_ids = [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+        self.queue = queue.Queue()
+        self.by_request_id = {}
+        self.lock = threading.RLock()  # guards sends and the FINAL flag of every job
+        self.forget_lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.loop = threading.Thread(target=self._batching_loop, name="dsbuild-batching", daemon=True)
+        self.loop.start()
+        pb_utils.Logger.log_info(f"dsbuild cpu model: engine {engine_dir}, batch {self.max_batch}")
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                if _scalar(request, "stop", False):
+                    self._cancel(request.request_id(), sender)
+                    continue
+                job = self._parse(request, sender)
+            except BadRequest as exc:
+                self._send_error(sender, str(exc))
+                continue
+            except Exception as exc:  # a bug must still answer the client, or its stream hangs
+                self._send_error(sender, f"{type(exc).__name__}: {exc}")
+                continue
+            if self.stopping.is_set():
+                self._send_error(sender, "the model is shutting down")
+                continue
+            if job.request_id:
+                with self.forget_lock:
+                    self.by_request_id.setdefault(job.request_id, []).append(job)
+            self.queue.put(job)
+        return None
+
+    def _parse(self, request, sender):
+        arrival = time.time_ns()
+        texts = _strings(request, "text_input")
+        if not texts:
+            raise BadRequest("text_input is missing from the request")
+        if len(texts) != 1:
+            raise BadRequest(f"text_input must hold one prompt, got {len(texts)}")
+        prompt = texts[0]
+        if not prompt:
+            raise BadRequest("text_input is empty")
+        try:  # the bundle's tokenizer settings decide BOS, exactly as for `dsbuild generate --engine`
+            prompt_ids = self.encode_prompt(self.engine.bundle, self.tokenizer, prompt)
+        except Exception as exc:
+            raise BadRequest(str(exc)) from None
+        max_tokens = int(_scalar(request, "sampling_param_max_tokens", DEFAULT_MAX_TOKENS))
+        if max_tokens < 1:
+            raise BadRequest(f"sampling_param_max_tokens must be at least 1, got {max_tokens}")
+        if self.max_seq_len and len(prompt_ids) + max_tokens > self.max_seq_len:
+            raise BadRequest(f"prompt ({len(prompt_ids)} tokens) plus sampling_param_max_tokens ({max_tokens}) "
+                             f"exceeds the model's max_seq_len {self.max_seq_len}")
+        temperature = float(_scalar(request, "sampling_param_temperature", 0.0))
+        if not np.isfinite(temperature) or temperature < 0:
+            raise BadRequest(f"sampling_param_temperature must be >= 0, got {temperature}")
+        top_k = int(_scalar(request, "sampling_param_top_k", 0))
+        if top_k < 0:
+            raise BadRequest(f"sampling_param_top_k must be >= 0, got {top_k}")
+        top_p = float(_scalar(request, "sampling_param_top_p", 1.0))
+        if not (0.0 < top_p <= 1.0):
+            raise BadRequest(f"sampling_param_top_p must be in (0, 1], got {top_p}")
+        seed = _scalar(request, "sampling_param_seed", None)
+        if seed is not None and not (0 <= int(seed) <= UINT64_MAX):
+            raise BadRequest(f"sampling_param_seed out of range: {seed}")
+        best_of = int(_scalar(request, "sampling_param_best_of", 1))
+        if best_of != 1:
+            raise BadRequest("sampling_param_best_of other than 1 is not supported by the CPU flavour")
+        for name in ("sampling_param_frequency_penalty", "sampling_param_presence_penalty"):
+            if float(_scalar(request, name, 0.0)) != 0.0:
+                raise BadRequest(f"{name} is not supported by the CPU flavour")
+        streaming = bool(_scalar(request, "streaming", False))
+        return Job(sender=sender, request_id=request.request_id() or "", prompt_ids=prompt_ids,
+                   max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=None if seed is None else int(seed), stop_strings=[s for s in _strings(request, "sampling_param_stop") if s],
+                   streaming=streaming, exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True)),
+                   prompt_text=prompt, arrival_ns=arrival)
+
+    def _cancel(self, request_id, sender):
+        if not request_id:
+            self._send_error(sender, "a request id must be provided to stop a request")
+            return
+        with self.forget_lock:
+            jobs = list(self.by_request_id.pop(request_id, []))
+        for job in jobs:
+            job.done = True
+            job.finish_reason = job.finish_reason or "cancelled"
+            self._send_final(job, None)  # the engine may keep computing this batch; the client need not wait
+        self._send_error(sender, "Request cancelled by client", pb_utils.TritonError.CANCELLED)
+
+    # -- batching ----------------------------------------------------------------------------------------------
+    def _take_batch(self):
+        try:
+            first = self.queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self.stopping.set()
+                break
+            batch.append(job)
+        return batch
+
+    def _batching_loop(self):
+        while not self.stopping.is_set():
+            batch = [j for j in self._take_batch() if not self._already_finished(j)]
+            if not batch:
+                continue
+            pb_utils.Logger.log_info(f"dsbuild cpu model: batch of {len(batch)} request(s)")
+            now = time.time_ns()
+            for job in batch:
+                job.first_scheduled_ns = now
+            self._run(batch)
+
+    def _run(self, batch):
+        requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, max_tokens=j.max_tokens,
+                                           temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
+                                           seed=j.seed, stop_token_ids=list(self.stop_token_ids)) for j in batch]
+        try:
+            results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok))
+        except Exception as exc:
+            if len(batch) > 1 and not any(j.tokens for j in batch):
+                # One request the engine refuses must not fail the others: run them one by one.
+                for job in batch:
+                    self._run([job])
+                return
+            for job in batch:
+                self._send_error(job.sender, f"generation failed: {type(exc).__name__}: {exc}")
+                self._forget(job)
+            return
+        for job, result in zip(batch, results):
+            self._finish(job, result)
+
+    def _already_finished(self, job):
+        if job.done:  # cancelled while queued
+            self._send_final(job, None)
+            return True
+        return False
+
+    def _on_token(self, job, token):
+        if job.done:
+            return
+        now = time.time_ns()
+        job.first_token_ns = job.first_token_ns or now
+        job.last_token_ns = now
+        job.tokens.append(token)
+        job.text = self.tokenizer.decode(job.tokens)
+        for s in job.stop_strings:
+            at = job.text.find(s)
+            if at >= 0:
+                job.text = job.text[:at]
+                job.done, job.finish_reason, job.stop_reason = True, "stop", s
+                break
+        if job.sender.is_cancelled():
+            job.done, job.finish_reason = True, "cancelled"
+            return
+        if job.streaming:
+            with self.lock:
+                if job.pending is not None and not job.final_sent:
+                    self._send(job.sender, job.pending, 0)
+                job.pending = self._response(job, None)
+
+    def _finish(self, job, result):
+        if not job.done:
+            job.finish_reason = result.finish_reason
+        # The engine's final token list is authoritative (the streamed ids are the same tokens).
+        if job.finish_reason != "stop" and job.finish_reason != "cancelled":
+            job.tokens = list(result.token_ids)
+            job.text = self.tokenizer.decode(job.tokens)
+        self._send_final(job, result)
+
+    def _send_final(self, job, result):
+        self._forget(job)
+        with self.lock:
+            if job.final_sent:
+                return
+            job.final_sent = True
+            if not job.sender.is_cancelled():
+                self._send(job.sender, self._response(job, result), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _forget(self, job):
+        if job.request_id:
+            with self.forget_lock:
+                jobs = self.by_request_id.get(job.request_id, [])
+                if job in jobs:
+                    jobs.remove(job)
+                if not jobs:
+                    self.by_request_id.pop(job.request_id, None)
+
+    # -- responses ---------------------------------------------------------------------------------------------
+    def _response(self, job, result):
+        drafted = int(getattr(result, "total_draft_tokens", 0) or 0) if result is not None else 0
+        accepted = int(getattr(result, "total_accepted_draft_tokens", 0) or 0) if result is not None else 0
+        text = job.text if job.exclude_input else job.prompt_text + job.text
+        tensors = [
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("finish_reason", np.array([job.finish_reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("stop_reason", np.array([job.stop_reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("acceptance_rate", np.array([accepted / drafted if drafted else 0.0], dtype=np.float32)),
+            pb_utils.Tensor("total_accepted_draft_tokens", np.array([accepted], dtype=np.int32)),
+            pb_utils.Tensor("total_draft_tokens", np.array([drafted], dtype=np.int32)),
+            pb_utils.Tensor("arrival_time_ns", np.array([job.arrival_ns], dtype=np.int64)),
+            pb_utils.Tensor("first_scheduled_time_ns", np.array([job.first_scheduled_ns], dtype=np.int64)),
+            pb_utils.Tensor("first_token_time_ns", np.array([job.first_token_ns], dtype=np.int64)),
+            pb_utils.Tensor("last_token_time_ns", np.array([job.last_token_ns], dtype=np.int64)),
+        ]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _send(self, sender, response, flags):
+        try:
+            sender.send(response, flags=flags)
+        except Exception as exc:  # the client went away; nothing else to do for it
+            pb_utils.Logger.log_warn(f"dsbuild cpu model: could not send a response: {exc}")
+
+    def _send_error(self, sender, message, code=None):
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        self._send(sender, pb_utils.InferenceResponse(error=error), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        self.stopping.set()
+        self.queue.put(None)
+        self.loop.join(timeout=30)
+        while True:  # answer whatever is still queued, so no client waits forever
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._send_error(job.sender, "the model was unloaded before this request ran")
+        self.engine.close(timeout=10.0)

@@ -1,0 +1,95 @@
+"""EngineService life cycle: clean close, workers that die with a killed host, start-up failures named."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.support.engines import build_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_tp2(tiny_ckpt, tmp_path_factory):
+    return build_bundle(tiny_ckpt, tmp_path_factory.mktemp("svc") / "tp2", tp=2, pp=1, ep=1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_close_stops_every_worker_and_refuses_later_requests(bundle_tp2):
+    from builder.errors import ServeError
+    from builder.runtime.service import EngineService, GenerationRequest
+
+    svc = EngineService(bundle_tp2, threads_per_rank=1)
+    stats = svc.rank_stats()
+    assert [s["shard_bytes"] for s in stats] == [svc.bundle.tensor_bytes(r) for r in range(2)]
+    assert all(s["peak_rss_bytes"] >= s["rss_bytes"] > s["loaded_weight_bytes"] > 0 for s in stats)
+    procs = list(svc._procs)
+    svc.close()
+    assert all(p.returncode == 0 for p in procs)  # stopped by the broadcast, not killed
+    with pytest.raises(ServeError, match="closed"):
+        svc.generate([GenerationRequest(prompt_ids=[5, 6])])
+
+
+def test_workers_die_with_a_killed_host_process(bundle_tp2):
+    script = (
+        "import json, sys, time\n"
+        "from builder.runtime.service import EngineService\n"
+        f"svc = EngineService({str(bundle_tp2)!r}, threads_per_rank=1)\n"
+        "print(json.dumps([p.pid for p in svc._procs]), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    try:
+        pids = json.loads(host.stdout.readline())
+        assert pids and all(_alive(p) for p in pids)
+        host.send_signal(signal.SIGKILL)
+        host.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), "workers outlived their host (PR_SET_PDEATHSIG missing)"
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+
+
+def test_a_rank_that_cannot_load_is_named_and_nothing_is_left_running(bundle_tp2, tmp_path):
+    import shutil
+
+    from builder.errors import ServeError
+    from builder.runtime.service import EngineService
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_tp2, broken)
+    (broken / "rank1.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ServeError, match="engine rank 1 failed to start: .*rank1.safetensors"):
+        EngineService(broken, threads_per_rank=1)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+def test_a_missing_python_for_workers_is_a_clear_error(bundle_tp2):
+    from builder.errors import ServeError
+    from builder.runtime.service import EngineService
+
+    with pytest.raises(ServeError, match="python executable '/nonexistent/python3' does not exist"):
+        EngineService(bundle_tp2, python_executable="/nonexistent/python3")

@@ -1,0 +1,181 @@
+"""Speculative decoding in the reference engine (MTP module and draft model): greedy output token-for-token equal to
+plain greedy decoding across prompts, batch sizes, draft lengths and TP/PP layouts; the sampled output distribution
+equal to the target's (chi-square against the engine's own exact next-token probabilities); clear errors.
+
+The checkpoints come from ``tests.support.speculative`` (planted MTP and a noisy draft copy) so that drafts are
+partly accepted and partly rejected: every test asserts both happened, or it would prove nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats
+
+from builder.errors import CheckpointError, RequestError
+from builder.runtime.bundle import EngineBundle
+from builder.runtime.distributed import make_comm
+from builder.runtime.generate import Engine, GenerationRequest, probabilities
+from builder.runtime.service import EngineService
+from tests.support.engines import build_bundle, fixed_prompts
+from tests.support.speculative import noisy_copy, planted_target
+
+GEN = 14
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec-ckpt")
+    return planted_target(root / "target"), noisy_copy(root / "draft")
+
+
+@pytest.fixture(scope="module")
+def bundles(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec-bundles")
+    target, draft = ckpts
+    made = {"draft": build_bundle(draft, root / "draft", tp=1, pp=1, ep=1)}
+
+    def get(tp: int, pp: int, ep: int = 1):
+        key = (tp, pp, ep)
+        if key not in made:
+            made[key] = build_bundle(target, root / f"tp{tp}pp{pp}ep{ep}", tp=tp, pp=pp, ep=ep)
+        return made[key]
+    get.draft = made["draft"]
+    return get
+
+
+@pytest.fixture(scope="module")
+def engine(bundles):
+    b = EngineBundle.open(bundles(1, 1))
+    return Engine(b, make_comm(b.layout, rank=0))
+
+
+def _spec(mode: str, n: int, bundles) -> dict:
+    return {"mode": mode, "draft_len": n, "draft_engine": str(bundles.draft) if mode == "draft" else None}
+
+
+def _requests(batch: int, **kw) -> list[GenerationRequest]:
+    prompts = fixed_prompts(lengths=(24, 5, 13, 9)[:batch])
+    return [GenerationRequest(prompt_ids=p, max_tokens=GEN, **kw) for p in prompts]
+
+
+def _check_equal_and_exercised(plain, spec, n: int) -> None:
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in plain]
+    drafted = sum(r.total_draft_tokens for r in spec)
+    accepted = sum(r.total_accepted_draft_tokens for r in spec)
+    assert 0 < accepted < drafted, "drafts must be partly accepted and partly rejected for this to test anything"
+    for r in spec:
+        rounds = r.target_forwards - 1
+        assert r.total_draft_tokens == n * rounds
+        # Each round emits accepted + 1 tokens; the last round may be cut by max_tokens.
+        assert r.target_forwards + r.total_accepted_draft_tokens - n <= len(r.token_ids) <= \
+            r.target_forwards + r.total_accepted_draft_tokens
+
+
+@pytest.mark.parametrize("mode", ["mtp", "draft"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_greedy_speculative_equals_plain_greedy(engine, bundles, mode, n):
+    reqs = _requests(3)
+    plain = engine.generate(reqs)
+    _check_equal_and_exercised(plain, engine.generate(reqs, speculative=_spec(mode, n, bundles)), n)
+
+
+@pytest.mark.parametrize("mode", ["mtp", "draft"])
+def test_stop_tokens_end_speculative_output_where_plain_decoding_ends(engine, bundles, mode):
+    reqs = _requests(2)
+    plain = engine.generate(reqs)
+    stop = plain[0].token_ids[6]  # a token the first request emits mid-way
+    reqs = _requests(2, stop_token_ids=[stop])
+    plain = engine.generate(reqs)
+    spec = engine.generate(reqs, speculative=_spec(mode, 3, bundles))
+    assert plain[0].finish_reason == "stop"
+    assert [(r.token_ids, r.finish_reason) for r in spec] == [(r.token_ids, r.finish_reason) for r in plain]
+
+
+@pytest.mark.parametrize("mode,n", [("mtp", 2), pytest.param("draft", 3, marks=pytest.mark.slow)])
+def test_greedy_speculative_equals_plain_greedy_tp2_pp2(bundles, mode, n):
+    reqs = _requests(3)
+    with EngineService(bundles(2, 2), threads_per_rank=1) as svc:
+        plain = svc.generate(reqs)
+        spec = svc.generate(reqs, speculative=_spec(mode, n, bundles))
+    _check_equal_and_exercised(plain, spec, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [(1, 2, 1), (2, 1, 2), (2, 2, 1), (4, 1, 2)], ids=lambda l: "tp%dpp%dep%d" % l)
+def test_greedy_speculative_sweep_layouts_batches_draft_lengths(bundles, layout):
+    with EngineService(bundles(*layout), threads_per_rank=1) as svc:
+        for batch in (1, 2, 4):
+            reqs = _requests(batch)
+            plain = svc.generate(reqs)
+            for mode in ("mtp", "draft"):
+                for n in (1, 2, 3, 4):
+                    spec = svc.generate(reqs, speculative=_spec(mode, n, bundles))
+                    assert [r.token_ids for r in spec] == [r.token_ids for r in plain], (batch, mode, n)
+                    if batch == 4:
+                        _check_equal_and_exercised(plain, spec, n)
+
+
+@pytest.mark.parametrize("mode", ["mtp", pytest.param("draft", marks=pytest.mark.slow)])
+def test_sampled_tokens_follow_the_target_distribution(engine, bundles, mode):
+    """600 seeded requests for the same prompt; (first, second) generated token pairs against the exact joint
+    probabilities from the target's own logits. The second token is always decided by speculative verification."""
+    prompt = fixed_prompts(lengths=(11,), seed=5)[0]
+    kw = dict(temperature=1.0, top_k=3)
+    reqs = [GenerationRequest(prompt_ids=prompt, max_tokens=2, seed=s, **kw) for s in range(600)]
+    res = engine.generate(reqs, speculative=_spec(mode, 2, bundles))
+    accepted = sum(r.total_accepted_draft_tokens for r in res)
+    assert 0 < accepted < sum(r.total_draft_tokens for r in res)
+    ref = GenerationRequest(prompt_ids=prompt, **kw)
+    p1 = probabilities(engine.prompt_logits([prompt])[0][-1], ref)
+    firsts = torch.nonzero(p1).flatten().tolist()
+    rows = engine.prompt_logits([prompt + [t] for t in firsts])
+    joint = {(a, b): float(p1[a] * q) for a, row in zip(firsts, rows)
+             for b, q in enumerate(probabilities(row[-1], ref).tolist()) if q > 0}
+    counts = {k: 0 for k in joint}
+    for r in res:
+        counts[tuple(r.token_ids)] += 1  # a pair outside the support raises KeyError: also a failure
+    cells = sorted(joint)
+    expected = torch.tensor([joint[c] for c in cells], dtype=torch.float64)
+    expected = expected / expected.sum() * len(res)
+    observed = torch.tensor([counts[c] for c in cells], dtype=torch.float64)
+    assert expected.min() >= 5, "cells too rare for a chi-square test: change the prompt"
+    assert stats.chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_mtp_on_a_bundle_without_the_module_is_a_clear_error(bundles, engine):
+    reqs = _requests(1)
+    from builder.runtime.generate import Driver
+
+    with pytest.raises(CheckpointError, match="no MTP module"):
+        Driver(Engine(EngineBundle.open(bundles.draft),
+                      make_comm(EngineBundle.open(bundles.draft).layout, rank=0))).generate(
+            reqs, speculative={"mode": "mtp", "draft_len": 2})
+    with pytest.raises(RequestError, match="draft length 0"):
+        Driver(engine).generate(reqs, speculative={"mode": "mtp", "draft_len": 0})
+    with pytest.raises(RequestError, match="needs a draft model"):
+        Driver(engine).generate(reqs, speculative={"mode": "draft", "draft_len": 2})
+
+
+def test_draft_with_another_vocabulary_is_refused(bundles, engine, tmp_path):
+    from builder.model.tiny import make_tiny
+    from builder.runtime.generate import Driver
+
+    other = build_bundle(make_tiny(tmp_path / "ckpt", preset_name="tiny-draft", overrides={"vocab_size": 512}),
+                         tmp_path / "b", tp=1, pp=1, ep=1)
+    with pytest.raises(CheckpointError, match="vocabulary 512 differs"):
+        Driver(engine).generate(_requests(1), speculative={"mode": "draft", "draft_len": 2,
+                                                           "draft_engine": str(other)})
+
+
+@pytest.mark.slow
+def test_torchrun_launch_runs_speculative_tasks(bundles, tmp_path):
+    from tests.support.engines import run_torchrun
+
+    reqs = [r.to_dict() for r in _requests(2)]
+    plain, _ = run_torchrun(bundles(1, 2), {"generate": reqs}, tmp_path / "plain", nproc=2)
+    spec, _ = run_torchrun(bundles(1, 2), {"generate": reqs, "speculative": {"mode": "mtp", "draft_len": 3}},
+                           tmp_path / "spec", nproc=2)
+    assert [r["token_ids"] for r in spec["generate"]] == [r["token_ids"] for r in plain["generate"]]
+    assert 0 < sum(r["total_accepted_draft_tokens"] for r in spec["generate"]) < \
+        sum(r["total_draft_tokens"] for r in spec["generate"])

@@ -1,0 +1,359 @@
+"""The packaged CPU repository of the tiny model on a real tritonserver, started by ``dsbuild serve`` on
+127.0.0.1, talked to with tritonclient (gRPC) and Triton's HTTP generate extension.
+
+One server is shared by the module (TP2 x PP1: the model's own torch.distributed world of two processes); the
+last test stops it with SIGTERM. Expected outputs come from ``EngineService`` run directly on the same engines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import DSBUILD, REPO, run_dsbuild
+
+try:
+    import builder.runtime.service  # noqa: F401
+
+    HAVE_RUNTIME = True
+except ImportError:
+    HAVE_RUNTIME = False
+
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.xdist_group("triton-cpu"),
+    pytest.mark.skipif(not HAVE_RUNTIME, reason="builder.runtime.service (the reference engine) is not in this build"),
+]
+
+EXIT_TIMEOUT_S = 10
+PROMPTS = [f"Request {i}: the quick brown fox" if i % 2 else f"Tokens and layers, number {i}" for i in range(16)]
+SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen, http: str, grpc: str, log: Path, stderr_lines: list[str]):
+        self.proc, self.http, self.grpc, self.log, self.stderr_lines = proc, http, grpc, log, stderr_lines
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory, cache_dir) -> Path:
+    work = tmp_path_factory.mktemp("serve-run")
+    run_dsbuild("run", "--tp", "2", "--pp", "1", "--out", "run", "--concurrency", "16", cwd=work,
+                env={"XDG_CACHE_HOME": str(cache_dir)}, check=True)
+    return work / "run"
+
+
+@pytest.fixture(scope="module")
+def expected(cpu_run):
+    """Direct EngineService output for every prompt: greedy, and seeded sampling."""
+    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.runtime.text import encode_prompt
+
+    out = {}
+    with EngineService(cpu_run / "engines") as engine:
+        tok = engine.tokenizer()
+        eos = [int(engine.bundle.cfg.raw["eos_token_id"])]  # TensorRT-LLM's default: stop at end-of-sentence
+        for i, p in enumerate(PROMPTS):
+            ids = encode_prompt(engine.bundle, tok, p)
+            modes = (("greedy", {}), ("sampled", SAMPLED)) if i < 2 or i % 4 == 0 else (("greedy", {}),)
+            for name, params in modes:
+                (res,) = engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=8, stop_token_ids=eos,
+                                                            **params)])
+                out[(p, name)] = (tok.decode(res.token_ids), res.finish_reason, len(res.token_ids))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(cpu_run, tmp_path_factory):
+    from triton_repo.server import free_ports
+
+    ports = free_ports()
+    log = tmp_path_factory.mktemp("serve-log") / "triton.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*DSBUILD, "serve", "--repo", str(cpu_run / "package" / "triton_repo"),
+                             "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
+                             "--metrics-port", str(ports.metrics), "--exit-timeout", str(EXIT_TIMEOUT_S),
+                             "--log-file", str(log)], env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving on" in line:
+                ready.set()
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.wait(0.5):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "server not ready in 300 s:\n" + "".join(lines)
+        yield Served(proc, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", log, lines)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def opts(prompt, name="greedy", **kw):
+    from triton_repo.client import GenerateOptions
+
+    params = SAMPLED if name == "sampled" else {}
+    return GenerateOptions(prompt=prompt, max_tokens=8, **params, **kw)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("name", ["greedy", "sampled"])
+def test_output_equals_direct_engine(served, expected, protocol, name):
+    from triton_repo.client import generate
+
+    for prompt in PROMPTS[:2]:
+        url = served.grpc if protocol == "grpc" else served.http
+        res = generate(url, opts(prompt, name), protocol=protocol)
+        text, reason, _ = expected[(prompt, name)]
+        assert (res.text, res.finish_reason) == (text, reason)
+        assert res.total_draft_tokens == 0 and res.acceptance_rate == 0.0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_streaming_returns_tokens_incrementally(served, expected, protocol):
+    from triton_repo.client import generate
+
+    prompt = PROMPTS[3]
+    arrivals: list[tuple[float, str]] = []
+    url = served.grpc if protocol == "grpc" else served.http
+    res = generate(url, opts(prompt, stream=True), protocol=protocol,
+                   on_text=lambda t: arrivals.append((time.perf_counter(), t)))
+    text, reason, n_tokens = expected[(prompt, "greedy")]
+    assert res.text == text and res.finish_reason == reason
+    # One response per token, each the cumulative text so far, the last one (flagged final) the whole text.
+    assert len(res.responses) == n_tokens >= 2
+    for before, after in zip(res.responses, res.responses[1:]):
+        assert after.startswith(before.rstrip("\ufffd")) and len(after) >= len(before)
+    assert res.responses[-1] == text
+    assert arrivals[-1][0] > arrivals[0][0]
+
+
+def test_sixteen_concurrent_streams_all_complete(served, expected):
+    from triton_repo.client import generate
+
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def one(i):
+        try:
+            results[i] = generate(served.grpc, opts(PROMPTS[i], "sampled" if i % 4 == 0 else "greedy", stream=True),
+                                  protocol="grpc", timeout=240)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i, res in results.items():
+        text, reason, n = expected[(PROMPTS[i], "sampled" if i % 4 == 0 else "greedy")]
+        assert (res.text, res.finish_reason, len(res.responses)) == (text, reason, n), i
+    assert len(results) == 16
+    batches = [int(l.rsplit("batch of ", 1)[1].split()[0]) for l in served.log.read_text().splitlines()
+               if "dsbuild cpu model: batch of" in l]
+    assert max(batches) > 1, "concurrent requests were never batched"
+
+
+@pytest.fixture
+def raw_grpc(served):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    def send(inputs: dict[str, tuple[str, np.ndarray]]):
+        events: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(served.grpc)
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        tensors = []
+        for name, (dtype, arr) in inputs.items():
+            t = grpcclient.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        client.async_stream_infer("tensorrt_llm", tensors)
+        try:
+            return events.get(timeout=60)
+        finally:
+            client.stop_stream()
+            client.close()
+    return send
+
+
+def text(s: str):
+    return ("BYTES", np.array([s.encode()], dtype=np.object_))
+
+
+@pytest.mark.parametrize("inputs,message", [
+    ({"sampling_param_max_tokens": ("INT32", np.array([4], dtype=np.int32))}, "text_input"),
+    ({"text_input": text("hello"), "sampling_param_max_tokens": ("INT32", np.array([-3], dtype=np.int32))},
+     "sampling_param_max_tokens must be at least 1"),
+    ({"text_input": text("hello"), "sampling_param_max_tokens": ("INT32", np.array([2_000_000_000], dtype=np.int32))},
+     "exceeds the model's max_seq_len"),
+    ({"text_input": text("hello"), "sampling_param_max_tokens": ("FP32", np.array([4.0], dtype=np.float32))},
+     "sampling_param_max_tokens"),
+    ({"text_input": text("hello"), "sampling_param_top_p": ("FP32", np.array([1.5], dtype=np.float32))},
+     "sampling_param_top_p"),
+    ({"text_input": ("INT32", np.array([1, 2], dtype=np.int32))}, "text_input"),
+])
+def test_malformed_grpc_requests_get_an_error_and_the_server_keeps_serving(served, expected, raw_grpc, inputs,
+                                                                           message):
+    from triton_repo.client import generate
+
+    result, error = raw_grpc(inputs)
+    assert error is not None, "a malformed request was answered without an error"
+    assert message in error.message()
+    res = generate(served.grpc, opts(PROMPTS[0]), protocol="grpc")
+    assert res.text == expected[(PROMPTS[0], "greedy")][0]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"sampling_param_max_tokens": 4}, "text_input"),
+    ({"text_input": "hi", "sampling_param_max_tokens": -1}, "at least 1"),
+    ({"text_input": "hi", "sampling_param_max_tokens": 10 ** 9}, "max_seq_len"),
+    ({"text_input": "hi", "sampling_param_max_tokens": "many"}, "Unable to parse"),  # Triton refuses the type
+])
+def test_malformed_http_requests_get_an_error_and_the_server_keeps_serving(served, expected, body, message):
+    from triton_repo.client import generate
+
+    req = urllib.request.Request(f"http://{served.http}/v2/models/tensorrt_llm/generate",
+                                 data=json.dumps(body).encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=60)
+    assert err.value.code >= 400
+    assert message in err.value.read().decode()
+    assert generate(served.http, opts(PROMPTS[1]), protocol="http").text == expected[(PROMPTS[1], "greedy")][0]
+
+
+def test_generate_command_over_both_protocols(served, expected):
+    for protocol, url in (("grpc", served.grpc), ("http", served.http)):
+        proc = run_dsbuild("generate", "--url", url, "--protocol", protocol, "--prompt", PROMPTS[2],
+                           "--max-tokens", "8", "--json", cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["text"] == expected[(PROMPTS[2], "greedy")][0]
+    proc = run_dsbuild("generate", "--url", served.grpc, "--prompt", PROMPTS[2], "--max-tokens", "8", "--stream",
+                       cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.rstrip("\n") == expected[(PROMPTS[2], "greedy")][0]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_stop_string_truncates_and_reports_stop(served, expected, protocol):
+    from triton_repo.client import generate
+
+    full = expected[(PROMPTS[6], "greedy")][0]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert len(stop) == 2 and stop in full
+    url = served.grpc if protocol == "grpc" else served.http
+    res = generate(url, opts(PROMPTS[6], stop=(stop,), stream=True), protocol=protocol)
+    assert res.text == full[:full.index(stop)] and res.finish_reason == "stop"
+
+
+def test_stop_input_cancels_a_running_request_at_once(served):
+    """TensorRT-LLM's `stop` input: a request with the same id and stop=true ends the running one."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(served.grpc)
+    client.start_stream(callback=lambda result, error: events.put((time.monotonic(), result, error)))
+
+    def send(fields, rid):
+        tensors = []
+        for name, (dtype, arr) in fields.items():
+            t = grpcclient.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        client.async_stream_infer("tensorrt_llm", tensors, request_id=rid)
+
+    try:
+        send({"text_input": text(PROMPTS[7]), "streaming": ("BOOL", np.array([True])),
+              "sampling_param_max_tokens": ("INT32", np.array([100], dtype=np.int32))}, "long-job")
+        _, first, error = events.get(timeout=60)
+        assert error is None and first.get_response().id == "long-job"
+        stopped_at = time.monotonic()
+        send({"text_input": text(""), "stop": ("BOOL", np.array([True]))}, "long-job")
+        seen_final = seen_refusal = False
+        n_responses = 1
+        while not (seen_final and seen_refusal):
+            at, result, error = events.get(timeout=60)
+            if error is not None:
+                assert "Request cancelled by client" in error.message()
+                seen_refusal = True
+                continue
+            n_responses += 1
+            reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+            if reason == "cancelled":
+                seen_final = True
+                assert at - stopped_at < 5.0  # answered at once, not after 100 tokens
+        assert n_responses < 100
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.slow  # starts a second engine world of its own
+def test_generate_engine_matches_the_server(served, expected, cpu_run):
+    proc = run_dsbuild("generate", "--engine", str(cpu_run / "engines"), "--prompt", PROMPTS[4], "--max-tokens", "8",
+                       "--json", cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["text"] == expected[(PROMPTS[4], "greedy")][0]
+
+
+@pytest.mark.slow  # a full server restart
+def test_z_crashed_stub_is_detected_and_the_server_restarted(served, expected):
+    """A SIGKILLed python-backend stub leaves Triton 2.51 answering "Stub process is not healthy" (FACTS §3b);
+    `dsbuild serve` notices the dead stub, restarts tritonserver and serves again on the same ports."""
+    import psutil
+
+    from triton_repo.client import generate
+
+    stubs = [c for c in psutil.Process(served.proc.pid).children(recursive=True)
+             if "triton_python_backend_stub" in " ".join(c.cmdline()[:1])]
+    assert len(stubs) == 1
+    n_ready = sum("serving on" in l for l in served.stderr_lines)
+    stubs[0].kill()
+    deadline = time.monotonic() + 180
+    while sum("serving on" in l for l in served.stderr_lines) == n_ready:
+        assert served.proc.poll() is None, "".join(served.stderr_lines)
+        assert time.monotonic() < deadline, "".join(served.stderr_lines)
+        time.sleep(0.5)
+    log = "".join(served.stderr_lines)
+    assert "stub process" in log and "died" in log and "restarting tritonserver (1/2)" in log
+    assert generate(served.grpc, opts(PROMPTS[5]), protocol="grpc").text == expected[(PROMPTS[5], "greedy")][0]
+
+
+def test_zz_sigterm_stops_the_server_within_its_exit_timeout(served):
+    import psutil
+
+    family = [served.proc.pid] + [c.pid for c in psutil.Process(served.proc.pid).children(recursive=True)]
+    assert len(family) >= 3  # dsbuild serve, tritonserver, the stub (and the engine's worker rank)
+    t0 = time.monotonic()
+    served.proc.send_signal(signal.SIGTERM)
+    rc = served.proc.wait(timeout=EXIT_TIMEOUT_S + 30)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, "".join(served.stderr_lines)
+    assert elapsed < EXIT_TIMEOUT_S + 10, elapsed
+    time.sleep(0.5)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], alive

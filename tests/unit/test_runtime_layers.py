@@ -1,0 +1,124 @@
+"""Runtime pieces against transformers' own modules and against their definitions: the DSA indexer's top-k sets,
+the noaux_tc router, RoPE variants, sampling, request validation, fusion round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from builder.errors import RequestError
+from builder.runtime.generate import GenerationRequest, sample, validate_request
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_float_dir):
+    from builder.model.hf_compat import load_hf_model
+
+    return load_hf_model(tiny_float_dir)
+
+
+def _weights(hf_model):
+    from builder.runtime.layers import Weights
+
+    return Weights({k: v.detach() for k, v in hf_model.state_dict().items()})
+
+
+def _step(cfg, B, S):
+    from builder.runtime.kv_cache import StepPositions
+    from builder.runtime.layers import Step
+    from builder.runtime.rope import RopeTable
+
+    pos = StepPositions(torch.zeros(B, dtype=torch.long), S)
+    cos, sin = RopeTable.from_config(cfg).cos_sin(pos.positions, torch.float32)
+    return Step(pos, cos, sin, pos.visible(), decode=False)
+
+
+def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
+    """Same top-k key sets per query as transformers' DeepseekV32Indexer; a differing set is only accepted where
+    the k-th and (k+1)-th scores are a near-tie (< 1e-5 apart), which FACTS §1b says happens."""
+    from builder.model.tiny import tiny_config
+    from builder.runtime.layers import Indexer
+
+    cfg = tiny_config()
+    B, S, k = 2, 40, cfg.index_topk
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, S, cfg.hidden_size, generator=g)
+    attn = hf_model.model.layers[1].self_attn
+    with torch.no_grad():
+        q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
+        pos_ids = torch.arange(S)[None].expand(B, -1)
+        pe = hf_model.model.rotary_emb(x, pos_ids)
+        ref = attn.indexer(x, q_resid, pe, None, pos_ids).long()
+    ours = Indexer(cfg, _weights(hf_model).sub("model.layers.1.self_attn.indexer."))
+    step = _step(cfg, B, S)
+    keys = ours.keys(torch.nn.functional.linear(x, attn.indexer.wk.weight), step)
+    scores = ours.scores(x, q_resid, keys, step)
+    mine = scores.topk(k, dim=-1).indices
+    checked = ties = 0
+    for b in range(B):
+        for s in range(k, S):  # queries with more visible keys than index_topk: a real selection
+            checked += 1
+            a, r = set(mine[b, s].tolist()), set(ref[b, s].tolist())
+            if a != r:
+                ordered = scores[b, s].sort(descending=True).values
+                assert float(ordered[k - 1] - ordered[k]) < 1e-5, (b, s, a ^ r)
+                ties += 1
+    assert checked == B * (S - k) and ties <= checked // 10
+
+
+def test_router_matches_transformers(hf_model):
+    from builder.model.tiny import tiny_config
+    from builder.runtime.layers import route
+
+    cfg = tiny_config()
+    x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    gate = hf_model.model.layers[2].mlp.gate
+    with torch.no_grad():
+        _, ref_w, ref_i = gate(x)
+    idx, w = route(cfg, x, _weights(hf_model).sub("model.layers.2.mlp."))
+    assert torch.equal(idx.sort(-1).values, ref_i.sort(-1).values)
+    order_ref, order = ref_i.argsort(-1), idx.argsort(-1)
+    torch.testing.assert_close(w.gather(1, order), ref_w.gather(1, order_ref), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(w.sum(-1), torch.full((64,), cfg.routed_scaling_factor))
+
+
+def test_rope_variants_rotate_as_defined():
+    from builder.runtime.rope import rotate_half_split, rotate_interleaved
+
+    x = torch.arange(8, dtype=torch.float32)
+    angle = torch.tensor([0.3, 1.1, 0.0, 2.0])
+    cos, sin = angle.cos(), angle.sin()
+    inter = rotate_interleaved(x, cos, sin)  # pair (x0, x1) rotated by angle 0, output [evens..., odds...]
+    assert torch.allclose(inter[0], x[0] * cos[0] - x[1] * sin[0]) and torch.allclose(inter[4], x[1] * cos[0] + x[0] * sin[0])
+    half = rotate_half_split(x, torch.cat([cos, cos]), torch.cat([sin, sin]))  # pair (x0, x4) rotated by angle 0
+    assert torch.allclose(half[0], x[0] * cos[0] - x[4] * sin[0]) and torch.allclose(half[4], x[4] * cos[0] + x[0] * sin[0])
+
+
+def test_sampling_greedy_top_k_top_p_and_seed():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
+    assert sample(logits, GenerationRequest([1], temperature=0.0), None) == 1
+    draws = lambda req, n=300, seed=0: [sample(logits, req, torch.Generator().manual_seed(seed + i)) for i in range(n)]
+    assert set(draws(GenerationRequest([1], temperature=1.0, top_k=2))) == {1, 2}
+    assert set(draws(GenerationRequest([1], temperature=1.0, top_p=0.3))) == {1}  # p(1) alone exceeds 0.3
+    free = draws(GenerationRequest([1], temperature=1.0))
+    assert set(free) >= {0, 1, 2, 4}
+    assert draws(GenerationRequest([1], temperature=0.7), seed=5) == draws(GenerationRequest([1], temperature=0.7), seed=5)
+    hot = draws(GenerationRequest([1], temperature=5.0), n=400)
+    cold = draws(GenerationRequest([1], temperature=0.2), n=400)
+    assert hot.count(1) < cold.count(1)
+
+
+@pytest.mark.parametrize("req,message", [
+    (GenerationRequest([]), "empty prompt"),
+    (GenerationRequest([5000]), "outside the vocabulary"),
+    (GenerationRequest([1], max_tokens=0), "at least 1"),
+    (GenerationRequest([1], temperature=-1), "temperature"),
+    (GenerationRequest([1], top_p=0), "top_p"),
+    (GenerationRequest([1], top_k=-2), "top_k"),
+    (GenerationRequest([1], max_tokens=600), "positions"),
+])
+def test_bad_requests_are_refused_with_one_sentence(req, message):
+    from builder.model.tiny import tiny_config
+
+    with pytest.raises(RequestError, match=message):
+        validate_request(req, tiny_config())

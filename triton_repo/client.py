@@ -1,0 +1,196 @@
+"""Clients for the ``tensorrt_llm`` model: gRPC (tritonclient, bidirectional stream: the model is decoupled, so
+even a non-streaming request goes over the stream API) and HTTP (Triton's generate extension:
+``POST /v2/models/<model>/generate`` and, for streaming, ``/generate_stream`` as server-sent events)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from builder.errors import ServeError
+from triton_repo.interface import MODEL_NAME
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    finish_reason: str
+    responses: list[str] = field(default_factory=list)  # text_output of every response (cumulative when streaming)
+    acceptance_rate: float = 0.0
+    total_draft_tokens: int = 0
+    total_accepted_draft_tokens: int = 0
+    first_response_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def request_fields(opts: GenerateOptions) -> dict[str, Any]:
+    """The model's inputs for ``opts`` (names and types of TensorRT-LLM's llmapi model)."""
+    fields: dict[str, Any] = {
+        "text_input": opts.prompt, "streaming": opts.stream, "sampling_param_max_tokens": opts.max_tokens,
+        "sampling_param_temperature": opts.temperature, "sampling_param_top_k": opts.top_k,
+        "sampling_param_top_p": opts.top_p, "return_finish_reason": True,
+    }
+    if opts.seed is not None:
+        fields["sampling_param_seed"] = opts.seed
+    if opts.stop:
+        fields["sampling_param_stop"] = list(opts.stop)
+    return fields
+
+
+def _grpc_inputs(fields: dict[str, Any]):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    types = {"text_input": ("BYTES", np.object_), "streaming": ("BOOL", np.bool_),
+             "sampling_param_max_tokens": ("INT32", np.int32), "sampling_param_temperature": ("FP32", np.float32),
+             "sampling_param_top_k": ("INT32", np.int32), "sampling_param_top_p": ("FP32", np.float32),
+             "sampling_param_seed": ("UINT64", np.uint64), "sampling_param_stop": ("BYTES", np.object_),
+             "return_finish_reason": ("BOOL", np.bool_)}
+    inputs = []
+    for name, value in fields.items():
+        dtype, np_dtype = types[name]
+        values = value if isinstance(value, list) else [value]
+        if dtype == "BYTES":
+            values = [v.encode("utf-8") for v in values]
+        arr = np.array(values, dtype=np_dtype)
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return inputs
+
+
+def _first(result, name: str, default: Any) -> Any:
+    arr = result.as_numpy(name)
+    if arr is None or arr.size == 0:
+        return default
+    v = arr.reshape(-1)[0]
+    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v.item()
+
+
+def generate_grpc(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, timeout: float = 300,
+                  on_text: Callable[[str], None] | None = None) -> GenerateResult:
+    """One request over gRPC. ``on_text`` gets each response's (cumulative) text as it arrives."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url=url)
+    t0 = time.perf_counter()
+    out = GenerateResult(text="", finish_reason="")
+    try:
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        client.async_stream_infer(model, _grpc_inputs(request_fields(opts)), request_id=uuid.uuid4().hex,
+                                  enable_empty_final_response=True)
+        while True:
+            try:
+                result, error = events.get(timeout=max(0.1, timeout - (time.perf_counter() - t0)))
+            except queue.Empty:
+                raise ServeError(f"no response from {url} within {timeout:.0f} s") from None
+            if error is not None:
+                raise ServeError(f"the server refused the request: {error.message() if hasattr(error, 'message') else error}")
+            response = result.get_response()
+            final = response.parameters.get("triton_final_response")
+            is_final = bool(final.bool_param) if final is not None else True
+            if response.outputs:
+                text = _first(result, "text_output", "")
+                out.responses.append(text)
+                out.first_response_s = out.first_response_s or time.perf_counter() - t0
+                out.text = text
+                out.finish_reason = _first(result, "finish_reason", out.finish_reason)
+                out.acceptance_rate = float(_first(result, "acceptance_rate", 0.0))
+                out.total_draft_tokens = int(_first(result, "total_draft_tokens", 0))
+                out.total_accepted_draft_tokens = int(_first(result, "total_accepted_draft_tokens", 0))
+                if on_text:
+                    on_text(text)
+            if is_final:
+                break
+    except InferenceServerException as exc:
+        raise ServeError(f"gRPC request to {url} failed: {exc.message()}") from None
+    finally:
+        try:
+            client.stop_stream()
+        finally:
+            client.close()
+    out.total_s = time.perf_counter() - t0
+    return out
+
+
+def _http_post(url: str, path: str, body: dict[str, Any], timeout: float):
+    req = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except json.JSONDecodeError:
+            pass
+        raise ServeError(f"the server refused the request (HTTP {exc.code}): {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServeError(f"cannot reach http://{url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _apply(out: GenerateResult, data: dict[str, Any], t0: float, on_text: Callable[[str], None] | None) -> None:
+    if "error" in data:
+        raise ServeError(f"the server refused the request: {data['error']}")
+    text = data.get("text_output", "")
+    text = text[0] if isinstance(text, list) else text
+    out.responses.append(text)
+    out.first_response_s = out.first_response_s or time.perf_counter() - t0
+    out.text = text
+    fr = data.get("finish_reason", out.finish_reason)
+    out.finish_reason = fr[0] if isinstance(fr, list) else fr
+    out.acceptance_rate = float(data.get("acceptance_rate", 0.0))
+    out.total_draft_tokens = int(data.get("total_draft_tokens", 0))
+    out.total_accepted_draft_tokens = int(data.get("total_accepted_draft_tokens", 0))
+    if on_text:
+        on_text(text)
+
+
+def generate_http(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, timeout: float = 300,
+                  on_text: Callable[[str], None] | None = None) -> GenerateResult:
+    """One request over HTTP's generate extension (server-sent events when streaming)."""
+    t0 = time.perf_counter()
+    out = GenerateResult(text="", finish_reason="")
+    path = f"/v2/models/{model}/generate_stream" if opts.stream else f"/v2/models/{model}/generate"
+    with _http_post(url, path, request_fields(opts), timeout) as resp:
+        if not opts.stream:
+            _apply(out, json.loads(resp.read()), t0, on_text)
+        else:
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if line.startswith("data:"):
+                    _apply(out, json.loads(line[5:].strip()), t0, on_text)
+    out.total_s = time.perf_counter() - t0
+    return out
+
+
+def generate(url: str, opts: GenerateOptions, *, protocol: str = "grpc", model: str = MODEL_NAME,
+             timeout: float = 300, on_text: Callable[[str], None] | None = None) -> GenerateResult:
+    if protocol == "grpc":
+        return generate_grpc(url, opts, model=model, timeout=timeout, on_text=on_text)
+    if protocol == "http":
+        return generate_http(url, opts, model=model, timeout=timeout, on_text=on_text)
+    raise ServeError(f"unknown protocol {protocol!r}; choose grpc or http")
