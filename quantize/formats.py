@@ -2,16 +2,31 @@
 
 ``quantized_catalog(cfg, mode)`` turns the source catalogue (DeepSeek's block FP8) into the catalogue of the
 checkpoint that ``dsbuild quantize --quant MODE`` writes, plus each packed weight's logical (unpacked) shape. The
-planner sums it for memory per GPU, the sharding rules split it, and the quantize stage's schema tests check its
-output against it — one description of each format.
+planner sums it for memory per GPU, the sharding rules split it, the build stage slices by it, and the schema tests
+check every mode's real output against it — one description of each format.
 
-Sources: DeepSeek-V3.2's own checkpoint (fp8), TensorRT-LLM's ``examples/quantization/quantize_mixed_precision_moe.py``
-(w4afp8), ModelOpt's unified HF export (fp8-tensor, int4-awq, nvfp4); details in ../shared/FACTS.md §2b and §4.
+Verified against (not just read from documentation):
+- fp8: DeepSeek-V3.2's own checkpoint (F8_E4M3 weight + F32 ``weight_scale_inv`` ``[ceil(out/128), ceil(in/128)]``).
+- w4afp8: TensorRT-LLM ``examples/quantization/quantize_mixed_precision_moe.py`` (routed experts int8 ``[out, in/2]``
+  packed along the input dim, ``weight_scale_inv`` reused as F32 group scales ``[out, in/128]``, per-expert
+  ``w{1,2,3}.input_scale`` of shape ``[1]``) and its loader ``_torch/modules/fused_moe/quantization.py``
+  (``WInt4AFP8FusedMoEMethod``, ``W4A8_CUSTOM``: weights used as stored, every expert's input scale read on every
+  rank). The MTP layer's experts stay block FP8 (the upstream script drops the MTP layer; we keep it loadable).
+- fp8-tensor / int4-awq / nvfp4: what ModelOpt 0.47 ``export_hf_checkpoint`` writes for a transformers
+  ``DeepseekV32ForCausalLM`` with per-expert linears (tests/integration/test_quantize_modes.py runs the export and
+  compares):
+  quantized linears get ``weight_scale``/``input_scale`` scalars (FP8), U8 ``[out/2, in]`` + F32
+  ``weight_scale [out, in/128]`` (+ BF16 ``pre_quant_scale [in]`` where ModelOpt could not fold it into the
+  preceding norm) (INT4 AWQ), U8 ``[out, in/2]`` + F8 ``weight_scale [out, in/16]`` + F32 ``weight_scale_2`` and
+  ``input_scale`` scalars (NVFP4). Everything unquantized is BF16 except the router bias (F32). The MTP layer, which
+  transformers does not load, is carried through from the source in BF16 and listed in ``exclude_modules``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from builder.errors import QuantizationError
 from builder.model.catalog import FP8_KINDS, Dtype, Kind, TensorSpec, build_catalog, is_mtp_tensor
@@ -21,11 +36,20 @@ INT4_GROUP = 128
 NVFP4_BLOCK = 16
 
 EXPERT_KINDS = frozenset({Kind.EXPERT_GATE, Kind.EXPERT_UP, Kind.EXPERT_DOWN})
-# ModelOpt quantizes every nn.Linear except the LM head and the MoE router by default; transformers has no MTP
-# module, so ModelOpt-exported checkpoints carry the MTP layer in BF16 (listed in exclude_modules).
-MODELOPT_KINDS = FP8_KINDS | {Kind.IDX_WEIGHTS}
+# ModelOpt quantizes every linear we let it: the DeepSeek linears (FP8_KINDS). The LM head and router are excluded
+# by ModelOpt itself; the indexer's weights_proj is excluded by us (TensorRT-LLM builds it unquantized, fp32).
+MODELOPT_KINDS = FP8_KINDS
+# ModelOpt folds AWQ's pre_quant_scale into the preceding norm where every consumer of that norm allows it; these
+# linears keep theirs (seen in its export of DeepseekV32ForCausalLM: routed experts, every down_proj, kv_b, o_proj).
+AWQ_PRE_QUANT_KINDS = frozenset({Kind.EXPERT_GATE, Kind.EXPERT_UP, Kind.EXPERT_DOWN, Kind.SHARED_DOWN,
+                                 Kind.DENSE_DOWN, Kind.KV_B, Kind.O_PROJ})
 # TensorRT-LLM's w4afp8 expert naming: gate -> w1, down -> w2, up -> w3.
 W4A8_EXPERT_NAMES = {Kind.EXPERT_GATE: "w1", Kind.EXPERT_DOWN: "w2", Kind.EXPERT_UP: "w3"}
+
+# hf_quant_config.json ``quantization.quant_algo`` of each mode (TensorRT-LLM ``QuantAlgo`` names).
+QUANT_ALGO = {"fp8": "FP8_BLOCK_SCALES", "bf16": None, "fp8-tensor": "FP8", "w4afp8": "MIXED_PRECISION",
+              "int4-awq": "W4A16_AWQ", "nvfp4": "NVFP4"}
+MODE_OF_ALGO = {v: k for k, v in QUANT_ALGO.items()}
 
 
 @dataclass(frozen=True)
@@ -39,70 +63,88 @@ def _bf16(spec: TensorSpec) -> TensorSpec:
     return replace(spec, dtype=Dtype.BF16)
 
 
-def _weights(cfg: ModelConfig) -> list[TensorSpec]:
-    """The source catalogue without scale tensors (every linear as its logical weight)."""
-    return [s for s in build_catalog(cfg) if not s.is_scale]
+def _weights(cfg: ModelConfig, include_mtp: bool) -> list[TensorSpec]:
+    """The source catalogue without scale tensors (every linear as its logical weight, source dtypes)."""
+    return [s for s in build_catalog(_with_fp8(cfg), include_mtp=include_mtp) if not s.is_scale]
+
+
+def _scale(base: str, suffix: str, shape: tuple[int, ...], dtype: Dtype, s: TensorSpec, **kw) -> TensorSpec:
+    return TensorSpec(base + suffix, shape, dtype, s.kind, s.layer, s.expert, scale_of=s.name, **kw)
 
 
 def quantized_catalog(cfg: ModelConfig, mode: str, *, include_mtp: bool = True) -> QuantizedCatalog:
+    if mode not in QUANT_ALGO:
+        raise QuantizationError(f"unknown quantization mode {mode!r}")
+    algo = QUANT_ALGO[mode]
     if mode == "fp8":
-        specs = build_catalog(cfg if cfg.is_fp8_block else _with_fp8(cfg), include_mtp=include_mtp)
-        return QuantizedCatalog(specs, {}, "FP8_BLOCK_SCALES")
-    weights = [s for s in _weights(cfg) if include_mtp or not is_mtp_tensor(s.name, cfg)]
+        return QuantizedCatalog(build_catalog(_with_fp8(cfg), include_mtp=include_mtp), {}, algo)
     out: list[TensorSpec] = []
     logical: dict[str, tuple[int, ...]] = {}
     if mode == "bf16":
-        out = [_bf16(s) if s.kind in FP8_KINDS else s for s in weights]
-        return QuantizedCatalog(out, {}, None)
+        out = [_bf16(s) if s.kind in FP8_KINDS else s for s in _weights(cfg, include_mtp)]
+        return QuantizedCatalog(out, {}, algo)
     if mode == "w4afp8":
-        block = build_catalog(_with_fp8(cfg), include_mtp=include_mtp)
-        block_shapes = {s.name: s.shape for s in block}  # a dict, not a scan per scale: 138k tensors for V3.2
-        for s in block:
-            if s.kind not in EXPERT_KINDS:
+        for s in build_catalog(_with_fp8(cfg), include_mtp=include_mtp):
+            if s.kind not in EXPERT_KINDS or is_mtp_tensor(s.name, cfg):
                 out.append(s)
             elif s.is_scale:
-                rows, cols = block_shapes[s.scale_of]
-                out.append(replace(s, shape=(rows, cols // INT4_GROUP), dtype=Dtype.F32))
+                out.append(replace(s, shape=(logical[s.scale_of][0], logical[s.scale_of][1] // INT4_GROUP),
+                                   dtype=Dtype.F32))
             else:
                 rows, cols = s.shape
                 out.append(replace(s, shape=(rows, cols // 2), dtype=Dtype.I8))
                 logical[s.name] = (rows, cols)
                 prefix = s.name.rsplit(".", 2)[0]  # model.layers.L.mlp.experts.E
-                out.append(TensorSpec(f"{prefix}.{W4A8_EXPERT_NAMES[s.kind]}.input_scale", (), Dtype.F32, s.kind,
-                                      s.layer, s.expert, scale_of=s.name))
-        return QuantizedCatalog(out, logical, "MIXED_PRECISION")
-    if mode in ("fp8-tensor", "int4-awq", "nvfp4"):
-        for s in weights:
-            if s.kind not in MODELOPT_KINDS or is_mtp_tensor(s.name, cfg):
-                out.append(_bf16(s) if s.kind in FP8_KINDS else s)
-                continue
-            rows, cols = s.shape
-            base = s.name[: -len("weight")]
-            if mode == "fp8-tensor":
-                out.append(replace(s, dtype=Dtype.F8_E4M3))
-                out.append(TensorSpec(base + "weight_scale", (), Dtype.F32, s.kind, s.layer, s.expert, scale_of=s.name))
-                out.append(TensorSpec(base + "input_scale", (), Dtype.F32, s.kind, s.layer, s.expert, scale_of=s.name))
-            elif mode == "int4-awq":
-                # ModelOpt packs two int4 per uint8 along the output dimension; group scales per 128 inputs.
-                out.append(replace(s, shape=(rows // 2, cols), dtype=Dtype.U8))
-                logical[s.name] = (rows, cols)
-                out.append(TensorSpec(base + "weight_scale", (rows, cols // INT4_GROUP), Dtype.BF16, s.kind, s.layer,
-                                      s.expert, scale_of=s.name))
-                out.append(TensorSpec(base + "pre_quant_scale", (cols,), Dtype.BF16, s.kind, s.layer, s.expert,
-                                      scale_of=s.name, follows=(1,)))
-            else:  # nvfp4: e2m1 pairs along the input dimension, FP8 block scales per 16 inputs, fp32 global scale
-                out.append(replace(s, shape=(rows, cols // 2), dtype=Dtype.U8))
-                logical[s.name] = (rows, cols)
-                out.append(TensorSpec(base + "weight_scale", (rows, cols // NVFP4_BLOCK), Dtype.F8_E4M3, s.kind,
-                                      s.layer, s.expert, scale_of=s.name))
-                out.append(TensorSpec(base + "weight_scale_2", (), Dtype.F32, s.kind, s.layer, s.expert, scale_of=s.name))
-                out.append(TensorSpec(base + "input_scale", (), Dtype.F32, s.kind, s.layer, s.expert, scale_of=s.name))
-        algo = {"fp8-tensor": "FP8", "int4-awq": "W4A16_AWQ", "nvfp4": "NVFP4"}[mode]
+                out.append(TensorSpec(f"{prefix}.{W4A8_EXPERT_NAMES[s.kind]}.input_scale", (1,), Dtype.F32,
+                                      Kind.EXPERT_ACT_SCALE, s.layer, s.expert, scale_of=s.name, follows=()))
         return QuantizedCatalog(out, logical, algo)
-    raise QuantizationError(f"unknown quantization mode {mode!r}")
+    for s in _weights(cfg, include_mtp):
+        if is_mtp_tensor(s.name, cfg):
+            out.append(_bf16(s) if s.kind in FP8_KINDS else s)  # carried from the source
+            continue
+        if s.kind not in MODELOPT_KINDS:
+            out.append(replace(s, dtype=Dtype.F32 if s.kind is Kind.ROUTER_BIAS else Dtype.BF16))
+            continue
+        rows, cols = s.shape
+        base = s.name[: -len("weight")]
+        if mode == "fp8-tensor":
+            out.append(replace(s, dtype=Dtype.F8_E4M3))
+            out.append(_scale(base, "input_scale", (), Dtype.F32, s))
+            out.append(_scale(base, "weight_scale", (), Dtype.F32, s))
+        elif mode == "int4-awq":
+            out.append(replace(s, shape=(rows // 2, cols), dtype=Dtype.U8))
+            logical[s.name] = (rows, cols)
+            if s.kind in AWQ_PRE_QUANT_KINDS:
+                out.append(_scale(base, "pre_quant_scale", (cols,), Dtype.BF16, s, follows=(1,)))
+            out.append(_scale(base, "weight_scale", (rows, cols // INT4_GROUP), Dtype.F32, s))
+        else:  # nvfp4
+            out.append(replace(s, shape=(rows, cols // 2), dtype=Dtype.U8))
+            logical[s.name] = (rows, cols)
+            out.append(_scale(base, "input_scale", (), Dtype.F32, s))
+            out.append(_scale(base, "weight_scale", (rows, cols // NVFP4_BLOCK), Dtype.F8_E4M3, s))
+            out.append(_scale(base, "weight_scale_2", (), Dtype.F32, s))
+    return QuantizedCatalog(out, logical, algo)
 
 
 def _with_fp8(cfg: ModelConfig) -> ModelConfig:
     from builder.model.config import QuantizationConfig
 
-    return replace(cfg, quantization=QuantizationConfig())
+    return cfg if cfg.is_fp8_block else replace(cfg, quantization=QuantizationConfig())
+
+
+def mode_of_quant_config(hf_quant_config: dict | None, cfg: ModelConfig) -> str:
+    """The dsbuild mode a checkpoint was written in, from its hf_quant_config.json (None: no such file)."""
+    if hf_quant_config is None:
+        return "fp8" if cfg.is_fp8_block else "bf16"
+    q = hf_quant_config.get("quantization", hf_quant_config)
+    algo = q.get("quant_algo") if isinstance(q, dict) else None
+    if algo not in MODE_OF_ALGO:
+        raise QuantizationError(f"hf_quant_config.json names quant_algo {algo!r}, which dsbuild does not write")
+    return MODE_OF_ALGO[algo]
+
+
+def mode_of_checkpoint(root: str | Path) -> str:
+    root = Path(root)
+    cfg = ModelConfig.from_json_file(root / "config.json")
+    path = root / "hf_quant_config.json"
+    return mode_of_quant_config(json.loads(path.read_text()) if path.is_file() else None, cfg)

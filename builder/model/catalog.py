@@ -61,6 +61,9 @@ class Kind(str, Enum):
     EXPERT_GATE = "expert_gate"
     EXPERT_UP = "expert_up"
     EXPERT_DOWN = "expert_down"
+    # A routed expert's per-tensor activation scale that every rank needs (TensorRT-LLM's W4A8 loader takes the
+    # max over all experts of a layer), so it is replicated rather than owned by the expert's EP rank.
+    EXPERT_ACT_SCALE = "expert_act_scale"
     SHARED_GATE = "shared_gate"
     SHARED_UP = "shared_up"
     SHARED_DOWN = "shared_down"

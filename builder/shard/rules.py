@@ -104,6 +104,7 @@ RULES: dict[Kind, Rule] = {
     Kind.EXPERT_GATE: Rule(Split.MOE, 0),
     Kind.EXPERT_UP: Rule(Split.MOE, 0),
     Kind.EXPERT_DOWN: Rule(Split.MOE, 1),
+    Kind.EXPERT_ACT_SCALE: Rule(Split.REPLICATED, None),
     Kind.MTP_EMBED: Rule(Split.VOCAB, 0),
     Kind.MTP_NORM: Rule(Split.REPLICATED, None),
     Kind.MTP_EH_PROJ: Rule(Split.REPLICATED, None),
@@ -260,6 +261,9 @@ def plan_ranks(cfg: ModelConfig, layout: Layout, specs: list[TensorSpec], *,
                 index = tp_rank % parts
             else:
                 index = tp_rank if parts > 1 else 0
+            if rule.split is Split.REPLICATED:  # whole on every rank of its stage: nothing to map onto its weight
+                plan.pieces.append(Piece(spec.name, spec.shape, spec.nbytes))
+                continue
             weight = by_name[spec.scale_of] if spec.scale_of else spec
             plan.pieces.append(_piece(spec, weight, logical[weight.name], rule.dim, index, parts))
         plans.append(plan)

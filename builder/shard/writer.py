@@ -24,9 +24,9 @@ def read_piece(layout: CheckpointLayout, piece: Piece, handles: dict) -> torch.T
     path = str(layout.file_of(piece.name))
     if path not in handles:
         handles[path] = safe_open(path, framework="pt")
+    if piece.whole:  # also the only way to read a 0-dim tensor (a per-tensor scale): slices need a dimension
+        return handles[path].get_tensor(piece.name)
     sl = handles[path].get_slice(piece.name)
-    if piece.whole:
-        return sl[:]
     index = tuple(slice(piece.start, piece.stop) if d == piece.dim else slice(None) for d in range(len(piece.shape)))
     return sl[index]
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from builder.atomic import atomic_write_json
-from builder.model.catalog import build_catalog
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import validate_checkpoint
 from builder.pipeline import Stage, StageContext
@@ -30,10 +29,14 @@ LLM_API_FILE = "llm_api.yaml"
 
 
 def catalog_of_checkpoint(src: Path, cfg: ModelConfig):
-    """The catalogue restricted to what the checkpoint holds (MTP may have been skipped at fetch)."""
+    """The quantized format's catalogue (mode read from hf_quant_config.json), restricted to what the checkpoint
+    holds (MTP may have been skipped at fetch), and the logical shapes of packed weights."""
+    from quantize.formats import mode_of_checkpoint, quantized_catalog
+
     layout = validate_checkpoint(src)
-    specs = [s for s in build_catalog(cfg) if s.name in layout.index.weight_map]
-    return layout, specs
+    catalog = quantized_catalog(cfg, mode_of_checkpoint(src))
+    specs = [s for s in catalog.specs if s.name in layout.index.weight_map]
+    return layout, specs, catalog.logical_shapes
 
 
 def fusion_of(spec) -> FusionOptions:
@@ -45,8 +48,8 @@ def write_engine_bundle(src: Path, out: Path, *, layout: Layout, fusion: FusionO
     """Rank files, ``config.json`` and tokenizer files of ``src`` (an HF-layout checkpoint) into ``out``."""
     src, out = Path(src), Path(out)
     cfg = ModelConfig.from_json_file(src / "config.json")
-    ckpt, specs = catalog_of_checkpoint(src, cfg)
-    plans = plan_ranks(cfg, layout, specs)
+    ckpt, specs, logical_shapes = catalog_of_checkpoint(src, cfg)
+    plans = plan_ranks(cfg, layout, specs, weight_shapes=logical_shapes)
 
     def fuse(tensors, plan):
         return fuse_rank_tensors(tensors, cfg=cfg, experts=plan.experts, options=fusion)

@@ -21,7 +21,7 @@ LAYOUTS = [(tp, pp, ep) for tp in (1, 2, 4, 8) for pp in (1, 2) for ep in (1, 2,
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_rank_bytes_on_disk_equal_the_plan_for_every_layout(tiny_ckpt, tmp_path, fused):
     cfg = ModelConfig.from_json_file(tiny_ckpt / "config.json")
-    _, specs = catalog_of_checkpoint(tiny_ckpt, cfg)
+    _, specs, _ = catalog_of_checkpoint(tiny_ckpt, cfg)
     for tp, pp, ep in LAYOUTS:
         out = tmp_path / f"{tp}{pp}{ep}"
         out.mkdir()

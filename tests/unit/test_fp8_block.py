@@ -51,3 +51,22 @@ def test_scale_grid_mismatch_is_refused():
     q, s = fp8_block.quantize(torch.randn(256, 256))
     with pytest.raises(ValueError, match="scale grid"):
         fp8_block.dequantize(q, s[:1])
+
+
+def test_ue8m0_edge_blocks_match_definition_and_scales_are_powers_of_two():
+    # Partial edge blocks in both dimensions with ue8m0 scales: every element checked against the definition.
+    w = torch.randn(200, 150, generator=torch.Generator().manual_seed(7)) * 0.01
+    q, s = fp8_block.quantize(w, ue8m0=True)
+    assert s.shape == (2, 2)
+    assert torch.equal(torch.log2(s), torch.round(torch.log2(s)))
+    assert torch.equal(fp8_block.dequantize(q, s, dtype=torch.float32), naive_dequant(q, s).to(torch.float32))
+
+
+@pytest.mark.parametrize("ue8m0", [True, False])
+def test_bf16_result_equals_float32_path_rounded(ue8m0):
+    # The BF16 fast path (power-of-two scales) must be bit-identical to dequantizing in float32 and rounding.
+    w = torch.randn(300, 260, generator=torch.Generator().manual_seed(8))
+    q, s = fp8_block.quantize(w, ue8m0=ue8m0)
+    fast = fp8_block.dequantize(q, s, dtype=torch.bfloat16)
+    ref = fp8_block.dequantize(q, s, dtype=torch.float32).to(torch.bfloat16)
+    assert torch.equal(fast.view(torch.int16), ref.view(torch.int16))

@@ -32,8 +32,8 @@ def header_tensor_bytes(path: Path) -> int:
 
 def _check(tiny_ckpt: Path, out: Path, layout: Layout) -> None:
     cfg = ModelConfig.from_json_file(tiny_ckpt / "config.json")
-    ckpt, specs = catalog_of_checkpoint(tiny_ckpt, cfg)
-    plans = plan_ranks(cfg, layout, specs)
+    ckpt, specs, logical_shapes = catalog_of_checkpoint(tiny_ckpt, cfg)
+    plans = plan_ranks(cfg, layout, specs, weight_shapes=logical_shapes)
     write_all_ranks(ckpt, plans, out)
     on_disk = [header_tensor_bytes(out / rank_file(p.rank)) for p in plans]
     result = plan_cluster(model="tiny", tp=layout.tp, pp=layout.pp, ep=layout.ep, attention_dp=layout.attention_dp)

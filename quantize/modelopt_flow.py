@@ -1,0 +1,197 @@
+"""``fp8-tensor``, ``int4-awq`` and ``nvfp4`` through NVIDIA ModelOpt (``mtq.quantize`` + ``export_hf_checkpoint``).
+
+The model is transformers' ``DeepseekV32ForCausalLM`` on the source dequantized to BF16, with the fused experts
+replaced by per-expert linears (``quantize.hf_experts``: ModelOpt 0.47's INT4 export fails on transformers-5 fused
+experts, and per-expert modules are what the exported checkpoint must name anyway). Calibration runs the corpus
+prompts through it. This holds the whole model in memory (CPU here): fine for the tiny model and small models; the
+full DeepSeek-V3.2 needs ModelOpt's own multi-GPU DeepSeek flow (``gpu_commands``).
+
+Exclusions: ModelOpt's defaults (LM head, embeddings, MoE routers) plus the DSA indexer's ``weights_proj``, which
+TensorRT-LLM builds unquantized. After export: the MTP layer (not part of the transformers model) is added from the
+source in BF16 and listed in ``exclude_modules``, the source's ``config.json`` is kept (transformers rewrites some
+keys) with ModelOpt's ``quantization_config``, and the single exported file is re-sharded one shard per layer with
+an index, tokenizer files copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from builder.errors import QuantizationError
+from builder.model.catalog import build_catalog, is_mtp_tensor
+from builder.model.config import ModelConfig
+from builder.model.safetensors_io import INDEX_NAME, write_index
+from quantize.stream import Planned, TensorReader, computed, passthrough
+
+MODELOPT_CFG = {"fp8-tensor": "FP8_DEFAULT_CFG", "int4-awq": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+
+
+def modelopt_config(mode: str) -> dict[str, Any]:
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(getattr(mtq, MODELOPT_CFG[mode]))
+    # ModelOpt 0.47's quant_cfg is an ordered list of rules (later ones win).
+    cfg["quant_cfg"].append({"quantizer_name": "*weights_proj*", "enable": False})
+    return cfg
+
+
+def quantize_and_export(src: Path, export_dir: Path, *, mode: str, tokens: torch.Tensor,
+                        progress: Callable[[str], None] = print) -> None:
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+
+    from quantize.hf_model import float_model
+    from quantize.report import reference_float
+
+    with TensorReader(src) as ref:
+        model = float_model(((n, reference_float(ref, n)) for n in ref.names if not n.endswith("weight_scale_inv")),
+                            src / "config.json", dtype=torch.bfloat16)
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for i in range(len(tokens)):
+                m(tokens[i: i + 1])
+        progress(f"calibrated on {len(tokens)} prompts")
+
+    # ModelOpt prints progress to stdout, which belongs to the CLI's --json output: send it to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        mtq.quantize(model, modelopt_config(mode), forward_loop)
+        export_hf_checkpoint(model, export_dir=str(export_dir))
+
+
+def plan_output(export_dir: Path, src: Path, cfg: ModelConfig) -> tuple[list[list[Planned]], list[str], TensorReader, TensorReader]:
+    """Shards (embedding, one per layer incl. MTP, head) from the export plus the source's MTP layer in BF16."""
+    exported = sorted(p.name for p in export_dir.glob("*.safetensors"))
+    if not (export_dir / INDEX_NAME).is_file():
+        if len(exported) != 1:
+            raise QuantizationError(f"ModelOpt export in {export_dir} has {len(exported)} files and no index")
+        from builder.model.safetensors_io import read_header
+
+        names = read_header(export_dir / exported[0]).tensors
+        write_index(export_dir, {n: exported[0] for n in names}, total_size=0)
+    ex, source = TensorReader(export_dir), TensorReader(src)
+    groups: dict[Any, list[Planned]] = {}
+
+    def key(name: str):
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+            return (1, int(parts[2]))
+        return (2, 0) if name.startswith(("lm_head", "model.norm")) else (0, 0)
+
+    compensated = unquantized_consumer_fixes(ex, source, cfg)
+    for name in ex.names:
+        groups.setdefault(key(name), []).append(compensated.get(name) or passthrough(ex, name))
+    mtp_modules: set[str] = set()
+    for spec in build_catalog(cfg):
+        if spec.is_scale or not is_mtp_tensor(spec.name, cfg) or spec.name not in source.layout.index.weight_map:
+            continue
+        if source.is_block_fp8(spec.name):
+            planned = computed(spec.name, _bf16(), source.shape(spec.name),
+                               lambda n=spec.name: source.dequantized_bands(n, dtype=torch.bfloat16))
+        else:
+            planned = passthrough(source, spec.name)
+        groups.setdefault(key(spec.name), []).append(planned)
+        mtp_modules.add(f"model.layers.{spec.layer}.*")
+    shards = [sorted(groups[k], key=lambda p: p.name) for k in sorted(groups)]
+    return shards, sorted(mtp_modules), ex, source
+
+
+# Linears that read a norm's output but are not quantized (so carry no pre_quant_scale): the router (excluded by
+# ModelOpt) and the indexer's weights_proj (excluded by us).
+UNQUANTIZED_CONSUMERS = {"input_layernorm": ("self_attn.indexer.weights_proj",), "post_attention_layernorm": ("mlp.gate",)}
+
+
+def unquantized_consumer_fixes(ex: TensorReader, source: TensorReader, cfg: ModelConfig) -> dict[str, Planned]:
+    """AWQ export folds the shared ``pre_quant_scale`` of a norm's quantized consumers into the norm weight
+    (``g' = g / s``); the norm's unquantized consumers then see ``x / s`` too, and ModelOpt 0.47 does not compensate
+    them. Rescale their input columns by ``g / g'`` so every consumer computes what it did before export. A no-op
+    where the norm is unchanged (FP8, NVFP4)."""
+    from quantize.report import reference_float
+
+    fixes: dict[str, Planned] = {}
+    names = set(ex.names)
+    for layer in range(cfg.num_hidden_layers):
+        for norm, consumers in UNQUANTIZED_CONSUMERS.items():
+            norm_name = f"model.layers.{layer}.{norm}.weight"
+            if norm_name not in names:
+                continue
+            g_src = reference_float(source, norm_name)
+            g_new = ex.read(norm_name).to(torch.float32)
+            if torch.equal(g_src, g_new):
+                continue
+            ratio = torch.where(g_new != 0, g_src / g_new, torch.ones_like(g_new))
+            for c in consumers:
+                w = f"model.layers.{layer}.{c}.weight"
+                if w in names and ex.dtype(w).value in ("BF16", "F32"):
+                    dtype = ex.dtype(w)
+                    fixes[w] = computed(w, dtype, ex.shape(w), lambda w=w, r=ratio, dt=dtype: [
+                        (ex.read(w).to(torch.float32) * r[None, :]).to(_torch_dtype(dt))])
+    return fixes
+
+
+def _torch_dtype(dt):
+    from builder.model.safetensors_io import TORCH_DTYPES
+
+    return TORCH_DTYPES[dt]
+
+
+def _bf16():
+    from builder.model.catalog import Dtype
+
+    return Dtype.BF16
+
+
+def finish_configs(export_dir: Path, src: Path, out: Path, mtp_modules: list[str], kv_cache_quant_algo: str | None) -> dict[str, Any]:
+    """hf_quant_config.json and config.json of the output: ModelOpt's, with the MTP layer excluded."""
+    hf_quant = json.loads((export_dir / "hf_quant_config.json").read_text())
+    q = hf_quant["quantization"]
+    q["exclude_modules"] = sorted(set(q.get("exclude_modules") or []) | set(mtp_modules))
+    q["kv_cache_quant_algo"] = kv_cache_quant_algo
+    exported_cfg = json.loads((export_dir / "config.json").read_text())
+    config = json.loads((src / "config.json").read_text())
+    qc = exported_cfg.get("quantization_config") or {}
+    if "ignore" in qc:
+        qc["ignore"] = q["exclude_modules"]
+    config["quantization_config"] = qc
+    config["torch_dtype"] = "bfloat16"
+    return {"hf_quant_config": hf_quant, "config": config}
+
+
+def gpu_commands(*, mode: str, model_dir: str, out_dir: str, gpus: int = 8) -> str:
+    """ModelOpt's DeepSeek flow (``examples/deepseek/README.md`` of NVIDIA/TensorRT-Model-Optimizer) for a GPU node:
+    convert to DeepSeek's inference layout, calibrate with torchrun on 8 GPUs (8xH200 or 16xH100), write the HF
+    checkpoint."""
+    # w4afp8 needs only the experts' input amax: any config with input quantizers on them (FP8) gives it.
+    cfg_name = "NVFP4_DEFAULT_CFG" if mode == "nvfp4" else "FP8_DEFAULT_CFG"
+    return " && ".join([
+        "git clone https://github.com/deepseek-ai/DeepSeek-V3.2-Exp.git && git -C DeepSeek-V3.2-Exp checkout 3b99a53",
+        "git clone https://github.com/NVIDIA/TensorRT-Model-Optimizer.git && cd TensorRT-Model-Optimizer/examples/deepseek",
+        f"python ../../../DeepSeek-V3.2-Exp/inference/convert.py --hf-ckpt-path {model_dir} --save-path {out_dir}/ds-ckpt "
+        f"--n-experts 256 --model-parallel {gpus}",
+        f"torchrun --nproc-per-node {gpus} --master_port=12346 ptq.py --model_path {out_dir}/ds-ckpt "
+        f"--config ../../../DeepSeek-V3.2-Exp/inference/config_671B_v3.2.json --quant_cfg {cfg_name} "
+        f"--output_path {out_dir}/amax",
+        f"./quantize_fp8_to_nvfp4.sh --amax_path {out_dir}/amax --fp4_output_path {out_dir}/quantized "
+        f"--fp8_hf_path {model_dir} --world_size {gpus}" if mode == "nvfp4" else
+        f"python ../../../TensorRT-LLM/examples/quantization/quantize_mixed_precision_moe.py --model_dir {model_dir} "
+        f"--output_dir {out_dir}/quantized --act_scales {out_dir}/amax",
+    ])
+
+
+def copy_small(src: Path, out: Path, names: tuple[str, ...]) -> None:
+    for n in names:
+        if (src / n).is_file():
+            shutil.copy2(src / n, out / n)
+
+
+def export_tmpdir(parent: Path) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=".modelopt-export-", dir=parent)

@@ -1,0 +1,305 @@
+"""``dsbuild quantize --quant MODE``: one function per mode, each writing a complete HF-layout checkpoint
+(config.json, index, shards, tokenizer files, hf_quant_config.json) and quant_report.json into ``out``.
+
+Calibration-free work (fp8 verification, bf16, w4afp8's weights) streams tensor by tensor (``quantize.stream``).
+Calibration (fp8-tensor, int4-awq, nvfp4, w4afp8's activation scales) and the report's logits comparison hold the
+whole model in memory on this machine; a model whose float weights do not fit is refused with the exact multi-GPU
+command for a GPU node instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from builder.atomic import atomic_write_json
+from builder.errors import QuantizationError
+from builder.model.catalog import build_catalog, total_bytes
+from builder.model.config import ModelConfig
+from builder.model.safetensors_io import INDEX_NAME
+from quantize import formats, report
+from quantize.stream import TensorReader, passthrough, source_shards, write_checkpoint
+
+SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
+# TensorRT-LLM treats these as unquantized in a DeepSeek FP8_BLOCK_SCALES checkpoint and dequantizes them at load
+# (``_torch/model_config.py``: kv_b_proj's blocks need not align with heads; eh_proj is BF16).
+FP8_BLOCK_EXCLUDES = ["*kv_b_proj*", "*k_b_proj*", "*eh_proj"]
+BLACKWELL = ("b100", "b200", "b300", "gb200", "gb300")
+# Calibration and the logits report load the model's float weights in memory; above this they are refused here.
+MAX_IN_MEMORY_FRACTION = 0.4
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantJob:
+    src: Path
+    out: Path
+    mode: str
+    kv_cache_dtype: str = "fp8"
+    gpu: str | None = None
+    calib_size: int = 16
+    calib_seq_len: int = 64
+    corpus: Path | None = None
+    report_logits: bool = True
+    log: Callable[[str], None] = field(default=print)
+
+    @property
+    def kv_cache_quant_algo(self) -> str | None:
+        return "FP8" if self.kv_cache_dtype == "fp8" else None
+
+
+def check_gpu(mode: str, gpu: str | None) -> None:
+    if mode != "nvfp4":
+        return
+    if gpu is None:
+        raise QuantizationError("--quant nvfp4 needs a Blackwell GPU (B200/GB200/B300) and this plan targets no GPU "
+                                "(a CPU-only build); pass --gpu b200 or choose fp8 / w4afp8")
+    if not gpu.lower().startswith(BLACKWELL):
+        raise QuantizationError(f"--quant nvfp4 needs a Blackwell GPU (B200/GB200/B300) but the plan targets {gpu}, "
+                                f"which has no FP4 tensor cores; use --quant w4afp8 (INT4 experts) or fp8 on it")
+
+
+def hf_quant_config(quant_algo: str | None, kv_cache_quant_algo: str | None, **extra: Any) -> dict[str, Any]:
+    """The shape TensorRT-LLM's ``read_modelopt_quant_config`` reads: ``{"producer", "quantization": {...}}``."""
+    from builder import __version__
+
+    return {"producer": {"name": "dsbuild", "version": __version__},
+            "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_cache_quant_algo, **extra}}
+
+
+def _source_config(src: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    return ModelConfig.from_json_file(src / "config.json"), json.loads((src / "config.json").read_text())
+
+
+def _copy_small(src: Path, out: Path) -> None:
+    import shutil
+
+    for n in SMALL_FILES:
+        if (src / n).is_file():
+            shutil.copy2(src / n, out / n)
+
+
+def _fits_in_memory(cfg: ModelConfig) -> bool:
+    import psutil
+
+    float_bytes = sum(s.numel * 4 for s in build_catalog(cfg) if not s.is_scale)
+    return float_bytes <= MAX_IN_MEMORY_FRACTION * psutil.virtual_memory().total
+
+
+def _progress_bytes(job: QuantJob, total: int) -> Callable[[int], None]:
+    state = {"done": 0, "next": 0.0}
+
+    def on(n: int) -> None:
+        state["done"] += n
+        frac = state["done"] / max(total, 1)
+        if frac >= state["next"]:
+            job.log(f"quantize {job.mode}: {frac:6.1%} of {total / 1e9:.2f} GB")
+            state["next"] += 0.1
+    return on
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp8: verify and pass through
+
+def verify_block_fp8(reader: TensorReader, *, on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Every FP8 weight has a float32 scale grid of the right shape with finite positive scales, and no NaN code
+    (e4m3fn NaN is S.1111.111); reads every byte once, sequentially."""
+    checked = 0
+    for names in source_shards(reader):
+        for name in names:
+            if reader.dtype(name).value == "F8_E4M3":
+                scale = reader.scale_of(name)
+                if scale is None:
+                    raise QuantizationError(f"block-FP8 weight {name!r} has no weight_scale_inv")
+                rows, cols = reader.shape(name)
+                want = (math.ceil(rows / 128), math.ceil(cols / 128))
+                if reader.shape(scale) != want or reader.dtype(scale).value != "F32":
+                    raise QuantizationError(f"{scale!r} is {reader.dtype(scale).value} {list(reader.shape(scale))}, "
+                                            f"but a {rows}x{cols} weight needs F32 {list(want)}")
+                s = reader.read(scale)
+                if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+                    raise QuantizationError(f"{scale!r} holds non-finite or non-positive scales")
+                for chunk in passthrough(reader, name).produce():
+                    raw = chunk.numpy().tobytes()  # bytes.count scans at memory speed; torch ops are 10x slower
+                    if raw.count(b"\x7f") or raw.count(b"\xff"):
+                        raise QuantizationError(f"block-FP8 weight {name!r} holds NaN values")
+                    if on_bytes:
+                        on_bytes(chunk.numel())
+                checked += 1
+            elif on_bytes and not name.endswith("weight_scale_inv"):
+                on_bytes(reader.layout.tensor(name).nbytes)
+    return {"fp8_weights_checked": checked}
+
+
+def run_fp8(job: QuantJob) -> dict[str, Any]:
+    from builder.stages.fetch import link_or_copy
+
+    cfg, raw = _source_config(job.src)
+    if not cfg.is_fp8_block:
+        raise QuantizationError("--quant fp8 keeps DeepSeek's native block FP8, but this checkpoint is not block FP8")
+    with TensorReader(job.src) as reader:
+        info = verify_block_fp8(reader)
+        for shard in reader.layout.index.shard_files:
+            link_or_copy(job.src / shard, job.out / shard)  # verified bytes, no copy needed
+    import shutil
+
+    shutil.copy2(job.src / INDEX_NAME, job.out / INDEX_NAME)
+    atomic_write_json(job.out / "config.json", raw)
+    _copy_small(job.src, job.out)
+    atomic_write_json(job.out / "hf_quant_config.json", hf_quant_config(
+        "FP8_BLOCK_SCALES", job.kv_cache_quant_algo, group_size=128, exclude_modules=FP8_BLOCK_EXCLUDES))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16: streaming dequantization
+
+def run_bf16(job: QuantJob) -> dict[str, Any]:
+    from quantize.stream import computed
+    from builder.model.catalog import Dtype
+
+    cfg, raw = _source_config(job.src)
+    with TensorReader(job.src) as reader:
+        shards = []
+        for names in source_shards(reader):
+            entries = []
+            for name in names:
+                if name.endswith("weight_scale_inv") and reader.dtype(name[: -len("_scale_inv")]).value == "F8_E4M3":
+                    continue
+                if reader.is_block_fp8(name):
+                    entries.append(computed(name, Dtype.BF16, reader.shape(name),
+                                            lambda n=name: reader.dequantized_bands(n, dtype=torch.bfloat16)))
+                else:
+                    entries.append(passthrough(reader, name))
+            shards.append(entries)
+        total = sum(e.nbytes for s in shards for e in s)
+        write_checkpoint(job.out, shards, on_bytes=_progress_bytes(job, total))
+    raw.pop("quantization_config", None)
+    raw["torch_dtype"] = "bfloat16"
+    atomic_write_json(job.out / "config.json", raw)
+    _copy_small(job.src, job.out)
+    atomic_write_json(job.out / "hf_quant_config.json", hf_quant_config(None, job.kv_cache_quant_algo))
+    return {"bytes": total}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# w4afp8
+
+def calibration_tokens(job: QuantJob) -> torch.Tensor:
+    from quantize.calib import calibration_tokens as tokens
+
+    return tokens(job.src / "tokenizer.json", count=job.calib_size, seq_len=job.calib_seq_len, corpus=job.corpus)
+
+
+def _refuse_full_size(job: QuantJob, cfg: ModelConfig, what: str) -> None:
+    if _fits_in_memory(cfg):
+        return
+    from quantize.modelopt_flow import gpu_commands
+
+    params = sum(s.numel for s in build_catalog(cfg) if not s.is_scale) / 1e9
+    if job.mode not in ("nvfp4", "w4afp8"):
+        raise QuantizationError(
+            f"{what} for this {params:.0f}B-parameter model needs it whole in GPU memory, and ModelOpt's multi-GPU "
+            f"DeepSeek flow (examples/deepseek) produces only NVFP4 (and the expert amax that --quant w4afp8 uses); "
+            f"use --quant fp8 or w4afp8 on Hopper, nvfp4 on Blackwell")
+    raise QuantizationError(
+        f"{what} for this {sum(s.numel for s in build_catalog(cfg) if not s.is_scale) / 1e9:.0f}B-parameter model "
+        f"needs it whole in (GPU) memory, which this machine lacks; on an 8-GPU node run: "
+        + gpu_commands(mode=job.mode, model_dir=str(job.src), out_dir=str(job.out.parent / "quantized-gpu")))
+
+
+def run_w4afp8(job: QuantJob) -> dict[str, Any]:
+    from quantize import w4afp8
+    from quantize.hf_model import float_model
+
+    cfg, raw = _source_config(job.src)
+    if not cfg.is_fp8_block:
+        raise QuantizationError("--quant w4afp8 converts DeepSeek's block-FP8 checkpoint, but this one is not block FP8")
+    _refuse_full_size(job, cfg, "calibrating w4afp8 activation scales")
+    tokens = calibration_tokens(job)
+    with TensorReader(job.src) as reader:
+        model = float_model(((n, report.reference_float(reader, n)) for n in reader.names
+                             if not n.endswith("weight_scale_inv")), job.src / "config.json", dtype=torch.bfloat16)
+        scales = w4afp8.calibrate_expert_inputs(model, tokens, cfg)
+        del model
+        shards = w4afp8.plan_shards(reader, cfg, scales)
+        total = sum(e.nbytes for s in shards for e in s)
+        write_checkpoint(job.out, shards, on_bytes=_progress_bytes(job, total))
+    raw.pop("quantization_config", None)
+    atomic_write_json(job.out / "config.json", raw)
+    _copy_small(job.src, job.out)
+    atomic_write_json(job.out / "hf_quant_config.json", hf_quant_config("MIXED_PRECISION", job.kv_cache_quant_algo))
+    atomic_write_json(job.out / "quant_cfg.json", w4afp8.quant_cfg(cfg, job.kv_cache_quant_algo))
+    return {"bytes": total, "calibration": {"prompts": int(tokens.shape[0]), "tokens": int(tokens.numel()),
+                                            "input_scales": len(scales)}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ModelOpt modes
+
+def run_modelopt(job: QuantJob) -> dict[str, Any]:
+    from quantize import modelopt_flow as mf
+
+    cfg, _ = _source_config(job.src)
+    _refuse_full_size(job, cfg, f"ModelOpt {mf.MODELOPT_CFG[job.mode]} calibration")
+    tokens = calibration_tokens(job)
+    with mf.export_tmpdir(job.out.parent) as tmp:
+        export = Path(tmp)
+        mf.quantize_and_export(job.src, export, mode=job.mode, tokens=tokens, progress=job.log)
+        shards, mtp_modules, ex, source = mf.plan_output(export, job.src, cfg)
+        try:
+            total = sum(e.nbytes for s in shards for e in s)
+            write_checkpoint(job.out, shards, on_bytes=_progress_bytes(job, total))
+        finally:
+            ex.close()
+            source.close()
+        configs = mf.finish_configs(export, job.src, job.out, mtp_modules, job.kv_cache_quant_algo)
+    atomic_write_json(job.out / "config.json", configs["config"])
+    atomic_write_json(job.out / "hf_quant_config.json", configs["hf_quant_config"])
+    _copy_small(job.src, job.out)
+    return {"bytes": total, "calibration": {"prompts": int(tokens.shape[0]), "tokens": int(tokens.numel())},
+            "exclude_modules": configs["hf_quant_config"]["quantization"]["exclude_modules"]}
+
+
+MODES: dict[str, Callable[[QuantJob], dict[str, Any]]] = {
+    "fp8": run_fp8, "bf16": run_bf16, "w4afp8": run_w4afp8,
+    "fp8-tensor": run_modelopt, "int4-awq": run_modelopt, "nvfp4": run_modelopt,
+}
+
+
+def quantize(job: QuantJob) -> dict[str, Any]:
+    if job.mode not in MODES:
+        raise QuantizationError(f"unknown quantization mode {job.mode!r}; choose one of {sorted(MODES)}")
+    check_gpu(job.mode, job.gpu)
+    t0 = time.perf_counter()
+    info = MODES[job.mode](job)
+    info["mode"] = job.mode
+    info["quantize_s"] = round(time.perf_counter() - t0, 3)
+    info["report"] = write_report(job)
+    return info
+
+
+def write_report(job: QuantJob) -> dict[str, Any]:
+    cfg, _ = _source_config(job.src)
+    body: dict[str, Any] = {"mode": job.mode, "quant_algo": formats.QUANT_ALGO[job.mode],
+                            "reference": "source block-FP8 weights dequantized to BF16"}
+    body["weights"] = report.weight_sqnr(job.src, job.out, mode=job.mode)
+    if body["weights"]["tensors"] and body["weights"]["lossless_tensors"] == body["weights"]["tensors"]:
+        # Every weight is bit-identical to the BF16 reference and no activation is quantized: same logits.
+        body["logits"] = {"kl_mean": 0.0, "kl_max": 0.0, "top1_agreement": 1.0,
+                          "note": "weights bit-identical to the reference; no forward needed"}
+    elif job.report_logits and _fits_in_memory(cfg):
+        tokens = calibration_tokens(job)
+        body["logits"] = report.logits_quality(job.src, job.out, mode=job.mode, tokens=tokens)
+    else:
+        body["logits"] = {"skipped": "the model's float weights do not fit in memory here" if job.report_logits
+                          else "not requested"}
+    atomic_write_json(job.out / "quant_report.json", body)
+    w, lg = body["weights"], body["logits"]
+    return {"min_sqnr_db": w["min_db"], "median_sqnr_db": w["median_db"], "kl_mean": lg.get("kl_mean"),
+            "top1_agreement": lg.get("top1_agreement")}

@@ -1,0 +1,210 @@
+"""Tensor-by-tensor checkpoint transformation with memory that does not grow with the checkpoint.
+
+Reading: tensors (or row bands of them) are read with ``pread`` at the offsets of the already-validated
+safetensors header (``builder.model.safetensors_io``) rather than through a memory map, because pages of a mapping
+stay resident (and count in RSS) until the whole file is unmapped — with 4 GB shards that is 4 GB per shard.
+
+Writing: an output shard's header is computed up front from the planned ``(name, dtype, shape)`` list, written
+first, then every tensor's bytes are appended in order in bounded chunks (a 1.8 GB embedding passes through in
+64 MB pieces). The file is written under a temporary name and renamed when complete. So peak memory is one chunk
+plus the largest per-tensor transform (an expert matrix), whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from builder.errors import CheckpointError
+from builder.model.catalog import Dtype
+from builder.model.safetensors_io import (DTYPE_OF_TORCH, TORCH_DTYPES, CheckpointLayout, shard_file_name,
+                                          validate_checkpoint, write_index)
+from quantize import fp8_block
+
+COPY_CHUNK = 64 << 20
+BAND_ROWS = 1024  # rows per band for the block dequantization (a multiple of the 128 block)
+
+
+class TensorReader:
+    """Reads tensors and row bands of a validated checkpoint with positioned reads (no mmap)."""
+
+    def __init__(self, root: str | Path, layout: CheckpointLayout | None = None):
+        self.layout = layout or validate_checkpoint(root)
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layout.index.weight_map)
+
+    def dtype(self, name: str) -> Dtype:
+        return self.layout.tensor(name).dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.layout.tensor(name).shape
+
+    def _fd(self, shard: str) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.layout.root / shard, os.O_RDONLY)
+        return self._fds[shard]
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
+        shard = self.layout.index.weight_map[name]
+        th = self.layout.headers[shard].tensors[name]
+        base = 8 + self.layout.headers[shard].header_len + th.begin
+        length = th.nbytes - start if length is None else length
+        buf = torch.empty(length, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        fd, done = self._fd(shard), 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], base + start + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.layout.root / shard} ended while reading {name!r}")
+            done += n
+        return buf
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        th = self.layout.tensor(name)
+        dt = TORCH_DTYPES[th.dtype]
+        shape = th.shape
+        if rows is None or not shape:
+            return self.read_bytes(name).view(dt).reshape(shape)
+        r0, r1 = rows
+        row_bytes = th.nbytes // shape[0] if shape[0] else 0
+        return self.read_bytes(name, r0 * row_bytes, (r1 - r0) * row_bytes).view(dt).reshape((r1 - r0, *shape[1:]))
+
+    def scale_of(self, name: str) -> str | None:
+        scale = name[: -len("weight")] + "weight_scale_inv" if name.endswith(".weight") else None
+        return scale if scale in self.layout.index.weight_map else None
+
+    def is_block_fp8(self, name: str) -> bool:
+        return self.dtype(name) is Dtype.F8_E4M3 and self.scale_of(name) is not None
+
+    def dequantized(self, name: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole tensor in float (block FP8 dequantized, anything else cast)."""
+        return torch.cat(list(self.dequantized_bands(name, dtype=dtype))) if self.shape(name) else \
+            self.read(name).to(dtype)
+
+    def dequantized_bands(self, name: str, *, dtype: torch.dtype = torch.bfloat16,
+                          band: int = BAND_ROWS) -> Iterator[torch.Tensor]:
+        shape = self.shape(name)
+        fp8 = self.is_block_fp8(name)
+        scale = self.read(self.scale_of(name)) if fp8 else None
+        rows = shape[0] if shape else 0
+        if rows == 0:
+            yield self.read(name).to(dtype)
+            return
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            part = self.read(name, (r0, r1))
+            if fp8:
+                b = fp8_block.BLOCK
+                yield fp8_block.dequantize(part, scale[r0 // b: math.ceil(r1 / b)], dtype=dtype)
+            else:
+                yield part.to(dtype)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One output tensor: its stored form and a producer of its bytes, in row order, in bounded pieces."""
+
+    name: str
+    dtype: Dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], Iterable[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def passthrough(reader: TensorReader, name: str) -> Planned:
+    def produce() -> Iterator[torch.Tensor]:
+        total = reader.layout.tensor(name).nbytes
+        for start in range(0, total, COPY_CHUNK):
+            yield reader.read_bytes(name, start, min(COPY_CHUNK, total - start))
+    return Planned(name, reader.dtype(name), reader.shape(name), produce)
+
+
+def computed(name: str, dtype: Dtype, shape: tuple[int, ...], fn: Callable[[], Iterable[torch.Tensor]]) -> Planned:
+    return Planned(name, dtype, tuple(shape), fn)
+
+
+def _header(entries: list[Planned], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype.value, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_streamed(path: Path, entries: list[Planned], *, metadata: dict[str, str] | None = None,
+                   on_bytes: Callable[[int], None] | None = None) -> int:
+    """Write one safetensors file from planned entries; each producer must yield exactly its tensor's bytes."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(_header(entries, dict(metadata or {"format": "pt"})))
+            for e in entries:
+                written = 0
+                for chunk in e.produce():
+                    if chunk.dtype is not torch.uint8 and DTYPE_OF_TORCH.get(chunk.dtype) is not e.dtype:
+                        raise CheckpointError(f"{e.name}: produced {chunk.dtype}, planned {e.dtype.value}")
+                    data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
+                    fh.write(memoryview(data))
+                    written += data.nbytes
+                    if on_bytes:
+                        on_bytes(data.nbytes)
+                if written != e.nbytes:
+                    raise CheckpointError(f"{e.name}: produced {written} bytes, planned {e.nbytes}")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path.stat().st_size
+
+
+def write_checkpoint(out: Path, shards: list[list[Planned]], *, on_bytes: Callable[[int], None] | None = None) -> dict[str, str]:
+    """Write planned shards (empty ones dropped) with DeepSeek's shard names and the index; returns the weight map."""
+    shards = [s for s in shards if s]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, entries in enumerate(shards, start=1):
+        fname = shard_file_name(i, len(shards))
+        write_streamed(out / fname, entries, on_bytes=on_bytes)
+        for e in entries:
+            weight_map[e.name] = fname
+            total += e.nbytes
+    write_index(out, weight_map, total_size=total)
+    return weight_map
+
+
+def source_shards(reader: TensorReader) -> list[list[str]]:
+    """The source's tensors grouped by shard, in file order (so output shards mirror input shards)."""
+    out = []
+    for shard in reader.layout.index.shard_files:
+        tensors = reader.layout.headers[shard].tensors
+        out.append(sorted(tensors, key=lambda n: tensors[n].begin))
+    return out
