@@ -45,6 +45,9 @@ class PackageInputs:
     engine_max_batch_size: int = 16
     batch_window_ms: float = 5.0
     max_seq_len: int = 0
+    # CPU: speculative decoding in the reference engine, as the build configured it for TensorRT-LLM.
+    speculative_mode: str = "none"  # none | mtp | draft
+    draft_len: int = 0
     image: str | None = None
     slurm_partition: str | None = None
     slurm_account: str | None = None
@@ -89,7 +92,8 @@ def render_repository(p: PackageInputs, out: Path) -> list[Path]:
     if p.flavour == "cpu":
         values.update(engine_dir=p.engine_dir_rel, dsbuild_src=p.dsbuild_src,
                       engine_max_batch_size=p.engine_max_batch_size, batch_window_ms=p.batch_window_ms,
-                      max_seq_len=p.max_seq_len, threads_per_rank=0)
+                      max_seq_len=p.max_seq_len, threads_per_rank=0, speculative_mode=p.speculative_mode,
+                      draft_len=p.draft_len, draft_engine_dir=f"{p.engine_dir_rel}/draft")
     written = render_tree(template_dir(p.pin.version) / p.flavour, out, values)
     if p.flavour == "gpu":
         target = out / interface.MODEL_NAME / "1" / "model.yaml"

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import DSBUILD, REPO, run_dsbuild
+from tests.support.served import serve_repo
 
 try:
     import builder.runtime.service  # noqa: F401
@@ -38,11 +39,6 @@ pytestmark = [
 EXIT_TIMEOUT_S = 10
 PROMPTS = [f"Request {i}: the quick brown fox" if i % 2 else f"Tokens and layers, number {i}" for i in range(16)]
 SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
-
-
-class Served:
-    def __init__(self, proc: subprocess.Popen, http: str, grpc: str, log: Path, stderr_lines: list[str]):
-        self.proc, self.http, self.grpc, self.log, self.stderr_lines = proc, http, grpc, log, stderr_lines
 
 
 @pytest.fixture(scope="module")
@@ -75,38 +71,9 @@ def expected(cpu_run):
 
 @pytest.fixture(scope="module")
 def served(cpu_run, tmp_path_factory):
-    from triton_repo.server import free_ports
-
-    ports = free_ports()
     log = tmp_path_factory.mktemp("serve-log") / "triton.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*DSBUILD, "serve", "--repo", str(cpu_run / "package" / "triton_repo"),
-                             "--http-port", str(ports.http), "--grpc-port", str(ports.grpc),
-                             "--metrics-port", str(ports.metrics), "--exit-timeout", str(EXIT_TIMEOUT_S),
-                             "--log-file", str(log)], env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump():
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving on" in line:
-                ready.set()
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        deadline = time.monotonic() + 300
-        while not ready.wait(0.5):
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "server not ready in 300 s:\n" + "".join(lines)
-        yield Served(proc, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", log, lines)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_repo(cpu_run / "package" / "triton_repo", log, exit_timeout=EXIT_TIMEOUT_S) as server:
+        yield server
 
 
 def opts(prompt, name="greedy", **kw):

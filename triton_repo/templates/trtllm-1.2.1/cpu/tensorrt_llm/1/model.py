@@ -91,6 +91,13 @@ class TritonPythonModel:
         self.window_s = max(0.0, float(params.get("batch_window_ms") or 0)) / 1000.0
         self.max_seq_len = int(params.get("max_seq_len") or 0)
         threads = int(params.get("threads_per_rank") or 0) or None
+        mode = params.get("speculative_mode") or "none"
+        self.speculative = None
+        if mode != "none":
+            self.speculative = {"mode": mode, "draft_len": int(params.get("draft_len") or 1)}
+            if mode == "draft":
+                self.speculative["draft_engine"] = os.path.normpath(
+                    os.path.join(model_dir, params.get("draft_engine_dir", "")))
 
         from builder.runtime.service import EngineService, GenerationRequest
         from builder.runtime.text import encode_prompt
@@ -232,7 +239,8 @@ class TritonPythonModel:
                                            temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
                                            seed=j.seed, stop_token_ids=list(self.stop_token_ids)) for j in batch]
         try:
-            results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok))
+            results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok),
+                                           speculative=self.speculative)
         except Exception as exc:
             if len(batch) > 1 and not any(j.tokens for j in batch):
                 # One request the engine refuses must not fail the others: run them one by one.
