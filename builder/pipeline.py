@@ -11,6 +11,7 @@ next run removes, never a partial output listed as complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from builder import __version__
 from builder.atomic import atomic_write_json, fsync_dir, remove_stale_temporaries, staging_dir
-from builder.errors import DsbuildError, RunLockedError, StageError
+from builder.errors import DiskSpaceError, DsbuildError, RunLockedError, SpecError, StageError
 from builder.specs import RunSpec
 
 MANIFEST = "manifest.json"
@@ -138,8 +139,11 @@ def outputs_intact(run_dir: Path, entry: dict[str, Any]) -> bool:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # read-only filesystem, a parent that is a file, no permission
+        raise SpecError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -208,6 +212,11 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
                     info = stage.run(ctx) or {}
                 except DsbuildError:
                     raise
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise DiskSpaceError(f"stage {stage.name} ran out of disk space writing under {run_dir}: "
+                                             f"{exc.strerror}") from exc
+                    raise StageError(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc
                 except Exception as exc:  # a bug or an unexpected library failure: say which stage, keep the cause
                     raise StageError(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc
                 _fault_pause(stage.name)

@@ -132,7 +132,8 @@ def directory_files(root: Path, *, include: list[str], exclude: list[str]) -> di
     """A local checkpoint's files: the small metadata files and every shard its index names."""
     names = [n for n in SMALL_FILES if (root / n).is_file()]
     if (root / INDEX_NAME).is_file():
-        names += read_index(root / INDEX_NAME).shard_files
+        # A shard the index names but the directory lacks stays out, so materialize() names it as missing.
+        names += [n for n in read_index(root / INDEX_NAME).shard_files if (root / safe_relpath(n)).is_file()]
     return {n: root / safe_relpath(n) for n in names
             if n in REQUIRED or path_selected(n, include=include, exclude=exclude)}
 
