@@ -271,7 +271,8 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *, 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {"format": "pt"}))
-        with open(tmp, "rb") as fh:
+        with open(tmp, "r+b") as fh:
+            _sort_metadata_in_place(fh)
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -279,6 +280,22 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *, 
         if tmp.exists():
             tmp.unlink()
     return path.stat().st_size
+
+
+def _sort_metadata_in_place(fh) -> None:
+    """safetensors serializes ``__metadata__`` from a Rust HashMap, so its key order (and the file's sha256) changes
+    from one process to the next; sort it so the same tensors always give the same bytes. Same keys, same length."""
+    (n,) = struct.unpack("<Q", fh.read(8))
+    raw = fh.read(n)
+    header = json.loads(raw)
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > n:  # never happens for a header safetensors wrote; keep its bytes rather than break the file
+        return
+    fh.seek(8)
+    fh.write(body + b" " * (n - len(body)))
 
 
 def write_index(root: str | Path, weight_map: Mapping[str, str], *, total_size: int) -> None:

@@ -1,0 +1,185 @@
+"""Crash safety: SIGKILL each stage at seeded random points, rerun, compare with a clean run by manifest digests.
+
+For stage S, a run directory is prepared holding exactly the clean run's stages before S (hard links + the
+manifest cut there: the state a run killed as S started leaves). ``dsbuild S`` is started in its own process group;
+the harness waits for S's temporary directory to appear (polling), sleeps a delay drawn from ``random.Random(seed)``
+within 1.5 x S's measured wall time, and SIGKILLs the group. One kill in four instead uses DSBUILD_FAULT_PAUSE
+(builder/pipeline.py) to land between "stage wrote everything" and the rename. After every kill the manifest must
+list only complete outputs (each exists with its size and sha256); the rerun must give the same stage keys and
+the same sha256 for every output as the clean run, and leave no temporary directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DSBUILD, REPO
+from tests.hardening import record
+
+ORDER = ["plan", "fetch", "quantize", "build", "package"]
+OUTPUT = {"plan": "plan", "fetch": "weights", "quantize": "quantized", "build": "engines", "package": "package"}
+FAST_KILLS = 2
+SLOW_KILLS = 20
+HUB_REPO = "acme/tiny-v32"
+
+
+def manifest(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+
+def digests(run_dir: Path, stages: list[str]) -> dict:
+    m = manifest(run_dir)["stages"]
+    return {s: (m[s]["key"], sorted((o["path"], o["size"], o["sha256"]) for o in m[s]["outputs"]))
+            for s in stages if s in m}
+
+
+def assert_manifest_lists_only_complete_outputs(run_dir: Path) -> None:
+    for name, entry in manifest(run_dir)["stages"].items():
+        assert (run_dir / entry["dir"]).is_dir(), f"{name}: {entry['dir']}/ listed but absent"
+        for o in entry["outputs"]:
+            p = run_dir / o["path"]
+            assert p.is_file() and p.stat().st_size == o["size"], f"{name}: {o['path']} listed but partial/absent"
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == o["sha256"], f"{name}: {o['path']} differs"
+
+
+class Harness:
+    def __init__(self, root: Path, env: dict[str, str], model: str):
+        self.root, self.env, self.model = root, env, model
+        self.clean = root / "clean" / "r"
+
+    def dsbuild(self, *args: str, run_dir: Path, extra_env: dict | None = None, **kw) -> subprocess.Popen:
+        return subprocess.Popen([*DSBUILD, *args, "--model", self.model, "--out", str(run_dir)],
+                                cwd=self.root, env={**self.env, **(extra_env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+    def complete(self, stage: str, run_dir: Path) -> None:
+        proc = self.dsbuild(stage, run_dir=run_dir)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+
+    def clean_run(self) -> dict[str, float]:
+        self.complete("package", self.clean)
+        return {s: e["wall_s"] for s, e in manifest(self.clean)["stages"].items()}
+
+    def prepared(self, stage: str, name: str) -> Path:
+        """A run directory holding the clean run's stages before ``stage``, hard-linked, manifest cut there."""
+        run_dir = self.root / "kills" / name / "r"
+        upstream = ORDER[:ORDER.index(stage)]
+        run_dir.mkdir(parents=True)
+        m = manifest(self.clean)
+        m["stages"] = {s: e for s, e in m["stages"].items() if s in upstream}
+        for s in upstream:
+            shutil.copytree(self.clean / OUTPUT[s], run_dir / OUTPUT[s], copy_function=os.link, symlinks=True)
+        (run_dir / "manifest.json").write_text(json.dumps(m, indent=2))
+        return run_dir
+
+    def kill_once(self, stage: str, *, seed: int, wall: float, name: str) -> str:
+        rng = random.Random(seed)
+        run_dir = self.prepared(stage, name)
+        before_rename = rng.random() < 0.25
+        env = {"DSBUILD_FAULT_PAUSE": f"{stage}:60"} if before_rename else {}
+        proc = self.dsbuild(stage, run_dir=run_dir, extra_env=env)
+        marker = f".{OUTPUT[stage]}.tmp-"
+        point = "finished-before-kill"
+        deadline = time.monotonic() + 120
+        try:
+            if before_rename:
+                while "fault-pause" not in (line := proc.stdout.readline()):
+                    assert line, proc.stderr.read()
+                point = "before-rename"
+            else:
+                while proc.poll() is None and time.monotonic() < deadline:
+                    if any(p.name.startswith(marker) for p in run_dir.iterdir()):
+                        delay = rng.uniform(0, 1.5 * wall)
+                        time.sleep(delay)
+                        point = f"{delay:.3f}s-into-stage"
+                        break
+                    time.sleep(0.0005)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
+        if proc.returncode != -signal.SIGKILL and point != "finished-before-kill":
+            point = "finished-before-kill"  # the stage won the race; still checked below
+        assert_manifest_lists_only_complete_outputs(run_dir)
+        listed = manifest(run_dir)["stages"]
+        if stage in listed:
+            assert digests(run_dir, [stage]) == digests(self.clean, [stage])
+
+        self.complete(stage, run_dir)
+        upto = ORDER[:ORDER.index(stage) + 1]
+        assert digests(run_dir, ORDER) == digests(self.clean, upto)
+        assert not [p.name for p in run_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+        assert_manifest_lists_only_complete_outputs(run_dir)
+        shutil.rmtree(run_dir.parent)
+        return point
+
+
+def run_kills(h: Harness, stage: str, kills: int, label: str) -> None:
+    walls = h.clean_run()
+    points = [h.kill_once(stage, seed=1000 * ORDER.index(stage) + i, wall=max(walls[stage], 0.02),
+                          name=f"{label}-{i}") for i in range(kills)]
+    killed = [p for p in points if p != "finished-before-kill"]
+    assert len(killed) >= kills // 2, points  # most kills must land inside the stage
+    record.add("kills", label, kills=len(killed), attempts=kills, points=points)
+
+
+@pytest.fixture
+def base_env(cache_dir):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
+    return {**base, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(cache_dir), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def local_model(tmp_path, tiny_ckpt) -> str:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, model)
+    return str(model)
+
+
+def _param(stage: str):
+    return [pytest.param(stage, FAST_KILLS, id=f"{stage}-fast"),
+            pytest.param(stage, SLOW_KILLS, id=f"{stage}-slow", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("stage,kills", [*_param("fetch"), *_param("quantize"), *_param("build"), *_param("package")])
+def test_sigkill_stage_then_rerun_equals_clean_run(stage, kills, tmp_path, base_env, local_model):
+    label = "fetch-local" if stage == "fetch" else stage
+    run_kills(Harness(tmp_path, base_env, local_model), stage, kills, label)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("kills", [pytest.param(FAST_KILLS, id="fast"),
+                                   pytest.param(SLOW_KILLS, id="slow", marks=pytest.mark.slow)])
+def test_sigkill_hub_fetch_then_rerun_equals_clean_run(kills, tmp_path, base_env, tiny_ckpt):
+    """The hub cache is shared by the clean run and every killed fetch, so a kill mid-download leaves partial blobs
+    that the rerun must resume and verify."""
+    from tests.support.hub_server import HubServer, served_repo
+
+    server = HubServer().start()
+    try:
+        server.add(served_repo(HUB_REPO, tiny_ckpt))
+        env = {**base_env, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_TELEMETRY": "1",
+               "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+        h = Harness(tmp_path, env, HUB_REPO)
+        walls = h.clean_run()
+        points = []
+        for i in range(kills):
+            shutil.rmtree(tmp_path / "xdg" / "huggingface", ignore_errors=True)  # download again each time
+            points.append(h.kill_once("fetch", seed=5000 + i, wall=max(walls["fetch"], 0.05), name=f"hub-{i}"))
+        killed = [p for p in points if p != "finished-before-kill"]
+        assert len(killed) >= kills // 2, points
+        record.add("kills", "fetch-hub", kills=len(killed), attempts=kills, points=points)
+    finally:
+        server.stop()
