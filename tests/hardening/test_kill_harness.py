@@ -38,9 +38,24 @@ def manifest(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"stages": {}}
 
 
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k != "elapsed_s"}
+    return [_without_timings(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def _sha(run_dir: Path, o: dict) -> str:
+    """The manifest's sha256, except plan/plan.json, which records the planner's own search time (elapsed_s) by
+    design: that one is compared with the timing taken out."""
+    if o["path"] != "plan/plan.json":
+        return o["sha256"]
+    plan = _without_timings(json.loads((run_dir / o["path"]).read_text()))
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
 def digests(run_dir: Path, stages: list[str]) -> dict:
     m = manifest(run_dir)["stages"]
-    return {s: (m[s]["key"], sorted((o["path"], o["size"], o["sha256"]) for o in m[s]["outputs"]))
+    return {s: (m[s]["key"], sorted((o["path"], _sha(run_dir, o)) for o in m[s]["outputs"]))
             for s in stages if s in m}
 
 
