@@ -1,6 +1,6 @@
 # dsbuild: a thin veneer over the `dsbuild` CLI; all logic lives in Python.
 .DELETE_ON_ERROR:
-.PHONY: engine test test-full serve bench push clean distclean setup help
+.PHONY: engine test test-full hardening serve bench push clean distclean setup help
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -77,3 +77,10 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV)
+
+# The full hardening suite (bad inputs, kills, concurrency, secrets, fuzz, serving load), then docs/hardening.md
+# generated from what it ran.
+hardening:
+	rm -f .hardening-log.jsonl
+	$(BIN)/python -m pytest -q tests/hardening -p no:randomly
+	$(BIN)/python -m tests.hardening.report --log .hardening-log.jsonl --out docs/hardening.md
