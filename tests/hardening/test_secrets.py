@@ -34,6 +34,7 @@ def secret_forms() -> list[bytes]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_planted_token_and_password_appear_nowhere(tmp_path, tiny_ckpt):
     if not Path(REGISTRY_BIN).exists():
