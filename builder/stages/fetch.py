@@ -119,7 +119,14 @@ def materialize(files: dict[str, Path], out: Path, *, skip_mtp: bool, include: l
                 "skip_mtp": True, "dropped_shards": sel.dropped_shards,
                 "kept_mtp_tensors": sel.kept_mtp_tensors}},
             "weight_map": dict(sorted(sel.weight_map.items()))})
-    layout = validate_checkpoint(out, expected=expected_tensors(cfg, sel.weight_map, skip_mtp=skip_mtp))
+    try:
+        layout = validate_checkpoint(out, expected=expected_tensors(cfg, sel.weight_map, skip_mtp=skip_mtp))
+    except CheckpointError as exc:
+        # The links in the temporary ``out`` vanish with it: name the user's own files instead.
+        message = str(exc)
+        for rel, path in files.items():
+            message = message.replace(str(out / rel), str(path))
+        raise type(exc)(message.replace(str(out), "the checkpoint")) from None
     if digests is not None:
         digests.clear()
         digests.update(linked)

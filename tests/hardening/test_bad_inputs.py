@@ -292,6 +292,7 @@ def assert_nothing_half_written(run_dir: Path, failing_dir: str | None) -> None:
 def assert_one_sentence(proc: subprocess.CompletedProcess, case_id: str) -> str:
     err = proc.stderr.strip()
     assert "Traceback" not in err, err
+    assert ".tmp-" not in err, f"{case_id}: the error names a temporary path the user never sees: {err}"
     lines = [line for line in err.splitlines() if line.strip() and "fault-pause" not in line]
     assert lines, f"{case_id}: no error message"
     return lines[-1]
