@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     req = result.requested
     rec = result.recommended
     summary = (f"{req.name}: {'feasible' if req.feasible else 'INFEASIBLE (allowed)'}, "
-               f"{(req.weights_per_stage or [0])[0] / 2**30:.2f} GiB weights/GPU"
+               f"{_gib_or_mib(max(req.weights_per_rank or [0]))} weights on the fullest GPU"
                + (f", {req.decode.step_ms:.1f} ms/step" if req.decode else "")
                + (f"; planner recommends {rec.name}" if rec is not None and rec is not req else ""))
     return {"layout": req.name, "feasible": req.feasible, "world_size": req.gpus_per_replica,
@@ -74,3 +74,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 STAGE = Stage(name="plan", version=VERSION, output="plan", upstream=(), run=run, key_inputs=_key_inputs,
               tools=("matplotlib",),
               describe=lambda spec, extra: f"plan layout {spec.layout_name()} for {spec.model}")
+
+
+def _gib_or_mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
