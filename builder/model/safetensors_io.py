@@ -12,12 +12,13 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from builder.errors import CheckpointError, UnsafePathError
+from builder.errors import CheckpointError
+from builder.paths import safe_relpath  # noqa: F401  (re-exported: stages import it from here)
 from builder.model.catalog import Dtype
 
 # The real checkpoint's largest header is a few hundred KB; 100 MB is the format's own cap.
@@ -143,16 +144,6 @@ class CheckpointIndex:
     @property
     def shard_files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
-
-
-def safe_relpath(name: str, *, what: str = "file name") -> str:
-    """A repository-relative path that cannot escape its directory."""
-    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-        raise UnsafePathError(f"refusing {what} {name!r}: empty, NUL or backslash")
-    p = PurePosixPath(name)
-    if p.is_absolute() or any(part in ("..", "") for part in p.parts) or name.startswith("/"):
-        raise UnsafePathError(f"refusing {what} {name!r}: it would escape the target directory")
-    return str(p)
 
 
 def parse_index_bytes(raw: bytes, *, source: str = "model.safetensors.index.json") -> CheckpointIndex:

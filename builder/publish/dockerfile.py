@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from builder.errors import PackageError
+from builder.trtllm import PINNED_VERSION
+from builder.trtllm.contract import allow_list
 
-# FACTS §2b: TensorRT-LLM v1.2.1 ships in this image.
-TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
-TENSORRT_LLM_VERSION = "1.2.1"
+# One pin for the whole project: the Triton image that ships the pinned TensorRT-LLM (its allow-list data file).
+TENSORRT_LLM_VERSION = PINNED_VERSION
+TRITON_IMAGE = allow_list(PINNED_VERSION)["container"]
 TEMPLATE = Path(__file__).with_name("Dockerfile.tmpl")
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _MULTILINE_OK = {"copy_lines"}

@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
 from builder.atomic import staging_dir
-from builder.errors import DiskSpaceError, RegistryError, UnsafePathError, VerificationError
+from builder.errors import DiskSpaceError, RegistryError, VerificationError
+from builder.paths import safe_relpath
 from builder.pipeline import MANIFEST
 from builder.publish.artifact import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, READ_BYTES, TAR_SUFFIX, TITLE
 from builder.publish.client import Progress, RegistryClient, TransferStats
@@ -39,15 +40,6 @@ class PullResult:
     total_bytes: int
     stats: TransferStats
     wall_s: float
-
-
-def safe_relpath(name: str, *, what: str) -> str:
-    """The rule of ``builder.model.safetensors_io.safe_relpath``, without importing torch with that module (a
-    pull must not pay seconds of torch start-up): relative, no ``..``, no empty part, NUL or backslash."""
-    p = PurePosixPath(name)
-    if not name or "\x00" in name or "\\" in name or p.is_absolute() or any(part in ("..", "") for part in name.split("/")):
-        raise UnsafePathError(f"refusing {what} {name!r}: it would escape the target directory")
-    return str(p)
 
 
 def _refuse_existing(out: Path) -> None:
