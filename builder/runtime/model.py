@@ -71,7 +71,15 @@ class StageModel:
         y = self.mlp[i](x)
         return h + self.comm.all_reduce_tp(y if y is not None else torch.zeros_like(x))
 
+    def final_norm(self, h: torch.Tensor, *, norm: str = "model.norm.weight") -> torch.Tensor:
+        """The final RMSNorm: what the LM head reads (and what DeepSeek's MTP module takes as the target's hidden
+        state)."""
+        return rms_norm(h, self.w(norm), self.cfg.rms_norm_eps)
+
+    def head_logits(self, normed: torch.Tensor, *, head: str = "lm_head.weight") -> torch.Tensor:
+        """Full-vocabulary logits of already-normed hidden states (local vocab slice, then TP all-gather)."""
+        return self.comm.all_gather_tp(torch.nn.functional.linear(normed, self.w(head)), dim=-1)
+
     def logits(self, h: torch.Tensor, *, norm: str = "model.norm.weight", head: str = "lm_head.weight") -> torch.Tensor:
         """Full-vocabulary logits of final hidden states (last stage; local slice then TP all-gather)."""
-        h = rms_norm(h, self.w(norm), self.cfg.rms_norm_eps)
-        return self.comm.all_gather_tp(torch.nn.functional.linear(h, self.w(head)), dim=-1)
+        return self.head_logits(self.final_norm(h, norm=norm), head=head)
