@@ -10,7 +10,7 @@ from builder.errors import CheckpointError
 from builder.runtime.bundle import EngineBundle
 from builder.runtime.distributed import Comm
 from builder.runtime.kv_cache import KVCache, StepPositions
-from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, rms_norm
+from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, gemm_layout, rms_norm
 from builder.runtime.rope import RopeTable
 from builder.shard.rules import mlp_tp
 
@@ -32,6 +32,9 @@ class StageModel:
         self._absorb, self._tp, self._experts = absorb, layout.tp, info.experts
         self._dense_active = comm.tp_rank < mlp_tp(cfg.intermediate_size, layout)
         self._shared_active = comm.tp_rank < mlp_tp(cfg.moe_intermediate_size * cfg.n_shared_experts, layout)
+        for name, t in tensors.items():
+            if t.ndim == 2 and "embed_tokens" not in name:  # embeddings are gathered by row, not multiplied
+                tensors[name] = gemm_layout(t)
         for i in self.layers:
             self.add_layer(i)
         self.vocab_per_rank = cfg.vocab_size // layout.tp
