@@ -264,6 +264,15 @@ class MoE:
         return MLP(self.w.sub(f"experts.{self.experts[i]}."))(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.routed(x)
+        shared = self.shared_output(x)
+        return out if shared is None else out + shared
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.shared(x) if self.shared is not None else None
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's routed experts' part of the output for every row of ``x``."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, weights = route(self.cfg, x, self.w)
@@ -285,10 +294,6 @@ class MoE:
                 y = torch.cat([self._expert(i, part) for i, part in enumerate(rows.split(counts.tolist()))
                                if part.shape[0]])
             out.index_add_(0, token, y * wts[:, None])
-        if self.shared is not None:
-            s = self.shared(x)
-            if s is not None:
-                out = out + s
         return out.view(shape)
 
     def _grouped(self, x, which, token, counts):
