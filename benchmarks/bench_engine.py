@@ -46,7 +46,14 @@ def decode_rates(paths: dict, *, batch: int, n1: int, n2: int, repeats: int) -> 
                 t0 = time.perf_counter()
                 fn(n)
                 best[name, n] = min(best.get((name, n), float("inf")), time.perf_counter() - t0)
-    return {name: batch * (n2 - n1) / (best[name, n2] - best[name, n1]) for name in paths}
+    rates = {}
+    for name in paths:
+        decode_s = best[name, n2] - best[name, n1]
+        if decode_s <= 0:  # every short run was slowed more than the long ones: the machine was too busy to measure
+            raise SystemExit(f"{name}: {n2} tokens took no longer than {n1} (best of {repeats}); the machine is too "
+                             "loaded to measure, rerun with more --repeats or fewer --threads")
+        rates[name] = batch * (n2 - n1) / decode_s
+    return rates
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
