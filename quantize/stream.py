@@ -5,9 +5,14 @@ safetensors header (``builder.model.safetensors_io``) rather than through a memo
 stay resident (and count in RSS) until the whole file is unmapped — with 4 GB shards that is 4 GB per shard.
 
 Writing: an output shard's header is computed up front from the planned ``(name, dtype, shape)`` list, written
-first, then every tensor's bytes are appended in order in bounded chunks (a 1.8 GB embedding passes through in
-64 MB pieces). The file is written under a temporary name and renamed when complete. So peak memory is one chunk
-plus the largest per-tensor transform (an expert matrix), whatever the checkpoint's size.
+first, then every tensor's bytes are appended in order in bounded pieces (a 1.8 GB embedding passes through in
+16 MB pieces). The file is written under a temporary name (large direct writes: ``quantize.seqwrite``) and renamed
+when complete. So peak memory is a few pieces plus the writer's blocks, whatever the checkpoint's size.
+
+Overlap: a producer may yield zero-argument functions instead of tensors (reading a piece, dequantizing a band);
+the writer runs those on worker threads up to ``AHEAD`` pieces in advance and writes the results in order, so
+reading, converting and writing proceed at once (preads, numpy's ``take`` and the writer's ``os.write`` all release
+the GIL).
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar, Union
 
 import torch
 
@@ -26,9 +34,38 @@ from builder.model.catalog import Dtype
 from builder.model.safetensors_io import (DTYPE_OF_TORCH, TORCH_DTYPES, CheckpointLayout, shard_file_name,
                                           validate_checkpoint, write_index)
 from quantize import fp8_block
+from quantize.seqwrite import SequentialWriter
 
-COPY_CHUNK = 64 << 20
+COPY_CHUNK = 16 << 20
 BAND_ROWS = 1024  # rows per band for the block dequantization (a multiple of the 128 block)
+WORKERS = 2  # threads computing pieces ahead of the writer
+AHEAD = 6  # pieces computed ahead of the writer: bounds memory at AHEAD x the largest piece
+
+T = TypeVar("T")
+Piece = Union[torch.Tensor, Callable[[], torch.Tensor]]
+
+
+def ahead(items: Iterable[T | Callable[[], T]], *, workers: int | None = None, depth: int | None = None) -> Iterator[T]:
+    """``items`` in order, each zero-argument callable among them replaced by its result, computed on ``workers``
+    threads at most ``depth`` items in advance. An exception is raised where its item would have been yielded."""
+    depth = AHEAD if depth is None else depth
+    with ThreadPoolExecutor(workers or WORKERS, thread_name_prefix="dsbuild-piece") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(item) if callable(item) else item)
+                if len(pending) > depth:
+                    yield _settled(pending.popleft())
+            while pending:
+                yield _settled(pending.popleft())
+        finally:
+            for f in pending:
+                if isinstance(f, Future):
+                    f.cancel()
+
+
+def _settled(item):
+    return item.result() if isinstance(item, Future) else item
 
 
 class TensorReader:
@@ -37,6 +74,7 @@ class TensorReader:
     def __init__(self, root: str | Path, layout: CheckpointLayout | None = None):
         self.layout = layout or validate_checkpoint(root)
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()  # pieces are read from worker threads
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -60,9 +98,13 @@ class TensorReader:
         return self.layout.tensor(name).shape
 
     def _fd(self, shard: str) -> int:
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.layout.root / shard, os.O_RDONLY)
-        return self._fds[shard]
+        with self._lock:
+            if shard not in self._fds:
+                fd = os.open(self.layout.root / shard, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):  # shards are read front to back: a larger readahead window
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[shard] = fd
+            return self._fds[shard]
 
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
         shard = self.layout.index.weight_map[name]
@@ -103,31 +145,39 @@ class TensorReader:
 
     def dequantized_bands(self, name: str, *, dtype: torch.dtype = torch.bfloat16,
                           band: int = BAND_ROWS) -> Iterator[torch.Tensor]:
+        return (task() for task in self.dequantized_band_tasks(name, dtype=dtype, band=band))
+
+    def dequantized_band_tasks(self, name: str, *, dtype: torch.dtype = torch.bfloat16,
+                               band: int = BAND_ROWS) -> Iterator[Callable[[], torch.Tensor]]:
+        """One function per row band that reads and dequantizes it (to run on worker threads: see ``ahead``)."""
         shape = self.shape(name)
         fp8 = self.is_block_fp8(name)
         scale = self.read(self.scale_of(name)) if fp8 else None
         rows = shape[0] if shape else 0
         if rows == 0:
-            yield self.read(name).to(dtype)
+            yield lambda: self.read(name).to(dtype)
             return
         for r0 in range(0, rows, band):
-            r1 = min(rows, r0 + band)
-            part = self.read(name, (r0, r1))
-            if fp8:
-                b = fp8_block.BLOCK
-                yield fp8_block.dequantize(part, scale[r0 // b: math.ceil(r1 / b)], dtype=dtype)
-            else:
-                yield part.to(dtype)
+            yield lambda r0=r0, r1=min(rows, r0 + band): self._dequantized_band(name, r0, r1, scale, dtype)
+
+    def _dequantized_band(self, name: str, r0: int, r1: int, scale: torch.Tensor | None,
+                          dtype: torch.dtype) -> torch.Tensor:
+        part = self.read(name, (r0, r1))
+        if scale is None:
+            return part.to(dtype)
+        b = fp8_block.BLOCK
+        return fp8_block.dequantize(part, scale[r0 // b: math.ceil(r1 / b)], dtype=dtype)
 
 
 @dataclass(frozen=True)
 class Planned:
-    """One output tensor: its stored form and a producer of its bytes, in row order, in bounded pieces."""
+    """One output tensor: its stored form and a producer of its bytes, in row order, in bounded pieces (tensors, or
+    zero-argument functions computing them, which the writer runs ahead on worker threads)."""
 
     name: str
     dtype: Dtype
     shape: tuple[int, ...]
-    produce: Callable[[], Iterable[torch.Tensor]]
+    produce: Callable[[], Iterable[Piece]]
 
     @property
     def nbytes(self) -> int:
@@ -135,14 +185,14 @@ class Planned:
 
 
 def passthrough(reader: TensorReader, name: str) -> Planned:
-    def produce() -> Iterator[torch.Tensor]:
+    def produce() -> Iterator[Callable[[], torch.Tensor]]:
         total = reader.layout.tensor(name).nbytes
         for start in range(0, total, COPY_CHUNK):
-            yield reader.read_bytes(name, start, min(COPY_CHUNK, total - start))
+            yield lambda start=start: reader.read_bytes(name, start, min(COPY_CHUNK, total - start))
     return Planned(name, reader.dtype(name), reader.shape(name), produce)
 
 
-def computed(name: str, dtype: Dtype, shape: tuple[int, ...], fn: Callable[[], Iterable[torch.Tensor]]) -> Planned:
+def computed(name: str, dtype: Dtype, shape: tuple[int, ...], fn: Callable[[], Iterable[Piece]]) -> Planned:
     return Planned(name, dtype, tuple(shape), fn)
 
 
@@ -161,23 +211,31 @@ def write_streamed(path: Path, entries: list[Planned], *, metadata: dict[str, st
                    on_bytes: Callable[[int], None] | None = None) -> int:
     """Write one safetensors file from planned entries; each producer must yield exactly its tensor's bytes."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    written = [0] * len(entries)
+    owners: deque[int] = deque()  # the entry of each piece handed to ``ahead``, which keeps their order
+
+    def pieces() -> Iterator[Piece]:
+        for i, e in enumerate(entries):
+            for piece in e.produce():
+                owners.append(i)
+                yield piece
     try:
-        with open(tmp, "wb") as fh:
+        with SequentialWriter(tmp) as fh:
             fh.write(_header(entries, dict(metadata or {"format": "pt"})))
-            for e in entries:
-                written = 0
-                for chunk in e.produce():
-                    if chunk.dtype is not torch.uint8 and DTYPE_OF_TORCH.get(chunk.dtype) is not e.dtype:
-                        raise CheckpointError(f"{e.name}: produced {chunk.dtype}, planned {e.dtype.value}")
-                    data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
-                    fh.write(memoryview(data))
-                    written += data.nbytes
-                    if on_bytes:
-                        on_bytes(data.nbytes)
-                if written != e.nbytes:
-                    raise CheckpointError(f"{e.name}: produced {written} bytes, planned {e.nbytes}")
-            fh.flush()
-            os.fsync(fh.fileno())
+            for chunk in ahead(pieces()):
+                e = entries[i := owners.popleft()]
+                if chunk.dtype is not torch.uint8 and DTYPE_OF_TORCH.get(chunk.dtype) is not e.dtype:
+                    raise CheckpointError(f"{e.name}: produced {chunk.dtype}, planned {e.dtype.value}")
+                data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
+                fh.write(data)
+                written[i] += data.nbytes
+                if written[i] > e.nbytes:
+                    raise CheckpointError(f"{e.name}: produced {written[i]} bytes, planned {e.nbytes}")
+                if on_bytes:
+                    on_bytes(data.nbytes)
+            for e, n in zip(entries, written):
+                if n != e.nbytes:
+                    raise CheckpointError(f"{e.name}: produced {n} bytes, planned {e.nbytes}")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
