@@ -132,6 +132,7 @@ def verify_block_fp8(reader: TensorReader, *, on_bytes: Callable[[int], None] | 
             total = reader.layout.tensor(name).nbytes
             for start in range(0, total, VERIFY_PIECE):
                 n = min(VERIFY_PIECE, total - start)
+                reader.will_need(name, start, n)
                 yield lambda name=name, start=start, n=n: (_nan_code(reader, name, start, n), n)
     for problem, n in ahead(tasks()):
         if problem:

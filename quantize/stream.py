@@ -106,16 +106,25 @@ class TensorReader:
                 self._fds[shard] = fd
             return self._fds[shard]
 
-    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
+    def _span(self, name: str, start: int, length: int | None) -> tuple[str, int, int]:
         shard = self.layout.index.weight_map[name]
         th = self.layout.headers[shard].tensors[name]
         base = 8 + self.layout.headers[shard].header_len + th.begin
-        length = th.nbytes - start if length is None else length
+        return shard, base + start, th.nbytes - start if length is None else length
+
+    def will_need(self, name: str, start: int = 0, length: int | None = None) -> None:
+        """Start reading these bytes into the page cache now (the piece that reads them runs a few pieces later)."""
+        shard, offset, length = self._span(name, start, length)
+        if hasattr(os, "posix_fadvise") and length > 0:
+            os.posix_fadvise(self._fd(shard), offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
+        shard, offset, length = self._span(name, start, length)
         buf = torch.empty(length, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         fd, done = self._fd(shard), 0
         while done < length:
-            n = os.preadv(fd, [view[done:]], base + start + done)
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise CheckpointError(f"{self.layout.root / shard} ended while reading {name!r}")
             done += n
@@ -157,8 +166,11 @@ class TensorReader:
         if rows == 0:
             yield lambda: self.read(name).to(dtype)
             return
+        row_bytes = self.layout.tensor(name).nbytes // rows
         for r0 in range(0, rows, band):
-            yield lambda r0=r0, r1=min(rows, r0 + band): self._dequantized_band(name, r0, r1, scale, dtype)
+            r1 = min(rows, r0 + band)
+            self.will_need(name, r0 * row_bytes, (r1 - r0) * row_bytes)
+            yield lambda r0=r0, r1=r1: self._dequantized_band(name, r0, r1, scale, dtype)
 
     def _dequantized_band(self, name: str, r0: int, r1: int, scale: torch.Tensor | None,
                           dtype: torch.dtype) -> torch.Tensor:
@@ -188,6 +200,7 @@ def passthrough(reader: TensorReader, name: str) -> Planned:
     def produce() -> Iterator[Callable[[], torch.Tensor]]:
         total = reader.layout.tensor(name).nbytes
         for start in range(0, total, COPY_CHUNK):
+            reader.will_need(name, start, min(COPY_CHUNK, total - start))
             yield lambda start=start: reader.read_bytes(name, start, min(COPY_CHUNK, total - start))
     return Planned(name, reader.dtype(name), reader.shape(name), produce)
 
