@@ -136,3 +136,19 @@ def test_direct_writes_refused_after_open_fall_back_to_the_page_cache(tmp_path, 
         pytest.skip("O_DIRECT unavailable here: nothing to fall back from")
     assert refused["n"] == 1 and not w.direct
     assert (tmp_path / "f.bin").read_bytes() == data
+
+
+def test_filesystems_refusing_direct_io_at_open_get_buffered_writes(tmp_path, monkeypatch):
+    # Older kernels' tmpfs and some network filesystems refuse O_DIRECT in open() with EINVAL.
+    real = os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & seqwrite.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(path, flags, *args)
+    monkeypatch.setattr(seqwrite.os, "open", refuse_direct)
+    data = payload(10000, 5)
+    with SequentialWriter(tmp_path / "t.bin", block_bytes=8192) as w:
+        w.write(data)
+    assert not w.direct
+    assert (tmp_path / "t.bin").read_bytes() == data
