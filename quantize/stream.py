@@ -223,53 +223,66 @@ def _header(entries: list[Planned], metadata: dict[str, str]) -> bytes:
 def write_streamed(path: Path, entries: list[Planned], *, metadata: dict[str, str] | None = None,
                    on_bytes: Callable[[int], None] | None = None) -> int:
     """Write one safetensors file from planned entries; each producer must yield exactly its tensor's bytes."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    written = [0] * len(entries)
-    owners: deque[int] = deque()  # the entry of each piece handed to ``ahead``, which keeps their order
-
-    def pieces() -> Iterator[Piece]:
-        for i, e in enumerate(entries):
-            for piece in e.produce():
-                owners.append(i)
-                yield piece
-    try:
-        with SequentialWriter(tmp) as fh:
-            fh.write(_header(entries, dict(metadata or {"format": "pt"})))
-            for chunk in ahead(pieces()):
-                e = entries[i := owners.popleft()]
-                if chunk.dtype is not torch.uint8 and DTYPE_OF_TORCH.get(chunk.dtype) is not e.dtype:
-                    raise CheckpointError(f"{e.name}: produced {chunk.dtype}, planned {e.dtype.value}")
-                data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
-                fh.write(data)
-                written[i] += data.nbytes
-                if written[i] > e.nbytes:
-                    raise CheckpointError(f"{e.name}: produced {written[i]} bytes, planned {e.nbytes}")
-                if on_bytes:
-                    on_bytes(data.nbytes)
-            for e, n in zip(entries, written):
-                if n != e.nbytes:
-                    raise CheckpointError(f"{e.name}: produced {n} bytes, planned {e.nbytes}")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path.stat().st_size
+    return _write_files([(path, entries)], metadata=metadata, on_bytes=on_bytes)[0]
 
 
 def write_checkpoint(out: Path, shards: list[list[Planned]], *, on_bytes: Callable[[int], None] | None = None) -> dict[str, str]:
     """Write planned shards (empty ones dropped) with DeepSeek's shard names and the index; returns the weight map."""
     shards = [s for s in shards if s]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, entries in enumerate(shards, start=1):
-        fname = shard_file_name(i, len(shards))
-        write_streamed(out / fname, entries, on_bytes=on_bytes)
-        for e in entries:
-            weight_map[e.name] = fname
-            total += e.nbytes
-    write_index(out, weight_map, total_size=total)
+    files = [(out / shard_file_name(i, len(shards)), entries) for i, entries in enumerate(shards, start=1)]
+    _write_files(files, on_bytes=on_bytes)
+    weight_map = {e.name: path.name for path, entries in files for e in entries}
+    write_index(out, weight_map, total_size=sum(e.nbytes for _, entries in files for e in entries))
     return weight_map
+
+
+def _write_files(files: list[tuple[Path, list[Planned]]], *, metadata: dict[str, str] | None = None,
+                 on_bytes: Callable[[int], None] | None = None) -> list[int]:
+    """Write safetensors files in order through one look-ahead pipeline (it does not drain between files); each
+    file is written under a temporary name and renamed when complete and fsync-ed."""
+    owners: deque[tuple[int, int]] = deque()  # (file, entry) of each piece handed to ``ahead``, in order
+
+    def pieces() -> Iterator[Piece]:
+        for fi, (_, entries) in enumerate(files):
+            for ei, e in enumerate(entries):
+                for piece in e.produce():
+                    owners.append((fi, ei))
+                    yield piece
+    stream = ((owners.popleft(), chunk) for chunk in ahead(pieces()))
+    held: tuple[tuple[int, int], torch.Tensor] | None = None  # the first piece of the next file
+    sizes = []
+    try:
+        for fi, (path, entries) in enumerate(files):
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            written = [0] * len(entries)
+            try:
+                with SequentialWriter(tmp) as fh:
+                    fh.write(_header(entries, dict(metadata or {"format": "pt"})))
+                    while (held := held or next(stream, None)) is not None and held[0][0] == fi:
+                        (_, ei), chunk = held
+                        held = None
+                        e = entries[ei]
+                        if chunk.dtype is not torch.uint8 and DTYPE_OF_TORCH.get(chunk.dtype) is not e.dtype:
+                            raise CheckpointError(f"{e.name}: produced {chunk.dtype}, planned {e.dtype.value}")
+                        data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
+                        fh.write(data)
+                        written[ei] += data.nbytes
+                        if written[ei] > e.nbytes:
+                            raise CheckpointError(f"{e.name}: produced {written[ei]} bytes, planned {e.nbytes}")
+                        if on_bytes:
+                            on_bytes(data.nbytes)
+                    for e, n in zip(entries, written):
+                        if n != e.nbytes:
+                            raise CheckpointError(f"{e.name}: produced {n} bytes, planned {e.nbytes}")
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            sizes.append(path.stat().st_size)
+    finally:
+        stream.close()  # stops the workers (pending pieces cancelled) before the caller closes its readers
+    return sizes
 
 
 def source_shards(reader: TensorReader) -> list[list[str]]:

@@ -152,3 +152,26 @@ def test_filesystems_refusing_direct_io_at_open_get_buffered_writes(tmp_path, mo
         w.write(data)
     assert not w.direct
     assert (tmp_path / "t.bin").read_bytes() == data
+
+
+def test_pieces_flow_across_shards_without_mixing_them(tmp_path):
+    # One look-ahead pipeline spans all shards: each piece must still land in its own shard, in order, including
+    # a zero-size tensor that produces no piece at all.
+    import json
+
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(4)
+    tensors = {f"t{i}": torch.randn(37 * (i + 1), 5, generator=g) for i in range(6)}
+    tensors["empty"] = torch.zeros(0, 5)
+
+    def planned(name):
+        t = tensors[name]
+        return computed(name, Dtype.F32, t.shape, lambda: ((lambda r=r: t[r:r + 16]) for r in range(0, len(t), 16)))
+    shards = [[planned("t0"), planned("empty"), planned("t1")], [], [planned("t2")], [planned(f"t{i}") for i in (3, 4, 5)]]
+    weight_map = write_checkpoint(tmp_path, shards)
+    assert sorted(set(weight_map.values())) == [f"model-0000{i}-of-000003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == weight_map
+    for name, t in tensors.items():
+        assert torch.equal(load_file(tmp_path / weight_map[name])[name], t), name
