@@ -175,3 +175,30 @@ def test_pieces_flow_across_shards_without_mixing_them(tmp_path):
     assert index["weight_map"] == weight_map
     for name, t in tensors.items():
         assert torch.equal(load_file(tmp_path / weight_map[name])[name], t), name
+
+
+@pytest.mark.parametrize("where", [None, "last byte", "first byte of the second piece", "last byte of the first piece"])
+def test_fp8_verification_finds_a_nan_code_anywhere_in_a_multi_piece_weight(tmp_path, where):
+    # A weight larger than one verification piece (16 MB), checked in 1 MB scratch slices on worker threads: a NaN
+    # code (0x7F or 0xFF) at either side of every boundary must be found, and named.
+    from builder.errors import QuantizationError
+    from quantize.modes import VERIFY_PIECE, verify_block_fp8
+    from quantize.stream import TensorReader
+
+    rows, cols = 4224, 4096  # 17.3 MB: two pieces
+    codes = torch.randint(0, 0x7F, (rows * cols,), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    codes[1::2] |= 0x80  # negative values too; no NaN yet
+    at = {"last byte": rows * cols - 1, "first byte of the second piece": VERIFY_PIECE,
+          "last byte of the first piece": VERIFY_PIECE - 1}.get(where)
+    if at is not None:
+        codes[at] = 0xFF if at % 2 else 0x7F
+    scale = torch.full((rows // 128, cols // 128), 2.0 ** -8)
+    name = "model.layers.0.mlp.down_proj.weight"
+    write_checkpoint(tmp_path, [[computed(name, Dtype.F8_E4M3, (rows, cols), lambda: [codes]),
+                                 computed(name + "_scale_inv", Dtype.F32, scale.shape, lambda: [scale])]])
+    with TensorReader(tmp_path) as reader:
+        if at is None:
+            assert verify_block_fp8(reader) == {"fp8_weights_checked": 1}
+        else:
+            with pytest.raises(QuantizationError, match=f"block-FP8 weight '{name}' holds NaN values"):
+                verify_block_fp8(reader)
