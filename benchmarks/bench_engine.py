@@ -1,16 +1,19 @@
 """Reference-engine benchmark on the tiny model, with its baselines measured in the same run:
 
 1. decode tokens/s of the reference engine (TP1, all fusions, latent KV cache with absorbed MLA) against
-   transformers' ``generate`` (fp32, eager, DynamicCache) on the same dequantized checkpoint (goal >= 2x);
+   transformers' ``generate`` (eager, DynamicCache) on the same dequantized checkpoint (goal >= 2x), for every
+   combination of compute dtype (``--dtypes``), batch (``--batches``) and torch threads (``--threads``): both sides
+   always run with the same dtype, batch and threads. Beside each, the time of the engine's decode-step GEMMs
+   replayed alone (the same weights and shapes, nothing else): what reading the weights costs, the floor of a step;
 2. the fused bundle against the unfused one, and each fusion switched off alone (``fuse_gate_up``,
-   ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``);
+   ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``), at the first dtype, batch and thread count;
 3. peak RSS of every rank of a multi-rank service against its shard (rank-file tensor bytes) and its loaded
    (dequantized) weights, in a fresh process so the numbers are the engine's own.
 
 Decode rate = batch x (N2 - N1) / (t(N2) - t(N1)): the difference of two generations of N1 and N2 tokens from
 the same prompts, so prefill cancels out. Best of ``--repeats``, measured round-robin across all paths.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_engine.py [--json] [--png benchmarks/results/bench_engine.png]
+    PYTHONPATH=. python benchmarks/bench_engine.py [--json] [--png benchmarks/results/bench_engine.png]
 """
 
 from __future__ import annotations
@@ -46,27 +49,64 @@ def decode_rates(paths: dict, *, batch: int, n1: int, n2: int, repeats: int) -> 
     return {name: batch * (n2 - n1) / (best[name, n2] - best[name, n1]) for name in paths}
 
 
-def engine_generate(bundle_dir: Path, prompts, *, device: str):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def engine_generate(bundle_dir: Path, *, device: str, dtype: torch.dtype = torch.float32):
+    """The in-process (TP1) service and a ``run(prompts, n)`` generating ``n`` tokens for each prompt."""
     from builder.runtime.service import EngineService, GenerationRequest
 
-    svc = EngineService(bundle_dir, device=device)
+    svc = EngineService(bundle_dir, device=device, dtype=dtype)
 
-    def run(n: int):
+    def run(prompts, n: int):
         return svc.generate([GenerationRequest(prompt_ids=p, max_tokens=n) for p in prompts])
     return svc, run
 
 
-def hf_generate(float_dir: Path, prompts, *, device: str):
+def hf_generate(float_dir: Path, *, device: str, dtype: torch.dtype = torch.float32):
     from builder.model.hf_compat import load_hf_model
 
-    model = load_hf_model(float_dir).to(device)
-    ids = torch.tensor(prompts, device=device)
+    model = load_hf_model(float_dir, dtype=dtype).to(device)
 
-    def run(n: int):
+    def run(prompts, n: int):
+        ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False)
     return run
+
+
+def decode_gemm_seconds(svc, prompts, *, repeats: int) -> float:
+    """The GEMMs of one decode step (every ``linear`` the engine's layers call, with their inputs) replayed alone:
+    best time of ``repeats``. Records the last forward of a two-token generation, which is a decode step."""
+    import builder.runtime.layers as layers
+    from builder.runtime.model import StageModel
+    from builder.runtime.service import GenerationRequest
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    plain_linear, plain_forward = layers.linear, StageModel.layers_forward
+
+    def recording_linear(x, w):
+        calls.append((x.clone(), w))
+        return plain_linear(x, w)
+
+    def fresh_forward(self, *args, **kwargs):
+        calls.clear()  # keep only the last forward's calls
+        return plain_forward(self, *args, **kwargs)
+
+    layers.linear, StageModel.layers_forward = recording_linear, fresh_forward
+    try:
+        svc.generate([GenerationRequest(prompt_ids=p, max_tokens=2) for p in prompts])
+    finally:
+        layers.linear, StageModel.layers_forward = plain_linear, plain_forward
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for x, w in calls:
+                plain_linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def rss_child(bundle_dir: str, threads: int) -> None:
@@ -86,7 +126,10 @@ def bare_torch_rss() -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 1], help="decode batch sizes to compare")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                    help="torch thread counts to compare (both sides use the same)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--n1", type=int, default=8)
     ap.add_argument("--n2", type=int, default=40)
@@ -116,39 +159,67 @@ def main(argv=None) -> int:
 
 
 def measure(args, tmp: Path) -> dict:
+    from functools import partial
+
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import ensure_tiny
     from builder.shard.fusion import FusionOptions
     from builder.shard.rules import Layout
-    from builder.stages.build import write_engine_bundle
-
     from builder.specs import RunSpec
+    from builder.stages.build import write_engine_bundle
 
     ckpt = ensure_tiny(RunSpec().cache_root / "models")
     float_dir = write_dequantized_checkpoint(ckpt, tmp / "fp32")
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(2, 1024, (args.batch, args.prompt_len), generator=g).tolist()
+
+    def prompts_of(batch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(2, 1024, (batch, args.prompt_len), generator=g).tolist()
 
     variants = {"fused (all on)": FusionOptions(), "unfused (all off)": FusionOptions.none()}
     for name in ("fuse_gate_up", "fuse_qkv_a", "absorb_mla", "stack_experts"):
         variants[f"all on but {name}"] = replace(FusionOptions(), **{name: False})
-    results: dict = {"device": args.device, "batch": args.batch, "prompt_len": args.prompt_len,
-                     "decode_tokens": [args.n1, args.n2], "repeats": args.repeats,
-                     "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())}
-    paths = {"transformers generate": hf_generate(float_dir, prompts, device=args.device)}
-    services = []
+    bundles = {}
     for name, fusion in variants.items():
-        bundle = tmp / name.replace(" ", "_").replace("(", "").replace(")", "")
-        bundle.mkdir()
-        write_engine_bundle(ckpt, bundle, layout=Layout(1, 1, 1), fusion=fusion)
-        svc, paths[f"engine {name}"] = engine_generate(bundle, prompts, device=args.device)
+        bundles[name] = tmp / name.replace(" ", "_").replace("(", "").replace(")", "")
+        bundles[name].mkdir()
+        write_engine_bundle(ckpt, bundles[name], layout=Layout(1, 1, 1), fusion=fusion)
+    results: dict = {"device": args.device, "prompt_len": args.prompt_len, "decode_tokens": [args.n1, args.n2],
+                     "repeats": args.repeats, "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
+
+    # 1. engine vs transformers, same dtype / threads / batch on both sides
+    results["comparisons"] = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        svc, engine_run = engine_generate(bundles["fused (all on)"], device=args.device, dtype=dtype)
+        hf_run = hf_generate(float_dir, device=args.device, dtype=dtype)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for batch in args.batches:
+                prompts = prompts_of(batch)
+                tps = decode_rates({"transformers": partial(hf_run, prompts), "engine": partial(engine_run, prompts)},
+                                   batch=batch, n1=args.n1, n2=args.n2, repeats=args.repeats)
+                row = {"dtype": dtype_name, "threads": threads, "batch": batch,
+                       "engine_tokens_per_s": tps["engine"], "transformers_tokens_per_s": tps["transformers"],
+                       "engine_vs_transformers": tps["engine"] / tps["transformers"],
+                       "engine_step_ms": 1e3 * batch / tps["engine"],
+                       "engine_step_gemm_ms": 1e3 * decode_gemm_seconds(svc, prompts, repeats=args.repeats)}
+                results["comparisons"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+        svc.close()
+
+    # 2. fusions, at the first dtype / threads / batch
+    dtype, threads, batch = DTYPES[args.dtypes[0]], args.threads[0], args.batches[0]
+    torch.set_num_threads(threads)
+    results["fusion_config"] = {"dtype": args.dtypes[0], "threads": threads, "batch": batch}
+    paths, services = {}, []
+    for name, bundle in bundles.items():
+        svc, run = engine_generate(bundle, device=args.device, dtype=dtype)
+        paths[f"engine {name}"] = partial(run, prompts_of(batch))
         services.append(svc)
-    results["decode_tokens_per_s"] = decode_rates(paths, batch=args.batch, n1=args.n1, n2=args.n2,
-                                                  repeats=args.repeats)
+    tps = results["decode_tokens_per_s"] = decode_rates(paths, batch=batch, n1=args.n1, n2=args.n2,
+                                                        repeats=args.repeats)
     for svc in services:
         svc.close()
-    tps = results["decode_tokens_per_s"]
-    results["engine_vs_transformers"] = tps["engine fused (all on)"] / tps["transformers generate"]
     results["fused_vs_unfused"] = tps["engine fused (all on)"] / tps["engine unfused (all off)"]
     results["each_fusion_speedup"] = {k.removeprefix("engine all on but "): tps["engine fused (all on)"] / v
                                       for k, v in tps.items() if k.startswith("engine all on but")}
@@ -173,17 +244,25 @@ def print_table(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    c = Console()
-    t = Table(title=f"decode tokens/s, tiny model, batch {r['batch']}, prompt {r['prompt_len']}, {r['device']}")
-    t.add_column("path")
-    t.add_column("tokens/s", justify="right")
-    t.add_column("vs transformers", justify="right")
-    base = r["decode_tokens_per_s"]["transformers generate"]
-    for k, v in r["decode_tokens_per_s"].items():
-        t.add_row(k, f"{v:.1f}", f"{v / base:.2f}x")
+    c = Console(width=130)
+    t = Table(title=f"decode tokens/s, tiny model, prompt {r['prompt_len']}, {r['device']} "
+                    f"(goal: engine >= 2x transformers)")
+    for col in ("dtype", "threads", "batch", "transformers", "engine", "engine / transformers", "engine step ms",
+                "of which GEMMs ms"):
+        t.add_column(col, justify="right")
+    for row in r["comparisons"]:
+        t.add_row(row["dtype"], str(row["threads"]), str(row["batch"]), f"{row['transformers_tokens_per_s']:.0f}",
+                  f"{row['engine_tokens_per_s']:.0f}", f"{row['engine_vs_transformers']:.2f}x",
+                  f"{row['engine_step_ms']:.2f}", f"{row['engine_step_gemm_ms']:.2f}")
     c.print(t)
-    c.print(f"engine (fused) / transformers: {r['engine_vs_transformers']:.2f}x   "
-            f"fused / unfused: {r['fused_vs_unfused']:.2f}x   "
+    f = r["fusion_config"]
+    u = Table(title=f"fusions: decode tokens/s, {f['dtype']}, {f['threads']} thread(s), batch {f['batch']}")
+    u.add_column("bundle")
+    u.add_column("tokens/s", justify="right")
+    for k, v in r["decode_tokens_per_s"].items():
+        u.add_row(k, f"{v:.1f}")
+    c.print(u)
+    c.print(f"fused / unfused: {r['fused_vs_unfused']:.2f}x   "
             + "  ".join(f"{k}: {v:.2f}x" for k, v in r["each_fusion_speedup"].items()))
     m = Table(title=f"memory per rank ({r['rss_layout']}; a bare torch process: "
                     f"{r['bare_torch_process_rss_bytes'] / 2**20:.0f} MiB)")
@@ -202,12 +281,20 @@ def plot(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (v, a, b) = plt.subplots(1, 3, figsize=(19, 4.8))
+    rows = r["comparisons"]
+    labels = [f"{x['dtype']}\n{x['threads']}t b{x['batch']}" for x in rows]
+    v.bar(range(len(rows)), [x["engine_vs_transformers"] for x in rows], color="tab:blue")
+    v.axhline(2.0, color="k", ls="--", lw=1, label="goal 2x")
+    v.set_xticks(range(len(rows)), labels, fontsize=8)
+    v.set_ylabel("engine / transformers decode tokens/s")
+    v.set_title("reference engine vs transformers generate")
+    v.legend()
     names = list(r["decode_tokens_per_s"])
-    vals = [r["decode_tokens_per_s"][n] for n in names]
-    a.barh(names, vals, color=["grey"] + ["tab:blue"] * (len(names) - 1))
+    a.barh(names, [r["decode_tokens_per_s"][n] for n in names], color="tab:blue")
     a.set_xlabel("decode tokens/s")
-    a.set_title(f"tiny model, batch {r['batch']}, {r['device']}")
+    f = r["fusion_config"]
+    a.set_title(f"fusions ({f['dtype']}, {f['threads']} thread(s), batch {f['batch']}, {r['device']})")
     a.invert_yaxis()
     ranks = range(len(r["ranks"]))
     w = 0.27

@@ -123,16 +123,32 @@ class Engine:
         forces the decode attention path (absorbed MLA) for a multi-token step, as speculative verification uses."""
         comm, model = self.comm, self.model
         B, S = tokens.shape
+        if model.attention_dp:
+            tokens, pos = self._my_rows(tokens, pos)
         with torch.inference_mode():
             if comm.first_stage:
                 h = model.embed(tokens.to(comm.device))
             else:
-                h = comm.recv_prev((B, S, self.cfg.hidden_size), self.dtype)
+                h = comm.recv_prev((tokens.shape[0], S, self.cfg.hidden_size), self.dtype)
             h = model.layers_forward(h, cache, model.step_context(pos, decode=decode))
             if not comm.last_stage:
                 comm.send_next(h)
                 return None
+            if model.attention_dp:
+                h = comm.all_gather_tp(h, dim=0)[:B]
             return h
+
+    def _my_rows(self, tokens: torch.Tensor, pos: StepPositions) -> tuple[torch.Tensor, StepPositions]:
+        """Attention-DP: this TP rank's contiguous share of the batch (padded with copies of row 0 so every rank
+        runs the same shapes; padding rows have their own cache rows and their results are dropped)."""
+        B, rows = tokens.shape[0], self.model.rows_per_rank(tokens.shape[0])
+        pad = rows * self.comm.tp - B
+        starts = pos.starts
+        if pad:
+            tokens = torch.cat([tokens, tokens[:1].expand(pad, -1)])
+            starts = torch.cat([starts, starts[:1].expand(pad)])
+        mine = slice(self.comm.tp_rank * rows, (self.comm.tp_rank + 1) * rows)
+        return tokens[mine], StepPositions(starts[mine], pos.width)
 
     def forward(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache,
                 last_index: torch.Tensor | None) -> torch.Tensor | None:

@@ -29,6 +29,18 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def gemm_layout(w: torch.Tensor) -> torch.Tensor:
+    """``w`` ([..., out, in]) stored the way the CPU GEMM streams it fastest for ``x @ w.T`` with decode's few rows
+    (same values, same shape): float32 column-major, so MKL runs a plain [in, out] product (measured about 2x
+    faster than the transposed one for 1-2 rows, equal from 4), bfloat16/float16 row-major, which oneDNN's kernels
+    prefer. Decode reads every weight once per step, so this is where its time goes."""
+    if w.device.type != "cpu" or w.ndim < 2:
+        return w
+    if w.dtype == torch.float32:
+        return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return w.contiguous()
+
+
 @dataclass
 class Step:
     """What every layer of one forward step shares."""
@@ -95,6 +107,14 @@ class Indexer:
         return index.masked_fill(~step.visible, float("-inf"))
 
 
+def absorbed_compositions(cfg: ModelConfig, *, q_in: int, o_out: int) -> tuple[bool, bool]:
+    """Whether absorbed decode should read ``q_b_proj``'s nope rows pre-multiplied by ``W_UK`` (and ``o_proj``
+    pre-multiplied by ``W_UV``) instead of the two factors: only where the product is the smaller matrix, since
+    decode reads every weight once per step. Per head, so the same answer on every TP rank."""
+    nope, v, c = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    return c * q_in < nope * q_in + nope * c, o_out * c < o_out * v + v * c
+
+
 class MLA:
     """Multi-head latent attention over this rank's heads. The cache holds the normalised latent and the rotated
     shared rope key; the expanded path re-projects keys/values from it (prefill), the absorbed path folds
@@ -105,10 +125,25 @@ class MLA:
         self.heads = cfg.num_attention_heads // tp
         self.fused_a = w.has("fused_a.weight")
         self.indexer = Indexer(cfg, w.sub("indexer.")) if cfg.has_indexer else None
-        nope, v, c = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        kv_b = w("kv_b_proj.weight").view(self.heads, nope + v, c)
+        nope, v, c, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        kv_b = w("kv_b_proj.weight").reshape(self.heads, nope + v, c)
         # Contiguous copies, made once: einsum would otherwise copy these strided views on every decode step.
         self.w_uk, self.w_uv = kv_b[:, :nope].contiguous(), kv_b[:, nope:].contiguous()  # [h, nope, c], [h, v, c]
+        self.q_latent = self.o_latent = None
+        if absorb:
+            # Decode reads every weight once per step, so where multiplying the absorbed factors out ahead of time
+            # gives a smaller matrix than the two factors together (the tiny model: nope = v = kv_lora), the
+            # composed matrix is what decode reads. DeepSeek-V3.2's shapes (kv_lora 512 > nope 128) keep the factors.
+            q_b = w("q_b_proj.weight")
+            q_in, o_out = q_b.shape[1], w("o_proj.weight").shape[0]
+            compose_q, compose_o = absorbed_compositions(cfg, q_in=q_in, o_out=o_out)
+            if compose_q:
+                q_b = q_b.reshape(self.heads, nope + r, q_in)
+                q_lat = torch.einsum("hdc,hdi->hci", self.w_uk, q_b[:, :nope])  # [h, c, q_in]
+                self.q_latent = gemm_layout(torch.cat([q_lat, q_b[:, nope:]], dim=1).reshape(self.heads * (c + r), q_in))
+            if compose_o:
+                o = w("o_proj.weight").reshape(o_out, self.heads, v)
+                self.o_latent = gemm_layout(torch.einsum("ohv,hvc->ohc", o, self.w_uv).reshape(o_out, self.heads * c))
 
     def project_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.fused_a:
@@ -123,9 +158,16 @@ class MLA:
         nope, r, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         q_a, kv_a, idx_k = self.project_a(x)
         q_resid = rms_norm(q_a, self.w("q_a_layernorm.weight"), cfg.rms_norm_eps)
-        q = linear(q_resid, self.w("q_b_proj.weight")).view(B, S, self.heads, cfg.qk_head_dim)
-        q_nope = q[..., :nope]
-        q_pe = rotate_interleaved(q[..., nope:], step.cos_h, step.sin_h)
+        absorbed = self.absorb and step.decode
+        if absorbed and self.q_latent is not None:
+            q = linear(q_resid, self.q_latent).view(B, S, self.heads, c + r)
+            q_lat, q_pe = q[..., :c], q[..., c:]
+        else:
+            q = linear(q_resid, self.w("q_b_proj.weight")).view(B, S, self.heads, cfg.qk_head_dim)
+            q_nope, q_pe = q[..., :nope], q[..., nope:]
+            if absorbed:
+                q_lat = torch.einsum("bshd,hdc->bshc", q_nope, self.w_uk)
+        q_pe = rotate_interleaved(q_pe, step.cos_h, step.sin_h)
         latent = rms_norm(kv_a[..., :c], self.w("kv_a_layernorm.weight"), cfg.rms_norm_eps)
         k_pe = rotate_interleaved(kv_a[..., c:], step.cos, step.sin)
         kv = kv_cache.write(cache.latent, torch.cat([latent, k_pe], dim=-1), step.pos)  # [B, T, c + r]
@@ -136,11 +178,13 @@ class MLA:
             if selected is not None:
                 allowed = allowed & selected
         c_kv, k_rope = kv[..., :c], kv[..., c:]
-        if self.absorb and step.decode:
-            q_lat = torch.einsum("bshd,hdc->bshc", q_nope, self.w_uk)
+        if absorbed:
             scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_rope)
             probs = self._softmax(scores, allowed)
-            out = torch.einsum("bshc,hvc->bshv", torch.einsum("bsht,btc->bshc", probs, c_kv), self.w_uv)
+            context = torch.einsum("bsht,btc->bshc", probs, c_kv)
+            if self.o_latent is not None:
+                return linear(context.reshape(B, S, -1), self.o_latent)
+            out = torch.einsum("bshc,hvc->bshv", context, self.w_uv)
         else:
             kv_up = linear(c_kv, self.w("kv_b_proj.weight")).view(B, -1, self.heads, nope + cfg.v_head_dim)
             k_nope, value = kv_up[..., :nope], kv_up[..., nope:]
@@ -201,25 +245,34 @@ class MoE:
         self.stacked = w.has("experts.down_proj.weight")
         e = w.sub("experts.")
         if self.stacked:
-            # Kept transposed ([E, in, out], contiguous, made once at load) so that both the batched GEMM and the
-            # per-expert GEMMs run without a per-call copy of the weights.
+            # [E, out, in] in the GEMM layout, made once at load, so that both the batched GEMM and the per-expert
+            # GEMMs run without a per-call copy of the weights.
             gate_up = e("gate_up_proj.weight") if e.has("gate_up_proj.weight") else \
                 torch.cat([e("gate_proj.weight"), e("up_proj.weight")], dim=1)
-            self.gate_up_t = gate_up.transpose(1, 2).contiguous()
-            self.down_t = e("down_proj.weight").transpose(1, 2).contiguous()
-            for name in ("gate_up_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight"):
-                w.t.pop(w.prefix + "experts." + name, None)  # the transposed copies replace them
-            w.t[w.prefix + "experts.gate_up_t"], w.t[w.prefix + "experts.down_t"] = self.gate_up_t, self.down_t
+            self.gate_up, self.down = gemm_layout(gate_up), gemm_layout(e("down_proj.weight"))
+            for name in ("gate_proj.weight", "up_proj.weight"):
+                w.t.pop(w.prefix + "experts." + name, None)  # gate_up replaces them
+            w.t[w.prefix + "experts.gate_up_proj.weight"], w.t[w.prefix + "experts.down_proj.weight"] = \
+                self.gate_up, self.down
         self.local = torch.full((cfg.n_routed_experts,), -1, dtype=torch.long)
         self.local[torch.tensor(experts, dtype=torch.long)] = torch.arange(len(experts))
 
     def _expert(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.stacked:
-            gate, up = torch.matmul(x, self.gate_up_t[i]).chunk(2, dim=-1)
-            return torch.matmul(F.silu(gate) * up, self.down_t[i])
+            gate, up = linear(x, self.gate_up[i]).chunk(2, dim=-1)
+            return linear(F.silu(gate) * up, self.down[i])
         return MLP(self.w.sub(f"experts.{self.experts[i]}."))(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.routed(x)
+        shared = self.shared_output(x)
+        return out if shared is None else out + shared
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.shared(x) if self.shared is not None else None
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's routed experts' part of the output for every row of ``x``."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, weights = route(self.cfg, x, self.w)
@@ -228,34 +281,30 @@ class MoE:
         token, slot = torch.nonzero(local >= 0, as_tuple=True)
         if token.numel():
             which = local[token, slot]
-            wts = weights[token, slot].to(x.dtype)
+            order = torch.argsort(which, stable=True)  # assignments grouped by expert, tokens in order within
+            token, which, wts = token[order], which[order], weights[token, slot][order].to(x.dtype)
             counts = torch.bincount(which, minlength=len(self.experts))
             if self.stacked and bool((counts > 0).all()):
                 # Every local expert has tokens: one batched GEMM reads each expert's weights once. With some
                 # experts idle, the per-expert loop below reads only the experts in use (decode is bound by
                 # weight reads), as a grouped GEMM skips empty groups.
-                out = self._grouped(x, token, which, wts, counts, out)
+                y = self._grouped(x, which, token, counts)
             else:
-                for i in counts.nonzero().flatten().tolist():
-                    sel = which == i
-                    out.index_add_(0, token[sel], self._expert(i, x[token[sel]]) * wts[sel, None])
-        if self.shared is not None:
-            s = self.shared(x)
-            if s is not None:
-                out = out + s
+                rows = x[token]
+                y = torch.cat([self._expert(i, part) for i, part in enumerate(rows.split(counts.tolist()))
+                               if part.shape[0]])
+            out.index_add_(0, token, y * wts[:, None])
         return out.view(shape)
 
-    def _grouped(self, x, token, which, wts, counts, out):
-        """One batched GEMM over the stacked experts: tokens grouped per expert, padded to the largest group."""
+    def _grouped(self, x, which, token, counts):
+        """One batched GEMM over the stacked experts (assignments sorted by expert), each group padded to the
+        largest; returns the assignments' expert outputs in their order."""
         E = len(self.experts)
-        order = torch.argsort(which, stable=True)
-        token, which, wts = token[order], which[order], wts[order]
         cap = int(counts.max())
         offsets = torch.cumsum(counts, 0) - counts
         col = torch.arange(which.numel(), device=x.device) - offsets[which]
         gathered = x.new_zeros(E, cap, x.shape[-1])
         gathered[which, col] = x[token]
-        gate, up = torch.bmm(gathered, self.gate_up_t).chunk(2, dim=-1)
-        y = torch.bmm(F.silu(gate) * up, self.down_t)  # [E, cap, H]
-        out.index_add_(0, token, y[which, col] * wts[:, None])
-        return out
+        gate, up = torch.bmm(gathered, self.gate_up.transpose(1, 2)).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down.transpose(1, 2))  # [E, cap, H]
+        return y[which, col]

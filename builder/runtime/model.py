@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from builder.errors import CheckpointError
 from builder.runtime.bundle import EngineBundle
 from builder.runtime.distributed import Comm
 from builder.runtime.kv_cache import KVCache, StepPositions
-from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, rms_norm
+from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, gemm_layout, rms_norm
 from builder.runtime.rope import RopeTable
 from builder.shard.rules import mlp_tp
 
@@ -19,9 +18,10 @@ class StageModel:
     def __init__(self, bundle: EngineBundle, comm: Comm, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype,
                  absorb_mla: bool | None = None):
         cfg, layout = bundle.cfg, bundle.layout
-        if layout.attention_dp:
-            raise CheckpointError("the reference engine runs attention-TP layouts only; this bundle uses attention-DP")
         self.cfg, self.comm, self.dtype = cfg, comm, dtype
+        # Attention-DP: attention, dense MLPs, shared experts, embedding and head are whole on every rank, each TP
+        # rank runs its own share of the batch through them, and only MoE layers work across the TP group.
+        self.attention_dp = layout.attention_dp and layout.tp > 1
         self.rope = RopeTable.from_config(cfg)
         info = bundle.ranks[comm.rank]
         self.layers = list(bundle.stage_layers[comm.pp_rank])  # decoder layers; MTP layers are not run here
@@ -29,24 +29,36 @@ class StageModel:
         w = Weights(tensors)
         self.w = w
         self.attn, self.mlp = {}, {}
-        self._absorb, self._tp, self._experts = absorb, layout.tp, info.experts
-        self._dense_active = comm.tp_rank < mlp_tp(cfg.intermediate_size, layout)
-        self._shared_active = comm.tp_rank < mlp_tp(cfg.moe_intermediate_size * cfg.n_shared_experts, layout)
+        self._absorb, self._experts = absorb, info.experts
+        self._attention_tp = 1 if layout.attention_dp else layout.tp
+        self._dense_active = layout.attention_dp or comm.tp_rank < mlp_tp(cfg.intermediate_size, layout)
+        self._shared_active = layout.attention_dp or \
+            comm.tp_rank < mlp_tp(cfg.moe_intermediate_size * cfg.n_shared_experts, layout)
+        for name, t in tensors.items():
+            if t.ndim == 2 and "embed_tokens" not in name:  # embeddings are gathered by row, not multiplied
+                tensors[name] = gemm_layout(t)
         for i in self.layers:
             self.add_layer(i)
-        self.vocab_per_rank = cfg.vocab_size // layout.tp
+        self.vocab_per_rank = cfg.vocab_size // self._attention_tp
 
     def add_layer(self, i: int) -> None:
         """Attention and MLP of decoder layer ``i`` (an MTP module's layer ``num_hidden_layers + k`` too)."""
         lw = self.w.sub(f"model.layers.{i}.")
-        self.attn[i] = MLA(self.cfg, lw.sub("self_attn."), tp=self._tp, rope=self.rope, absorb=self._absorb)
+        self.attn[i] = MLA(self.cfg, lw.sub("self_attn."), tp=self._attention_tp, rope=self.rope, absorb=self._absorb)
         self.mlp[i] = (MoE(self.cfg, lw.sub("mlp."), experts=self._experts, shared_active=self._shared_active)
                        if self.cfg.is_moe_layer(i) else MLP(lw.sub("mlp."), active=self._dense_active))
 
+    def rows_per_rank(self, batch: int) -> int:
+        """Rows of a ``batch`` each rank runs through its decoder layers (attention-DP: its share, padded)."""
+        return -(-batch // self.comm.tp) if self.attention_dp else batch
+
     def new_cache(self, *, batch: int, capacity: int) -> KVCache:
-        return KVCache(self.cfg, self.layers, batch=batch, capacity=capacity, dtype=self.dtype, device=self.comm.device)
+        return KVCache(self.cfg, self.layers, batch=self.rows_per_rank(batch), capacity=capacity, dtype=self.dtype,
+                       device=self.comm.device)
 
     def embed(self, tokens: torch.Tensor, weight: str = "model.embed_tokens.weight") -> torch.Tensor:
+        if self._attention_tp == 1:
+            return self.w(weight)[tokens]
         lo = self.comm.tp_rank * self.vocab_per_rank
         local = tokens - lo
         inside = (local >= 0) & (local < self.vocab_per_rank)
@@ -60,18 +72,35 @@ class StageModel:
 
     def layers_forward(self, h: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
         for i in self.layers:
-            h = self.layer_forward(i, h, cache, step)
+            h = self.layer_forward(i, h, cache, step, rows_split=self.attention_dp)
         return h
 
-    def layer_forward(self, i: int, h: torch.Tensor, cache: KVCache, step: Step) -> torch.Tensor:
+    def layer_forward(self, i: int, h: torch.Tensor, cache: KVCache, step: Step, *,
+                      rows_split: bool = False) -> torch.Tensor:
+        """One decoder layer. ``rows_split`` (attention-DP): ``h`` holds this rank's rows of the batch and MoE
+        layers gather every rank's rows; without it, every rank of an attention-DP group holds all the rows (the
+        MTP module) and the replicated parts simply run on all of them."""
         eps = self.cfg.rms_norm_eps
         lw = self.w.sub(f"model.layers.{i}.")
-        h = h + self.comm.all_reduce_tp(self.attn[i](rms_norm(h, lw("input_layernorm.weight"), eps), cache[i], step))
+        attn = self.attn[i](rms_norm(h, lw("input_layernorm.weight"), eps), cache[i], step)
+        h = h + (attn if self._attention_tp == 1 else self.comm.all_reduce_tp(attn))
         x = rms_norm(h, lw("post_attention_layernorm.weight"), eps)
-        y = self.mlp[i](x)
-        return h + self.comm.all_reduce_tp(y if y is not None else torch.zeros_like(x))
+        mlp = self.mlp[i]
+        if not self.attention_dp:
+            y = mlp(x)
+            return h + self.comm.all_reduce_tp(y if y is not None else torch.zeros_like(x))
+        if not isinstance(mlp, MoE):
+            return h + mlp(x)
+        everyone = self.comm.all_gather_tp(x, dim=0) if rows_split else x
+        routed = self.comm.all_reduce_tp(mlp.routed(everyone))
+        if rows_split:
+            routed = routed.chunk(self.comm.tp, dim=0)[self.comm.tp_rank]
+        shared = mlp.shared_output(x)
+        return h + (routed if shared is None else routed + shared)
 
     def logits(self, h: torch.Tensor, *, norm: str = "model.norm.weight", head: str = "lm_head.weight") -> torch.Tensor:
-        """Full-vocabulary logits of final hidden states (last stage; local slice then TP all-gather)."""
+        """Full-vocabulary logits of final hidden states (last stage; local slice then TP all-gather, or the
+        whole head on every rank under attention-DP)."""
         h = rms_norm(h, self.w(norm), self.cfg.rms_norm_eps)
-        return self.comm.all_gather_tp(torch.nn.functional.linear(h, self.w(head)), dim=-1)
+        logits = torch.nn.functional.linear(h, self.w(head))
+        return logits if self._attention_tp == 1 else self.comm.all_gather_tp(logits, dim=-1)

@@ -65,6 +65,7 @@ class EngineService:
         self._logs: list[Path] = []
         self._store = None
         self._closed = False
+        self._broken: str | None = None  # why the ranks can no longer run collectives together
         self._log_dir = None
         self._lock = threading.Lock()  # one collective at a time (a Triton model may call from several threads)
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // self.world)
@@ -140,23 +141,47 @@ class EngineService:
                  speculative: dict | None = None) -> list[GenerationResult]:
         """``speculative``: None for plain decoding, or ``builder.runtime.speculative.SpeculativeOptions`` fields
         (``mode`` mtp|draft, ``draft_len``, ``draft_engine`` for a draft model's bundle)."""
-        self._check_open()
         if not requests:
+            self._check_open()
             return []
-        with self._lock:
-            return self._driver.generate(list(requests), on_token=on_token, speculative=speculative)
+        return self._collective(lambda: self._driver.generate(list(requests), on_token=on_token,
+                                                              speculative=speculative))
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Float32 logits at every position of each prompt (``[len, vocab]``), for verification."""
-        self._check_open()
-        with self._lock:
-            return self._driver.prompt_logits([list(p) for p in prompts])
+        return self._collective(lambda: self._driver.prompt_logits([list(p) for p in prompts]))
 
     def rank_stats(self) -> list[dict[str, int]]:
         """Per rank: peak/current RSS, loaded weight bytes and rank-file tensor bytes."""
+        return self._collective(self._driver.rank_stats)
+
+    def _collective(self, call):
+        """Run one command on every rank. A rank that dies mid-command breaks every later collective too, so the
+        first failure is turned into one error naming the rank and its last log lines, and every later call gets
+        the same error at once instead of a gloo message about a closed socket."""
         self._check_open()
         with self._lock:
-            return self._driver.rank_stats()
+            if self._broken:
+                raise ServeError(self._broken)
+            try:
+                return call()
+            except RuntimeError as exc:
+                if self.world == 1:
+                    raise
+                self._broken = self._failure(exc)
+                raise ServeError(self._broken) from exc
+
+    def _failure(self, exc: Exception) -> str:
+        deadline = time.monotonic() + 2.0  # the peer's socket closes a moment before its exit status is visible
+        while time.monotonic() < deadline and all(p.poll() is None for p in self._procs):
+            time.sleep(0.05)
+        dead = [(rank, p.returncode) for rank, p in enumerate(self._procs, start=1) if p.poll() is not None]
+        if dead:
+            rank, code = dead[0]
+            what = f"engine rank {rank} exited with code {code} during a request ({self._log_tail(rank)})"
+        else:
+            what = f"a collective between the engine's ranks failed ({str(exc).splitlines()[0][:200]})"
+        return f"{what}; this service cannot continue: close it and start a new one"
 
     def tokenizer(self):
         return self.bundle.tokenizer()
@@ -173,7 +198,7 @@ class EngineService:
             # A request still running in another thread finishes first; a stuck one is cut off by the kill below.
             idle = self._lock.acquire(timeout=timeout)
             try:
-                if idle and all(p.poll() is None for p in self._procs):
+                if idle and not self._broken and all(p.poll() is None for p in self._procs):
                     self._driver.stop()
             finally:
                 if idle:

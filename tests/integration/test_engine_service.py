@@ -1,4 +1,5 @@
-"""EngineService life cycle: clean close, workers that die with a killed host, start-up failures named."""
+"""EngineService life cycle: clean close, a worker killed mid-request named, workers that die with a killed host,
+start-up failures named."""
 
 from __future__ import annotations
 
@@ -42,6 +43,37 @@ def test_close_stops_every_worker_and_refuses_later_requests(bundle_tp2):
     procs = list(svc._procs)
     svc.close()
     assert all(p.returncode == 0 for p in procs)  # stopped by the broadcast, not killed
+    with pytest.raises(ServeError, match="closed"):
+        svc.generate([GenerationRequest(prompt_ids=[5, 6])])
+
+
+def test_a_worker_killed_mid_request_is_named_and_later_calls_fail_at_once(bundle_tp2):
+    import threading
+
+    from builder.errors import ServeError
+    from builder.runtime.service import EngineService, GenerationRequest
+
+    svc = EngineService(bundle_tp2, threads_per_rank=1)
+    worker = svc._procs[0]
+    started = threading.Event()
+
+    def first_token(b, t):
+        started.set()
+
+    def kill_when_decoding():
+        started.wait(60)
+        worker.send_signal(signal.SIGKILL)
+
+    threading.Thread(target=kill_when_decoding, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(ServeError, match=r"engine rank 1 exited with code -9 during a request.*start a new one"):
+        svc.generate([GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=400)], on_token=first_token)
+    assert time.monotonic() - t0 < 30
+    t0 = time.monotonic()
+    with pytest.raises(ServeError, match="engine rank 1 exited"):
+        svc.generate([GenerationRequest(prompt_ids=[5, 6], max_tokens=2)])
+    assert time.monotonic() - t0 < 1
+    svc.close()
     with pytest.raises(ServeError, match="closed"):
         svc.generate([GenerationRequest(prompt_ids=[5, 6])])
 

@@ -12,8 +12,8 @@ from tests.support.engines import (GEN_TOKENS, REL_TOL, build_bundle, fixed_prom
                                    run_torchrun)
 
 ALL_LAYOUTS = [(tp, pp, ep) for tp in (1, 2, 4, 8) for pp in (1, 2) for ep in (1, 2, 4) if ep <= tp]
-# Unmarked: TP1 in-process, TP2/PP2/EP2 here, TP2/PP2 as two nodes, TP2/EP2 through EngineService, TP4/EP2 with
-# the gcd rule; every layout under `slow`.
+# Unmarked: TP1 in-process, TP2/PP2/EP2 here (and with attention-DP), TP2/PP2 as two nodes, TP2/EP2 through
+# EngineService, TP4/EP2 with the gcd rule; every layout (with and without attention-DP) under `slow`.
 FAST_LAYOUTS = [(2, 2, 2)]
 
 
@@ -31,8 +31,9 @@ def reference(tiny_float_dir, prompts):
 def bundles(tiny_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
 
-    def get(tp: int, pp: int, ep: int, fusion=None, tag: str = "fused"):
-        return build_bundle(tiny_ckpt, root / f"tp{tp}pp{pp}ep{ep}-{tag}", tp=tp, pp=pp, ep=ep, fusion=fusion)
+    def get(tp: int, pp: int, ep: int, fusion=None, tag: str = "fused", attention_dp: bool = False):
+        name = f"tp{tp}pp{pp}ep{ep}{'adp' if attention_dp else ''}-{tag}"
+        return build_bundle(tiny_ckpt, root / name, tp=tp, pp=pp, ep=ep, fusion=fusion, attention_dp=attention_dp)
     return get
 
 
@@ -80,6 +81,21 @@ def test_two_nodes_on_one_host_with_c10d_rendezvous(bundles, prompts, reference,
 def test_every_tiny_layout_matches_transformers(layout, bundles, prompts, reference, tmp_path):
     tp, pp, ep = layout
     result, logits = run_torchrun(bundles(tp, pp, ep), task(prompts), tmp_path, nproc=tp * pp)
+    check_against_reference(result, logits, reference)
+
+
+def test_attention_dp_layout_matches_transformers(bundles, prompts, reference, tmp_path):
+    """Attention-DP, TP2/PP2/EP2: each TP rank runs its share of the 3 prompts (one rank gets a padding row)
+    through attention, MoE layers gather all rows; same logits and greedy tokens as transformers."""
+    result, logits = run_torchrun(bundles(2, 2, 2, attention_dp=True), task(prompts), tmp_path, nproc=4)
+    check_against_reference(result, logits, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [l for l in ALL_LAYOUTS if l[0] > 1], ids=lambda l: "tp{}pp{}ep{}adp".format(*l))
+def test_every_attention_dp_layout_matches_transformers(layout, bundles, prompts, reference, tmp_path):
+    tp, pp, ep = layout
+    result, logits = run_torchrun(bundles(tp, pp, ep, attention_dp=True), task(prompts), tmp_path, nproc=tp * pp)
     check_against_reference(result, logits, reference)
 
 

@@ -34,10 +34,11 @@ def bundles(ckpts, tmp_path_factory):
     target, draft = ckpts
     made = {"draft": build_bundle(draft, root / "draft", tp=1, pp=1, ep=1)}
 
-    def get(tp: int, pp: int, ep: int = 1):
-        key = (tp, pp, ep)
+    def get(tp: int, pp: int, ep: int = 1, attention_dp: bool = False):
+        key = (tp, pp, ep, attention_dp)
         if key not in made:
-            made[key] = build_bundle(target, root / f"tp{tp}pp{pp}ep{ep}", tp=tp, pp=pp, ep=ep)
+            made[key] = build_bundle(target, root / f"tp{tp}pp{pp}ep{ep}{'adp' if attention_dp else ''}", tp=tp,
+                                     pp=pp, ep=ep, attention_dp=attention_dp)
         return made[key]
     get.draft = made["draft"]
     return get
@@ -99,6 +100,18 @@ def test_greedy_speculative_equals_plain_greedy_tp2_pp2(bundles, mode, n):
         plain = svc.generate(reqs)
         spec = svc.generate(reqs, speculative=_spec(mode, n, bundles))
     _check_equal_and_exercised(plain, spec, n)
+
+
+def test_attention_dp_plain_and_mtp_greedy_equal_tp1(engine, bundles):
+    """Attention-DP TP2/EP2 through EngineService: plain greedy equals the one-rank engine's, and MTP (whose module
+    runs every row on every rank of the group) drafts, gets partly accepted, and changes nothing."""
+    reqs = _requests(3)
+    plain = engine.generate(reqs)
+    with EngineService(bundles(2, 1, 2, attention_dp=True), threads_per_rank=1) as svc:
+        adp = svc.generate(reqs)
+        spec = svc.generate(reqs, speculative=_spec("mtp", 2, bundles))
+    assert [r.token_ids for r in adp] == [r.token_ids for r in plain]
+    _check_equal_and_exercised(plain, spec, 2)
 
 
 @pytest.mark.slow

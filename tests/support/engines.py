@@ -24,14 +24,14 @@ def fixed_prompts(vocab: int = 1024, lengths=PROMPT_LENGTHS, seed: int = 1) -> l
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def build_bundle(ckpt: Path, out: Path, *, tp: int, pp: int, ep: int, fusion=None) -> Path:
+def build_bundle(ckpt: Path, out: Path, *, tp: int, pp: int, ep: int, fusion=None, attention_dp: bool = False) -> Path:
     from builder.shard.fusion import FusionOptions
     from builder.shard.rules import Layout
     from builder.stages.build import write_engine_bundle
 
     if not (out / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        write_engine_bundle(ckpt, out, layout=Layout(tp, pp, ep), fusion=fusion or FusionOptions())
+        write_engine_bundle(ckpt, out, layout=Layout(tp, pp, ep, attention_dp), fusion=fusion or FusionOptions())
     return out
 
 

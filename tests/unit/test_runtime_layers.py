@@ -122,3 +122,39 @@ def test_bad_requests_are_refused_with_one_sentence(req, message):
 
     with pytest.raises(RequestError, match=message):
         validate_request(req, tiny_config())
+
+
+def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_model):
+    """Decode with the absorbed factors pre-multiplied (what the tiny model reads) gives the factored absorbed
+    attention's output; DeepSeek-V3.2's shapes (kv_lora 512 > nope 128) keep the factors."""
+    from builder.model.config import preset
+    from builder.model.tiny import tiny_config
+    from builder.runtime.kv_cache import KVCache, StepPositions
+    from builder.runtime.layers import MLA, Step, absorbed_compositions
+    from builder.runtime.rope import RopeTable
+
+    cfg = tiny_config()
+    rope = RopeTable.from_config(cfg)
+    w = _weights(hf_model).sub("model.layers.1.self_attn.")
+    composed = MLA(cfg, w, tp=1, rope=rope, absorb=True)
+    factored = MLA(cfg, w, tp=1, rope=rope, absorb=True)
+    factored.q_latent = factored.o_latent = None
+    assert composed.q_latent is not None and composed.o_latent is not None
+    B, S = 2, 12  # more keys than index_topk (8): the indexer selects
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, S + 1, cfg.hidden_size, generator=g)
+    outs = []
+    for mla in (composed, factored):
+        cache = KVCache(cfg, [1], batch=B, capacity=S + 1, dtype=torch.float32)
+        for start, width in ((0, S), (S, 1)):  # prefill, then one decode step
+            pos = StepPositions(torch.full((B,), start, dtype=torch.long), width)
+            cos, sin = rope.cos_sin(pos.positions, torch.float32)
+            step = Step(pos, cos, sin, pos.visible(), decode=width == 1)
+            with torch.no_grad():
+                y = mla(x[:, start:start + width], cache[1], step)
+        outs.append(y)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+    big = preset("deepseek-v3.2")  # [h x 512] x 1536 composed vs [h x 128] x 1536 + [h x 128] x 512 factors
+    assert absorbed_compositions(big, q_in=big.q_lora_rank, o_out=big.hidden_size) == (False, False)
+    assert absorbed_compositions(cfg, q_in=cfg.q_lora_rank, o_out=cfg.hidden_size) == (True, True)
