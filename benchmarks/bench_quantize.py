@@ -30,15 +30,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# Peak RSS is the child's VmHWM: getrusage's ru_maxrss survives fork+exec on Linux, so it would report this (parent)
+# process's RSS, which holds the generated checkpoint's last pieces, whenever that is the larger.
 CHILD = r"""
-import json, resource, sys, time
+import json, re, resource, sys, time
 from pathlib import Path
 from quantize.modes import QuantJob, run_bf16, run_fp8
 src, out, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 t = time.perf_counter()
 {"fp8": run_fp8, "bf16": run_bf16}[mode](QuantJob(src=src, out=out, mode=mode, log=lambda m: None))
-print(json.dumps({"wall_s": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+wall = time.perf_counter() - t
+try:
+    peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+except (OSError, AttributeError):
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"wall_s": wall, "peak_rss_mb": peak_kb / 1024}))
 """
 
 

@@ -126,20 +126,51 @@ def verify_block_fp8(reader: TensorReader, *, on_bytes: Callable[[int], None] | 
             raise QuantizationError(f"{scale!r} is {reader.dtype(scale).value} {list(reader.shape(scale))}, "
                                     f"but a {rows}x{cols} weight needs F32 {list(want)}")
 
-    def tasks() -> Iterator[Callable[[], tuple[str | None, int]]]:
-        for name in weights:
-            yield lambda name=name: (_bad_scale(reader, name), 0)
-            total = reader.layout.tensor(name).nbytes
-            for start in range(0, total, VERIFY_PIECE):
-                n = min(VERIFY_PIECE, total - start)
-                reader.will_need(name, start, n)
-                yield lambda name=name, start=start, n=n: (_nan_code(reader, name, start, n), n)
-    for problem, n in ahead(tasks()):
+    for problem, n in ahead(_verify_tasks(reader, weights)):
         if problem:
             raise QuantizationError(problem)
         if on_bytes and n:
             on_bytes(n)
     return {"fp8_weights_checked": len(weights)}
+
+
+def _verify_tasks(reader: TensorReader, weights: list[str]) -> Iterator[Callable[[], tuple[str | None, int]]]:
+    """One task per ``VERIFY_PIECE`` of file: consecutive weights of a shard are read together in one ``pread``
+    (what lies between them, their scales, is a small part of it), a larger weight in pieces of its own."""
+    group: list[tuple[str, int, int]] = []  # (name, offset, length) of weights read together
+
+    def flush() -> Iterator[Callable[[], tuple[str | None, int]]]:
+        if group:
+            members = list(group)
+            shard, start = reader.layout.index.weight_map[members[0][0]], members[0][1]
+            length = members[-1][1] + members[-1][2] - start
+            reader.will_need_range(shard, start, length)
+            yield lambda: _check_group(reader, shard, start, length, members)
+            group.clear()
+    for name in weights:
+        shard, offset, length = reader.location(name)
+        if group and (reader.layout.index.weight_map[group[0][0]] != shard
+                      or offset + length - group[0][1] > VERIFY_PIECE):
+            yield from flush()
+        if length <= VERIFY_PIECE:
+            group.append((name, offset, length))
+            continue
+        for start in range(0, length, VERIFY_PIECE):
+            n = min(VERIFY_PIECE, length - start)
+            reader.will_need_range(shard, offset + start, n)
+            yield lambda name=name, start=start, n=n: (
+                (start == 0 and _bad_scale(reader, name)) or _nan_code(reader.read_bytes(name, start, n), name), n)
+    yield from flush()
+
+
+def _check_group(reader: TensorReader, shard: str, start: int, length: int,
+                 members: list[tuple[str, int, int]]) -> tuple[str | None, int]:
+    data = reader.read_range(shard, start, length, what=members[0][0])
+    for name, offset, n in members:
+        problem = _bad_scale(reader, name) or _nan_code(data[offset - start: offset - start + n], name)
+        if problem:
+            return problem, 0
+    return None, sum(n for _, _, n in members)
 
 
 def _bad_scale(reader: TensorReader, name: str) -> str | None:
@@ -150,10 +181,10 @@ def _bad_scale(reader: TensorReader, name: str) -> str | None:
     return None
 
 
-def _nan_code(reader: TensorReader, name: str, start: int, length: int) -> str | None:
-    codes = reader.read_bytes(name, start, length).numpy()
-    low7 = np.empty(min(length, 1 << 20), dtype=np.uint8)  # cache-sized scratch; numpy releases the GIL here
-    for i in range(0, length, low7.size):
+def _nan_code(codes: torch.Tensor, name: str) -> str | None:
+    codes = codes.numpy()
+    low7 = np.empty(min(codes.size, 1 << 20), dtype=np.uint8)  # cache-sized scratch; numpy releases the GIL here
+    for i in range(0, codes.size, low7.size):
         part = codes[i:i + low7.size]
         np.bitwise_and(part, 0x7F, out=low7[:part.size])
         if low7[:part.size].max() == 0x7F:

@@ -106,7 +106,8 @@ class TensorReader:
                 self._fds[shard] = fd
             return self._fds[shard]
 
-    def _span(self, name: str, start: int, length: int | None) -> tuple[str, int, int]:
+    def location(self, name: str, start: int = 0, length: int | None = None) -> tuple[str, int, int]:
+        """``(shard, file offset, length)`` of a tensor's bytes (or of ``length`` of them from ``start``)."""
         shard = self.layout.index.weight_map[name]
         th = self.layout.headers[shard].tensors[name]
         base = 8 + self.layout.headers[shard].header_len + th.begin
@@ -114,19 +115,23 @@ class TensorReader:
 
     def will_need(self, name: str, start: int = 0, length: int | None = None) -> None:
         """Start reading these bytes into the page cache now (the piece that reads them runs a few pieces later)."""
-        shard, offset, length = self._span(name, start, length)
+        self.will_need_range(*self.location(name, start, length))
+
+    def will_need_range(self, shard: str, offset: int, length: int) -> None:
         if hasattr(os, "posix_fadvise") and length > 0:
             os.posix_fadvise(self._fd(shard), offset, length, os.POSIX_FADV_WILLNEED)
 
     def read_bytes(self, name: str, start: int = 0, length: int | None = None) -> torch.Tensor:
-        shard, offset, length = self._span(name, start, length)
+        return self.read_range(*self.location(name, start, length), what=name)
+
+    def read_range(self, shard: str, offset: int, length: int, *, what: str = "") -> torch.Tensor:
         buf = torch.empty(length, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         fd, done = self._fd(shard), 0
         while done < length:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
-                raise CheckpointError(f"{self.layout.root / shard} ended while reading {name!r}")
+                raise CheckpointError(f"{self.layout.root / shard} ended while reading {what or f'byte {offset}'!r}")
             done += n
         return buf
 

@@ -202,3 +202,31 @@ def test_fp8_verification_finds_a_nan_code_anywhere_in_a_multi_piece_weight(tmp_
         else:
             with pytest.raises(QuantizationError, match=f"block-FP8 weight '{name}' holds NaN values"):
                 verify_block_fp8(reader)
+
+
+@pytest.mark.parametrize("bad", ["nan in b", "scale of c", "both"])
+def test_fp8_verification_of_weights_read_together_names_the_first_bad_one(tmp_path, bad):
+    # Small weights of one shard are read and checked in one piece; the problem reported is still the first one in
+    # file order, with the right tensor's name.
+    from builder.errors import QuantizationError
+    from quantize.modes import verify_block_fp8
+    from quantize.stream import TensorReader
+
+    g = torch.Generator().manual_seed(7)
+    entries = []
+    for w in "abc":
+        codes = torch.randint(0, 0x7F, (256, 384), dtype=torch.uint8, generator=g)
+        scale = torch.full((2, 3), 2.0 ** -6)
+        if w == "b" and bad in ("nan in b", "both"):
+            codes[255, 383] = 0xFF
+        if w == "c" and bad in ("scale of c", "both"):
+            scale[1, 2] = float("inf")
+        name = f"model.layers.0.mlp.{w}.weight"
+        entries += [computed(name, Dtype.F8_E4M3, codes.shape, lambda c=codes: [c]),
+                    computed(name + "_scale_inv", Dtype.F32, scale.shape, lambda s=scale: [s])]
+    write_checkpoint(tmp_path, [entries])
+    want = ("block-FP8 weight 'model.layers.0.mlp.b.weight' holds NaN values" if bad != "scale of c" else
+            "'model.layers.0.mlp.c.weight_scale_inv' holds non-finite or non-positive scales")
+    with TensorReader(tmp_path) as reader, pytest.raises(QuantizationError) as err:
+        verify_block_fp8(reader)
+    assert str(err.value) == want
