@@ -43,21 +43,34 @@ def _weight(r: TensorReader, name: str, names: set[str], mode: str) -> torch.Ten
     t = r.read(name)
     if base is None:
         return t.to(torch.float32)
-    dt = r.dtype(name)
-    if dt is Dtype.F8_E4M3 and base + "weight_scale_inv" in names:
-        return fp8_block.dequantize(t, r.read(base + "weight_scale_inv"), dtype=torch.float32)
-    if dt is Dtype.I8 and base + "weight_scale_inv" in names:  # TensorRT-LLM W4A8: int4 along the input dim
-        return int4.dequantize(int4.unpack(t, along="in"), r.read(base + "weight_scale_inv"))
-    if dt is Dtype.F8_E4M3 and base + "weight_scale" in names:
-        return fp8_tensor.dequantize(t, r.read(base + "weight_scale"))
-    if dt is Dtype.U8 and base + "weight_scale_2" in names:
-        return nvfp4.dequantize(t, r.read(base + "weight_scale"), r.read(base + "weight_scale_2"))
-    if dt is Dtype.U8 and base + "weight_scale" in names:  # ModelOpt INT4 AWQ: int4 along the output dim
-        w = int4.dequantize(int4.unpack(t, along="out"), r.read(base + "weight_scale"))
-        if base + "pre_quant_scale" in names:
-            w = w * r.read(base + "pre_quant_scale").to(torch.float32)[None, :]
-        return w
-    return t.to(torch.float32)
+    return dequantize(t, {s: r.read(base + s) for s in WEIGHT_COMPANIONS if base + s in names})
+
+
+# What a stored weight ``X.weight`` may come with, as ``X.<suffix>``: the tensors its float value depends on.
+WEIGHT_COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_scale_2", "pre_quant_scale")
+
+
+def dequantize(weight: torch.Tensor, companions: dict[str, torch.Tensor], *,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One stored weight in ``dtype``, from its companions (suffix -> tensor, see ``WEIGHT_COMPANIONS``). The format
+    follows from the stored dtype and which companions exist, as in the checkpoints each format's writer makes."""
+    dt, c = weight.dtype, companions
+    if dt == torch.float8_e4m3fn and "weight_scale_inv" in c:
+        return fp8_block.dequantize(weight, c["weight_scale_inv"], dtype=dtype)
+    if dt == torch.int8 and "weight_scale_inv" in c:  # TensorRT-LLM W4A8: int4 along the input dim
+        return int4.dequantize(int4.unpack(weight, along="in"), c["weight_scale_inv"]).to(dtype)
+    if dt == torch.float8_e4m3fn and "weight_scale" in c:
+        return fp8_tensor.dequantize(weight, c["weight_scale"]).to(dtype)
+    if dt == torch.uint8 and "weight_scale_2" in c:
+        return nvfp4.dequantize(weight, c["weight_scale"], c["weight_scale_2"]).to(dtype)
+    if dt == torch.uint8 and "weight_scale" in c:  # ModelOpt INT4 AWQ: int4 along the output dim
+        w = int4.dequantize(int4.unpack(weight, along="out"), c["weight_scale"])
+        if "pre_quant_scale" in c:
+            w = w * c["pre_quant_scale"].to(torch.float32)[None, :]
+        return w.to(dtype)
+    if dt in (torch.float8_e4m3fn, torch.int8, torch.uint8):
+        raise ValueError(f"a {dt} weight without the scales its format needs (has: {sorted(c) or 'none'})")
+    return weight.to(dtype)
 
 
 def activation_scales(root: str | Path, *, mode: str | None = None) -> dict[str, float]:

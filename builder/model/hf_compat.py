@@ -1,6 +1,6 @@
 """Bridges to HF transformers' ``DeepseekV32ForCausalLM`` (the fp32 numerics oracle).
 
-A block-FP8 checkpoint is dequantized tensor by tensor into a plain float checkpoint directory, which transformers
+A quantized checkpoint (any format dsbuild writes) is dequantized tensor by tensor into a plain float checkpoint directory, which transformers
 then loads with its own weight conversion (per-expert names -> fused experts), so the oracle never depends on our
 understanding of its internal layout.
 """
@@ -14,32 +14,16 @@ from pathlib import Path
 import torch
 
 from builder.model.safetensors_io import INDEX_NAME, validate_checkpoint, write_index, write_safetensors
-from quantize import fp8_block
 
 
 def iter_dequantized(root: str | Path, *, dtype: torch.dtype = torch.float32):
-    """Yield ``(name, tensor)`` of a checkpoint with every FP8 weight dequantized and scale tensors dropped."""
-    from safetensors import safe_open
+    """Yield ``(name, tensor)`` of a checkpoint in any format dsbuild writes, every weight dequantized (scale
+    tensors consumed; AWQ's pre_quant_scale folded in)."""
+    from quantize.dequant import iter_float
 
-    layout = validate_checkpoint(root)
-    for shard in layout.index.shard_files:
-        with safe_open(str(layout.root / shard), framework="pt") as f:
-            names = set(f.keys())
-            for name in sorted(names):
-                if name.endswith(".weight_scale_inv"):
-                    continue
-                t = f.get_tensor(name)
-                scale_name = name[: -len("weight")] + "weight_scale_inv" if name.endswith(".weight") else None
-                if t.dtype == torch.float8_e4m3fn:
-                    scale_file = layout.index.weight_map.get(scale_name)
-                    if scale_file == shard:
-                        s = f.get_tensor(scale_name)
-                    else:
-                        with safe_open(str(layout.root / scale_file), framework="pt") as g:
-                            s = g.get_tensor(scale_name)
-                    yield name, fp8_block.dequantize(t, s, dtype=dtype)
-                else:
-                    yield name, t.to(dtype)
+    validate_checkpoint(root)
+    for name, t in iter_float(root):
+        yield name, t.to(dtype)
 
 
 def write_dequantized_checkpoint(src: str | Path, dst: str | Path, *, dtype: torch.dtype = torch.float32,

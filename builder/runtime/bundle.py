@@ -10,8 +10,9 @@ import torch
 from builder.errors import CheckpointError
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import read_header
-from builder.shard.fusion import SCALE, FusionOptions, unfuse_dequantize
+from builder.shard.fusion import COMPANIONS, FusionOptions, unfuse_dequantize
 from builder.shard.rules import Layout
+from quantize.dequant import WEIGHT_COMPANIONS
 
 ENGINE_CONFIG = "config.json"
 # Kept in fp32 whatever the compute dtype (as in DeepSeek's and transformers' code): the router and its bias, and
@@ -80,7 +81,8 @@ class EngineBundle:
 
     def load_rank(self, rank: int, *, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Every tensor of ``rank`` in ``dtype`` (block FP8 dequantized part by part; scales consumed)."""
+        """Every tensor of ``rank`` in ``dtype``: weights of every quantized format dsbuild writes dequantized part
+        by part (fused and stacked ones too), their scales consumed."""
         from safetensors import safe_open
 
         path = self.root / self.ranks[rank].file
@@ -89,20 +91,15 @@ class EngineBundle:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
             for name in sorted(names):
-                if name.endswith("." + SCALE):
-                    continue
+                if name.endswith(tuple("." + c for c in COMPANIONS)):
+                    continue  # consumed with their weight (activation input scales are not needed here)
                 t = f.get_tensor(name)
-                if t.dtype in (torch.int8, torch.uint8) or (t.dtype == torch.float8_e4m3fn and not (
-                        name.endswith(".weight") and name[: -len("weight")] + SCALE in names)):
-                    raise CheckpointError(
-                        f"{path.name}: {name} is {t.dtype} without a 128x128 block scale; the reference engine runs "
-                        "block-FP8 and BF16 bundles only (INT4/NVFP4/per-tensor FP8 run on TensorRT-LLM)")
-                scale_name = name[: -len("weight")] + SCALE if name.endswith(".weight") else None
-                if name.endswith(FP32_SUFFIXES):
-                    out[name] = t.to(torch.float32)
-                elif scale_name in names:
-                    out[name] = unfuse_dequantize(name, t, f.get_tensor(scale_name), self.cfg, dtype=dtype)
-                else:
-                    out[name] = t.to(dtype)
+                base = name[: -len("weight")] if name.endswith(".weight") else None
+                companions = {c: f.get_tensor(base + c) for c in WEIGHT_COMPANIONS if base and base + c in names}
+                try:
+                    out[name] = unfuse_dequantize(name, t, companions, self.cfg,
+                                                  dtype=torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
+                except ValueError as exc:
+                    raise CheckpointError(f"{path.name}: {name}: {exc}") from exc
         return {k: v.to(device) for k, v in out.items()}
 

@@ -9,9 +9,12 @@ file holds exactly the bytes ``builder.shard.rules.plan_ranks`` predicts; only n
 - ``stack_experts``: the rank's routed experts stacked into 3-D ``mlp.experts.{gate_up,gate,up,down}_proj``
   tensors (leading dim = the rank's experts in ascending order) for one batched GEMM.
 
-A block-FP8 scale grid is concatenated part by part: the 576-row ``kv_a_proj_with_mqa`` ends in a partial block,
-so the fused grid is not the grid of the fused weight; ``fused_parts`` says where each part's rows and scale rows
-begin, and ``unfuse_dequantize`` dequantizes part by part.
+Every format's companions fuse with their weight: row-aligned scale grids (block FP8, W4A8 and AWQ group scales,
+NVFP4 block scales) are concatenated, per-projection values (per-tensor FP8 and NVFP4 global scales, input scales,
+AWQ's per-input ``pre_quant_scale``) are stacked one per part, since a fused GEMM of such formats keeps each part's
+own scale. A block-FP8 scale grid is concatenated part by part: the 576-row ``kv_a_proj_with_mqa`` ends in a partial
+block, so the fused grid is not the grid of the fused weight; ``fused_parts`` says where each part's rows begin, and
+``unfuse_dequantize`` dequantizes part by part.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ import torch
 from builder.model.config import FP8_BLOCK, ModelConfig
 
 SCALE = "weight_scale_inv"
+# The tensors ``X.<suffix>`` that belong to a weight ``X.weight`` (its format's scales; input scales are TensorRT-LLM's
+# activation scales, carried along so they stay with their projection).
+COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_scale_2", "pre_quant_scale", "input_scale")
+_PER_PART = ("weight_scale_2", "pre_quant_scale", "input_scale")
+
+
+def _per_part(suffix: str, t: torch.Tensor, *, fused: bool) -> bool:
+    """Whether a companion (of one projection, or of a fused tensor) holds one entry per projection, stacked on
+    fusion, rather than a grid over the weight's rows, concatenated: the named per-projection kinds, and per-tensor
+    scalars (a 0-d ``weight_scale``, 1-d once stacked). Row grids are always 2-d."""
+    return suffix in _PER_PART or t.dim() == (1 if fused else 0)
 
 
 @dataclass(frozen=True)
@@ -57,11 +71,19 @@ def fused_a_parts(cfg: ModelConfig) -> list[tuple[str, int]]:
 
 
 def _cat(tensors: dict[str, torch.Tensor], names: list[str], out: str, *, stack: bool = False) -> None:
-    """Replace ``names`` (weights, and their scales when present) by one concatenated/stacked tensor ``out``."""
-    op = torch.stack if stack else torch.cat
-    tensors[out + ".weight"] = op([tensors.pop(n + ".weight") for n in names])
-    if all(n + "." + SCALE in tensors for n in names):
-        tensors[out + "." + SCALE] = op([tensors.pop(n + "." + SCALE) for n in names])
+    """Replace ``names`` (weights and their companions) by one concatenated (``stack``: stacked) tensor each."""
+    tensors[out + ".weight"] = (torch.stack if stack else torch.cat)([tensors.pop(n + ".weight") for n in names])
+    for suffix in COMPANIONS:
+        have = [n for n in names if f"{n}.{suffix}" in tensors]
+        if not have:
+            continue
+        if len(have) != len(names):
+            raise ValueError(f"cannot fuse {names} into {out}: only {have} have a {suffix}")
+        parts = [tensors.pop(f"{n}.{suffix}") for n in names]
+        per_part = _per_part(suffix, parts[0], fused=False)
+        if not stack and not per_part and parts[0].dim() != 2:
+            raise ValueError(f"cannot fuse {names} into {out}: their {suffix} is neither per-tensor nor a row grid")
+        tensors[f"{out}.{suffix}"] = torch.stack(parts) if stack or per_part else torch.cat(parts)
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -103,21 +125,41 @@ def fused_parts(name: str, cfg: ModelConfig, rows: int) -> list[int] | None:
     return None
 
 
-def unfuse_dequantize(name: str, weight: torch.Tensor, scale: torch.Tensor | None, cfg: ModelConfig, *,
+def unfuse_dequantize(name: str, weight: torch.Tensor, companions: dict[str, torch.Tensor], cfg: ModelConfig, *,
                       dtype: torch.dtype) -> torch.Tensor:
-    """A (possibly fused, possibly stacked) weight in ``dtype``: block-FP8 dequantized part by part."""
-    from quantize import fp8_block
+    """A (possibly fused, possibly stacked) stored weight in ``dtype``, dequantized part by part from its
+    companions (suffix -> tensor; an unquantized weight has none)."""
+    from quantize.dequant import dequantize
 
-    if scale is None:
-        return weight.to(dtype)
     if weight.dim() == 3:
-        return torch.stack([unfuse_dequantize(name, w, s, cfg, dtype=dtype) for w, s in zip(weight, scale)])
-    parts = fused_parts(name, cfg, weight.shape[0]) or [weight.shape[0]]
-    out, row, srow = [], 0, 0
-    for rows in parts:
-        srows = math.ceil(rows / FP8_BLOCK)
-        out.append(fp8_block.dequantize(weight[row:row + rows], scale[srow:srow + srows], dtype=dtype))
-        row, srow = row + rows, srow + srows
-    if row != weight.shape[0] or srow != scale.shape[0]:
-        raise ValueError(f"{name}: parts {parts} do not cover its {weight.shape[0]} rows / {scale.shape[0]} scale rows")
-    return torch.cat(out) if len(out) > 1 else out[0]
+        return torch.stack([unfuse_dequantize(name, w, {k: v[e] for k, v in companions.items()}, cfg, dtype=dtype)
+                            for e, w in enumerate(weight)])
+    parts = fused_parts(name, cfg, weight.shape[0])
+    if parts is None:
+        return dequantize(weight, companions, dtype=dtype)
+    total, out = sum(parts), []
+    row = {k: 0 for k in companions}
+    w_row = 0
+    for i, logical in enumerate(parts):
+        w_rows = _rows_of(name, weight.shape[0], logical, total)
+        mine = {}
+        for k, v in companions.items():
+            if _per_part(k, v, fused=True):
+                mine[k] = v[i]
+                continue
+            n = -(-logical // FP8_BLOCK) if (k == SCALE and weight.dtype == torch.float8_e4m3fn) \
+                else _rows_of(name, v.shape[0], logical, total)
+            mine[k] = v[row[k]:row[k] + n]
+            row[k] += n
+        out.append(dequantize(weight[w_row:w_row + w_rows], mine, dtype=dtype))
+        w_row += w_rows
+    if w_row != weight.shape[0] or any(row[k] != v.shape[0] for k, v in companions.items() if not _per_part(k, v, fused=True)):
+        raise ValueError(f"{name}: parts {parts} do not cover its {weight.shape[0]} rows and its scales' rows")
+    return torch.cat(out)
+
+
+def _rows_of(name: str, stored: int, logical: int, total: int) -> int:
+    """Stored rows of a part with ``logical`` of the fused tensor's ``total`` rows (packed formats store fewer)."""
+    if (stored * logical) % total:
+        raise ValueError(f"{name}: a part of {logical} of {total} rows does not fall on a stored row of {stored}")
+    return stored * logical // total
