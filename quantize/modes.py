@@ -193,7 +193,7 @@ def _nan_code(codes: torch.Tensor, name: str) -> str | None:
 
 
 def run_fp8(job: QuantJob) -> dict[str, Any]:
-    from builder.stages.fetch import link_or_copy
+    from builder.atomic import link_or_copy
 
     cfg, raw = _source_config(job.src)
     if not cfg.is_fp8_block:
