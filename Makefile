@@ -9,6 +9,7 @@ MODEL  ?= tiny
 TP     ?= 2
 PP     ?= 2
 EP     ?= 1
+ADP    ?=
 QUANT  ?= fp8
 SPEC   ?= none
 DRAFT_LEN ?= 3
@@ -28,11 +29,11 @@ PUSH_FLAGS ?=
 # Optional flags only when set, so the CLI's own defaults (and --config / DSBUILD_* env) still apply.
 RUN_FLAGS := --model $(MODEL) --tp $(TP) --pp $(PP) --ep $(EP) --quant $(QUANT) --spec $(SPEC) \
              --draft-len $(DRAFT_LEN) --nodes $(NODES) \
-             $(if $(GPU),--gpu $(GPU)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
+             $(if $(ADP),--attention-dp) $(if $(GPU),--gpu $(GPU)) $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) \
              $(if $(OUT),--out $(OUT)) $(if $(DRAFT_MODEL),--draft-model $(DRAFT_MODEL)) $(DSBUILD_FLAGS)
 
 help:
-	@echo "make engine [MODEL=tiny TP=2 PP=2 EP=1 QUANT=fp8 GPU= NODES=1 GPUS_PER_NODE= OUT=]  whole pipeline"
+	@echo "make engine [MODEL=tiny TP=2 PP=2 EP=1 ADP=1 QUANT=fp8 GPU= NODES=1 GPUS_PER_NODE= OUT=]  whole pipeline"
 	@echo "            [SPEC=none|mtp|draft DRAFT_LEN=3 DRAFT_MODEL=tiny-draft|hub-id|dir]  speculative decoding"
 	@echo "make push REGISTRY=host[:port] [REPO=dsbuild TAG= RUN=build/latest INSECURE=1 PUSH_FLAGS=--include-weights]"
 	@echo "make test        fast test suite;   make test-full   everything"

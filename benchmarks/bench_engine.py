@@ -99,12 +99,15 @@ def decode_gemm_seconds(svc, prompts, *, repeats: int) -> float:
         svc.generate([GenerationRequest(prompt_ids=p, max_tokens=2) for p in prompts])
     finally:
         layers.linear, StageModel.layers_forward = plain_linear, plain_forward
+    sync = torch.cuda.synchronize if calls and calls[0][1].is_cuda else (lambda: None)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             for x, w in calls:
                 plain_linear(x, w)
+            sync()
             best = min(best, time.perf_counter() - t0)
     return best
 

@@ -17,7 +17,6 @@ from typing import Iterator
 
 import torch
 
-from builder.model.catalog import Dtype
 from quantize import fp8_block, fp8_tensor, int4, nvfp4
 from quantize.formats import mode_of_checkpoint
 from quantize.stream import TensorReader

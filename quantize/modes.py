@@ -347,7 +347,7 @@ def write_report(job: QuantJob) -> dict[str, Any]:
     body["weights"] = report.weight_sqnr(job.src, job.out, mode=job.mode)
     if body["weights"]["tensors"] and body["weights"]["lossless_tensors"] == body["weights"]["tensors"]:
         # Every weight is bit-identical to the BF16 reference and no activation is quantized: same logits.
-        body["logits"] = {"kl_mean": 0.0, "kl_max": 0.0, "top1_agreement": 1.0,
+        body["logits"] = {"kl_mean": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "ppl_delta_pct": 0.0,
                           "note": "weights bit-identical to the reference; no forward needed"}
     elif job.report_logits and _fits_in_memory(cfg):
         tokens = calibration_tokens(job)
@@ -358,4 +358,4 @@ def write_report(job: QuantJob) -> dict[str, Any]:
     atomic_write_json(job.out / "quant_report.json", body)
     w, lg = body["weights"], body["logits"]
     return {"min_sqnr_db": w["min_db"], "median_sqnr_db": w["median_db"], "kl_mean": lg.get("kl_mean"),
-            "top1_agreement": lg.get("top1_agreement")}
+            "top1_agreement": lg.get("top1_agreement"), "ppl_delta_pct": lg.get("ppl_delta_pct")}

@@ -4,7 +4,9 @@
   (``10 log10(sum w^2 / sum (w - w_q)^2)``), summarised by tensor kind.
 - On the calibration prompts: mean KL(p_bf16 || p_quant) of the next-token distributions and top-1 agreement of
   the quantized model (weights dequantized by the format's own dequantizer, static FP8 activation scales applied
-  as fake quantization where the format has them) against the BF16 model, both run by transformers in fp32.
+  as fake quantization where the format has them) against the BF16 model, both run by transformers in fp32, and
+  each model's perplexity on the prompts' own next tokens (``ppl_reference``, ``ppl``, ``ppl_delta_pct``): with a
+  trained model, the accuracy cost in the units people quote.
   This needs the whole model in memory: it runs when the model's float weights fit (the tiny model, small models);
   otherwise the report says it was skipped and why.
 """
@@ -85,12 +87,20 @@ def logits_quality(src: Path, quant: Path, *, mode: str, tokens: torch.Tensor) -
     for h in handles:
         h.remove()
     kl = (p.exp() * (p - q)).sum(-1)
+    ppl_ref, ppl_q = _perplexity(p, tokens), _perplexity(q, tokens)
     return {
         "prompts": int(tokens.shape[0]), "tokens_per_prompt": int(tokens.shape[1]),
         "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
         "top1_agreement": float((p.argmax(-1) == q.argmax(-1)).float().mean()),
+        "ppl_reference": ppl_ref, "ppl": ppl_q, "ppl_delta_pct": 100.0 * (ppl_q / ppl_ref - 1.0),
         "activation_fake_quant": {"fp8_scales": len(scales)} if scales else "none (weights only)",
     }
+
+
+def _perplexity(log_probs: torch.Tensor, tokens: torch.Tensor) -> float:
+    """exp(mean NLL) of each prompt's next tokens under ``log_probs`` [prompts, T, V]."""
+    nll = -log_probs[:, :-1].gather(-1, tokens[:, 1:, None].to(log_probs.device)).mean()
+    return math.exp(float(nll))
 
 
 def _w4a8_loader_scales(scales: dict[str, float]) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Bridges to HF transformers' ``DeepseekV32ForCausalLM`` (the fp32 numerics oracle).
 
-A quantized checkpoint (any format dsbuild writes) is dequantized tensor by tensor into a plain float checkpoint directory, which transformers
-then loads with its own weight conversion (per-expert names -> fused experts), so the oracle never depends on our
-understanding of its internal layout.
+A quantized checkpoint (any format dsbuild writes) is dequantized tensor by tensor into a plain float checkpoint
+directory, which transformers then loads with its own weight conversion (per-expert names -> fused experts), so the
+oracle never depends on our understanding of its internal layout.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from builder.model.safetensors_io import INDEX_NAME, validate_checkpoint, write_index, write_safetensors
+from builder.model.safetensors_io import validate_checkpoint, write_index, write_safetensors
 
 
 def iter_dequantized(root: str | Path, *, dtype: torch.dtype = torch.float32):

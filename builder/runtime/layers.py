@@ -140,7 +140,8 @@ class MLA:
             if compose_q:
                 q_b = q_b.reshape(self.heads, nope + r, q_in)
                 q_lat = torch.einsum("hdc,hdi->hci", self.w_uk, q_b[:, :nope])  # [h, c, q_in]
-                self.q_latent = gemm_layout(torch.cat([q_lat, q_b[:, nope:]], dim=1).reshape(self.heads * (c + r), q_in))
+                q_latent = torch.cat([q_lat, q_b[:, nope:]], dim=1).reshape(self.heads * (c + r), q_in)
+                self.q_latent = gemm_layout(q_latent)
             if compose_o:
                 o = w("o_proj.weight").reshape(o_out, self.heads, v)
                 self.o_latent = gemm_layout(torch.einsum("ohv,hvc->ohc", o, self.w_uv).reshape(o_out, self.heads * c))

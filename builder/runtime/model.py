@@ -98,9 +98,18 @@ class StageModel:
         shared = mlp.shared_output(x)
         return h + (routed if shared is None else routed + shared)
 
+    def final_norm(self, h: torch.Tensor, *, norm: str = "model.norm.weight") -> torch.Tensor:
+        """The final RMSNorm: what the LM head reads (and what DeepSeek's MTP module takes as the target's hidden
+        state)."""
+        return rms_norm(h, self.w(norm), self.cfg.rms_norm_eps)
+
+    def head_logits(self, normed: torch.Tensor, *, head: str = "lm_head.weight") -> torch.Tensor:
+        """Full-vocabulary logits of already-normed hidden states (local vocab slice then TP all-gather, or the
+        whole head on every rank under attention-DP)."""
+        logits = torch.nn.functional.linear(normed, self.w(head))
+        return logits if self._attention_tp == 1 else self.comm.all_gather_tp(logits, dim=-1)
+
     def logits(self, h: torch.Tensor, *, norm: str = "model.norm.weight", head: str = "lm_head.weight") -> torch.Tensor:
         """Full-vocabulary logits of final hidden states (last stage; local slice then TP all-gather, or the
         whole head on every rank under attention-DP)."""
-        h = rms_norm(h, self.w(norm), self.cfg.rms_norm_eps)
-        logits = torch.nn.functional.linear(h, self.w(head))
-        return logits if self._attention_tp == 1 else self.comm.all_gather_tp(logits, dim=-1)
+        return self.head_logits(self.final_norm(h, norm=norm), head=head)

@@ -1,17 +1,23 @@
 """DeepSeek's multi-token-prediction (MTP) module on the last pipeline stage, used as a speculative drafter.
 
 The module at layer ``L = num_hidden_layers`` (``model.layers.L.*``) predicts token ``t[i+2]`` at position ``i``
-from the target's final hidden state ``h[i]`` (before the final norm) and the embedding of ``t[i+1]``:
+from the target's final hidden state ``h[i]`` *after* the final norm (what the LM head reads) and the embedding of
+``t[i+1]``:
 
-    x = eh_proj([enorm(embed(t[i+1])), hnorm(h[i])])      # embedding first, as vLLM's ``deepseek_mtp.py``,
-                                                          # sglang's ``deepseek_nextn.py`` and TensorRT-LLM's
-                                                          # ``DeepseekV3MTP`` concatenate it
-    g = decoder_layer_L(x)                                # MLA (own latent + indexer cache) and MoE
-    logits = shared_head.head(shared_head.norm(g))
+    x = eh_proj([enorm(embed(t[i+1])), hnorm(norm(h[i]))])  # embedding first, as vLLM's ``deepseek_mtp.py``,
+                                                            # sglang's ``deepseek_nextn.py`` and TensorRT-LLM's
+                                                            # ``DeepseekV3MTP`` concatenate it
+    g = shared_head.norm(decoder_layer_L(x))                # MLA (own latent + indexer cache) and MoE
+    logits = shared_head.head(g)
 
-Drafting N tokens reuses the one module N times, feeding its own output ``g`` in place of the target's hidden
-state for the steps past the last verified token (TensorRT-LLM's ``mtp_eagle_one_model``). Embedding and head are
-vocab-parallel over the last stage's TP group; every TP rank of the last stage runs the module collectively.
+Post-norm, because that is what the serving stacks hand the module: TensorRT-LLM's ``DeepseekV3Model`` sets the
+last decoder layer's ``next_layer_layernorm`` to ``model.norm``, so the hidden states it returns (fed both to
+``lm_head`` with no further norm and to the MTP worker) are normed; vLLM's ``DeepseekV2Model.forward`` likewise
+returns ``norm(hidden, residual)``. The trainer (``builder.train.model``) feeds the same. Drafting N tokens reuses
+the one module N times, feeding its own normed output ``g`` in place of the target's hidden state for the steps
+past the last verified token (TensorRT-LLM's ``DeepseekV3MTP.forward`` returns ``shared_head.norm``'s output, and
+its MTP-Eagle worker feeds it back). Embedding and head are vocab-parallel over the last stage's TP group; every
+TP rank of the last stage runs the module collectively.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ class MTPModule:
 
     def forward(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor, pos: StepPositions,
                 cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """``next_tokens`` [B, S] (t[i+1]) and ``target_hidden`` [B, S, H] (h[i]) at positions ``pos`` ->
-        (the module's hidden states g [B, S, H], full-vocabulary logits [B, S, V] for t[i+2])."""
+        """``next_tokens`` [B, S] (t[i+1]) and ``target_hidden`` [B, S, H] (norm(h[i]), the final-normed state)
+        at positions ``pos`` -> (the module's normed hidden states g [B, S, H], full-vocabulary logits [B, S, V]
+        for t[i+2])."""
         stage, w, eps = self.stage, self.stage.w, self.cfg.rms_norm_eps
         p = self.prefix
         with torch.inference_mode():
@@ -53,8 +60,9 @@ class MTPModule:
             x = torch.cat([rms_norm(e, w(p + "enorm.weight"), eps),
                            rms_norm(target_hidden.to(e.dtype), w(p + "hnorm.weight"), eps)], dim=-1)
             x = linear(x, w(p + "eh_proj.weight"))
-            g = stage.layer_forward(self.layer, x, cache, stage.step_context(pos))
-            logits = stage.logits(g, norm=p + "shared_head.norm.weight", head=p + "shared_head.head.weight")
+            g = stage.final_norm(stage.layer_forward(self.layer, x, cache, stage.step_context(pos)),
+                                 norm=p + "shared_head.norm.weight")
+            logits = stage.head_logits(g, head=p + "shared_head.head.weight")
         return g, logits
 
 
@@ -85,10 +93,10 @@ class MTPProposer:
         self.cache = self.module.new_cache(batch=batch, capacity=capacity) if self.module else None
         self.next_logits = self.last_g = None
 
-    def _run(self, next_tokens, hidden, starts, width, last_index) -> None:
+    def _run(self, next_tokens, normed_hidden, starts, width, last_index) -> None:
         B = next_tokens.shape[0]
-        g, logits = self.module.forward(next_tokens, hidden, StepPositions(starts.to(self.comm.device), width),
-                                        self.cache)
+        g, logits = self.module.forward(next_tokens, normed_hidden,
+                                        StepPositions(starts.to(self.comm.device), width), self.cache)
         rows = torch.arange(B, device=g.device)
         idx = last_index.to(g.device)
         self.last_g, self.next_logits = g[rows, idx], logits[rows, idx]
@@ -101,7 +109,7 @@ class MTPProposer:
         shifted = torch.zeros(B, S, dtype=torch.long)
         shifted[:, :-1] = tokens[:, 1:]
         shifted[torch.arange(B), lens - 1] = first.cpu()
-        self._run(shifted, hidden, torch.zeros(B, dtype=torch.long), S, lens - 1)
+        self._run(shifted, self._normed(hidden), torch.zeros(B, dtype=torch.long), S, lens - 1)
 
     def propose(self, state):
         from builder.runtime.speculative import DraftRound, draft_tokens_collectively
@@ -128,4 +136,8 @@ class MTPProposer:
             a = int(accepted[b])
             nxt[b, :a] = drafts[b, :a]
             nxt[b, a] = new_tokens[b]
-        self._run(nxt, hidden[:, :width], old_positions, width, accepted)
+        self._run(nxt, self._normed(hidden[:, :width]), old_positions, width, accepted)
+
+    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.module.stage.final_norm(hidden)

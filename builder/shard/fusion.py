@@ -19,7 +19,6 @@ block, so the fused grid is not the grid of the fused weight; ``fused_parts`` sa
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -153,7 +152,8 @@ def unfuse_dequantize(name: str, weight: torch.Tensor, companions: dict[str, tor
             row[k] += n
         out.append(dequantize(weight[w_row:w_row + w_rows], mine, dtype=dtype))
         w_row += w_rows
-    if w_row != weight.shape[0] or any(row[k] != v.shape[0] for k, v in companions.items() if not _per_part(k, v, fused=True)):
+    uncovered = [k for k, v in companions.items() if not _per_part(k, v, fused=True) and row[k] != v.shape[0]]
+    if w_row != weight.shape[0] or uncovered:
         raise ValueError(f"{name}: parts {parts} do not cover its {weight.shape[0]} rows and its scales' rows")
     return torch.cat(out)
 

@@ -98,19 +98,19 @@ def train_models(*, out: Path, presets: list[str], seed: int = 0, steps: int | N
         c = replace(RECIPES[p], seed=seed, **(overrides or {}))
         configs.append(with_steps(c, steps) if steps is not None else c)
     results = _train_all(configs, tokenizer, jobs)
-    reports = export_and_report(results, configs, tokenizer, out=out, write_builtin=write_builtin)
-    for r in reports.values():
-        r["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    return reports
+    return export_and_report(results, configs, tokenizer, out=out, write_builtin=write_builtin, started=t0)
 
 
 def export_and_report(results: dict[str, tuple[dict, dict]], configs: list[TrainConfig], tokenizer, *, out: Path,
-                      write_builtin: bool) -> dict[str, dict]:
+                      write_builtin: bool, started: float | None = None) -> dict[str, dict]:
+    """Export and evaluate every model, then write the reports (each with the whole command's wall time so far,
+    ``total_wall_s``: tokenizer, training of all models, evaluation and export) and optionally the built-in copy."""
     from builder.model.tiny import make_tiny
 
     data = TokenData.from_tokenizer(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     reports = {}
+    weights_of = {}
     for c in configs:
         weights, metrics = results[c.preset]
         digest = _tensors_sha256(builtin.pack(weights, c.preset))
@@ -121,7 +121,8 @@ def export_and_report(results: dict[str, tuple[dict, dict]], configs: list[Train
             "preset": c.preset, "recipe": c.to_dict(), "corpus_sha256": corpus_sha256(),
             "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
             "torch": torch.__version__, "weights_sha256": digest,
-            "train_wall_s": metrics["train_wall_s"], "router_bias_abs_mean": metrics["router_bias_abs_mean"],
+            "train_wall_s": metrics["train_wall_s"], "train_cpu_s": metrics["train_cpu_s"],
+            "cpu_s_per_step": metrics["cpu_s_per_step"], "router_bias_abs_mean": metrics["router_bias_abs_mean"],
             "first_losses": metrics["first_losses"],
             "heldout_float": metrics["heldout"],
             "heldout_fp8_checkpoint": checkpoint_eval(ckpt, c.preset, data, c, c.eval_sequences),
@@ -130,10 +131,15 @@ def export_and_report(results: dict[str, tuple[dict, dict]], configs: list[Train
             "same_as_committed": (committed.is_file() and
                                   _tensors_sha256(_load_stored(committed)) == digest),
         }
+        reports[c.preset] = report
+        weights_of[c.preset] = weights
+    total = round(time.perf_counter() - started, 1) if started is not None else None
+    for c in configs:
+        report = reports[c.preset]
+        report["total_wall_s"] = total
         atomic_write_json(out / f"{c.preset}.report.json", report)
         if write_builtin:
-            builtin.write_builtin(builtin.TRAINED_DIR, c.preset, weights, tokenizer, report)
-        reports[c.preset] = report
+            builtin.write_builtin(builtin.TRAINED_DIR, c.preset, weights_of[c.preset], tokenizer, report)
     return reports
 
 
@@ -159,6 +165,7 @@ def summary_lines(reports: dict[str, dict]) -> list[str]:
         f, q = r["heldout_float"], r["heldout_fp8_checkpoint"]
         mtp = f" | MTP (t+2) {f['mtp_ppl']:.2f} (FP8 {q['mtp_ppl']:.2f})" if "mtp_ppl" in f else ""
         lines.append(f"{p}: held-out ppl {f['ppl']:.2f} (FP8 checkpoint {q['ppl']:.2f}){mtp} | unigram "
-                     f"{f['unigram_ppl']:.2f} | {f['tokens']} tokens | trained in {r['train_wall_s']:.0f} s"
+                     f"{f['unigram_ppl']:.2f} | {f['tokens']} tokens | trained in {r['train_wall_s']:.0f} s "
+                     f"({r['train_cpu_s']:.0f} CPU s)"
                      f"{' | identical to the committed weights' if r['same_as_committed'] else ''}")
     return lines

@@ -54,4 +54,5 @@ def test_train_cli_runs_end_to_end_and_reports_perplexities(dsbuild, tmp_path):
     report = json.loads((tmp_path / "t" / "tiny-draft.report.json").read_text())
     assert report["recipe"]["steps"] == 2 and not report["same_as_committed"]
     assert report["heldout_float"]["unigram_ppl"] > 1
+    assert report["train_cpu_s"] > 0 and report["total_wall_s"] >= report["train_wall_s"]
     validate_checkpoint(tmp_path / "t" / "tiny-draft", expected=catalog_by_name(tiny_config("tiny-draft")))

@@ -74,3 +74,39 @@ def test_mtp_cache_one_wide_step_equals_token_by_token(tiny_ckpt, tmp_path):
         _, step = mtp.forward(tokens[:, i:i + 1], hidden[:, i:i + 1],
                               StepPositions(torch.tensor([i]), 1), cache)
         assert torch.allclose(step[0, 0], wide[0, i], rtol=1e-4, atol=1e-4), i
+
+
+def test_mtp_drafts_from_the_final_normed_hidden_state_as_the_trainer_taught_it(tiny_ckpt, tmp_path):
+    """The runtime's MTP path (engine hidden -> final norm -> module) on the trained checkpoint computes the training
+    model's MTP head (builder.train.model, which feeds ``hnorm`` the post-final-norm state, as TensorRT-LLM and vLLM
+    do); feeding the pre-norm state instead gives clearly different logits."""
+    from builder.model import trained as builtin
+    from builder.model.hf_compat import iter_dequantized
+    from builder.runtime.mtp import MTPProposer
+    from builder.train.model import TinyDeepseekV32, load_weights
+
+    bundle = EngineBundle.open(build_bundle(tiny_ckpt, tmp_path / "b", tp=1, pp=1, ep=1))
+    engine = Engine(bundle, make_comm(bundle.layout, rank=0))
+    tok = builtin.load_tokenizer()
+    ids = torch.tensor([[0] + tok.encode("It is a truth universally acknowledged, that a single man in possession "
+                                         "of a good fortune, must be in want of a wife.").ids])
+    S = ids.shape[1]
+    assert S > bundle.cfg.index_topk  # DSA's sparse selection runs
+    trainer = TinyDeepseekV32(tiny_config("tiny"))
+    load_weights(trainer, dict(iter_dequantized(tiny_ckpt)))
+    with torch.no_grad():
+        expected = trainer.eval()(ids, sparse=True).mtp_logits[0]  # [S-1, V]: x[t+2] at t
+
+    zeros = torch.zeros(1, dtype=torch.long)
+    hidden = engine.hidden(ids, StepPositions(zeros, S), engine.model.new_cache(batch=1, capacity=S))
+    proposer = MTPProposer(engine)
+
+    def mtp_logits(normed_hidden):
+        _, logits = proposer.module.forward(ids[:, 1:], normed_hidden[:, :-1], StepPositions(zeros, S - 1),
+                                            proposer.module.new_cache(batch=1, capacity=S))
+        return logits[0]
+
+    got = mtp_logits(proposer._normed(hidden))
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3), (got - expected).abs().max()
+    pre_norm = mtp_logits(hidden)
+    assert (pre_norm - expected).abs().max() > 100 * (got - expected).abs().max()

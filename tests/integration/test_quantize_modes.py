@@ -153,9 +153,14 @@ def test_modelopt_modes_schema_and_quality(mode, tiny_ckpt, tmp_path):
     if mode == "int4-awq":
         assert q["group_size"] == 128 and q["pre_quant_scale"] is True
     rep = json.loads((tmp_path / mode / "quant_report.json").read_text())
-    # The random tiny model's next-token distributions are nearly flat, so top-1 is fragile: bound KL, and top-1
-    # only loosely (measured: fp8-tensor 0.52, int4-awq 0.32, nvfp4 0.27 over 128 tokens).
-    assert rep["logits"]["kl_mean"] < 0.5 and rep["logits"]["top1_agreement"] > 0.15
+    # Bound KL, and top-1 only loosely: over 128 tokens a few flips move it a lot (the trained tiny model, 16 x 64
+    # tokens: fp8-tensor 0.94, int4-awq 0.87, nvfp4 0.93).
+    lg = rep["logits"]
+    assert lg["kl_mean"] < 0.5 and lg["top1_agreement"] > 0.15
+    # Perplexity on the calibration prompts (training text): the trained model's is far below the vocabulary size,
+    # the quantized model's close to it, and the delta is the one the two perplexities give.
+    assert lg["ppl_reference"] < 200 and 0.8 < lg["ppl"] / lg["ppl_reference"] < 1.5
+    assert lg["ppl_delta_pct"] == pytest.approx(100 * (lg["ppl"] / lg["ppl_reference"] - 1))
     assert rep["weights"]["min_db"] > {"fp8-tensor": 20, "int4-awq": 12, "nvfp4": 12}[mode]
 
 
