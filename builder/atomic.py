@@ -100,3 +100,15 @@ def remove_stale_temporaries(parent: str | Path) -> list[Path]:
                     p.unlink()
             removed.append(p)
     return removed
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src``; across filesystems a symlink (over 64 MB) or a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        if src.stat().st_size > (64 << 20):
+            os.symlink(src.resolve(), dst)
+        else:
+            shutil.copy2(src, dst)

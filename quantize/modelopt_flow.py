@@ -96,7 +96,7 @@ def plan_output(export_dir: Path, src: Path, cfg: ModelConfig) -> tuple[list[lis
             continue
         if source.is_block_fp8(spec.name):
             planned = computed(spec.name, _bf16(), source.shape(spec.name),
-                               lambda n=spec.name: source.dequantized_bands(n, dtype=torch.bfloat16))
+                               lambda n=spec.name: source.dequantized_band_tasks(n, dtype=torch.bfloat16))
         else:
             planned = passthrough(source, spec.name)
         groups.setdefault(key(spec.name), []).append(planned)

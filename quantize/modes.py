@@ -14,8 +14,9 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from builder.atomic import atomic_write_json
@@ -24,7 +25,7 @@ from builder.model.catalog import build_catalog, total_bytes
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME
 from quantize import formats, report
-from quantize.stream import TensorReader, passthrough, source_shards, write_checkpoint
+from quantize.stream import TensorReader, ahead, passthrough, source_shards, write_checkpoint
 
 SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
 # TensorRT-LLM treats these as unquantized in a DeepSeek FP8_BLOCK_SCALES checkpoint and dequantizes them at load
@@ -106,38 +107,93 @@ def _progress_bytes(job: QuantJob, total: int) -> Callable[[int], None]:
 # ---------------------------------------------------------------------------------------------------------------
 # fp8: verify and pass through
 
+VERIFY_PIECE = 16 << 20  # bytes of FP8 weight read and checked per task
+
+
 def verify_block_fp8(reader: TensorReader, *, on_bytes: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Every FP8 weight has a float32 scale grid of the right shape with finite positive scales, and no NaN code
-    (e4m3fn NaN is S.1111.111); reads every byte once, sequentially."""
-    checked = 0
-    for names in source_shards(reader):
-        for name in names:
-            if reader.dtype(name).value == "F8_E4M3":
-                scale = reader.scale_of(name)
-                if scale is None:
-                    raise QuantizationError(f"block-FP8 weight {name!r} has no weight_scale_inv")
-                rows, cols = reader.shape(name)
-                want = (math.ceil(rows / 128), math.ceil(cols / 128))
-                if reader.shape(scale) != want or reader.dtype(scale).value != "F32":
-                    raise QuantizationError(f"{scale!r} is {reader.dtype(scale).value} {list(reader.shape(scale))}, "
-                                            f"but a {rows}x{cols} weight needs F32 {list(want)}")
-                s = reader.read(scale)
-                if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-                    raise QuantizationError(f"{scale!r} holds non-finite or non-positive scales")
-                for chunk in passthrough(reader, name).produce():
-                    raw = chunk.numpy().tobytes()  # bytes.count scans at memory speed; torch ops are 10x slower
-                    if raw.count(b"\x7f") or raw.count(b"\xff"):
-                        raise QuantizationError(f"block-FP8 weight {name!r} holds NaN values")
-                    if on_bytes:
-                        on_bytes(chunk.numel())
-                checked += 1
-            elif on_bytes and not name.endswith("weight_scale_inv"):
-                on_bytes(reader.layout.tensor(name).nbytes)
-    return {"fp8_weights_checked": checked}
+    (e4m3fn NaN is S.1111.111). Shapes come from the headers; the bytes are read once, in file order, in pieces
+    read and checked on worker threads (``ahead``) so the disk never waits for the checks. The first problem in
+    file order is the one reported."""
+    weights = [n for names in source_shards(reader) for n in names if reader.dtype(n).value == "F8_E4M3"]
+    for name in weights:
+        scale = reader.scale_of(name)
+        if scale is None:
+            raise QuantizationError(f"block-FP8 weight {name!r} has no weight_scale_inv")
+        rows, cols = reader.shape(name)
+        want = (math.ceil(rows / 128), math.ceil(cols / 128))
+        if reader.shape(scale) != want or reader.dtype(scale).value != "F32":
+            raise QuantizationError(f"{scale!r} is {reader.dtype(scale).value} {list(reader.shape(scale))}, "
+                                    f"but a {rows}x{cols} weight needs F32 {list(want)}")
+
+    for problem, n in ahead(_verify_tasks(reader, weights)):
+        if problem:
+            raise QuantizationError(problem)
+        if on_bytes and n:
+            on_bytes(n)
+    return {"fp8_weights_checked": len(weights)}
+
+
+def _verify_tasks(reader: TensorReader, weights: list[str]) -> Iterator[Callable[[], tuple[str | None, int]]]:
+    """One task per ``VERIFY_PIECE`` of file: consecutive weights of a shard are read together in one ``pread``
+    (what lies between them, their scales, is a small part of it), a larger weight in pieces of its own."""
+    group: list[tuple[str, int, int]] = []  # (name, offset, length) of weights read together
+
+    def flush() -> Iterator[Callable[[], tuple[str | None, int]]]:
+        if group:
+            members = list(group)
+            shard, start = reader.layout.index.weight_map[members[0][0]], members[0][1]
+            length = members[-1][1] + members[-1][2] - start
+            reader.will_need_range(shard, start, length)
+            yield lambda: _check_group(reader, shard, start, length, members)
+            group.clear()
+    for name in weights:
+        shard, offset, length = reader.location(name)
+        if group and (reader.layout.index.weight_map[group[0][0]] != shard
+                      or offset + length - group[0][1] > VERIFY_PIECE):
+            yield from flush()
+        if length <= VERIFY_PIECE:
+            group.append((name, offset, length))
+            continue
+        for start in range(0, length, VERIFY_PIECE):
+            n = min(VERIFY_PIECE, length - start)
+            reader.will_need_range(shard, offset + start, n)
+            yield lambda name=name, start=start, n=n: (
+                (start == 0 and _bad_scale(reader, name)) or _nan_code(reader.read_bytes(name, start, n), name), n)
+    yield from flush()
+
+
+def _check_group(reader: TensorReader, shard: str, start: int, length: int,
+                 members: list[tuple[str, int, int]]) -> tuple[str | None, int]:
+    data = reader.read_range(shard, start, length, what=members[0][0])
+    for name, offset, n in members:
+        problem = _bad_scale(reader, name) or _nan_code(data[offset - start: offset - start + n], name)
+        if problem:
+            return problem, 0
+    return None, sum(n for _, _, n in members)
+
+
+def _bad_scale(reader: TensorReader, name: str) -> str | None:
+    scale = reader.scale_of(name)
+    s = reader.read(scale)
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        return f"{scale!r} holds non-finite or non-positive scales"
+    return None
+
+
+def _nan_code(codes: torch.Tensor, name: str) -> str | None:
+    codes = codes.numpy()
+    low7 = np.empty(min(codes.size, 1 << 20), dtype=np.uint8)  # cache-sized scratch; numpy releases the GIL here
+    for i in range(0, codes.size, low7.size):
+        part = codes[i:i + low7.size]
+        np.bitwise_and(part, 0x7F, out=low7[:part.size])
+        if low7[:part.size].max() == 0x7F:
+            return f"block-FP8 weight {name!r} holds NaN values"
+    return None
 
 
 def run_fp8(job: QuantJob) -> dict[str, Any]:
-    from builder.stages.fetch import link_or_copy
+    from builder.atomic import link_or_copy
 
     cfg, raw = _source_config(job.src)
     if not cfg.is_fp8_block:
@@ -173,7 +229,7 @@ def run_bf16(job: QuantJob) -> dict[str, Any]:
                     continue
                 if reader.is_block_fp8(name):
                     entries.append(computed(name, Dtype.BF16, reader.shape(name),
-                                            lambda n=name: reader.dequantized_bands(n, dtype=torch.bfloat16)))
+                                            lambda n=name: reader.dequantized_band_tasks(n, dtype=torch.bfloat16)))
                 else:
                     entries.append(passthrough(reader, name))
             shards.append(entries)

@@ -10,13 +10,11 @@ index written to ``weights/`` names exactly the tensors of the kept shards.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from builder import hub
-from builder.atomic import atomic_write_json
+from builder.atomic import atomic_write_json, link_or_copy
 from builder.errors import CheckpointError
 from builder.model.catalog import catalog_by_name, is_mtp_tensor
 from builder.model.config import ModelConfig
@@ -30,17 +28,6 @@ VERSION = "2"
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "hf_quant_config.json", INDEX_NAME)
 REQUIRED = ("config.json", INDEX_NAME)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        if src.stat().st_size > (64 << 20):
-            os.symlink(src.resolve(), dst)
-        else:
-            shutil.copy2(src, dst)
 
 
 def local_fingerprint(root: Path) -> list[list[Any]]:

@@ -70,3 +70,54 @@ def test_bf16_result_equals_float32_path_rounded(ue8m0):
     fast = fp8_block.dequantize(q, s, dtype=torch.bfloat16)
     ref = fp8_block.dequantize(q, s, dtype=torch.float32).to(torch.bfloat16)
     assert torch.equal(fast.view(torch.int16), ref.view(torch.int16))
+
+
+def elementwise_reference(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, block: int = 128) -> torch.Tensor:
+    """The straightforward formula: every element's code to float32 times its block's scale, rounded to ``dtype``."""
+    rows, cols = q.shape
+    full = s.to(torch.float32).repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (q.to(torch.float32) * full).to(dtype)
+
+
+def every_code(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """FP8 codes covering all 256 (zeros, subnormals, the largest, both NaNs) in every block, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.arange(rows * cols, dtype=torch.int64) % 256
+    return codes[torch.randperm(rows * cols, generator=g)].to(torch.uint8).view(rows, cols).view(torch.float8_e4m3fn)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, except that a NaN's bit pattern is not compared: torch itself rounds a float32 NaN to 0xFFFF
+    in vectorised lanes and to 0x7FC0 in scalar tails, so the payload depends on the element's position."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    nan = a.isnan()
+    return (a.dtype == b.dtype and a.shape == b.shape and torch.equal(nan, b.isnan())
+            and torch.equal(a.view(ints)[~nan], b.view(ints)[~nan]))
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (200, 150), (576, 384), (1, 300), (130, 33025)])
+@pytest.mark.parametrize("scales", ["ue8m0", "plain", "extreme"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_table_dequantization_is_bit_identical_to_elementwise_reference(shape, scales, dtype):
+    # All 256 codes (NaN, +-0, subnormals) under ue8m0 (power-of-two), arbitrary and overflowing/underflowing scales,
+    # partial edge blocks in both dimensions, and a width over 256 column blocks (32-bit lookup indices).
+    rows, cols = shape
+    q = every_code(rows, cols, seed=rows + cols)
+    g = torch.Generator().manual_seed(cols)
+    grid = (math.ceil(rows / 128), math.ceil(cols / 128))
+    if scales == "ue8m0":
+        s = torch.pow(2.0, torch.randint(-20, 5, grid, generator=g).float())
+    elif scales == "plain":
+        s = torch.rand(grid, generator=g) * 1e-3 + 1e-6
+    else:
+        s = torch.pow(2.0, torch.randint(-140, 125, grid, generator=g).float()) * (1 + torch.rand(grid, generator=g))
+    assert same_bits(fp8_block.dequantize(q, s, dtype=dtype), elementwise_reference(q, s, dtype))
+
+
+def test_bf16_output_equals_the_former_bf16_multiply_for_ue8m0_scales():
+    # Before the table lookup, power-of-two scales were applied by a BF16 multiply; outputs must not change.
+    q = every_code(384, 520, seed=9)
+    s = torch.pow(2.0, torch.randint(-12, -6, (3, 5), generator=torch.Generator().manual_seed(9)).float())
+    former = (q.to(torch.bfloat16) * s.to(torch.bfloat16).repeat_interleave(128, 0)[:384]
+              .repeat_interleave(128, 1)[:, :520]).to(torch.bfloat16)
+    assert same_bits(fp8_block.dequantize(q, s, dtype=torch.bfloat16), former)
