@@ -6,7 +6,8 @@
    always run with the same dtype, batch and threads. Beside each, the time of the engine's decode-step GEMMs
    replayed alone (the same weights and shapes, nothing else): what reading the weights costs, the floor of a step;
 2. the fused bundle against the unfused one, and each fusion switched off alone (``fuse_gate_up``,
-   ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``), at the first dtype, batch and thread count;
+   ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``), at the first dtype, batch and thread count; and a PP2 bundle
+   with its requests in micro-batches that overlap the two stages against the whole batch going through in turn;
 3. peak RSS of every rank of a multi-rank service against its shard (rank-file tensor bytes) and its loaded
    (dequantized) weights, in a fresh process so the numbers are the engine's own.
 
@@ -173,6 +174,7 @@ def measure(args, tmp: Path) -> dict:
 
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import ensure_tiny
+    from builder.runtime.service import EngineService, GenerationRequest
     from builder.shard.fusion import FusionOptions
     from builder.shard.rules import Layout
     from builder.specs import RunSpec
@@ -234,6 +236,19 @@ def measure(args, tmp: Path) -> dict:
     results["each_fusion_speedup"] = {k.removeprefix("engine all on but "): tps["engine fused (all on)"] / v
                                       for k, v in tps.items() if k.startswith("engine all on but")}
 
+    # 3. PP2 with and without micro-batches overlapping the stages (two worker processes, one thread each)
+    pp_bundle = tmp / "pp2"
+    pp_bundle.mkdir()
+    write_engine_bundle(ckpt, pp_bundle, layout=Layout(1, 2, 1), fusion=FusionOptions())
+    with EngineService(pp_bundle, device=args.device, dtype=dtype, threads_per_rank=1) as svc:
+        reqs = lambda n: [GenerationRequest(prompt_ids=p, max_tokens=n) for p in prompts_of(batch)]
+        pp_paths = {"micro-batches": lambda n: svc.generate(reqs(n)),
+                    "one batch": lambda n: svc.generate(reqs(n), micro_batches=False)}
+        results["pp2_decode_tokens_per_s"] = decode_rates(pp_paths, batch=batch, n1=args.n1, n2=args.n2,
+                                                          repeats=args.repeats)
+    results["pp2_micro_batch_speedup"] = (results["pp2_decode_tokens_per_s"]["micro-batches"]
+                                          / results["pp2_decode_tokens_per_s"]["one batch"])
+
     tp, pp, ep = map(int, args.rss_layout.split(","))
     rss_bundle = tmp / "rss"
     rss_bundle.mkdir()
@@ -274,6 +289,9 @@ def print_table(r: dict) -> None:
     c.print(u)
     c.print(f"fused / unfused: {r['fused_vs_unfused']:.2f}x   "
             + "  ".join(f"{k}: {v:.2f}x" for k, v in r["each_fusion_speedup"].items()))
+    p = r["pp2_decode_tokens_per_s"]
+    c.print(f"PP2 (batch {f['batch']}): micro-batches {p['micro-batches']:.0f} tokens/s, one batch "
+            f"{p['one batch']:.0f} tokens/s: {r['pp2_micro_batch_speedup']:.2f}x")
     m = Table(title=f"memory per rank ({r['rss_layout']}; a bare torch process: "
                     f"{r['bare_torch_process_rss_bytes'] / 2**20:.0f} MiB)")
     for col in ("rank", "shard MiB", "loaded weights MiB", "peak RSS MiB", "peak RSS - bare torch MiB"):

@@ -73,6 +73,10 @@ class Comm:
     def send_next(self, x: torch.Tensor) -> None:
         dist.send(x.contiguous(), dst=self.layout.rank(tp_rank=self.tp_rank, pp_rank=self.pp_rank + 1))
 
+    def isend_next(self, x: torch.Tensor):
+        """Asynchronous ``send_next``; the caller waits on the returned handle (and keeps ``x`` alive until then)."""
+        return dist.isend(x.contiguous(), dst=self.layout.rank(tp_rank=self.tp_rank, pp_rank=self.pp_rank + 1))
+
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         x = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(x, src=self.layout.rank(tp_rank=self.tp_rank, pp_rank=self.pp_rank - 1))

@@ -118,9 +118,10 @@ class Engine:
 
     # ----- one forward step -----
     def hidden(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache, *,
-               decode: bool | None = None) -> torch.Tensor | None:
+               decode: bool | None = None, sends: list | None = None) -> torch.Tensor | None:
         """Final hidden states before the norm ([B, S, H]) on last-stage ranks, None on the others. ``decode``
-        forces the decode attention path (absorbed MLA) for a multi-token step, as speculative verification uses."""
+        forces the decode attention path (absorbed MLA) for a multi-token step, as speculative verification uses.
+        With ``sends``, the hand-off to the next stage is asynchronous and its handle is appended there."""
         comm, model = self.comm, self.model
         B, S = tokens.shape
         if model.attention_dp:
@@ -132,7 +133,10 @@ class Engine:
                 h = comm.recv_prev((tokens.shape[0], S, self.cfg.hidden_size), self.dtype)
             h = model.layers_forward(h, cache, model.step_context(pos, decode=decode))
             if not comm.last_stage:
-                comm.send_next(h)
+                if sends is None:
+                    comm.send_next(h)
+                else:
+                    sends.append(comm.isend_next(h))
                 return None
             if model.attention_dp:
                 h = comm.all_gather_tp(h, dim=0)[:B]
@@ -151,10 +155,10 @@ class Engine:
         return tokens[mine], StepPositions(starts[mine], pos.width)
 
     def forward(self, tokens: torch.Tensor, pos: StepPositions, cache: KVCache,
-                last_index: torch.Tensor | None) -> torch.Tensor | None:
+                last_index: torch.Tensor | None, *, sends: list | None = None) -> torch.Tensor | None:
         """Logits on last-stage ranks ([B, V] at ``last_index`` per row, or [B, S, V] when it is None)."""
         B = tokens.shape[0]
-        h = self.hidden(tokens, pos, cache)
+        h = self.hidden(tokens, pos, cache, sends=sends)
         with torch.inference_mode():
             if h is None:
                 return None
@@ -194,57 +198,69 @@ class Engine:
 
     def generate(self, requests: list[GenerationRequest], *,
                  on_token: Callable[[int, int], None] | None = None,
-                 speculative: dict[str, Any] | None = None) -> list[GenerationResult]:
+                 speculative: dict[str, Any] | None = None, micro_batches: bool = True) -> list[GenerationResult]:
+        """``micro_batches``: with PP, overlap the stages on micro-batches of the requests (False: the whole batch
+        goes through the stages one after another, for comparison)."""
         if speculative and speculative.get("mode", "none") != "none":
             from builder.runtime.speculative import SpeculativeDecoder, SpeculativeOptions
 
             return SpeculativeDecoder(self, SpeculativeOptions.from_dict(speculative)).generate(
                 requests, on_token=on_token)
+        if micro_batches and self.comm.layout.pp > 1 and len(requests) > 1:
+            return self._generate_pipelined(requests, on_token)
         comm = self.comm
         B = len(requests)
         tokens, lens = self._batch([r.prompt_ids for r in requests])
         capacity = int(lens.max()) + max(r.max_tokens for r in requests)
         cache = self.model.new_cache(batch=B, capacity=capacity)
-        sampler = comm.rank == comm.sampler_rank
-        gens = []
-        if sampler:
-            for r in requests:
-                g = torch.Generator()
-                g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
-                gens.append(g)
-        out: list[list[int]] = [[] for _ in requests]
-        reasons: list[str | None] = [None] * B
-        stops = [set(r.stop_token_ids) for r in requests]
+        book = _Bookkeeping(requests, comm, on_token)
         zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
         logits = self.forward(tokens, StepPositions(zeros, tokens.shape[1]), cache, lens - 1)
         step = 0
         while True:
-            chosen = torch.zeros(B, dtype=torch.long, device=comm.device)
-            if sampler:
-                chosen = torch.tensor([sample(logits[b], requests[b], gens[b]) if reasons[b] is None else 0
-                                       for b in range(B)], dtype=torch.long, device=comm.device)
-            comm.broadcast(chosen, src=comm.sampler_rank)
-            ids = chosen.cpu().tolist()
-            for b, t in enumerate(ids):
-                if reasons[b] is not None:
-                    continue
-                if t in stops[b]:
-                    reasons[b] = "stop"
-                    continue
-                out[b].append(t)
-                if on_token is not None and comm.rank == 0:
-                    on_token(b, t)
-                if len(out[b]) >= requests[b].max_tokens:
-                    reasons[b] = "length"
-            if all(r is not None for r in reasons):
+            chosen = book.choose(range(B), logits)
+            if book.all_done():
                 break
             starts = (lens + step).to(comm.device)  # the position of the token just chosen
             logits = self.forward(chosen[:, None].cpu(), StepPositions(starts, 1), cache, None)
             if logits is not None:
                 logits = logits[:, 0]
             step += 1
-        return [GenerationResult(token_ids=o, finish_reason=r, target_forwards=len(o) + (r == "stop"))
-                for o, r in zip(out, reasons)]
+        return book.results()
+
+    def _generate_pipelined(self, requests: list[GenerationRequest],
+                            on_token: Callable[[int, int], None] | None) -> list[GenerationResult]:
+        """PP > 1: the batch split into ``pp`` micro-batches that move through the stages one tick apart, so each
+        stage works on a different micro-batch at the same time (as TensorRT-LLM's executor overlaps PP
+        micro-batches; one batch would leave all stages but one idle). Micro-batch ``g`` enters stage 0 at ticks
+        ``t = g (mod pp)``, reaches the last stage ``pp - 1`` ticks later, and its sampled tokens are broadcast at
+        the end of that tick, just in time for its next entry. Every rank runs the same schedule; hand-offs
+        between stages are asynchronous so that no stage waits for the next one to be free."""
+        comm, pp = self.comm, self.comm.layout.pp
+        book = _Bookkeeping(requests, comm, on_token)
+        groups = [_MicroBatch(self, [int(b) for b in rows], requests)
+                  for rows in torch.arange(len(requests)).tensor_split(min(pp, len(requests)))]
+        entered: dict[int, int] = {}  # tick -> micro-batch that entered stage 0 then
+        sends: list = []
+        t = 0
+        while not all(g.done for g in groups):
+            g = t % pp
+            if g < len(groups) and not groups[g].done:
+                entered[t] = g
+            mine = entered.get(t - comm.pp_rank)  # the micro-batch at this rank's stage now
+            logits = None
+            if mine is not None:
+                logits = groups[mine].forward(sends)
+            finished = entered.get(t - (pp - 1))  # the micro-batch at the last stage now
+            if finished is not None:
+                mb = groups[finished]
+                mb.advance(book.choose(mb.rows, logits))
+                mb.done = all(book.reasons[b] is not None for b in mb.rows)
+            for work in sends:
+                work.wait()
+            sends.clear()
+            t += 1
+        return book.results()
 
     def rank_stats(self) -> list[dict[str, int]] | None:
         """Per rank (on rank 0): peak and current RSS, bytes of loaded weights, tensor bytes of its rank file."""
@@ -272,7 +288,8 @@ class Engine:
         if op == "stats":
             return self.rank_stats()
         if op == "generate":
-            return self.generate([GenerationRequest(**r) for r in cmd["requests"]], speculative=cmd.get("speculative"))
+            return self.generate([GenerationRequest(**r) for r in cmd["requests"]], speculative=cmd.get("speculative"),
+                                 micro_batches=cmd.get("micro_batches", True))
         if op == "logits":
             return self.prompt_logits(cmd["prompts"])
         raise ValueError(f"unknown engine command {op!r}")
@@ -286,6 +303,79 @@ class Engine:
             self.run_command(cmd)
 
 
+class _Bookkeeping:
+    """Per-request sampling state and results, the same on every rank: the sampler rank draws each request's
+    token, broadcasts the chosen tokens, and every rank records them (stop tokens, length limits, streaming)."""
+
+    def __init__(self, requests: list[GenerationRequest], comm: Comm, on_token: Callable[[int, int], None] | None):
+        self.requests, self.comm, self.on_token = requests, comm, on_token
+        self.sampler = comm.rank == comm.sampler_rank
+        self.gens = []
+        if self.sampler:
+            for r in requests:
+                g = torch.Generator()
+                g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+                self.gens.append(g)
+        self.out: list[list[int]] = [[] for _ in requests]
+        self.reasons: list[str | None] = [None] * len(requests)
+        self.stops = [set(r.stop_token_ids) for r in requests]
+
+    def choose(self, rows, logits: torch.Tensor | None) -> torch.Tensor:
+        """Sample the next token of requests ``rows`` (row i of ``logits`` belongs to ``rows[i]``) on the sampler
+        rank, broadcast them, record them everywhere; returns them (0 for requests already finished)."""
+        rows = list(rows)
+        chosen = torch.zeros(len(rows), dtype=torch.long, device=self.comm.device)
+        if self.sampler:
+            chosen = torch.tensor([sample(logits[i], self.requests[b], self.gens[b]) if self.reasons[b] is None
+                                   else 0 for i, b in enumerate(rows)], dtype=torch.long, device=self.comm.device)
+        self.comm.broadcast(chosen, src=self.comm.sampler_rank)
+        for b, t in zip(rows, chosen.cpu().tolist()):
+            if self.reasons[b] is not None:
+                continue
+            if t in self.stops[b]:
+                self.reasons[b] = "stop"
+                continue
+            self.out[b].append(t)
+            if self.on_token is not None and self.comm.rank == 0:
+                self.on_token(b, t)
+            if len(self.out[b]) >= self.requests[b].max_tokens:
+                self.reasons[b] = "length"
+        return chosen
+
+    def all_done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def results(self) -> list[GenerationResult]:
+        return [GenerationResult(token_ids=o, finish_reason=r, target_forwards=len(o) + (r == "stop"))
+                for o, r in zip(self.out, self.reasons)]
+
+
+class _MicroBatch:
+    """One micro-batch of a pipelined generation: its requests, its own cache on this rank's stage, and the input
+    of its next step (the prompts first, then the tokens just chosen)."""
+
+    def __init__(self, engine: Engine, rows: list[int], requests: list[GenerationRequest]):
+        self.engine, self.rows, self.done = engine, rows, False
+        self.tokens, self.lens = engine._batch([requests[b].prompt_ids for b in rows])
+        capacity = int(self.lens.max()) + max(requests[b].max_tokens for b in rows)
+        self.cache = engine.model.new_cache(batch=len(rows), capacity=capacity)
+        self.step = -1  # -1: the prompt (prefill) is next
+
+    def forward(self, sends: list) -> torch.Tensor | None:
+        """This rank's stage of the micro-batch's next step; [rows, V] logits on the last stage."""
+        device = self.engine.comm.device
+        if self.step < 0:
+            pos = StepPositions(torch.zeros(len(self.rows), dtype=torch.long, device=device), self.tokens.shape[1])
+            return self.engine.forward(self.tokens, pos, self.cache, self.lens - 1, sends=sends)
+        pos = StepPositions((self.lens + self.step).to(device), 1)
+        logits = self.engine.forward(self.tokens, pos, self.cache, None, sends=sends)
+        return None if logits is None else logits[:, 0]
+
+    def advance(self, chosen: torch.Tensor) -> None:
+        self.tokens = chosen[:, None].cpu()
+        self.step += 1
+
+
 class Driver:
     """Rank 0's side: broadcast a command, then take part in it."""
 
@@ -294,7 +384,7 @@ class Driver:
 
     def generate(self, requests: list[GenerationRequest], *,
                  on_token: Callable[[int, int], None] | None = None,
-                 speculative: dict[str, Any] | None = None) -> list[GenerationResult]:
+                 speculative: dict[str, Any] | None = None, micro_batches: bool = True) -> list[GenerationResult]:
         """``speculative``: ``builder.runtime.speculative.SpeculativeOptions`` as a dict (None: plain decoding)."""
         for i, r in enumerate(requests):
             validate_request(r, self.engine.cfg, i)
@@ -304,8 +394,9 @@ class Driver:
             speculative = SpeculativeOptions.from_dict(speculative).to_dict()
             check_options(self.engine.bundle, SpeculativeOptions.from_dict(speculative), requests)
         self.engine.comm.broadcast_json({"op": "generate", "requests": [r.to_dict() for r in requests],
-                                         "speculative": speculative}, src=0)
-        return self.engine.generate(requests, on_token=on_token, speculative=speculative)
+                                         "speculative": speculative, "micro_batches": micro_batches}, src=0)
+        return self.engine.generate(requests, on_token=on_token, speculative=speculative,
+                                    micro_batches=micro_batches)
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         for i, p in enumerate(prompts):

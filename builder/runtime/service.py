@@ -138,14 +138,15 @@ class EngineService:
     # ----- the contract -----
     def generate(self, requests: list[GenerationRequest], *,
                  on_token: Callable[[int, int], None] | None = None,
-                 speculative: dict | None = None) -> list[GenerationResult]:
+                 speculative: dict | None = None, micro_batches: bool = True) -> list[GenerationResult]:
         """``speculative``: None for plain decoding, or ``builder.runtime.speculative.SpeculativeOptions`` fields
-        (``mode`` mtp|draft, ``draft_len``, ``draft_engine`` for a draft model's bundle)."""
+        (``mode`` mtp|draft, ``draft_len``, ``draft_engine`` for a draft model's bundle). ``micro_batches``: with
+        PP, overlap the stages on micro-batches (False: one batch through the stages in turn)."""
         if not requests:
             self._check_open()
             return []
         return self._collective(lambda: self._driver.generate(list(requests), on_token=on_token,
-                                                              speculative=speculative))
+                                                              speculative=speculative, micro_batches=micro_batches))
 
     def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
         """Float32 logits at every position of each prompt (``[len, vocab]``), for verification."""

@@ -120,6 +120,26 @@ def test_service_multi_rank_generates_with_streaming_and_stops(bundles, prompts,
     assert {i: r.token_ids for i, r in enumerate(res)} == {i: seen.get(i, []) for i in range(3)}
 
 
+def test_pp_micro_batches_give_the_same_tokens_as_one_batch(bundles, prompts, reference):
+    """PP2 with the requests split into micro-batches that overlap the stages: greedy equals transformers and the
+    one-batch schedule, seeded sampling draws the same tokens, and every request streams its tokens in order."""
+    from builder.runtime.service import EngineService, GenerationRequest
+
+    _, ref_greedy = reference
+    streamed: dict[int, list[int]] = {}
+    with EngineService(bundles(1, 2, 1), threads_per_rank=1) as svc:
+        greedy = [GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts]
+        piped = svc.generate(greedy, on_token=lambda b, t: streamed.setdefault(b, []).append(t))
+        whole = svc.generate(greedy, micro_batches=False)
+        sampled = [GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS, temperature=0.9, seed=7 + i)
+                   for i, p in enumerate(prompts + prompts[:1])]
+        piped_s, whole_s = svc.generate(sampled), svc.generate(sampled, micro_batches=False)
+    assert [r.token_ids for r in piped] == [r.token_ids for r in whole] == ref_greedy
+    assert streamed == {b: r.token_ids for b, r in enumerate(piped)}
+    assert [r.token_ids for r in piped_s] == [r.token_ids for r in whole_s]
+    assert len({tuple(r.token_ids) for r in piped_s}) > 1
+
+
 def test_gcd_rule_mlp_split_over_fewer_ranks_than_tp(tmp_path_factory, tmp_path):
     """A dense MLP of 256 (two 128-blocks) at TP4 is split over gcd(2, 4) = 2 ranks and replicated on the other
     two; the engine must count each slice once."""
