@@ -3,8 +3,9 @@
 1. decode tokens/s of the reference engine (TP1, all fusions, latent KV cache with absorbed MLA) against
    transformers' ``generate`` (eager, DynamicCache) on the same dequantized checkpoint (goal >= 2x), for every
    combination of compute dtype (``--dtypes``), batch (``--batches``) and torch threads (``--threads``): both sides
-   always run with the same dtype, batch and threads. Beside each, the time of the engine's decode-step GEMMs
-   replayed alone (the same weights and shapes, nothing else): what reading the weights costs, the floor of a step;
+   always run with the same dtype, batch and threads. Beside each, the engine's step with its weight GEMMs made free
+   (every ``linear`` returns zeros: the time spent outside them) and those GEMMs replayed alone, back to back (the
+   same weights and shapes, nothing else in between);
 2. the fused bundle against the unfused one, and each fusion switched off alone (``fuse_gate_up``,
    ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``), at the first dtype, batch and thread count; and a PP2 bundle
    with its requests in micro-batches that overlap the two stages against the whole batch going through in turn;
@@ -82,6 +83,21 @@ def hf_generate(float_dir: Path, *, device: str, dtype: torch.dtype = torch.floa
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False)
     return run
+
+
+def step_without_gemms_seconds(engine_run, prompts, *, batch: int, n1: int, n2: int, repeats: int) -> float:
+    """A decode step's time with every ``linear`` the layers call returning zeros of the right shape at once: what
+    the step spends outside its weight GEMMs (tokens are meaningless, the work per step is the same)."""
+    import builder.runtime.layers as layers
+
+    plain_linear = layers.linear
+    layers.linear = lambda x, w: x.new_zeros(*x.shape[:-1], w.shape[0])
+    try:
+        rate = decode_rates({"no GEMMs": lambda n: engine_run(prompts, n)}, batch=batch, n1=n1, n2=n2,
+                            repeats=repeats)["no GEMMs"]
+    finally:
+        layers.linear = plain_linear
+    return batch / rate
 
 
 def decode_gemm_seconds(svc, prompts, *, repeats: int) -> float:
@@ -214,7 +230,9 @@ def measure(args, tmp: Path) -> dict:
                        "engine_tokens_per_s": tps["engine"], "transformers_tokens_per_s": tps["transformers"],
                        "engine_vs_transformers": tps["engine"] / tps["transformers"],
                        "engine_step_ms": 1e3 * batch / tps["engine"],
-                       "engine_step_gemm_ms": 1e3 * decode_gemm_seconds(svc, prompts, repeats=args.repeats)}
+                       "engine_step_gemm_ms": 1e3 * decode_gemm_seconds(svc, prompts, repeats=args.repeats),
+                       "engine_step_without_gemms_ms": 1e3 * step_without_gemms_seconds(
+                           engine_run, prompts, batch=batch, n1=args.n1, n2=args.n2, repeats=args.repeats)}
                 results["comparisons"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         svc.close()
@@ -273,12 +291,13 @@ def print_table(r: dict) -> None:
     t = Table(title=f"decode tokens/s, tiny model, prompt {r['prompt_len']}, {r['device']} "
                     f"(goal: engine >= 2x transformers)")
     for col in ("dtype", "threads", "batch", "transformers", "engine", "engine / transformers", "engine step ms",
-                "of which GEMMs ms"):
+                "step without GEMMs ms", "GEMMs alone ms"):
         t.add_column(col, justify="right")
     for row in r["comparisons"]:
         t.add_row(row["dtype"], str(row["threads"]), str(row["batch"]), f"{row['transformers_tokens_per_s']:.0f}",
                   f"{row['engine_tokens_per_s']:.0f}", f"{row['engine_vs_transformers']:.2f}x",
-                  f"{row['engine_step_ms']:.2f}", f"{row['engine_step_gemm_ms']:.2f}")
+                  f"{row['engine_step_ms']:.2f}", f"{row['engine_step_without_gemms_ms']:.2f}",
+                  f"{row['engine_step_gemm_ms']:.2f}")
     c.print(t)
     f = r["fusion_config"]
     u = Table(title=f"fusions: decode tokens/s, {f['dtype']}, {f['threads']} thread(s), batch {f['batch']}")

@@ -101,9 +101,12 @@ class Indexer:
         r = self.cfg.qk_rope_head_dim
         q = linear(q_resid, self.w("wq_b.weight")).view(B, S, self.n_heads, self.head_dim)
         q = torch.cat([rotate_half_split(q[..., :r], step.cos2_h, step.sin2_h), q[..., r:]], dim=-1)
-        scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), keys.float()) * self.head_dim ** -0.5)
+        # Plain batched matmuls rather than einsum: at decode these are tiny and einsum's planning costs more than
+        # the product.
+        scores = torch.matmul(q.float().reshape(B, S * self.n_heads, -1), keys.float().transpose(1, 2))
+        scores = F.relu(scores.view(B, S, self.n_heads, -1) * self.head_dim ** -0.5)  # [B, S, H, T]
         weights = linear(x.to(torch.float32), self.w("weights_proj.weight")) * self.n_heads ** -0.5  # [B, S, H]
-        index = torch.einsum("bsh,bsht->bst", weights, scores)
+        index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
         return index.masked_fill(~step.visible, float("-inf"))
 
 
@@ -180,9 +183,11 @@ class MLA:
                 allowed = allowed & selected
         c_kv, k_rope = kv[..., :c], kv[..., c:]
         if absorbed:
-            scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_rope)
+            # One product against the cached [latent | rope key] rows: q_lat . c_kv + q_pe . k_rope.
+            q_all = torch.cat([q_lat, q_pe], dim=-1).reshape(B, S * self.heads, c + r)
+            scores = torch.matmul(q_all, kv.transpose(1, 2)).view(B, S, self.heads, -1)
             probs = self._softmax(scores, allowed)
-            context = torch.einsum("bsht,btc->bshc", probs, c_kv)
+            context = torch.matmul(probs.reshape(B, S * self.heads, -1), c_kv).view(B, S, self.heads, c)
             if self.o_latent is not None:
                 return linear(context.reshape(B, S, -1), self.o_latent)
             out = torch.einsum("bshc,hvc->bshv", context, self.w_uv)

@@ -153,7 +153,7 @@ def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_m
             with torch.no_grad():
                 y = mla(x[:, start:start + width], cache[1], step)
         outs.append(y)
-    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert float((outs[0] - outs[1]).abs().max()) < 1e-5 * float(outs[1].abs().max())  # fp32 rounding only
 
     big = preset("deepseek-v3.2")  # [h x 512] x 1536 composed vs [h x 128] x 1536 + [h x 128] x 512 factors
     assert absorbed_compositions(big, q_in=big.q_lora_rank, o_out=big.hidden_size) == (False, False)
