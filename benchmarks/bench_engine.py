@@ -5,7 +5,8 @@
    combination of compute dtype (``--dtypes``), batch (``--batches``) and torch threads (``--threads``): both sides
    always run with the same dtype, batch and threads. Beside each, the engine's step with its weight GEMMs made free
    (every ``linear`` returns zeros: the time spent outside them) and those GEMMs replayed alone, back to back (the
-   same weights and shapes, nothing else in between);
+   same weights and shapes, nothing else in between, so weights that fit the last-level cache stay there: a warm
+   lower bound, not the GEMMs' share of a real step);
 2. the fused bundle against the unfused one, and each fusion switched off alone (``fuse_gate_up``,
    ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``), at the first dtype, batch and thread count; and a PP2 bundle
    with its requests in micro-batches that overlap the two stages against the whole batch going through in turn;
