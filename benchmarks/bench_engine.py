@@ -3,10 +3,8 @@
 1. decode tokens/s of the reference engine (TP1, all fusions, latent KV cache with absorbed MLA) against
    transformers' ``generate`` (eager, DynamicCache) on the same dequantized checkpoint (goal >= 2x), for every
    combination of compute dtype (``--dtypes``), batch (``--batches``) and torch threads (``--threads``): both sides
-   always run with the same dtype, batch and threads. Beside each, the engine's step with its weight GEMMs made free
-   (every ``linear`` returns zeros: the time spent outside them) and those GEMMs replayed alone, back to back (the
-   same weights and shapes, nothing else in between, so weights that fit the last-level cache stay there: a warm
-   lower bound, not the GEMMs' share of a real step);
+   always run with the same dtype, batch and threads. Beside each, how much of the engine's decode step is spent
+   in its weight GEMMs (every ``linear`` timed where it runs);
 2. the fused bundle against the unfused one, and each fusion switched off alone (``fuse_gate_up``,
    ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``), at the first dtype, batch and thread count; and a PP2 bundle
    with its requests in micro-batches that overlap the two stages against the whole batch going through in turn;
@@ -86,54 +84,35 @@ def hf_generate(float_dir: Path, *, device: str, dtype: torch.dtype = torch.floa
     return run
 
 
-def step_without_gemms_seconds(engine_run, prompts, *, batch: int, n1: int, n2: int, repeats: int) -> float:
-    """A decode step's time with every ``linear`` the layers call returning zeros of the right shape at once: what
-    the step spends outside its weight GEMMs (tokens are meaningless, the work per step is the same)."""
+def gemm_seconds_per_step(engine_run, prompts, *, n1: int, n2: int, repeats: int) -> float:
+    """Time a decode step spends inside the layers' weight GEMMs: every ``linear`` timed where it runs, in real
+    generations of N1 and N2 tokens (their difference per step, so prefill cancels out); best of ``repeats``."""
     import builder.runtime.layers as layers
 
     plain_linear = layers.linear
-    layers.linear = lambda x, w: x.new_zeros(*x.shape[:-1], w.shape[0])
+    spent = [0.0]
+
+    def timed_linear(x, w):
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        y = plain_linear(x, w)
+        sync()
+        spent[0] += time.perf_counter() - t0
+        return y
+
+    layers.linear = timed_linear
+    best = float("inf")
     try:
-        rate = decode_rates({"no GEMMs": lambda n: engine_run(prompts, n)}, batch=batch, n1=n1, n2=n2,
-                            repeats=repeats)["no GEMMs"]
+        for _ in range(repeats):
+            per_run = {}
+            for n in (n1, n2):
+                spent[0] = 0.0
+                engine_run(prompts, n)
+                per_run[n] = spent[0]
+            best = min(best, (per_run[n2] - per_run[n1]) / (n2 - n1))
     finally:
         layers.linear = plain_linear
-    return batch / rate
-
-
-def decode_gemm_seconds(svc, prompts, *, repeats: int) -> float:
-    """The GEMMs of one decode step (every ``linear`` the engine's layers call, with their inputs) replayed alone:
-    best time of ``repeats``. Records the last forward of a two-token generation, which is a decode step."""
-    import builder.runtime.layers as layers
-    from builder.runtime.model import StageModel
-    from builder.runtime.service import GenerationRequest
-
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    plain_linear, plain_forward = layers.linear, StageModel.layers_forward
-
-    def recording_linear(x, w):
-        calls.append((x.clone(), w))
-        return plain_linear(x, w)
-
-    def fresh_forward(self, *args, **kwargs):
-        calls.clear()  # keep only the last forward's calls
-        return plain_forward(self, *args, **kwargs)
-
-    layers.linear, StageModel.layers_forward = recording_linear, fresh_forward
-    try:
-        svc.generate([GenerationRequest(prompt_ids=p, max_tokens=2) for p in prompts])
-    finally:
-        layers.linear, StageModel.layers_forward = plain_linear, plain_forward
-    sync = torch.cuda.synchronize if calls and calls[0][1].is_cuda else (lambda: None)
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            for x, w in calls:
-                plain_linear(x, w)
-            sync()
-            best = min(best, time.perf_counter() - t0)
     return best
 
 
@@ -231,9 +210,8 @@ def measure(args, tmp: Path) -> dict:
                        "engine_tokens_per_s": tps["engine"], "transformers_tokens_per_s": tps["transformers"],
                        "engine_vs_transformers": tps["engine"] / tps["transformers"],
                        "engine_step_ms": 1e3 * batch / tps["engine"],
-                       "engine_step_gemm_ms": 1e3 * decode_gemm_seconds(svc, prompts, repeats=args.repeats),
-                       "engine_step_without_gemms_ms": 1e3 * step_without_gemms_seconds(
-                           engine_run, prompts, batch=batch, n1=args.n1, n2=args.n2, repeats=args.repeats)}
+                       "engine_step_gemm_ms": 1e3 * gemm_seconds_per_step(engine_run, prompts, n1=args.n1,
+                                                                          n2=args.n2, repeats=args.repeats)}
                 results["comparisons"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         svc.close()
@@ -292,13 +270,12 @@ def print_table(r: dict) -> None:
     t = Table(title=f"decode tokens/s, tiny model, prompt {r['prompt_len']}, {r['device']} "
                     f"(goal: engine >= 2x transformers)")
     for col in ("dtype", "threads", "batch", "transformers", "engine", "engine / transformers", "engine step ms",
-                "step without GEMMs ms", "GEMMs alone ms"):
+                "of which weight GEMMs ms"):
         t.add_column(col, justify="right")
     for row in r["comparisons"]:
         t.add_row(row["dtype"], str(row["threads"]), str(row["batch"]), f"{row['transformers_tokens_per_s']:.0f}",
                   f"{row['engine_tokens_per_s']:.0f}", f"{row['engine_vs_transformers']:.2f}x",
-                  f"{row['engine_step_ms']:.2f}", f"{row['engine_step_without_gemms_ms']:.2f}",
-                  f"{row['engine_step_gemm_ms']:.2f}")
+                  f"{row['engine_step_ms']:.2f}", f"{row['engine_step_gemm_ms']:.2f}")
     c.print(t)
     f = r["fusion_config"]
     u = Table(title=f"fusions: decode tokens/s, {f['dtype']}, {f['threads']} thread(s), batch {f['batch']}")

@@ -21,32 +21,30 @@ from quantize import fp8_block, fp8_tensor, int4, nvfp4
 from quantize.formats import mode_of_checkpoint
 from quantize.stream import TensorReader
 
-_SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale")
+# What a stored weight ``X.weight`` may come with, as ``X.<suffix>``: the tensors its float value depends on, and
+# TensorRT-LLM's static activation scale, which belongs to the projection but not to its weight's value.
+WEIGHT_COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_scale_2", "pre_quant_scale")
+COMPANIONS = WEIGHT_COMPANIONS + ("input_scale",)
+COMPANION_SUFFIXES = tuple("." + c for c in COMPANIONS)
 # TensorRT-LLM names expert projections w1 (gate), w2 (down), w3 (up).
 _W_TO_PROJ = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
 _W4A8_SCALE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.\d+)\.w([123])\.input_scale$")
 
 
-def iter_float(root: str | Path, *, mode: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    mode = mode or mode_of_checkpoint(root)
+def iter_float(root: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     with TensorReader(root) as r:
         names = set(r.names)
         for name in r.names:
-            if name.endswith(_SCALE_SUFFIXES):
-                continue
-            yield name, _weight(r, name, names, mode)
+            if not name.endswith(COMPANION_SUFFIXES):
+                yield name, dequantize(r.read(name), companions_of(name, names, r.read))
 
 
-def _weight(r: TensorReader, name: str, names: set[str], mode: str) -> torch.Tensor:
-    base = name[: -len("weight")] if name.endswith(".weight") else None
-    t = r.read(name)
-    if base is None:
-        return t.to(torch.float32)
-    return dequantize(t, {s: r.read(base + s) for s in WEIGHT_COMPANIONS if base + s in names})
-
-
-# What a stored weight ``X.weight`` may come with, as ``X.<suffix>``: the tensors its float value depends on.
-WEIGHT_COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_scale_2", "pre_quant_scale")
+def companions_of(name: str, names: set[str], read) -> dict[str, torch.Tensor]:
+    """The weight companions of tensor ``name`` present in ``names`` (suffix -> tensor, read with ``read``)."""
+    if not name.endswith(".weight"):
+        return {}
+    base = name[: -len("weight")]
+    return {c: read(base + c) for c in WEIGHT_COMPANIONS if base + c in names}
 
 
 def dequantize(weight: torch.Tensor, companions: dict[str, torch.Tensor], *,

@@ -45,7 +45,7 @@ def weight_sqnr(src: Path, quant: Path, *, mode: str) -> dict[str, Any]:
     per: dict[str, float] = {}
     with TensorReader(src) as ref:
         names = set(ref.names)
-        for name, w in dequant.iter_float(quant, mode=mode):
+        for name, w in dequant.iter_float(quant):
             if name not in names or w.dim() == 0:
                 continue
             r = reference_float(ref, name)
@@ -78,7 +78,7 @@ def logits_quality(src: Path, quant: Path, *, mode: str, tokens: torch.Tensor) -
                                  if not n.endswith("weight_scale_inv")), src / "config.json")
     p = torch.log_softmax(logits(ref_model, tokens), -1)
     del ref_model
-    q_model = float_model(dequant.iter_float(quant, mode=mode), src / "config.json")
+    q_model = float_model(dequant.iter_float(quant), src / "config.json")
     scales = dequant.activation_scales(quant, mode=mode)
     if mode == "w4afp8":
         scales = _w4a8_loader_scales(scales)

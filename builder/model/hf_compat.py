@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from builder.model.safetensors_io import validate_checkpoint, write_index, write_safetensors
+from builder.model.safetensors_io import write_index, write_safetensors
 
 
 def iter_dequantized(root: str | Path, *, dtype: torch.dtype = torch.float32):
@@ -21,8 +21,7 @@ def iter_dequantized(root: str | Path, *, dtype: torch.dtype = torch.float32):
     tensors consumed; AWQ's pre_quant_scale folded in)."""
     from quantize.dequant import iter_float
 
-    validate_checkpoint(root)
-    for name, t in iter_float(root):
+    for name, t in iter_float(root):  # validates the checkpoint first
         yield name, t.to(dtype)
 
 

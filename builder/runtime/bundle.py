@@ -10,9 +10,9 @@ import torch
 from builder.errors import CheckpointError
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import read_header
-from builder.shard.fusion import COMPANIONS, FusionOptions, unfuse_dequantize
+from builder.shard.fusion import FusionOptions, unfuse_dequantize
 from builder.shard.rules import Layout
-from quantize.dequant import WEIGHT_COMPANIONS
+from quantize.dequant import COMPANION_SUFFIXES, companions_of
 
 ENGINE_CONFIG = "config.json"
 # Kept in fp32 whatever the compute dtype (as in DeepSeek's and transformers' code): the router and its bias, and
@@ -91,14 +91,12 @@ class EngineBundle:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
             for name in sorted(names):
-                if name.endswith(tuple("." + c for c in COMPANIONS)):
+                if name.endswith(COMPANION_SUFFIXES):
                     continue  # consumed with their weight (activation input scales are not needed here)
-                t = f.get_tensor(name)
-                base = name[: -len("weight")] if name.endswith(".weight") else None
-                companions = {c: f.get_tensor(base + c) for c in WEIGHT_COMPANIONS if base and base + c in names}
                 try:
-                    out[name] = unfuse_dequantize(name, t, companions, self.cfg,
-                                                  dtype=torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
+                    dt = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
+                    out[name] = unfuse_dequantize(name, f.get_tensor(name), companions_of(name, names, f.get_tensor),
+                                                  self.cfg, dtype=dt)
                 except ValueError as exc:
                     raise CheckpointError(f"{path.name}: {name}: {exc}") from exc
         return {k: v.to(device) for k, v in out.items()}

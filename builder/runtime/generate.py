@@ -213,7 +213,7 @@ class Engine:
         tokens, lens = self._batch([r.prompt_ids for r in requests])
         capacity = int(lens.max()) + max(r.max_tokens for r in requests)
         cache = self.model.new_cache(batch=B, capacity=capacity)
-        book = _Bookkeeping(requests, comm, on_token)
+        book = Bookkeeping(requests, comm, on_token)
         zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
         logits = self.forward(tokens, StepPositions(zeros, tokens.shape[1]), cache, lens - 1)
         step = 0
@@ -237,7 +237,7 @@ class Engine:
         the end of that tick, just in time for its next entry. Every rank runs the same schedule; hand-offs
         between stages are asynchronous so that no stage waits for the next one to be free."""
         comm, pp = self.comm, self.comm.layout.pp
-        book = _Bookkeeping(requests, comm, on_token)
+        book = Bookkeeping(requests, comm, on_token)
         groups = [_MicroBatch(self, [int(b) for b in rows], requests)
                   for rows in torch.arange(len(requests)).tensor_split(min(pp, len(requests)))]
         entered: dict[int, int] = {}  # tick -> micro-batch that entered stage 0 then
@@ -303,9 +303,10 @@ class Engine:
             self.run_command(cmd)
 
 
-class _Bookkeeping:
+class Bookkeeping:
     """Per-request sampling state and results, the same on every rank: the sampler rank draws each request's
-    token, broadcasts the chosen tokens, and every rank records them (stop tokens, length limits, streaming)."""
+    token with the request's own seeded generator, broadcasts the chosen tokens, and every rank records them (stop
+    tokens, length limits, streaming). Plain, pipelined and speculative decoding share it."""
 
     def __init__(self, requests: list[GenerationRequest], comm: Comm, on_token: Callable[[int, int], None] | None):
         self.requests, self.comm, self.on_token = requests, comm, on_token
@@ -330,17 +331,22 @@ class _Bookkeeping:
                                    else 0 for i, b in enumerate(rows)], dtype=torch.long, device=self.comm.device)
         self.comm.broadcast(chosen, src=self.comm.sampler_rank)
         for b, t in zip(rows, chosen.cpu().tolist()):
+            self.record(b, [t])
+        return chosen
+
+    def record(self, b: int, tokens: list[int]) -> None:
+        """Append request ``b``'s new tokens until a stop token (not kept) or its ``max_tokens`` ends it."""
+        for t in tokens:
             if self.reasons[b] is not None:
-                continue
+                return
             if t in self.stops[b]:
                 self.reasons[b] = "stop"
-                continue
+                return
             self.out[b].append(t)
             if self.on_token is not None and self.comm.rank == 0:
                 self.on_token(b, t)
             if len(self.out[b]) >= self.requests[b].max_tokens:
                 self.reasons[b] = "length"
-        return chosen
 
     def all_done(self) -> bool:
         return all(r is not None for r in self.reasons)

@@ -19,7 +19,6 @@ outcomes travel from the sampler rank (TP rank 0 of the last stage) by broadcast
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -27,7 +26,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from builder.errors import RequestError
-from builder.runtime.generate import GenerationRequest, GenerationResult, probabilities, sample
+from builder.runtime.generate import Bookkeeping, GenerationRequest, GenerationResult, probabilities
 from builder.runtime.kv_cache import StepPositions
 
 MODES = ("mtp", "draft")
@@ -184,49 +183,23 @@ class SpeculativeDecoder:
         capacity = int(lens.max()) + max(r.max_tokens for r in requests) + 2 * N + 2
         cache = engine.model.new_cache(batch=B, capacity=capacity)
         self.proposer.start(batch=B, capacity=capacity)
-        sampler = comm.rank == comm.sampler_rank
-        gens = []
-        if sampler:
-            for r in requests:
-                g = torch.Generator()
-                g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
-                gens.append(g)
-        results = [GenerationResult(token_ids=[], finish_reason="length", target_forwards=1) for _ in requests]
-        reasons: list[str | None] = [None] * B
-        stops = [set(r.stop_token_ids) for r in requests]
-
-        def emit(b: int, new: list[int]) -> None:
-            for t in new:
-                if t in stops[b]:
-                    reasons[b] = "stop"
-                    return
-                results[b].token_ids.append(t)
-                if on_token is not None and comm.rank == 0:
-                    on_token(b, t)
-                if len(results[b].token_ids) >= requests[b].max_tokens:
-                    reasons[b] = "length"
-                    return
+        book = Bookkeeping(requests, comm, on_token)
+        sampler, reasons = book.sampler, book.reasons
+        results = [GenerationResult(token_ids=out, finish_reason="length", target_forwards=1) for out in book.out]
 
         # Prefill: the target over the prompts, its first token exactly as plain decoding samples it.
         zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
         hidden = engine.hidden(tokens, StepPositions(zeros, tokens.shape[1]), cache)
-        first = torch.zeros(B, dtype=torch.long, device=comm.device)
-        if sampler:
+        logits = None
+        if comm.last_stage:  # every TP rank of the last stage takes part in the vocab all-gather
             with torch.inference_mode():
-                last = hidden[torch.arange(B, device=hidden.device), (lens - 1).to(hidden.device)]
-                logits = engine.model.logits(last)
-            first = torch.tensor([sample(logits[b], requests[b], gens[b]) for b in range(B)], dtype=torch.long,
-                                 device=comm.device)
-        elif comm.last_stage:  # the other TP ranks of the last stage take part in the vocab all-gather
-            with torch.inference_mode():
-                engine.model.logits(hidden[torch.arange(B, device=hidden.device), (lens - 1).to(hidden.device)])
-        comm.broadcast(first, src=comm.sampler_rank)
+                logits = engine.model.logits(hidden[torch.arange(B, device=hidden.device),
+                                                    (lens - 1).to(hidden.device)])
+        first = book.choose(range(B), logits)
         first_ids = first.cpu().tolist()
-        for b in range(B):
-            emit(b, [first_ids[b]])
         state = DecodeState(requests=requests, draft_len=N, pending=first.cpu(), positions=lens.clone(),
                             history=[list(r.prompt_ids) + [first_ids[b]] for b, r in enumerate(requests)],
-                            active=[r is None for r in reasons], gens=gens, sampler=sampler)
+                            active=[r is None for r in reasons], gens=book.gens, sampler=sampler)
         self.proposer.prefill(tokens, lens, hidden, first)
 
         while any(state.active):
@@ -256,7 +229,7 @@ class SpeculativeDecoder:
                 res.total_draft_tokens += N
                 res.total_accepted_draft_tokens += a
                 res.target_forwards += 1
-                emit(b, new)
+                book.record(b, new)
                 state.history[b].extend(new)
                 state.positions[b] += a + 1
                 state.active[b] = reasons[b] is None

@@ -26,11 +26,9 @@ from typing import Any
 import torch
 
 from builder.model.config import FP8_BLOCK, ModelConfig
+from quantize.dequant import COMPANIONS, dequantize
 
 SCALE = "weight_scale_inv"
-# The tensors ``X.<suffix>`` that belong to a weight ``X.weight`` (its format's scales; input scales are TensorRT-LLM's
-# activation scales, carried along so they stay with their projection).
-COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_scale_2", "pre_quant_scale", "input_scale")
 _PER_PART = ("weight_scale_2", "pre_quant_scale", "input_scale")
 
 
@@ -128,8 +126,6 @@ def unfuse_dequantize(name: str, weight: torch.Tensor, companions: dict[str, tor
                       dtype: torch.dtype) -> torch.Tensor:
     """A (possibly fused, possibly stacked) stored weight in ``dtype``, dequantized part by part from its
     companions (suffix -> tensor; an unquantized weight has none)."""
-    from quantize.dequant import dequantize
-
     if weight.dim() == 3:
         return torch.stack([unfuse_dequantize(name, w, {k: v[e] for k, v in companions.items()}, cfg, dtype=dtype)
                             for e, w in enumerate(weight)])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_dsbuild
 from tests.hardening import record
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.xdist_group("triton-cpu")]
@@ -45,26 +44,17 @@ def tree_rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory, cache_dir) -> Path:
-    work = tmp_path_factory.mktemp("load-run")
-    run_dsbuild("run", "--tp", "2", "--pp", "1", "--out", "run", "--concurrency", "32", cwd=work,
-                env={"XDG_CACHE_HOME": str(cache_dir)}, check=True)
-    return work / "run"
+    from tests.support.served import build_cpu_run
+
+    return build_cpu_run(tmp_path_factory.mktemp("load-run"), cache_dir, concurrency=32)
 
 
 @pytest.fixture(scope="module")
 def expected(cpu_run):
-    from builder.runtime.service import EngineService, GenerationRequest
-    from builder.runtime.text import encode_prompt
+    from tests.support.served import direct_results
 
-    out = {}
-    with EngineService(cpu_run / "engines") as engine:
-        tok = engine.tokenizer()
-        eos = [int(engine.bundle.cfg.raw["eos_token_id"])]
-        for p in PROMPTS:
-            (res,) = engine.generate([GenerationRequest(prompt_ids=encode_prompt(engine.bundle, tok, p),
-                                                        max_tokens=MAX_TOKENS, stop_token_ids=eos)])
-            out[p] = tok.decode(res.token_ids)
-    return out
+    results = direct_results(cpu_run / "engines", {p: (p, {}) for p in PROMPTS}, max_tokens=MAX_TOKENS)
+    return {p: text for p, (text, _) in results.items()}
 
 
 def test_32_streams_and_malformed_requests_for_a_fixed_time(cpu_run, expected, tmp_path):

@@ -8,9 +8,7 @@ last test stops it with SIGTERM. Expected outputs come from ``EngineService`` ru
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import threading
 import time
 import urllib.error
@@ -20,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DSBUILD, REPO, run_dsbuild
-from tests.support.served import serve_repo
+from tests.conftest import REPO, run_dsbuild
+from tests.support.served import build_cpu_run, direct_results, serve_repo
 
 try:
     import builder.runtime.service  # noqa: F401
@@ -43,30 +41,19 @@ SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory, cache_dir) -> Path:
-    work = tmp_path_factory.mktemp("serve-run")
-    run_dsbuild("run", "--tp", "2", "--pp", "1", "--out", "run", "--concurrency", "16", cwd=work,
-                env={"XDG_CACHE_HOME": str(cache_dir)}, check=True)
-    return work / "run"
+    return build_cpu_run(tmp_path_factory.mktemp("serve-run"), cache_dir, concurrency=16)
 
 
 @pytest.fixture(scope="module")
 def expected(cpu_run):
     """Direct EngineService output for every prompt: greedy, and seeded sampling."""
-    from builder.runtime.service import EngineService, GenerationRequest
-    from builder.runtime.text import encode_prompt
-
-    out = {}
-    with EngineService(cpu_run / "engines") as engine:
-        tok = engine.tokenizer()
-        eos = [int(engine.bundle.cfg.raw["eos_token_id"])]  # TensorRT-LLM's default: stop at end-of-sentence
-        for i, p in enumerate(PROMPTS):
-            ids = encode_prompt(engine.bundle, tok, p)
-            modes = (("greedy", {}), ("sampled", SAMPLED)) if i < 2 or i % 4 == 0 else (("greedy", {}),)
-            for name, params in modes:
-                (res,) = engine.generate([GenerationRequest(prompt_ids=ids, max_tokens=8, stop_token_ids=eos,
-                                                            **params)])
-                out[(p, name)] = (tok.decode(res.token_ids), res.finish_reason, len(res.token_ids))
-    return out
+    wanted = {}
+    for i, p in enumerate(PROMPTS):
+        wanted[(p, "greedy")] = (p, {})
+        if i < 2 or i % 4 == 0:
+            wanted[(p, "sampled")] = (p, SAMPLED)
+    results = direct_results(cpu_run / "engines", wanted, max_tokens=8)
+    return {key: (text, res.finish_reason, len(res.token_ids)) for key, (text, res) in results.items()}
 
 
 @pytest.fixture(scope="module")

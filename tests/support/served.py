@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.conftest import DSBUILD, REPO
+from tests.conftest import REPO, run_dsbuild
 
 
 @dataclass
@@ -26,34 +23,34 @@ class Served:
 
 @contextlib.contextmanager
 def serve_repo(repo: Path, log: Path, *, exit_timeout: int = 10, ready_timeout: float = 300) -> Iterator[Served]:
-    from triton_repo.server import free_ports
+    from triton_repo.background import serve_in_background
 
-    ports = free_ports()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*DSBUILD, "serve", "--repo", str(repo), "--http-port", str(ports.http),
-                             "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics),
-                             "--exit-timeout", str(exit_timeout), "--log-file", str(log)],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
+    with serve_in_background(repo, log_file=log, ready_timeout=ready_timeout, exit_timeout=exit_timeout,
+                             env=env) as server:
+        yield Served(server.proc, server.http, server.grpc, log, server.stderr_lines)
 
-    def pump():
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving on" in line:
-                ready.set()
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while not ready.wait(0.5):
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, f"server not ready in {ready_timeout} s:\n" + "".join(lines)
-        yield Served(proc, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", log, lines)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+
+def build_cpu_run(work: Path, cache_dir: Path, *, concurrency: int) -> Path:
+    """``dsbuild run`` of the tiny model at TP2 x PP1 into ``work/run`` (CPU Triton repository included)."""
+    run_dsbuild("run", "--tp", "2", "--pp", "1", "--out", "run", "--concurrency", str(concurrency), cwd=work,
+                env={"XDG_CACHE_HOME": str(cache_dir)}, check=True)
+    return work / "run"
+
+
+def direct_results(engine_dir: Path, wanted: dict, *, max_tokens: int) -> dict:
+    """What ``EngineService`` itself returns for each ``key -> (prompt text, sampling params)`` of ``wanted``, one
+    request at a time and stopping at end-of-sentence as TensorRT-LLM does by default: key -> (decoded text,
+    GenerationResult)."""
+    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.runtime.text import encode_prompt
+
+    out = {}
+    with EngineService(engine_dir) as engine:
+        tok = engine.tokenizer()
+        eos = [int(engine.bundle.cfg.raw["eos_token_id"])]
+        for key, (prompt, params) in wanted.items():
+            (res,) = engine.generate([GenerationRequest(prompt_ids=encode_prompt(engine.bundle, tok, prompt),
+                                                        max_tokens=max_tokens, stop_token_ids=eos, **params)])
+            out[key] = (tok.decode(res.token_ids), res)
+    return out
