@@ -6,7 +6,8 @@
    always run with the same dtype, batch and threads. Beside each, how much of the engine's decode step is spent
    in its weight GEMMs (every ``linear`` timed where it runs);
 2. the fused bundle against the unfused one, and each fusion switched off alone (``fuse_gate_up``,
-   ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``), at the first dtype, batch and thread count; and a PP2 bundle
+   ``fuse_qkv_a``, ``absorb_mla``, ``stack_experts``, and on CPU the load-time pre-packing of the GEMM weights,
+   ``packed_gemms``), at the first dtype, batch and thread count; and a PP2 bundle
    with its requests in micro-batches that overlap the two stages against the whole batch going through in turn;
 3. peak RSS of every rank of a multi-rank service against its shard (rank-file tensor bytes) and its loaded
    (dequantized) weights, in a fresh process so the numbers are the engine's own.
@@ -224,6 +225,17 @@ def measure(args, tmp: Path) -> dict:
     for name, bundle in bundles.items():
         svc, run = engine_generate(bundle, device=args.device, dtype=dtype)
         paths[f"engine {name}"] = partial(run, prompts_of(batch))
+        services.append(svc)
+    if args.device == "cpu":  # the fused bundle with its CPU GEMM weights left unpacked (plain F.linear)
+        previous = os.environ.get("DSBUILD_PACKED_GEMMS")
+        os.environ["DSBUILD_PACKED_GEMMS"] = "0"
+        try:
+            svc, run = engine_generate(bundles["fused (all on)"], device=args.device, dtype=dtype)
+        finally:
+            os.environ.pop("DSBUILD_PACKED_GEMMS")
+            if previous is not None:
+                os.environ["DSBUILD_PACKED_GEMMS"] = previous
+        paths["engine all on but packed_gemms"] = partial(run, prompts_of(batch))
         services.append(svc)
     tps = results["decode_tokens_per_s"] = decode_rates(paths, batch=batch, n1=args.n1, n2=args.n2,
                                                         repeats=args.repeats)

@@ -9,7 +9,7 @@ import torch
 from builder.runtime.bundle import EngineBundle
 from builder.runtime.distributed import Comm
 from builder.runtime.kv_cache import KVCache, StepPositions
-from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, gemm_layout, rms_norm
+from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, gemm_form, linear, rms_norm
 from builder.runtime.rope import RopeTable
 from builder.shard.rules import mlp_tp
 
@@ -34,11 +34,9 @@ class StageModel:
         self._dense_active = layout.attention_dp or comm.tp_rank < mlp_tp(cfg.intermediate_size, layout)
         self._shared_active = layout.attention_dp or \
             comm.tp_rank < mlp_tp(cfg.moe_intermediate_size * cfg.n_shared_experts, layout)
-        for name, t in tensors.items():
-            if t.ndim == 2 and "embed_tokens" not in name:  # embeddings are gathered by row, not multiplied
-                tensors[name] = gemm_layout(t)
         for i in self.layers:
             self.add_layer(i)
+        self._to_gemm_form([n for n in tensors if not n.startswith("model.layers.")])  # the LM head
         self.vocab_per_rank = cfg.vocab_size // self._attention_tp
 
     def add_layer(self, i: int) -> None:
@@ -47,6 +45,17 @@ class StageModel:
         self.attn[i] = MLA(self.cfg, lw.sub("self_attn."), tp=self._attention_tp, rope=self.rope, absorb=self._absorb)
         self.mlp[i] = (MoE(self.cfg, lw.sub("mlp."), experts=self._experts, shared_active=self._shared_active)
                        if self.cfg.is_moe_layer(i) else MLP(lw.sub("mlp."), active=self._dense_active))
+        # After the layer's set-up has read its weights (absorption, expert stacks), not before: a packed weight
+        # serves GEMMs only.
+        self._to_gemm_form([n for n in self.w.t if n.startswith(lw.prefix)])
+
+    def _to_gemm_form(self, names: list[str]) -> None:
+        """Every 2-D weight among ``names`` in the form ``linear`` reads fastest (every 2-D tensor but the
+        embeddings, which are gathered by row, is a GEMM weight)."""
+        for name in names:
+            t = self.w.t[name]
+            if t.ndim == 2 and not t.is_mkldnn and "embed_tokens" not in name:
+                self.w.t[name] = gemm_form(t)
 
     def rows_per_rank(self, batch: int) -> int:
         """Rows of a ``batch`` each rank runs through its decoder layers (attention-DP: its share, padded)."""
@@ -106,7 +115,7 @@ class StageModel:
     def head_logits(self, normed: torch.Tensor, *, head: str = "lm_head.weight") -> torch.Tensor:
         """Full-vocabulary logits of already-normed hidden states (local vocab slice then TP all-gather, or the
         whole head on every rank under attention-DP)."""
-        logits = torch.nn.functional.linear(normed, self.w(head))
+        logits = linear(normed, self.w(head))
         return logits if self._attention_tp == 1 else self.comm.all_gather_tp(logits, dim=-1)
 
     def logits(self, h: torch.Tensor, *, norm: str = "model.norm.weight", head: str = "lm_head.weight") -> torch.Tensor:

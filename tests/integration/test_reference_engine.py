@@ -196,6 +196,27 @@ def test_fused_and_unfused_bundles_agree(bundles, prompts):
     assert outs["fused"][1] == outs["unfused"][1]
 
 
+def test_packed_and_plain_gemm_weights_agree(bundles, prompts, monkeypatch):
+    """The CPU engine's pre-packed GEMM weights (its default) against plain tensors: same logits within fp32
+    rounding, same greedy tokens; every 2-D weight of the decoder but the embedding is packed, experts included."""
+    from builder.runtime.service import EngineService, GenerationRequest
+
+    outs = {}
+    for packed in ("1", "0"):
+        monkeypatch.setenv("DSBUILD_PACKED_GEMMS", packed)
+        with EngineService(bundles(1, 1, 1)) as svc:
+            model = svc.engine.model
+            mtp = f"model.layers.{svc.engine.cfg.num_hidden_layers}."  # set up (and packed) when MTP drafts
+            gemm_weights = [n for n, t in model.w.t.items()
+                            if t.ndim == 2 and "embed_tokens" not in n and not n.startswith(mtp)]
+            assert gemm_weights and all(model.w.t[n].is_mkldnn == (packed == "1") for n in gemm_weights)
+            assert bool(model.mlp[1].expert_gemms) == (packed == "1")
+            reqs = [GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts]
+            outs[packed] = (svc.prompt_logits(prompts), [r.token_ids for r in svc.generate(reqs)])
+    assert max_rel_err(outs["1"][0], outs["0"][0]) < 1e-5
+    assert outs["1"][1] == outs["0"][1]
+
+
 def test_seeded_sampling_repeats_and_bf16_stays_close(bundles, prompts):
     from builder.runtime.service import EngineService, GenerationRequest
 

@@ -158,3 +158,27 @@ def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_m
     big = preset("deepseek-v3.2")  # [h x 512] x 1536 composed vs [h x 128] x 1536 + [h x 128] x 512 factors
     assert absorbed_compositions(big, q_in=big.q_lora_rank, o_out=big.hidden_size) == (False, False)
     assert absorbed_compositions(cfg, q_in=cfg.q_lora_rank, o_out=cfg.hidden_size) == (True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_gemm_weights_multiply_like_f_linear(dtype, monkeypatch):
+    """A pre-packed CPU weight gives F.linear's product for any row count (the pack's row hint is only a hint),
+    batched inputs and strided views; DSBUILD_PACKED_GEMMS=0 keeps plain tensors."""
+    import torch.nn.functional as F
+
+    from builder.runtime.layers import PACKED_ROWS_HINT, gemm_form, linear, packed_gemms_enabled
+
+    assert packed_gemms_enabled(), "this torch build cannot pre-pack CPU GEMM weights: decode runs ~1.3x slower"
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 128, generator=g).to(dtype)
+    packed = gemm_form(w)
+    assert packed.is_mkldnn and packed.shape == w.shape and packed.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (0, 1, PACKED_ROWS_HINT, 7, 64):
+        x = torch.randn(rows, 128, generator=g).to(dtype)
+        torch.testing.assert_close(linear(x, packed).float(), F.linear(x, w).float(), rtol=tol, atol=tol)
+    x = torch.randn(2, 3, 256, generator=g).to(dtype)[..., ::2]  # batched and strided
+    torch.testing.assert_close(linear(x, packed).float(), F.linear(x, w).float(), rtol=tol, atol=tol)
+    monkeypatch.setenv("DSBUILD_PACKED_GEMMS", "0")
+    plain = gemm_form(w)
+    assert not plain.is_mkldnn and torch.equal(plain, w)
