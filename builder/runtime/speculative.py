@@ -253,20 +253,27 @@ class SpeculativeDecoder:
         for b, req in enumerate(state.requests):
             if not state.active[b]:
                 continue
-            row = drafts[b].tolist()
-            past = state.history[b] if req.penalized else []
-            if req.temperature == 0:
-                if req.penalized:
-                    a, new = greedy_verify(row, torch.stack([adjusted_logits(logits[b, k], req, past + row[:k])
-                                                             for k in range(N + 1)]))
-                else:
-                    a, new = greedy_verify(row, logits[b])
-            else:
-                p = torch.stack([probabilities(logits[b, k], req, past + row[:k]) for k in range(N + 1)])
-                a, new = rejection_verify(row, torch.stack(q[b]), p, state.gens[b])
+            a, new = verify_row(req, state.history[b], drafts[b].tolist(), logits[b],
+                                q[b] if req.temperature > 0 else None, state.gens[b])
             out[b, 0] = a
             out[b, 1:a + 2] = torch.tensor(new, dtype=torch.long)
         return out
+
+
+def verify_row(req: GenerationRequest, history: list[int], drafts: list[int], logits: torch.Tensor,
+               q: list[torch.Tensor] | None, gen: torch.Generator | None) -> tuple[int, list[int]]:
+    """One request's verification: ``logits`` [N+1, V] are the target's at the pending token and after each draft,
+    ``history`` the request's emitted tokens (prompt and pending token included). Position k is penalized as plain
+    decoding would at that point: its history is ``history + drafts[:k]``. ``q``: the drafter's distributions
+    (sampling only). Returns (accepted count, tokens to emit)."""
+    positions = range(len(drafts) + 1)
+    if req.temperature == 0:
+        if req.penalized:
+            logits = torch.stack([adjusted_logits(logits[k], req, history + drafts[:k]) for k in positions])
+        return greedy_verify(drafts, logits)
+    past = history if req.penalized else []
+    p = torch.stack([probabilities(logits[k], req, past + drafts[:k]) for k in positions])
+    return rejection_verify(drafts, torch.stack(q), p, gen)
 
 
 def draft_tokens_collectively(comm, logits_rows: torch.Tensor | None, state: DecodeState,
