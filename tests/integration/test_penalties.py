@@ -1,7 +1,8 @@
 """Presence/frequency penalties through the reference engine against an independent oracle: a greedy loop over
 transformers' DeepseekV32ForCausalLM full-sequence logits with the penalty applied by this test itself, on the
 trained tiny model (whose plain greedy output repeats itself). One process and PP2 with pipelined micro-batches;
-a batch whose requests carry different penalties; and `dsbuild generate --engine` with the new flags."""
+a batch whose requests carry different penalties; MTP and draft-model speculative decoding; and
+`dsbuild generate --engine` with the new flags."""
 
 from __future__ import annotations
 
@@ -83,6 +84,22 @@ def test_penalized_greedy_batch_equals_the_transformers_loop(bundles, prompts, o
         mixed = svc.generate(_requests(prompts, [PENALTIES[0], (0.0, 0.0), PENALTIES[2]]))
     assert [r.token_ids for r in got] == penalized
     assert [r.token_ids for r in mixed] == [penalized[0], plain[1], penalized[2]]
+
+
+def test_penalized_greedy_speculative_equals_the_transformers_loop(bundles, prompts, oracle, cache_dir, tmp_path):
+    """The trained MTP module and the trained tiny draft model, drafts penalized like the target's positions:
+    greedy speculative output is the oracle's penalized greedy output, with drafts partly accepted."""
+    from builder.model.tiny import ensure_tiny
+
+    draft = build_bundle(ensure_tiny(cache_dir / "models", preset_name="tiny-draft"), tmp_path / "draft", tp=1,
+                         pp=1, ep=1)
+    _, penalized = oracle
+    with EngineService(bundles[1, 1], threads_per_rank=1) as svc:
+        for spec in ({"mode": "mtp", "draft_len": 3}, {"mode": "draft", "draft_len": 3, "draft_engine": str(draft)}):
+            got = svc.generate(_requests(prompts, PENALTIES), speculative=spec)
+            assert [r.token_ids for r in got] == penalized, spec["mode"]
+            accepted = sum(r.total_accepted_draft_tokens for r in got)
+            assert 0 < accepted < sum(r.total_draft_tokens for r in got), spec["mode"]
 
 
 def test_generate_cli_frequency_penalty_changes_a_looping_continuation(bundles, dsbuild, oracle):
