@@ -190,7 +190,8 @@ class TritonPythonModel:
         streaming = bool(_scalar(request, "streaming", False))
         return Job(sender=sender, request_id=request.request_id() or "", prompt_ids=prompt_ids,
                    max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=None if seed is None else int(seed), stop_strings=[s for s in _strings(request, "sampling_param_stop") if s],
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                   seed=None if seed is None else int(seed), stop_strings=[s for s in _strings(request, "sampling_param_stop") if s],
                    streaming=streaming, exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True)),
                    prompt_text=prompt, arrival_ns=arrival)
 
@@ -242,8 +243,8 @@ class TritonPythonModel:
     def _run(self, batch):
         requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, max_tokens=j.max_tokens,
                                            temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
-                                           presence_penalty=j.presence_penalty,
-                                           frequency_penalty=j.frequency_penalty, seed=j.seed, stop_token_ids=list(self.stop_token_ids)) for j in batch]
+                                           presence_penalty=j.presence_penalty, frequency_penalty=j.frequency_penalty,
+                                           seed=j.seed, stop_token_ids=list(self.stop_token_ids)) for j in batch]
         try:
             results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok),
                                            speculative=self.speculative)
