@@ -408,6 +408,10 @@ def _engine_options(fn: Callable) -> Callable:
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=click.IntRange(0, (1 << 64) - 1), default=None,
               help="Sampling seed (same seed, same tokens).")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+              help="Subtracted from the logit of every token already in the prompt or output (negative: favour them).")
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+              help="Subtracted from a token's logit once per occurrence in the prompt and output.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, finish_reason, ...).")
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
               help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).")
@@ -426,8 +430,8 @@ def _engine_options(fn: Callable) -> Callable:
                    "--spec draft` writes it).")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
-def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p, seed, as_json, protocol, stream,
-                 stop, model_name, timeout, threads_per_rank, python_executable, ignore_eos, spec, draft_len,
+def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p, seed, presence_penalty,
+                 frequency_penalty, as_json, protocol, stream, stop, model_name, timeout, threads_per_rank, python_executable, ignore_eos, spec, draft_len,
                  draft_engine, verbose):
     """Generate text from a served model (--url) or with the reference engine on this host (--engine)."""
     from builder.errors import SpecError
@@ -439,11 +443,13 @@ def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p,
     if url:
         _generate_remote(url=url, prompt=prompt, protocol=protocol, stream=stream, max_tokens=max_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                          model_name=model_name, timeout=timeout, as_json=as_json)
     else:
         _generate_direct(engine_dir=engine_dir, threads_per_rank=threads_per_rank,
                          python_executable=python_executable, prompt=prompt, max_tokens=max_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                          as_json=as_json, speculative=_speculative_options(engine_dir, spec, draft_len, draft_engine))
 
 
@@ -460,7 +466,8 @@ def _speculative_options(engine_dir: Path, spec: str | None, draft_len: int | No
 
 def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,
                      top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], model_name: str,
-                     timeout: float, as_json: bool) -> None:
+                     timeout: float, as_json: bool, presence_penalty: float = 0.0,
+                     frequency_penalty: float = 0.0) -> None:
     from triton_repo.client import GenerateOptions, generate
 
     shown = [""]
@@ -472,7 +479,8 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
             shown[0] = text
 
     opts = GenerateOptions(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop=tuple(stop), stream=stream)
+                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
+                           stop=tuple(stop), stream=stream)
     result = generate(url, opts, protocol=protocol, model=model_name, timeout=timeout,
                       on_text=show if stream and not as_json else None)
     if as_json:
@@ -486,7 +494,8 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
 
 def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_executable: str | None, prompt: str,
                      max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                     ignore_eos: bool, as_json: bool, speculative: dict[str, Any] | None = None) -> None:
+                     ignore_eos: bool, as_json: bool, speculative: dict[str, Any] | None = None,
+                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
     from builder.runtime.service import EngineService, GenerationRequest
     from builder.runtime.text import encode_prompt
 
@@ -496,7 +505,8 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
         eos = svc.bundle.cfg.raw.get("eos_token_id")
         stops = [] if ignore_eos else [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
         req = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, stop_token_ids=stops)
+                                top_p=top_p, seed=seed, stop_token_ids=stops, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty)
         t0 = time.perf_counter()
         streamed: list[int] = []
         shown = [""]

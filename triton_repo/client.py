@@ -24,6 +24,8 @@ class GenerateOptions:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
@@ -51,6 +53,12 @@ def request_fields(opts: GenerateOptions) -> dict[str, Any]:
         "sampling_param_temperature": opts.temperature, "sampling_param_top_k": opts.top_k,
         "sampling_param_top_p": opts.top_p, "return_finish_reason": True,
     }
+    # Sent only when set, like the seed: a server whose model lacks these optional inputs still takes plain requests,
+    # and one that ignores them shows up as unchanged output (the tests compare against the engine's own result).
+    if opts.presence_penalty:
+        fields["sampling_param_presence_penalty"] = opts.presence_penalty
+    if opts.frequency_penalty:
+        fields["sampling_param_frequency_penalty"] = opts.frequency_penalty
     if opts.seed is not None:
         fields["sampling_param_seed"] = opts.seed
     if opts.stop:
@@ -65,6 +73,8 @@ def _grpc_inputs(fields: dict[str, Any]):
     types = {"text_input": ("BYTES", np.object_), "streaming": ("BOOL", np.bool_),
              "sampling_param_max_tokens": ("INT32", np.int32), "sampling_param_temperature": ("FP32", np.float32),
              "sampling_param_top_k": ("INT32", np.int32), "sampling_param_top_p": ("FP32", np.float32),
+             "sampling_param_presence_penalty": ("FP32", np.float32),
+             "sampling_param_frequency_penalty": ("FP32", np.float32),
              "sampling_param_seed": ("UINT64", np.uint64), "sampling_param_stop": ("BYTES", np.object_),
              "return_finish_reason": ("BOOL", np.bool_)}
     inputs = []

@@ -96,7 +96,7 @@ class DraftProposer:
                     logits = self._forward(rows, self.cached)
                 else:
                     logits = self._forward([[int(t)] for t in drafts[-1]], state.positions + k)
-            drafts.append(draft_tokens_collectively(self.comm, logits, state, q))
+            drafts.append(draft_tokens_collectively(self.comm, logits, state, q, drafts))
         return DraftRound(torch.stack(drafts, dim=1), q if state.sampler else None)
 
     def accept(self, state, accepted, new_tokens, drafts, hidden, old_positions) -> None:

@@ -7,9 +7,10 @@ without further messages; only the sampled tokens travel each step.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -30,9 +31,17 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    # TensorRT-LLM's SamplingParams: subtracted from a token's logit once it occurs at all (presence) and per
+    # occurrence (frequency), counting the prompt and the generated tokens (prompt_ignore_length 0). See penalize.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -66,20 +75,52 @@ def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int = 0) -
         raise RequestError(f"{what} has top_k {req.top_k}; it must be >= 0 (0 = off)")
     if not 0 < req.top_p <= 1:
         raise RequestError(f"{what} has top_p {req.top_p}; it must be in (0, 1]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(f"{what} has {name} {value!r}; it must be a finite number")
 
 
-def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None) -> int:
-    """One token from a row of logits: greedy at temperature 0, else temperature, top-k, top-p, seeded draw."""
-    logits = logits.to(torch.float32).cpu()  # sampling (and its seeded generator) on the host
+def penalize(logits: torch.Tensor, history: Sequence[int], *, presence_penalty: float,
+             frequency_penalty: float) -> torch.Tensor:
+    """A row of logits minus ``frequency_penalty * count[t] + presence_penalty * (count[t] > 0)``, where
+    ``count[t]`` is how often token t occurs in ``history`` (the prompt and the tokens generated so far)."""
+    if presence_penalty == 0 and frequency_penalty == 0:
+        return logits
+    counts = torch.bincount(torch.as_tensor(list(history), dtype=torch.long), minlength=logits.shape[-1])
+    counts = counts[: logits.shape[-1]].to(logits.dtype)
+    return logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def adjusted_logits(logits: torch.Tensor, req: GenerationRequest, history: Sequence[int] = ()) -> torch.Tensor:
+    """A row of logits as float32 on the host, divided by the temperature (when sampling) and then penalized:
+    TensorRT-LLM's order (cpp/tensorrt_llm/kernels/penaltyKernels.cu, batchApplyPenalty: the logit is multiplied
+    by 1/temperature, then the presence and frequency penalties are subtracted). Greedy requests penalize the raw
+    logits and take the argmax. ``history``: the request's prompt and generated tokens (unused without
+    penalties)."""
+    logits = logits.to(torch.float32).cpu()
+    if req.temperature > 0:
+        logits = logits / req.temperature
+    if req.penalized:
+        logits = penalize(logits, history, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty)
+    return logits
+
+
+def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None,
+           history: Sequence[int] = ()) -> int:
+    """One token from a row of logits: greedy at temperature 0, else temperature, penalties, top-k, top-p, a seeded
+    draw (sampling and its seeded generator on the host)."""
     if req.temperature == 0:
-        return int(torch.argmax(logits))
-    return int(torch.multinomial(probabilities(logits, req), 1, generator=gen))
+        return int(torch.argmax(adjusted_logits(logits, req, history)))
+    return int(torch.multinomial(probabilities(logits, req, history), 1, generator=gen))
 
 
-def probabilities(logits: torch.Tensor, req: GenerationRequest) -> torch.Tensor:
-    """The sampling distribution of a row of logits (temperature > 0): temperature, then top-k, then top-p.
-    Speculative sampling applies this same function to the target's and the draft's logits."""
-    logits = logits.to(torch.float32).cpu() / req.temperature
+def probabilities(logits: torch.Tensor, req: GenerationRequest, history: Sequence[int] = ()) -> torch.Tensor:
+    """The sampling distribution of a row of logits (temperature > 0): temperature, penalties, then top-k, then
+    top-p. Speculative sampling applies this same function to the target's and the draft's logits (with the same
+    history, so that both distributions are the penalized ones)."""
+    logits = adjusted_logits(logits, req, history)
     if 0 < req.top_k < logits.numel():
         kth = torch.topk(logits, req.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -327,12 +368,18 @@ class Bookkeeping:
         rows = list(rows)
         chosen = torch.zeros(len(rows), dtype=torch.long, device=self.comm.device)
         if self.sampler:
-            chosen = torch.tensor([sample(logits[i], self.requests[b], self.gens[b]) if self.reasons[b] is None
-                                   else 0 for i, b in enumerate(rows)], dtype=torch.long, device=self.comm.device)
+            chosen = torch.tensor([sample(logits[i], self.requests[b], self.gens[b], self.history(b))
+                                   if self.reasons[b] is None else 0 for i, b in enumerate(rows)],
+                                  dtype=torch.long, device=self.comm.device)
         self.comm.broadcast(chosen, src=self.comm.sampler_rank)
         for b, t in zip(rows, chosen.cpu().tolist()):
             self.record(b, [t])
         return chosen
+
+    def history(self, b: int) -> list[int]:
+        """Request ``b``'s prompt and generated tokens, which its penalties count (empty when it has none)."""
+        req = self.requests[b]
+        return list(req.prompt_ids) + self.out[b] if req.penalized else []
 
     def record(self, b: int, tokens: list[int]) -> None:
         """Append request ``b``'s new tokens until a stop token (not kept) or its ``max_tokens`` ends it."""

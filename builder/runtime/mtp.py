@@ -121,7 +121,7 @@ class MTPProposer:
             if k > 0 and self.module is not None:  # step k at position P + k - 1, from the module's own state
                 self._run(drafts[-1][:, None], self.last_g[:, None], state.positions + k - 1, 1,
                           torch.zeros(B, dtype=torch.long))
-            drafts.append(draft_tokens_collectively(self.comm, self.next_logits, state, q))
+            drafts.append(draft_tokens_collectively(self.comm, self.next_logits, state, q, drafts))
         return DraftRound(torch.stack(drafts, dim=1), q if state.sampler else None)
 
     def accept(self, state, accepted, new_tokens, drafts, hidden, old_positions) -> None:

@@ -6,8 +6,12 @@ Acceptance rules (per request):
   argmax at the first mismatch (or after the last draft): the output is plain greedy decoding's, token for token.
 - sampling: standard speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x with
   probability min(1, p(x)/q(x)); on rejection draw from norm(max(0, p - q)); after N acceptances draw a bonus token
-  from p. p and q are the target's and the drafter's distributions after the same temperature/top-k/top-p
+  from p. p and q are the target's and the drafter's distributions after the same temperature/penalties/top-k/top-p
   (``builder.runtime.generate.probabilities``), so the output follows the target's distribution exactly.
+
+Presence/frequency penalties: the target's logits at verify position k and the drafter's logits for draft k are both
+penalized with the same history, the emitted tokens (prompt included) plus drafts[:k], which is exactly what plain
+decoding would count at that position; greedy verification compares drafts with the penalized argmax.
 
 Caches need no copying on rejection: column t of every cache holds position t, a query at position p sees only
 columns <= p, and the next step overwrites the rejected columns before anything can see them. That holds for the
@@ -26,7 +30,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from builder.errors import RequestError
-from builder.runtime.generate import Bookkeeping, GenerationRequest, GenerationResult, probabilities
+from builder.runtime.generate import (Bookkeeping, GenerationRequest, GenerationResult, adjusted_logits,
+                                      probabilities)
 from builder.runtime.kv_cache import StepPositions
 
 MODES = ("mtp", "draft")
@@ -104,12 +109,14 @@ def rejection_verify(drafts: list[int], q: torch.Tensor, p: torch.Tensor, gen: t
     return len(drafts), list(drafts) + [int(torch.multinomial(p[len(drafts)], 1, generator=gen))]
 
 
-def choose_draft(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None
-                 ) -> tuple[int, torch.Tensor | None]:
-    """A draft token from one row of drafter logits: argmax for greedy requests, else a draw from q (returned)."""
+def choose_draft(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None,
+                 history: list[int] | None = None) -> tuple[int, torch.Tensor | None]:
+    """A draft token from one row of drafter logits: argmax for greedy requests, else a draw from q (returned).
+    ``history``: the tokens the request's penalties count at this draft (emitted tokens plus earlier drafts)."""
+    history = history or []
     if req.temperature == 0:
-        return int(torch.argmax(logits.to(torch.float32))), None
-    q = probabilities(logits, req)
+        return int(torch.argmax(adjusted_logits(logits, req, history))), None
+    q = probabilities(logits, req, history)
     return int(torch.multinomial(q, 1, generator=gen)), q
 
 
@@ -246,26 +253,40 @@ class SpeculativeDecoder:
         for b, req in enumerate(state.requests):
             if not state.active[b]:
                 continue
-            row = drafts[b].tolist()
-            if req.temperature == 0:
-                a, new = greedy_verify(row, logits[b])
-            else:
-                p = torch.stack([probabilities(logits[b, k], req) for k in range(N + 1)])
-                a, new = rejection_verify(row, torch.stack(q[b]), p, state.gens[b])
+            a, new = verify_row(req, state.history[b], drafts[b].tolist(), logits[b],
+                                q[b] if req.temperature > 0 else None, state.gens[b])
             out[b, 0] = a
             out[b, 1:a + 2] = torch.tensor(new, dtype=torch.long)
         return out
 
 
+def verify_row(req: GenerationRequest, history: list[int], drafts: list[int], logits: torch.Tensor,
+               q: list[torch.Tensor] | None, gen: torch.Generator | None) -> tuple[int, list[int]]:
+    """One request's verification: ``logits`` [N+1, V] are the target's at the pending token and after each draft,
+    ``history`` the request's emitted tokens (prompt and pending token included). Position k is penalized as plain
+    decoding would at that point: its history is ``history + drafts[:k]``. ``q``: the drafter's distributions
+    (sampling only). Returns (accepted count, tokens to emit)."""
+    positions = range(len(drafts) + 1)
+    if req.temperature == 0:
+        if req.penalized:
+            logits = torch.stack([adjusted_logits(logits[k], req, history + drafts[:k]) for k in positions])
+        return greedy_verify(drafts, logits)
+    past = history if req.penalized else []
+    p = torch.stack([probabilities(logits[k], req, past + drafts[:k]) for k in positions])
+    return rejection_verify(drafts, torch.stack(q), p, gen)
+
+
 def draft_tokens_collectively(comm, logits_rows: torch.Tensor | None, state: DecodeState,
-                              q: list[list[torch.Tensor | None]]) -> torch.Tensor:
-    """One draft token per row: chosen on the sampler rank from ``logits_rows`` [B, V], broadcast to every rank."""
+                              q: list[list[torch.Tensor | None]], previous: list[torch.Tensor]) -> torch.Tensor:
+    """One draft token per row: chosen on the sampler rank from ``logits_rows`` [B, V], broadcast to every rank.
+    ``previous``: this round's drafts so far ([B] each), which a penalized request's history includes."""
     B = len(state.requests)
     chosen = torch.zeros(B, dtype=torch.long, device=comm.device)
     if state.sampler:
         picks = []
         for b, req in enumerate(state.requests):
-            t, dist = choose_draft(logits_rows[b], req, state.gens[b] if state.gens else None)
+            history = state.history[b] + [int(d[b]) for d in previous] if req.penalized else None
+            t, dist = choose_draft(logits_rows[b], req, state.gens[b] if state.gens else None, history)
             picks.append(t)
             q[b].append(dist)
         chosen = torch.tensor(picks, dtype=torch.long, device=comm.device)

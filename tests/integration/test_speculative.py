@@ -82,6 +82,21 @@ def test_greedy_speculative_equals_plain_greedy(engine, bundles, mode, n):
 
 
 @pytest.mark.parametrize("mode", ["mtp", "draft"])
+def test_penalized_greedy_speculative_equals_penalized_plain_greedy(engine, bundles, mode):
+    """Each request its own presence/frequency penalties: the verifier and the drafter count the emitted tokens
+    plus the earlier drafts, so the output is plain penalized greedy decoding's. This planted model seldom repeats
+    a token by itself, so the penalties are mostly negative (they pull tokens back; the last one pushes a token
+    away again from its third occurrence on)."""
+    penalties = [(0.0, -1.5), (-3.0, 0.0), (-2.0, 1.0)]
+    reqs = [GenerationRequest(prompt_ids=r.prompt_ids, max_tokens=GEN, presence_penalty=pres, frequency_penalty=freq)
+            for r, (pres, freq) in zip(_requests(3), penalties)]
+    plain = engine.generate(reqs)
+    unpenalized = engine.generate(_requests(3))
+    assert all(a.token_ids != b.token_ids for a, b in zip(plain, unpenalized)), "the penalties must matter here"
+    _check_equal_and_exercised(plain, engine.generate(reqs, speculative=_spec(mode, 3, bundles)), 3)
+
+
+@pytest.mark.parametrize("mode", ["mtp", "draft"])
 def test_stop_tokens_end_speculative_output_where_plain_decoding_ends(engine, bundles, mode):
     reqs = _requests(2)
     plain = engine.generate(reqs)
@@ -129,22 +144,26 @@ def test_greedy_speculative_sweep_layouts_batches_draft_lengths(bundles, layout)
                         _check_equal_and_exercised(plain, spec, n)
 
 
-@pytest.mark.parametrize("mode", ["mtp", pytest.param("draft", marks=pytest.mark.slow)])
-def test_sampled_tokens_follow_the_target_distribution(engine, bundles, mode):
+@pytest.mark.parametrize("mode,penalties", [("mtp", (0.0, 0.0)), ("mtp", (1.5, 1.0)),
+                                           pytest.param("draft", (0.0, 0.0), marks=pytest.mark.slow),
+                                           pytest.param("draft", (1.5, 1.0), marks=pytest.mark.slow)])
+def test_sampled_tokens_follow_the_target_distribution(engine, bundles, mode, penalties):
     """600 seeded requests for the same prompt; (first, second) generated token pairs against the exact joint
-    probabilities from the target's own logits. The second token is always decided by speculative verification."""
+    probabilities from the target's own logits. The second token is always decided by speculative verification.
+    With presence/frequency penalties, the exact distributions are the penalized ones (counts over the prompt and
+    the first token)."""
     prompt = fixed_prompts(lengths=(11,), seed=5)[0]
-    kw = dict(temperature=1.0, top_k=3)
+    kw = dict(temperature=1.0, top_k=3, presence_penalty=penalties[0], frequency_penalty=penalties[1])
     reqs = [GenerationRequest(prompt_ids=prompt, max_tokens=2, seed=s, **kw) for s in range(600)]
     res = engine.generate(reqs, speculative=_spec(mode, 2, bundles))
     accepted = sum(r.total_accepted_draft_tokens for r in res)
     assert 0 < accepted < sum(r.total_draft_tokens for r in res)
     ref = GenerationRequest(prompt_ids=prompt, **kw)
-    p1 = probabilities(engine.prompt_logits([prompt])[0][-1], ref)
+    p1 = probabilities(engine.prompt_logits([prompt])[0][-1], ref, prompt)
     firsts = torch.nonzero(p1).flatten().tolist()
     rows = engine.prompt_logits([prompt + [t] for t in firsts])
     joint = {(a, b): float(p1[a] * q) for a, row in zip(firsts, rows)
-             for b, q in enumerate(probabilities(row[-1], ref).tolist()) if q > 0}
+             for b, q in enumerate(probabilities(row[-1], ref, prompt + [a]).tolist()) if q > 0}
     counts = {k: 0 for k in joint}
     for r in res:
         counts[tuple(r.token_ids)] += 1  # a pair outside the support raises KeyError: also a failure

@@ -37,6 +37,9 @@ pytestmark = [
 EXIT_TIMEOUT_S = 10
 PROMPTS = [f"Request {i}: the quick brown fox" if i % 2 else f"Tokens and layers, number {i}" for i in range(16)]
 SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+# A prompt the trained tiny model continues in a loop, and penalties that change its first 8 tokens (asserted).
+LOOPING = "Elizabeth was"
+PENALIZED = dict(presence_penalty=0.5, frequency_penalty=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,8 @@ def expected(cpu_run):
         wanted[(p, "greedy")] = (p, {})
         if i < 2 or i % 4 == 0:
             wanted[(p, "sampled")] = (p, SAMPLED)
+    wanted[(LOOPING, "greedy")] = (LOOPING, {})
+    wanted[(LOOPING, "penalized")] = (LOOPING, PENALIZED)
     results = direct_results(cpu_run / "engines", wanted, max_tokens=8)
     return {key: (text, res.finish_reason, len(res.token_ids)) for key, (text, res) in results.items()}
 
@@ -66,7 +71,7 @@ def served(cpu_run, tmp_path_factory):
 def opts(prompt, name="greedy", **kw):
     from triton_repo.client import GenerateOptions
 
-    params = SAMPLED if name == "sampled" else {}
+    params = {"sampled": SAMPLED, "penalized": PENALIZED}.get(name, {})
     return GenerateOptions(prompt=prompt, max_tokens=8, **params, **kw)
 
 
@@ -81,6 +86,17 @@ def test_output_equals_direct_engine(served, expected, protocol, name):
         text, reason, _ = expected[(prompt, name)]
         assert (res.text, res.finish_reason) == (text, reason)
         assert res.total_draft_tokens == 0 and res.acceptance_rate == 0.0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_presence_and_frequency_penalties_reach_the_engine(served, expected, protocol):
+    from triton_repo.client import generate
+
+    url = served.grpc if protocol == "grpc" else served.http
+    res = generate(url, opts(LOOPING, "penalized"), protocol=protocol)
+    text, reason, _ = expected[(LOOPING, "penalized")]
+    assert (res.text, res.finish_reason) == (text, reason)
+    assert text != expected[(LOOPING, "greedy")][0], "penalties that a server ignored would go unnoticed here"
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -169,6 +185,10 @@ def text(s: str):
     ({"text_input": text("hello"), "sampling_param_top_p": ("FP32", np.array([1.5], dtype=np.float32))},
      "sampling_param_top_p"),
     ({"text_input": ("INT32", np.array([1, 2], dtype=np.int32))}, "text_input"),
+    ({"text_input": text("hello"), "sampling_param_frequency_penalty": ("FP32", np.array([np.nan], dtype=np.float32))},
+     "sampling_param_frequency_penalty must be a finite number"),
+    ({"text_input": text("hello"), "sampling_param_presence_penalty": ("FP32", np.array([np.inf], dtype=np.float32))},
+     "sampling_param_presence_penalty must be a finite number"),
 ])
 def test_malformed_grpc_requests_get_an_error_and_the_server_keeps_serving(served, expected, raw_grpc, inputs,
                                                                            message):
@@ -208,6 +228,11 @@ def test_generate_command_over_both_protocols(served, expected):
     proc = run_dsbuild("generate", "--url", served.grpc, "--prompt", PROMPTS[2], "--max-tokens", "8", "--stream",
                        cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.rstrip("\n") == expected[(PROMPTS[2], "greedy")][0]
+    proc = run_dsbuild("generate", "--url", served.http, "--protocol", "http", "--prompt", LOOPING, "--max-tokens",
+                       "8", "--presence-penalty", str(PENALIZED["presence_penalty"]), "--frequency-penalty",
+                       str(PENALIZED["frequency_penalty"]), "--json", cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["text"] == expected[(LOOPING, "penalized")][0]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

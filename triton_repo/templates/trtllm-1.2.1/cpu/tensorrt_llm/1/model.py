@@ -37,6 +37,8 @@ class Job:
     temperature: float
     top_k: int
     top_p: float
+    presence_penalty: float
+    frequency_penalty: float
     seed: object
     stop_strings: list
     streaming: bool
@@ -179,12 +181,16 @@ class TritonPythonModel:
         best_of = int(_scalar(request, "sampling_param_best_of", 1))
         if best_of != 1:
             raise BadRequest("sampling_param_best_of other than 1 is not supported by the CPU flavour")
-        for name in ("sampling_param_frequency_penalty", "sampling_param_presence_penalty"):
-            if float(_scalar(request, name, 0.0)) != 0.0:
-                raise BadRequest(f"{name} is not supported by the CPU flavour")
+        # Any finite value, as TensorRT-LLM's SamplingParams (negative ones encourage repetition).
+        presence_penalty, frequency_penalty = (
+            float(_scalar(request, f"sampling_param_{name}_penalty", 0.0)) for name in ("presence", "frequency"))
+        for name, value in (("presence", presence_penalty), ("frequency", frequency_penalty)):
+            if not np.isfinite(value):
+                raise BadRequest(f"sampling_param_{name}_penalty must be a finite number, got {value}")
         streaming = bool(_scalar(request, "streaming", False))
         return Job(sender=sender, request_id=request.request_id() or "", prompt_ids=prompt_ids,
                    max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                    seed=None if seed is None else int(seed), stop_strings=[s for s in _strings(request, "sampling_param_stop") if s],
                    streaming=streaming, exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True)),
                    prompt_text=prompt, arrival_ns=arrival)
@@ -237,6 +243,7 @@ class TritonPythonModel:
     def _run(self, batch):
         requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, max_tokens=j.max_tokens,
                                            temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
+                                           presence_penalty=j.presence_penalty, frequency_penalty=j.frequency_penalty,
                                            seed=j.seed, stop_token_ids=list(self.stop_token_ids)) for j in batch]
         try:
             results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok),
