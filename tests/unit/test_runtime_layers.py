@@ -163,14 +163,15 @@ def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_m
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_gemm_weights_multiply_like_f_linear(dtype, monkeypatch):
     """A pre-packed CPU weight gives F.linear's product for any row count (the pack's row hint is only a hint),
-    batched inputs and strided views; DSBUILD_PACKED_GEMMS=0 keeps plain tensors."""
+    batched inputs and strided views; small weights and DSBUILD_PACKED_GEMMS=0 keep plain tensors."""
     import torch.nn.functional as F
 
-    from builder.runtime.layers import PACKED_ROWS_HINT, gemm_form, linear, packed_gemms_enabled
+    from builder.runtime.layers import PACKED_MIN_ELEMENTS, PACKED_ROWS_HINT, gemm_form, linear, packed_gemms_enabled
 
     assert packed_gemms_enabled(), "this torch build cannot pre-pack CPU GEMM weights: decode runs ~1.3x slower"
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 128, generator=g).to(dtype)
+    w = torch.randn(600, 128, generator=g).to(dtype)
+    assert not gemm_form(w[:PACKED_MIN_ELEMENTS // 128 - 1]).is_mkldnn  # small ones multiply faster unpacked
     packed = gemm_form(w)
     assert packed.is_mkldnn and packed.shape == w.shape and packed.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
