@@ -219,6 +219,33 @@ def test_packed_and_plain_gemm_weights_agree(bundles, prompts, monkeypatch):
     assert outs["1"][1] == outs["0"][1]
 
 
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 2)])
+def test_all_experts_at_once_equals_each_expert_on_its_rows(bundles, layout, monkeypatch):
+    """The CPU MoE's decode path (every row through all local experts in two GEMMs, routing weights as a dense
+    matrix) against the per-expert path, on a whole rank and on a TP2/EP2 rank (half the experts, moe-TP slices);
+    and it is the path taken for a few rows that reach most experts."""
+    import builder.runtime.layers as layers
+    from builder.runtime.bundle import EngineBundle
+    from builder.runtime.distributed import Comm
+    from builder.runtime.model import StageModel
+
+    bundle = EngineBundle.open(bundles(*layout))
+    comm = Comm(layout=bundle.layout, rank=bundle.layout.world_size - 1)
+    moe = StageModel(bundle, comm, bundle.load_rank(comm.rank), dtype=torch.float32).mlp[1]
+    assert moe.all_experts is not None
+    x = torch.randn(12, bundle.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    calls = []
+    all_experts = layers.MoE._all_experts
+    monkeypatch.setattr(layers.MoE, "_all_experts", lambda self, *a: calls.append(a) or all_experts(self, *a))
+    at_once = moe.routed(x)
+    assert len(calls) == 1
+    monkeypatch.setattr(layers, "ALL_EXPERTS_MAX_ROWS", 0)
+    per_expert = moe.routed(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(at_once, per_expert, rtol=1e-5, atol=1e-5)
+    assert at_once.abs().max() > 0.1
+
+
 def test_seeded_sampling_repeats_and_bf16_stays_close(bundles, prompts):
     from builder.runtime.service import EngineService, GenerationRequest
 
