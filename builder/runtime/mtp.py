@@ -49,7 +49,7 @@ class MTPModule:
                        device=self.stage.comm.device)
 
     def forward(self, next_tokens: torch.Tensor, target_hidden: torch.Tensor, pos: StepPositions,
-                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: KVCache, *, decode: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``next_tokens`` [B, S] (t[i+1]) and ``target_hidden`` [B, S, H] (norm(h[i]), the final-normed state)
         at positions ``pos`` -> (the module's normed hidden states g [B, S, H], full-vocabulary logits [B, S, V]
         for t[i+2])."""
@@ -60,7 +60,7 @@ class MTPModule:
             x = torch.cat([rms_norm(e, w(p + "enorm.weight"), eps),
                            rms_norm(target_hidden.to(e.dtype), w(p + "hnorm.weight"), eps)], dim=-1)
             x = linear(x, w(p + "eh_proj.weight"))
-            g = stage.final_norm(stage.layer_forward(self.layer, x, cache, stage.step_context(pos)),
+            g = stage.final_norm(stage.layer_forward(self.layer, x, cache, stage.step_context(pos, decode=decode)),
                                  norm=p + "shared_head.norm.weight")
             logits = stage.head_logits(g, head=p + "shared_head.head.weight")
         return g, logits
@@ -93,10 +93,14 @@ class MTPProposer:
         self.cache = self.module.new_cache(batch=batch, capacity=capacity) if self.module else None
         self.next_logits = self.last_g = None
 
-    def _run(self, next_tokens, normed_hidden, starts, width, last_index) -> None:
+    def _run(self, next_tokens, normed_hidden, starts, width, last_index, *, prefill: bool = False) -> None:
+        """The module over ``width`` new positions per row. Past the prompt, even several positions at once take
+        the absorbed (decode) attention path, as the target's verification does: the expanded path would
+        re-project the whole cache every round."""
         B = next_tokens.shape[0]
         g, logits = self.module.forward(next_tokens, normed_hidden,
-                                        StepPositions(starts.to(self.comm.device), width), self.cache)
+                                        StepPositions(starts.to(self.comm.device), width), self.cache,
+                                        decode=None if prefill else True)
         rows = torch.arange(B, device=g.device)
         idx = last_index.to(g.device)
         self.last_g, self.next_logits = g[rows, idx], logits[rows, idx]
@@ -109,7 +113,7 @@ class MTPProposer:
         shifted = torch.zeros(B, S, dtype=torch.long)
         shifted[:, :-1] = tokens[:, 1:]
         shifted[torch.arange(B), lens - 1] = first.cpu()
-        self._run(shifted, self._normed(hidden), torch.zeros(B, dtype=torch.long), S, lens - 1)
+        self._run(shifted, self._normed(hidden), torch.zeros(B, dtype=torch.long), S, lens - 1, prefill=True)
 
     def propose(self, state):
         from builder.runtime.speculative import DraftRound, draft_tokens_collectively
