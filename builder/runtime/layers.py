@@ -98,6 +98,7 @@ def gemm_form(w: torch.Tensor) -> torch.Tensor:
 
 
 def packs_gemm(w: torch.Tensor) -> bool:
+    """Whether ``gemm_form`` pre-packs ``w``."""
     return (w.device.type == "cpu" and w.ndim == 2 and w.dtype in PACKED_DTYPES and w.numel() >= PACKED_MIN_ELEMENTS
             and packed_gemms_enabled())
 
@@ -370,9 +371,10 @@ class MoE:
         x = x.reshape(-1, shape[-1])
         idx, weights = route(self.cfg, x, self.w)
         local = self.local.to(idx.device)[idx]  # [N, k] local expert slot or -1
-        if self.all_experts is not None and x.shape[0] <= ALL_EXPERTS_MAX_ROWS:
+        enough = ALL_EXPERTS_MIN_ACTIVE * len(self.experts)
+        if self.all_experts is not None and enough <= local.numel() and x.shape[0] <= ALL_EXPERTS_MAX_ROWS:
             active = int((torch.bincount(local[local >= 0], minlength=len(self.experts)) > 0).sum())
-            if active >= ALL_EXPERTS_MIN_ACTIVE * len(self.experts):
+            if active >= enough:
                 return self._all_experts(x, local, weights).view(shape)
         out = torch.zeros_like(x)
         token, slot = torch.nonzero(local >= 0, as_tuple=True)
