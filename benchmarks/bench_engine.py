@@ -88,7 +88,10 @@ def hf_generate(float_dir: Path, *, device: str, dtype: torch.dtype = torch.floa
 def gemm_seconds_per_step(engine_run, prompts, *, n1: int, n2: int, repeats: int) -> float:
     """Time a decode step spends inside the layers' weight GEMMs: every ``linear`` timed where it runs, in real
     generations of N1 and N2 tokens (their difference per step, so prefill cancels out); best of ``repeats``."""
+    from unittest import mock
+
     import builder.runtime.layers as layers
+    import builder.runtime.model as model
 
     plain_linear = layers.linear
     spent = [0.0]
@@ -102,9 +105,9 @@ def gemm_seconds_per_step(engine_run, prompts, *, n1: int, n2: int, repeats: int
         spent[0] += time.perf_counter() - t0
         return y
 
-    layers.linear = timed_linear
     best = float("inf")
-    try:
+    # Both modules that call it: the layers' projections and experts, and the LM head.
+    with mock.patch.object(layers, "linear", timed_linear), mock.patch.object(model, "linear", timed_linear):
         for _ in range(repeats):
             per_run = {}
             for n in (n1, n2):
@@ -112,8 +115,6 @@ def gemm_seconds_per_step(engine_run, prompts, *, n1: int, n2: int, repeats: int
                 engine_run(prompts, n)
                 per_run[n] = spent[0]
             best = min(best, (per_run[n2] - per_run[n1]) / (n2 - n1))
-    finally:
-        layers.linear = plain_linear
     return best
 
 
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
 
 def measure(args, tmp: Path) -> dict:
     from functools import partial
+    from unittest import mock
 
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import ensure_tiny
@@ -227,14 +229,8 @@ def measure(args, tmp: Path) -> dict:
         paths[f"engine {name}"] = partial(run, prompts_of(batch))
         services.append(svc)
     if args.device == "cpu":  # the fused bundle with its CPU GEMM weights left unpacked (plain F.linear)
-        previous = os.environ.get("DSBUILD_PACKED_GEMMS")
-        os.environ["DSBUILD_PACKED_GEMMS"] = "0"
-        try:
+        with mock.patch.dict(os.environ, {"DSBUILD_PACKED_GEMMS": "0"}):
             svc, run = engine_generate(bundles["fused (all on)"], device=args.device, dtype=dtype)
-        finally:
-            os.environ.pop("DSBUILD_PACKED_GEMMS")
-            if previous is not None:
-                os.environ["DSBUILD_PACKED_GEMMS"] = previous
         paths["engine all on but packed_gemms"] = partial(run, prompts_of(batch))
         services.append(svc)
     tps = results["decode_tokens_per_s"] = decode_rates(paths, batch=batch, n1=args.n1, n2=args.n2,

@@ -431,8 +431,8 @@ def _engine_options(fn: Callable) -> Callable:
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
 def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p, seed, presence_penalty,
-                 frequency_penalty, as_json, protocol, stream, stop, model_name, timeout, threads_per_rank, python_executable, ignore_eos, spec, draft_len,
-                 draft_engine, verbose):
+                 frequency_penalty, as_json, protocol, stream, stop, model_name, timeout, threads_per_rank,
+                 python_executable, ignore_eos, spec, draft_len, draft_engine, verbose):
     """Generate text from a served model (--url) or with the reference engine on this host (--engine)."""
     from builder.errors import SpecError
 

@@ -65,7 +65,7 @@ class DraftProposer:
             self.cache = self.draft.model.new_cache(batch=batch, capacity=capacity)
         self.cached = torch.zeros(batch, dtype=torch.long)  # draft cache columns that hold the true history
 
-    def prefill(self, tokens, lens, hidden, first) -> None:
+    def prefill(self, tokens, lens, normed, first) -> None:
         if self.draft is not None:
             B, S = tokens.shape
             zeros = torch.zeros(B, dtype=torch.long, device=self.draft.comm.device)
@@ -99,7 +99,7 @@ class DraftProposer:
             drafts.append(draft_tokens_collectively(self.comm, logits, state, q, drafts))
         return DraftRound(torch.stack(drafts, dim=1), q if state.sampler else None)
 
-    def accept(self, state, accepted, new_tokens, drafts, hidden, old_positions) -> None:
+    def accept(self, state, accepted, new_tokens, drafts, normed, old_positions) -> None:
         # Drafting cached the pending token and drafts 1..N-1: the accepted ones stay valid.
         N = drafts.shape[1]
         self.cached = torch.minimum(old_positions + torch.clamp(accepted, max=N - 1) + 1, state.positions)

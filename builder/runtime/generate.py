@@ -101,10 +101,7 @@ def adjusted_logits(logits: torch.Tensor, req: GenerationRequest, history: Seque
     logits = logits.to(torch.float32).cpu()
     if req.temperature > 0:
         logits = logits / req.temperature
-    if req.penalized:
-        logits = penalize(logits, history, presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty)
-    return logits
+    return penalize(logits, history, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
 
 
 def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None,

@@ -105,7 +105,7 @@ class MTPProposer:
         idx = last_index.to(g.device)
         self.last_g, self.next_logits = g[rows, idx], logits[rows, idx]
 
-    def prefill(self, tokens, lens, hidden, first) -> None:
+    def prefill(self, tokens, lens, normed, first) -> None:
         """MTP over the prompt: position i gets (t[i+1], h[i]); t[len] is the first generated token."""
         if self.module is None:
             return
@@ -113,7 +113,7 @@ class MTPProposer:
         shifted = torch.zeros(B, S, dtype=torch.long)
         shifted[:, :-1] = tokens[:, 1:]
         shifted[torch.arange(B), lens - 1] = first.cpu()
-        self._run(shifted, self._normed(hidden), torch.zeros(B, dtype=torch.long), S, lens - 1, prefill=True)
+        self._run(shifted, normed, torch.zeros(B, dtype=torch.long), S, lens - 1, prefill=True)
 
     def propose(self, state):
         from builder.runtime.speculative import DraftRound, draft_tokens_collectively
@@ -128,7 +128,7 @@ class MTPProposer:
             drafts.append(draft_tokens_collectively(self.comm, self.next_logits, state, q, drafts))
         return DraftRound(torch.stack(drafts, dim=1), q if state.sampler else None)
 
-    def accept(self, state, accepted, new_tokens, drafts, hidden, old_positions) -> None:
+    def accept(self, state, accepted, new_tokens, drafts, normed, old_positions) -> None:
         """Re-run the module over the verified positions P..P+a with the target's true hidden states: it overwrites
         what drafting wrote there and yields the first draft of the next round."""
         if self.module is None:
@@ -140,8 +140,4 @@ class MTPProposer:
             a = int(accepted[b])
             nxt[b, :a] = drafts[b, :a]
             nxt[b, a] = new_tokens[b]
-        self._run(nxt, self._normed(hidden[:, :width]), old_positions, width, accepted)
-
-    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.module.stage.final_norm(hidden)
+        self._run(nxt, normed[:, :width], old_positions, width, accepted)

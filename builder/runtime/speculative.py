@@ -134,13 +134,13 @@ class DraftRound:
 class Proposer(Protocol):
     def start(self, *, batch: int, capacity: int) -> None: ...
 
-    def prefill(self, tokens: torch.Tensor, lens: torch.Tensor, hidden: torch.Tensor | None,
+    def prefill(self, tokens: torch.Tensor, lens: torch.Tensor, normed: torch.Tensor | None,
                 first: torch.Tensor) -> None: ...
 
     def propose(self, state: "DecodeState") -> DraftRound: ...
 
     def accept(self, state: "DecodeState", accepted: torch.Tensor, new_tokens: torch.Tensor, drafts: torch.Tensor,
-               hidden: torch.Tensor | None, old_positions: torch.Tensor) -> None: ...
+               normed: torch.Tensor | None, old_positions: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -196,18 +196,21 @@ class SpeculativeDecoder:
 
         # Prefill: the target over the prompts, its first token exactly as plain decoding samples it.
         zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
+        # ``normed``: the target's final-normed hidden states (last stage), what both its LM head and the MTP
+        # module read.
+        normed = logits = None
         hidden = engine.hidden(tokens, StepPositions(zeros, tokens.shape[1]), cache)
-        logits = None
         if comm.last_stage:  # every TP rank of the last stage takes part in the vocab all-gather
             with torch.inference_mode():
-                logits = engine.model.logits(hidden[torch.arange(B, device=hidden.device),
-                                                    (lens - 1).to(hidden.device)])
+                normed = engine.model.final_norm(hidden)
+                logits = engine.model.head_logits(normed[torch.arange(B, device=hidden.device),
+                                                         (lens - 1).to(hidden.device)])
         first = book.choose(range(B), logits)
         first_ids = first.cpu().tolist()
         state = DecodeState(requests=requests, draft_len=N, pending=first.cpu(), positions=lens.clone(),
                             history=[list(r.prompt_ids) + [first_ids[b]] for b, r in enumerate(requests)],
                             active=[r is None for r in reasons], gens=book.gens, sampler=sampler)
-        self.proposer.prefill(tokens, lens, hidden, first)
+        self.proposer.prefill(tokens, lens, normed, first)
 
         while any(state.active):
             round_ = self.proposer.propose(state)
@@ -217,7 +220,8 @@ class SpeculativeDecoder:
             outcome = torch.zeros(B, N + 2, dtype=torch.long, device=comm.device)  # [accepted, tokens...]
             if comm.last_stage:
                 with torch.inference_mode():
-                    logits = engine.model.logits(hidden)  # [B, N+1, V] (collective over the last stage's TP)
+                    normed = engine.model.final_norm(hidden)
+                    logits = engine.model.head_logits(normed)  # [B, N+1, V] (collective over the last stage's TP)
             if sampler:
                 outcome = self._verify(state, drafts, round_.q, logits).to(comm.device)
             comm.broadcast(outcome, src=comm.sampler_rank)
@@ -241,7 +245,7 @@ class SpeculativeDecoder:
                 state.positions[b] += a + 1
                 state.active[b] = reasons[b] is None
             accepted[state.positions == old_positions] = 0  # rows that were already finished
-            self.proposer.accept(state, accepted, new_tokens, drafts, hidden, old_positions)
+            self.proposer.accept(state, accepted, new_tokens, drafts, normed, old_positions)
             state.pending = new_tokens
         for b, r in enumerate(reasons):
             results[b].finish_reason = r or "length"

@@ -110,7 +110,6 @@ def export_and_report(results: dict[str, tuple[dict, dict]], configs: list[Train
     data = TokenData.from_tokenizer(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     reports = {}
-    weights_of = {}
     for c in configs:
         weights, metrics = results[c.preset]
         digest = _tensors_sha256(builtin.pack(weights, c.preset))
@@ -132,14 +131,13 @@ def export_and_report(results: dict[str, tuple[dict, dict]], configs: list[Train
                                   _tensors_sha256(_load_stored(committed)) == digest),
         }
         reports[c.preset] = report
-        weights_of[c.preset] = weights
     total = round(time.perf_counter() - started, 1) if started is not None else None
     for c in configs:
         report = reports[c.preset]
         report["total_wall_s"] = total
         atomic_write_json(out / f"{c.preset}.report.json", report)
         if write_builtin:
-            builtin.write_builtin(builtin.TRAINED_DIR, c.preset, weights_of[c.preset], tokenizer, report)
+            builtin.write_builtin(builtin.TRAINED_DIR, c.preset, results[c.preset][0], tokenizer, report)
     return reports
 
 

@@ -106,7 +106,9 @@ def test_mtp_drafts_from_the_final_normed_hidden_state_as_the_trainer_taught_it(
                                             proposer.module.new_cache(batch=1, capacity=S))
         return logits[0]
 
-    got = mtp_logits(proposer._normed(hidden))
+    with torch.inference_mode():
+        normed = engine.model.final_norm(hidden)  # what the speculative decoder hands the proposer
+    got = mtp_logits(normed)
     assert torch.allclose(got, expected, rtol=1e-3, atol=1e-3), (got - expected).abs().max()
     pre_norm = mtp_logits(hidden)
     assert (pre_norm - expected).abs().max() > 100 * (got - expected).abs().max()
