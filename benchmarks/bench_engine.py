@@ -177,7 +177,7 @@ def measure(args, tmp: Path) -> dict:
     from builder.shard.fusion import FusionOptions
     from builder.layout import Layout
     from builder.specs import RunSpec
-    from builder.stages.build import write_engine_bundle
+    from builder.shard.bundle import write_engine_bundle
 
     ckpt = ensure_tiny(RunSpec().cache_root / "models")
     float_dir = write_dequantized_checkpoint(ckpt, tmp / "fp32")

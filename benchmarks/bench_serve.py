@@ -31,7 +31,7 @@ def build_run(work: Path, tp: int, pp: int) -> Path:
     from builder.stages import all_stages
 
     spec = resolve_spec(cli={"tp": tp, "pp": pp, "out": str(work / "run"), "concurrency": 64})
-    run_pipeline(spec, all_stages(), run_dir=spec.run_dir(), log=lambda m: None)
+    run_pipeline(spec, all_stages(spec), run_dir=spec.run_dir(), log=lambda m: None)
     return spec.run_dir()
 
 

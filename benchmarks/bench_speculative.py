@@ -83,7 +83,7 @@ def bench_set(name: str, root: Path, args) -> list[dict]:
     from builder.engine.generate import Engine, GenerationRequest
     from builder.shard.fusion import FusionOptions
     from builder.layout import Layout
-    from builder.stages.build import write_engine_bundle
+    from builder.shard.bundle import write_engine_bundle
 
     target_ckpt, draft_ckpt = checkpoints(name, root, args)
     bundles = {}

@@ -14,6 +14,7 @@ import click
 
 from builder import __version__
 from builder.errors import DsbuildError
+from builder.rundir import RunDir
 from builder.specs import RunSpec, resolve_spec
 
 
@@ -152,8 +153,8 @@ def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], d
     from builder.pipeline import run_pipeline, update_latest
     from builder.stages import all_stages, stages_through
 
-    stages = stages_through(through) if through else all_stages()
-    names = {s.name for s in all_stages()}
+    stages = stages_through(spec, through) if through else all_stages(spec)
+    names = {s.name for s in stages}
     for f in force:
         if f not in names and f != "all":
             raise click.BadParameter(f"unknown stage {f!r}; stages are {', '.join(sorted(names))}", param_hint="--force")
@@ -185,7 +186,7 @@ def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], d
 
 def _manifest_commit(run_dir: Path) -> str | None:
     try:
-        return json.loads((run_dir / "manifest.json").read_text())["stages"]["fetch"]["extra"].get("commit")
+        return json.loads(RunDir(run_dir).manifest.read_text())["stages"]["fetch"]["extra"].get("commit")
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -282,7 +283,7 @@ def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, reque
         levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
     except ValueError:
         raise SpecError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
-    cfg = BenchConfig(url=url, engines_dir=run_dir / "engines", protocol=protocol, concurrency=levels,
+    cfg = BenchConfig(url=url, engines_dir=RunDir(run_dir).engines, protocol=protocol, concurrency=levels,
                       isl=Length.parse(isl, what="--isl"), osl=Length.parse(osl, what="--osl"),
                       num_requests=num_requests, request_rate=request_rate, seed=seed, warmup=warmup, dataset=dataset,
                       ttft_ms=ttft_ms, tpot_ms=tpot_ms, timeout_s=timeout)
@@ -314,10 +315,10 @@ def plan_cmd(config_file, verbose, as_json, plot_file, top, **kwargs):
     from builder.errors import LayoutError
     from builder.plan.explain import render_table
     from builder.plan.plot import plot_plan
-    from builder.stages.plan import plan_for_spec
+    from builder.plan.spec import LAYOUT_FIELDS, plan_for_spec
 
-    fixed = {k for k in ("tp", "pp", "ep", "attention_dp") if k in spec.model_fields_set}
-    result = plan_for_spec(spec, fixed=fixed, requested=len(fixed) == 4)
+    fixed = {k for k in LAYOUT_FIELDS if k in spec.model_fields_set}
+    result = plan_for_spec(spec, fixed=fixed, requested=len(fixed) == len(LAYOUT_FIELDS))
     if plot_file:
         plot_plan(result, plot_file)
     if as_json:
@@ -455,13 +456,11 @@ def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p,
 
 def _speculative_options(engine_dir: Path, spec: str | None, draft_len: int | None,
                          draft_engine: Path | None) -> dict[str, Any] | None:
-    from builder.trtllm.speculative import DRAFT_DIR
-
     if spec in (None, "none"):
         return None
     n = RunSpec.model_fields["draft_len"].default if draft_len is None else draft_len
     return {"mode": spec, "draft_len": n,
-            "draft_engine": str(draft_engine or Path(engine_dir) / DRAFT_DIR) if spec == "draft" else None}
+            "draft_engine": str(draft_engine or RunDir.of_engines(engine_dir).draft_bundle) if spec == "draft" else None}
 
 
 def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,

@@ -15,7 +15,7 @@ from typing import Any
 
 from builder.specs import RunSpec
 
-CPU_STAGES = ("plan", "fetch")
+CPU_STAGES = ("plan", "fetch", "draft-fetch")
 # Bytes of checkpoint per CPU core that quantize/build get through in tolerable time (about an hour at the
 # ~5 MB/s per core the fp32 reference paths manage), capped by RAM; override with the variable below.
 CPU_BYTES_PER_CORE = 16 * 10**9

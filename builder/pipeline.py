@@ -25,20 +25,19 @@ from typing import Any, Callable, Iterator
 
 from builder import __version__
 from builder.atomic import atomic_symlink, atomic_write_json, remove_stale_temporaries, staging_dir
+from builder.rundir import LATEST, LOCK, MANIFEST
 from builder.errors import DiskSpaceError, DsbuildError, RunLockedError, SpecError, StageError
 from builder.specs import RunSpec
 
-MANIFEST = "manifest.json"
-LOCK = ".dsbuild.lock"
 HASH_CHUNK = 8 << 20
 
 
 @dataclass
 class StageContext:
-    spec: RunSpec
+    spec: RunSpec  # as this stage sees it (Stage.spec_view)
     run_dir: Path
     out: Path  # the temporary directory the stage writes into
-    inputs: dict[str, Path]  # upstream stage name -> its output directory
+    inputs: dict[str, Path]  # upstream stage (by the name this stage knows it under) -> its output directory
     upstream: dict[str, dict[str, Any]]  # upstream stage name -> its manifest entry
     extra: dict[str, Any]  # what the stage's key_inputs returned
     log: Callable[[str], None] = print
@@ -59,6 +58,18 @@ class Stage:
     # Shown by --dry-run: what the stage would do, without doing it (a line, or a dict with a "summary" line and
     # details for --json).
     describe: Callable[[RunSpec, dict[str, Any]], str | dict[str, Any]] | None = None
+    # One stage's code serving another input (the draft model's fetch and quantize): the spec it sees, the stage
+    # whose spec fields key it, and the names its upstream stages have in ``StageContext.inputs``.
+    spec_view: Callable[[RunSpec], RunSpec] | None = None
+    fields_of: str | None = None
+    inputs_as: dict[str, str] = field(default_factory=dict)
+
+    def view(self, spec: RunSpec) -> RunSpec:
+        return self.spec_view(spec) if self.spec_view else spec
+
+    def config(self, spec: RunSpec) -> dict[str, Any]:
+        """The spec values that affect this stage's output (part of its key)."""
+        return self.view(spec).stage_fields(self.fields_of or self.name)
 
 
 @dataclass
@@ -84,7 +95,7 @@ def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
 def stage_key(stage: Stage, spec: RunSpec, upstream_keys: dict[str, str], extra: dict[str, Any]) -> str:
     body = {
         "stage": stage.name, "version": stage.version, "upstream": upstream_keys,
-        "config": spec.stage_fields(stage.name), "extra": extra, "tools": tool_versions(stage.tools),
+        "config": stage.config(spec), "extra": extra, "tools": tool_versions(stage.tools),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -181,7 +192,8 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
                         continue
                     raise StageError(f"stage {stage.name} needs stage {up}, which has not been built in {run_dir}")
                 upstream_entries[up] = entry
-            extra = stage.key_inputs(spec, upstream_entries) if stage.key_inputs else {}
+            view = stage.view(spec)
+            extra = stage.key_inputs(view, upstream_entries) if stage.key_inputs else {}
             key = stage_key(stage, spec, {u: e["key"] for u, e in upstream_entries.items()}, extra)
             keys[stage.name] = key
             forced_chain = forced_chain or stage.name in force
@@ -189,7 +201,7 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
             cached = (not forced_chain and entry is not None and entry.get("key") == key
                       and outputs_intact(run_dir, entry))
             if dry_run:
-                what = stage.describe(spec, extra) if stage.describe else ""
+                what = stage.describe(view, extra) if stage.describe else ""
                 res = StageResult(stage.name, "cached" if cached else "would build", key, 0.0,
                                   entry.get("bytes", 0) if cached else 0, {"plan": what} if what else {})
                 results.append(res)
@@ -205,8 +217,9 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
             t0 = time.perf_counter()
             final = run_dir / stage.output
             with staging_dir(final) as tmp:
-                ctx = StageContext(spec=spec, run_dir=run_dir, out=tmp,
-                                   inputs={u: run_dir / e["dir"] for u, e in upstream_entries.items()},
+                ctx = StageContext(spec=view, run_dir=run_dir, out=tmp,
+                                   inputs={stage.inputs_as.get(u, u): run_dir / e["dir"]
+                                           for u, e in upstream_entries.items()},
                                    upstream=upstream_entries, extra=extra, log=log)
                 try:
                     info = stage.run(ctx) or {}
@@ -227,7 +240,7 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
             total = sum(o["size"] for o in outputs)
             manifest.stages[stage.name] = {
                 "key": key, "dir": stage.output, "version": stage.version,
-                "inputs": {u: e["key"] for u, e in upstream_entries.items()}, "config": spec.stage_fields(stage.name),
+                "inputs": {u: e["key"] for u, e in upstream_entries.items()}, "config": stage.config(spec),
                 "extra": extra, "tools": tool_versions(stage.tools), "outputs": outputs, "bytes": total,
                 "wall_s": round(wall, 3), "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "info": info,
@@ -254,4 +267,4 @@ def _fault_pause(stage: str) -> None:
 
 def update_latest(run_dir: Path) -> None:
     """Point ``<parent>/latest`` at ``run_dir`` atomically (symlink to a temp name, then rename)."""
-    atomic_symlink(run_dir.name, run_dir.parent / "latest")
+    atomic_symlink(run_dir.name, run_dir.parent / LATEST)

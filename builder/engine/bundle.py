@@ -12,9 +12,9 @@ from builder.model.config import ModelConfig
 from builder.model.safetensors_io import read_header
 from builder.shard.fusion import FusionOptions, unfuse_dequantize
 from builder.layout import Layout
+from builder.rundir import ENGINE_CONFIG
 from quantize.dequant import COMPANION_SUFFIXES, companions_of
 
-ENGINE_CONFIG = "config.json"
 # Kept in fp32 whatever the compute dtype (as in DeepSeek's and transformers' code): the router and its bias, and
 # the indexer's head weights.
 FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias", "indexer.weights_proj.weight")

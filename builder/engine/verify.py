@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from builder.errors import CheckpointError
+from builder.rundir import RunDir
 
 FIXED_TEXTS = (
     "The river kept its own counsel, and the town below it learned to listen in the evenings.",
@@ -27,7 +28,7 @@ def fixed_prompts(tokenizer, bos_token_id: int | None) -> list[list[int]]:
 
 def default_checkpoint(engine_dir: Path) -> Path:
     """The run directory's ``quantized/`` next to its ``engines/``: the checkpoint the bundle was cut from."""
-    return Path(engine_dir).resolve().parent / "quantized"
+    return RunDir.of_engines(engine_dir).quantized
 
 
 def verify_engine(engine_dir: str | Path, *, checkpoint: str | Path | None = None, gen_tokens: int = 8,

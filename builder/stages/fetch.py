@@ -16,6 +16,7 @@ from typing import Any, Callable
 from builder import hub
 from builder.atomic import atomic_write_json, link_or_copy
 from builder.errors import CheckpointError
+from builder.rundir import WEIGHTS
 from builder.model.catalog import catalog_by_name, is_mtp_tensor
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
@@ -239,7 +240,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return info
 
 
-STAGE = Stage(name="fetch", version=VERSION, output="weights", upstream=(), run=run, tools=("safetensors",),
+STAGE = Stage(name="fetch", version=VERSION, output=WEIGHTS, upstream=(), run=run, tools=("safetensors",),
               key_inputs=key_inputs, describe=dry_run_plan)
 
 __all__ = ["STAGE", "SMALL_FILES", "link_or_copy", "materialize", "fetch_from_hub", "dry_run_plan"]

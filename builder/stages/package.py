@@ -15,10 +15,10 @@ import yaml
 
 from builder.errors import PackageError
 from builder.pipeline import Stage, StageContext
+from builder.rundir import LLM_API_FILE, PACKAGE, RunDir
 from builder.specs import RunSpec
 
 VERSION = "1"
-LLM_API_FILE = "llm_api.yaml"
 
 
 def flavour_of(spec: RunSpec) -> str:
@@ -52,7 +52,7 @@ def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
         flavour=flavour_of(spec), pin=pin(PINNED_VERSION), run_name=run_dir.name, layout=spec.layout,
         nodes=spec.nodes, node_gpus=spec.gpus_per_node, llm_api=llm_api,
         deploy_dir=deploy_dir, model_path=model_path,
-        engine_dir_rel=relative_engine_dir(run_dir / "package", engines),
+        engine_dir_rel=relative_engine_dir(RunDir(run_dir).package, engines),
         dsbuild_src=str(Path(builder.__file__).resolve().parent.parent),
         engine_max_batch_size=min(spec.concurrency, 64), max_seq_len=max_seq_len, image=spec.image,
         speculative_mode=spec.spec, draft_len=spec.draft_len if spec.spec != "none" else 0,
@@ -99,5 +99,5 @@ def describe(spec: RunSpec, extra: dict[str, Any]) -> str:
     return f"render the {flavour_of(spec)} Triton repository (TensorRT-LLM {PINNED_VERSION}) and launch files"
 
 
-STAGE = Stage(name="package", version=VERSION, output="package", upstream=("build",), run=run,
+STAGE = Stage(name="package", version=VERSION, output=PACKAGE, upstream=("build",), run=run,
               tools=("nvidia-pytriton",), key_inputs=key_inputs, describe=describe)

@@ -12,24 +12,12 @@ from typing import Any
 from builder.atomic import atomic_write_json
 from builder.errors import LayoutError
 from builder.pipeline import Stage, StageContext
+from builder.plan.plot import plot_plan
+from builder.plan.spec import plan_for_spec
+from builder.rundir import PLAN
 from builder.specs import RunSpec
 
 VERSION = "2"
-
-
-def plan_for_spec(spec: RunSpec, *, fixed: set[str] | None = None, requested: bool = True):
-    """``plan_cluster`` for a spec. ``fixed``: the layout fields the user set (only those constrain the search);
-    ``requested``: mark the spec's own layout (what a pipeline run builds) and always evaluate it."""
-    from builder.plan import plan_cluster
-
-    fixed = fixed or set()
-    return plan_cluster(
-        model=spec.model, gpu=spec.gpu, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node, network=spec.network,
-        hardware_file=spec.hardware_file, quant=spec.quant, kv_cache_dtype=spec.kv_cache_dtype, isl=spec.isl,
-        osl=spec.osl, concurrency=spec.concurrency, ttft_ms=spec.ttft_ms, tpot_ms=spec.tpot_ms,
-        include_mtp=not spec.skip_mtp, mtp=spec.spec == "mtp",
-        **{k: getattr(spec, k) for k in ("tp", "pp", "ep", "attention_dp") if k in fixed},
-        requested=spec.layout if requested else None)
 
 
 def check_requested(spec: RunSpec, result=None) -> None:
@@ -47,8 +35,6 @@ def _key_inputs(spec: RunSpec, upstream: dict[str, dict[str, Any]]) -> dict[str,
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from builder.plan.plot import plot_plan
-
     result = plan_for_spec(ctx.spec)
     check_requested(ctx.spec, result)
     out = result.to_dict()
@@ -66,7 +52,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "plan": summary}
 
 
-STAGE = Stage(name="plan", version=VERSION, output="plan", upstream=(), run=run, key_inputs=_key_inputs,
+STAGE = Stage(name="plan", version=VERSION, output=PLAN, upstream=(), run=run, key_inputs=_key_inputs,
               tools=("matplotlib",),
               describe=lambda spec, extra: f"plan layout {spec.layout.name} for {spec.model}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from builder.pipeline import Stage, StageContext
+from builder.rundir import QUANTIZED
 
 VERSION = "2"
 
@@ -24,6 +25,6 @@ def key_inputs(spec, upstream: dict[str, Any]) -> dict[str, Any]:
     return {"corpus": corpus_sha256()}
 
 
-STAGE = Stage(name="quantize", version=VERSION, output="quantized", upstream=("fetch",), run=run,
+STAGE = Stage(name="quantize", version=VERSION, output=QUANTIZED, upstream=("fetch",), run=run,
               tools=("torch", "safetensors", "nvidia-modelopt", "transformers"), key_inputs=key_inputs,
               describe=lambda spec, extra: f"quantize to {spec.quant}")

@@ -6,9 +6,8 @@ Keys and spellings from NVIDIA/TensorRT-LLM ``tensorrt_llm/llmapi/llm_args.py`` 
   ``mtp_eagle_one_model: true`` (its default, written out: with a checkpoint of one MTP layer, as DeepSeek-V3.2's,
   the one module drafts all N tokens inside the target's engine, which is what the reference engine does too).
 - Draft model: ``decoding_type: Draft_Target`` (the 1.2-era spelling; earlier releases said ``DraftTarget``),
-  ``max_draft_len: N`` (> 0 required) and ``speculative_model``: the draft's HF-layout checkpoint, written by the
-  build stage to ``engines/draft/hf`` and referenced relative to ``engines/`` (run ``trtllm-serve`` from
-  ``engines/`` or have the packaging rewrite it to the path inside the container).
+  ``max_draft_len: N`` (> 0 required) and ``speculative_model``: the draft's HF-layout checkpoint, the run's
+  ``draft-quantized/`` (``builder.rundir``), named relative to the run directory.
 """
 
 from __future__ import annotations
@@ -17,9 +16,8 @@ from typing import Any
 
 from builder.errors import SpecError
 from builder.model.config import ModelConfig
+from builder.rundir import DRAFT_QUANTIZED
 
-DRAFT_DIR = "draft"  # the draft model's reference-engine bundle, under engines/
-DRAFT_HF_DIR = "draft/hf"  # its HF-layout (quantized) checkpoint, for TensorRT-LLM's speculative_model
 
 
 def speculative_config(spec, cfg: ModelConfig) -> dict[str, Any] | None:
@@ -32,5 +30,5 @@ def speculative_config(spec, cfg: ModelConfig) -> dict[str, Any] | None:
         return {"decoding_type": "MTP", "num_nextn_predict_layers": int(spec.draft_len), "mtp_eagle_one_model": True}
     if spec.spec == "draft":
         return {"decoding_type": "Draft_Target", "max_draft_len": int(spec.draft_len),
-                "speculative_model": DRAFT_HF_DIR}
+                "speculative_model": DRAFT_QUANTIZED}
     raise SpecError(f"unknown speculative mode {spec.spec!r}")

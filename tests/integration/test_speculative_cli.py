@@ -9,13 +9,20 @@ import yaml
 
 
 def test_build_with_draft_writes_both_bundles_and_generate_reports_metrics(dsbuild, tmp_path):
-    """The pipeline end to end: engines/draft (one-rank bundle) and engines/draft/hf (the checkpoint
-    speculative_model names), then `dsbuild generate --spec draft|mtp --json` greedy equal to --spec none."""
+    """The pipeline end to end: the draft model fetched and quantized as stages of their own (draft-weights/,
+    draft-quantized/: the checkpoint speculative_model names, relative to the run), engines/draft (one-rank
+    bundle), then `dsbuild generate --spec draft|mtp --json` greedy equal to --spec none."""
     dsbuild("run", "--tp", "1", "--pp", "1", "--spec", "draft", "--draft-model", "tiny-draft", "--draft-len", "2",
             "--out", "build/r", check=True)
-    engines = tmp_path / "build" / "r" / "engines"
+    run = tmp_path / "build" / "r"
+    engines = run / "engines"
     api = yaml.safe_load((engines / "llm_api.yaml").read_text())
-    assert (engines / api["speculative_config"]["speculative_model"] / "model.safetensors.index.json").is_file()
+    assert (run / api["speculative_config"]["speculative_model"] / "model.safetensors.index.json").is_file()
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert [s for s in stages if s.startswith("draft-")] == ["draft-fetch", "draft-quantize"]
+    assert stages["draft-quantize"]["inputs"] == {"draft-fetch": stages["draft-fetch"]["key"]}
+    assert stages["draft-fetch"]["config"]["model"] == "tiny-draft"
+    assert stages["build"]["inputs"]["draft-quantize"] == stages["draft-quantize"]["key"]
     draft_cfg = json.loads((engines / "draft" / "config.json").read_text())
     assert draft_cfg["mapping"]["world_size"] == 1 and draft_cfg["model"]["num_hidden_layers"] == 2
     assert (engines / "draft" / "tokenizer.json").read_bytes() == (engines / "tokenizer.json").read_bytes()

@@ -27,7 +27,7 @@ def fixed_prompts(vocab: int = 1024, lengths=PROMPT_LENGTHS, seed: int = 1) -> l
 def build_bundle(ckpt: Path, out: Path, *, tp: int, pp: int, ep: int, fusion=None, attention_dp: bool = False) -> Path:
     from builder.shard.fusion import FusionOptions
     from builder.layout import Layout
-    from builder.stages.build import write_engine_bundle
+    from builder.shard.bundle import write_engine_bundle
 
     if not (out / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from builder.engine.bundle import EngineBundle
 from builder.shard.fusion import FusionOptions
 from builder.shard.rules import plan_ranks
 from builder.layout import Layout
-from builder.stages.build import catalog_of_checkpoint, write_engine_bundle
+from builder.shard.bundle import catalog_of_checkpoint, write_engine_bundle
 
 LAYOUTS = [(tp, pp, ep) for tp in (1, 2, 4, 8) for pp in (1, 2) for ep in (1, 2, 4) if ep <= tp]
 

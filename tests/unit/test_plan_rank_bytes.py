@@ -17,7 +17,7 @@ from builder.plan import plan_cluster
 from builder.shard.rules import plan_ranks
 from builder.layout import Layout
 from builder.shard.writer import rank_file, write_all_ranks
-from builder.stages.build import catalog_of_checkpoint
+from builder.shard.bundle import catalog_of_checkpoint
 
 FAST = [Layout(2, 2, 1), Layout(4, 1, 2, True), Layout(8, 2, 8)]
 ALL = [Layout(t, p, e, a) for t in (1, 2, 4, 8, 16) for p in (1, 2, 4) for e in (1, 2, 4, 8)

@@ -49,7 +49,7 @@ def test_draft_target_block_conforms(n):
                        preset("deepseek-v3.2")).options
     assert check(o, version=PINNED_VERSION) == []
     assert o["speculative_config"] == {"decoding_type": "Draft_Target", "max_draft_len": n,
-                                       "speculative_model": "draft/hf"}
+                                       "speculative_model": "draft-quantized"}
     wrong = {**o, "speculative_config": {**o["speculative_config"], "decoding_type": "DraftTarget"}}
     assert any("decoding_type" in p for p in check(wrong, version=PINNED_VERSION))
 

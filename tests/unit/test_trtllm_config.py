@@ -97,7 +97,8 @@ def test_unknown_version_is_refused():
 
 
 def test_build_writes_llm_api_yaml(tiny_ckpt, tmp_path):
-    from builder.stages.build import LLM_API_FILE, write_llm_api
+    from builder.rundir import LLM_API_FILE
+    from builder.stages.build import write_llm_api
 
     info = write_llm_api(RunSpec(tp=2, pp=2, ep=2), tiny_ckpt, tmp_path, log=lambda m: None)
     data = yaml.safe_load((tmp_path / LLM_API_FILE).read_text())

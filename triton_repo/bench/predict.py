@@ -9,17 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import SpecError
+from builder.plan.spec import plan_for_spec
+from builder.rundir import MANIFEST, RunDir
+from builder.specs import RunSpec
 
 PREDICTED_KEYS = ("decode_step_ms", "ttft_ms", "tokens_per_s_per_user", "tokens_per_s", "tokens_per_s_per_gpu",
                   "batch_per_replica", "gpus_per_replica", "bound")
 
 
-def run_spec(run_dir: Path):
-    from builder.specs import RunSpec
-
-    manifest = run_dir / "manifest.json"
+def run_spec(run_dir: Path) -> RunSpec:
+    manifest = RunDir(run_dir).manifest
     if not manifest.is_file():
-        raise SpecError(f"{run_dir} has no manifest.json; pass the run directory the served repository came from")
+        raise SpecError(f"{run_dir} has no {MANIFEST}; pass the run directory the served repository came from")
     try:
         spec = json.loads(manifest.read_text())["spec"]
         # A run written by another dsbuild version may carry options this one lacks; the planner needs none of them.
@@ -30,8 +31,6 @@ def run_spec(run_dir: Path):
 
 def predict(run_dir: Path, *, isl: int, osl: int, concurrency: int) -> dict[str, Any]:
     """The planner's figures for the run's own layout at this workload."""
-    from builder.stages.plan import plan_for_spec
-
     spec = run_spec(run_dir).model_copy(update={"isl": isl, "osl": osl, "concurrency": concurrency})
     plan = plan_for_spec(spec).requested
     if plan is None:
