@@ -321,10 +321,19 @@ def plan_cmd(config_file, verbose, as_json, plot_file, top, **kwargs):
     result = plan_for_spec(spec, fixed=fixed, requested=len(fixed) == len(LAYOUT_FIELDS))
     if plot_file:
         plot_plan(result, plot_file)
+    chosen = result.requested or result.recommended
+    trtllm = None
+    if chosen is not None:
+        from builder.model.source import resolve_model
+        from builder.trtllm.llm_api import plan_info
+
+        trtllm = plan_info(spec, resolve_model(spec.model).config, chosen.layout)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=1))
+        click.echo(json.dumps({**result.to_dict(), **({"trtllm": trtllm} if trtllm else {})}, indent=1))
     else:
         render_table(result, limit=top)
+        for line in (trtllm or {}).get("lines", []):
+            click.echo(f"TensorRT-LLM ({trtllm['layout']}): {line}")
     if result.recommended is None:
         from builder.plan.explain import rationale
 

@@ -73,6 +73,9 @@ class RunSpec(BaseModel):
                            stages=("plan", "quantize", "build", "package"))
     kv_cache_dtype: Literal["auto", "fp8", "bf16"] = opt("fp8", "KV-cache dtype.",
                                                           stages=("plan", "quantize", "build", "package"))
+    act_scales: Path | None = opt(None, "w4afp8: a safetensors file of the routed experts' w{1,2,3}.input_scale, made "
+                                  "on a GPU node by the script dsbuild prints for the full model; replaces calibration.",
+                                  stages=("quantize",))
     calib_size: int = opt(16, "Calibration prompts (formats that calibrate).", stages=("quantize",), ge=1, le=4096)
     calib_seq_len: int = opt(64, "Tokens per calibration prompt.", stages=("quantize",), ge=8, le=1 << 20)
 
@@ -80,6 +83,9 @@ class RunSpec(BaseModel):
     isl: int = opt(1024, "Mean input length in tokens.", stages=("plan", "build", "package"), ge=1, le=1 << 22)
     osl: int = opt(1024, "Mean output length in tokens.", stages=("plan", "build", "package"), ge=1, le=1 << 22)
     concurrency: int = opt(64, "Target concurrent sequences.", stages=("plan", "build", "package"), ge=1, le=1 << 20)
+    chunked_prefill: bool = opt(False, "TensorRT-LLM chunked prefill: max_num_tokens becomes a per-iteration budget "
+                                "instead of the longest prompt served (docs/tensorrt-llm-contract.md#C-LLM-2).",
+                                stages=("plan", "build", "package"))
     ttft_ms: float | None = opt(None, "Time-to-first-token limit (ms).", stages=("plan",), gt=0)
     tpot_ms: float | None = opt(None, "Time-per-output-token limit (ms).", stages=("plan",), gt=0)
 

@@ -166,25 +166,89 @@ def finish_configs(export_dir: Path, src: Path, out: Path, mtp_modules: list[str
     return {"hf_quant_config": hf_quant, "config": config}
 
 
-def gpu_commands(*, mode: str, model_dir: str, out_dir: str, gpus: int = 8) -> str:
-    """ModelOpt's DeepSeek flow (``examples/deepseek/README.md`` of NVIDIA/TensorRT-Model-Optimizer) for a GPU node:
-    convert to DeepSeek's inference layout, calibrate with torchrun on 8 GPUs (8xH200 or 16xH100), write the HF
-    checkpoint."""
-    # w4afp8 needs only the experts' input amax: any config with input quantizers on them (FP8) gives it.
+# Pinned upstream code for the GPU-node flow (docs/tensorrt-llm-contract.md#C-MODELOPT-1): DeepSeek's V3.2 inference
+# code at the commit ModelOpt's README pins, and ModelOpt's examples/deepseek at the commit read for that contract.
+DEEPSEEK_V32_REPO = "https://github.com/deepseek-ai/DeepSeek-V3.2-Exp.git"
+DEEPSEEK_V32_COMMIT = "3b99a5350d260b7c2a357e82362305509e2d0724"
+MODELOPT_REPO = "https://github.com/NVIDIA/TensorRT-Model-Optimizer.git"
+MODELOPT_COMMIT = "19722c9ca60ce492d8ab023bde3f75c1fa6f61e5"
+HADAMARD_PACKAGE = "git+https://github.com/Dao-AILab/fast-hadamard-transform.git"
+
+# The ModelOpt amax dumps (one torch file per rank, ``amax_dict_rank{r}-mp{world}.pt``, C-MODELOPT-2) use DeepSeek's
+# inference module names (``layers.L.ffn.experts.E.w{1,2,3}.input_quantizer._amax``); this turns them into the
+# ``model.layers.L.mlp.experts.E.w{1,2,3}.input_scale`` float32 [1] tensors of TensorRT-LLM's W4A8 loader (amax/448,
+# w1 and w3 share the expert's input so both get the larger amax; C-W4A8SCRIPT-2, C-MOE-3) and writes a safetensors
+# file. It runs in the GPU container on the files the calibration just wrote there (dsbuild never unpickles).
+AMAX_TO_SCALES = r"""
+import re, sys, torch
+from safetensors.torch import save_file
+amax_dir, world, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+pattern = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.input_quantizer\._amax$")
+amax = {}
+for rank in range(world):
+    state = torch.load(f"{amax_dir}/amax_dict_rank{rank}-mp{world}.pt", map_location="cpu", weights_only=True)
+    for key, value in state.items():
+        m = pattern.match(key)
+        if m:
+            name = f"model.layers.{m[1]}.mlp.experts.{m[2]}.{m[3]}.input_scale"
+            amax[name] = max(amax.get(name, 0.0), float(value.float().max()))
+for name in [n for n in amax if n.endswith(".w1.input_scale")]:
+    up = name[: -len("w1.input_scale")] + "w3.input_scale"
+    amax[name] = amax[up] = max(amax[name], amax.get(up, 0.0))
+if not amax:
+    sys.exit(f"no expert input amax (layers.L.ffn.experts.E.wN.input_quantizer._amax) in {amax_dir}")
+save_file({n: torch.tensor([max(v, 1e-12) / 448.0], dtype=torch.float32) for n, v in sorted(amax.items())}, out)
+print(f"{len(amax)} input scales -> {out}")
+"""
+
+
+def gpu_script(*, mode: str, model_dir: str, run_dir: str, gpus: int = 8) -> str:
+    """A complete bash script for an 8-GPU node (8xH200 or 16xH100) in the pinned TensorRT-LLM container: clone
+    DeepSeek's V3.2 inference code and ModelOpt at their pinned commits, convert the FP8 checkpoint to DeepSeek's
+    layout, calibrate with ModelOpt's ``ptq.py``, then either ModelOpt's NVFP4 export (``nvfp4``) or the experts'
+    FP8 input scales as a safetensors file that ``dsbuild quantize --quant w4afp8 --act-scales`` turns into the W4AFP8
+    checkpoint (every FP8 linear listed, the V3.2 indexer and the MTP layer included: ``quantize.w4afp8``). Every
+    path is absolute and nothing outside ``$WORK`` is written but the final checkpoint."""
+    import shlex
+
+    if mode not in ("nvfp4", "w4afp8"):
+        raise QuantizationError(f"ModelOpt's multi-GPU DeepSeek flow makes nvfp4 (and w4afp8's input scales), not {mode}")
+    q = shlex.quote
+    model, work = str(Path(model_dir).resolve()), str(Path(run_dir).resolve() / "gpu-quantize")
+    # w4afp8 needs only the routed experts' input amax: any preset with input quantizers on them gives it.
     cfg_name = "NVFP4_DEFAULT_CFG" if mode == "nvfp4" else "FP8_DEFAULT_CFG"
-    return " && ".join([
-        "git clone https://github.com/deepseek-ai/DeepSeek-V3.2-Exp.git && git -C DeepSeek-V3.2-Exp checkout 3b99a53",
-        "git clone https://github.com/NVIDIA/TensorRT-Model-Optimizer.git && cd TensorRT-Model-Optimizer/examples/deepseek",
-        f"python ../../../DeepSeek-V3.2-Exp/inference/convert.py --hf-ckpt-path {model_dir} --save-path {out_dir}/ds-ckpt "
-        f"--n-experts 256 --model-parallel {gpus}",
-        f"torchrun --nproc-per-node {gpus} --master_port=12346 ptq.py --model_path {out_dir}/ds-ckpt "
-        f"--config ../../../DeepSeek-V3.2-Exp/inference/config_671B_v3.2.json --quant_cfg {cfg_name} "
-        f"--output_path {out_dir}/amax",
-        f"./quantize_fp8_to_nvfp4.sh --amax_path {out_dir}/amax --fp4_output_path {out_dir}/quantized "
-        f"--fp8_hf_path {model_dir} --world_size {gpus}" if mode == "nvfp4" else
-        f"python ../../../TensorRT-LLM/examples/quantization/quantize_mixed_precision_moe.py --model_dir {model_dir} "
-        f"--output_dir {out_dir}/quantized --act_scales {out_dir}/amax",
-    ])
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# dsbuild: {mode} for {model} on one {gpus}-GPU node (8xH200 or 16xH100), in the pinned TensorRT-LLM container.",
+        "# Sources: docs/tensorrt-llm-contract.md#C-MODELOPT-1 (ModelOpt's DeepSeek flow), #C-W4A8SCRIPT-3.",
+        "set -euo pipefail",
+        f"MODEL={q(model)}",
+        f"WORK={q(work)}",
+        'mkdir -p "$WORK"',
+        f'[ -d "$WORK/DeepSeek-V3.2-Exp" ] || git clone {DEEPSEEK_V32_REPO} "$WORK/DeepSeek-V3.2-Exp"',
+        f'git -C "$WORK/DeepSeek-V3.2-Exp" checkout --detach {DEEPSEEK_V32_COMMIT}',
+        f'[ -d "$WORK/Model-Optimizer" ] || git clone {MODELOPT_REPO} "$WORK/Model-Optimizer"',
+        f'git -C "$WORK/Model-Optimizer" checkout --detach {MODELOPT_COMMIT}',
+        f'pip install {HADAMARD_PACKAGE} -r "$WORK/DeepSeek-V3.2-Exp/inference/requirements.txt"',
+        'pip install -e "$WORK/Model-Optimizer"',
+        '(cd "$WORK/DeepSeek-V3.2-Exp/inference" && python convert.py --hf-ckpt-path "$MODEL" '
+        f'--save-path "$WORK/ds-ckpt" --n-experts 256 --model-parallel {gpus})',
+        f'(cd "$WORK/Model-Optimizer/examples/deepseek" && torchrun --nproc-per-node {gpus} --master_port=12346 ptq.py '
+        '--model_path "$WORK/ds-ckpt" --config "$WORK/DeepSeek-V3.2-Exp/inference/config_671B_v3.2.json" '
+        f'--quant_cfg {cfg_name} --output_path "$WORK/amax")',
+    ]
+    if mode == "nvfp4":
+        lines.append('(cd "$WORK/Model-Optimizer/examples/deepseek" && ./quantize_fp8_to_nvfp4.sh --amax_path '
+                     f'"$WORK/amax" --fp4_output_path "$WORK/quantized" --fp8_hf_path "$MODEL" --world_size {gpus})')
+        lines.append("printf 'NVFP4 checkpoint in %q; serve it with: dsbuild run ... --quant nvfp4 --model-path %q\\n' "
+                     '"$WORK/quantized" "$WORK/quantized"')
+    else:
+        lines += [f'python - "$WORK/amax" {gpus} "$WORK/input_scales.safetensors" <<\'PY\'',
+                  AMAX_TO_SCALES.strip("\n"), "PY",
+                  "# Then, on any host that sees the checkpoint (streaming, no GPU needed):",
+                  "printf 'then run: dsbuild quantize --model %q --quant w4afp8 --gpu h200-sxm --act-scales %q\\n' "
+                  '"$MODEL" "$WORK/input_scales.safetensors"']
+    return "\n".join(lines) + "\n"
 
 
 def copy_small(src: Path, out: Path, names: tuple[str, ...]) -> None:

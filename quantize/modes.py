@@ -28,9 +28,6 @@ from quantize import registry, report
 from quantize.stream import TensorReader, ahead, passthrough, source_shards, write_checkpoint
 
 SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
-# TensorRT-LLM treats these as unquantized in a DeepSeek FP8_BLOCK_SCALES checkpoint and dequantizes them at load
-# (``_torch/model_config.py``: kv_b_proj's blocks need not align with heads; eh_proj is BF16).
-FP8_BLOCK_EXCLUDES = ["*kv_b_proj*", "*k_b_proj*", "*eh_proj"]
 BLACKWELL = ("b100", "b200", "b300", "gb200", "gb300")
 # Calibration and the logits report load the model's float weights in memory; above this they are refused here.
 MAX_IN_MEMORY_FRACTION = 0.4
@@ -46,6 +43,7 @@ class QuantJob:
     calib_size: int = 16
     calib_seq_len: int = 64
     corpus: Path | None = None
+    act_scales: Path | None = None  # w4afp8: precomputed expert input scales (safetensors) instead of calibration
     report_logits: bool = True
     log: Callable[[str], None] = field(default=print)
 
@@ -55,6 +53,10 @@ class QuantJob:
 
 
 def check_gpu(mode: str, gpu: str | None) -> None:
+    fmt = registry.get(mode)
+    if gpu is not None and fmt.reference_engine_only:
+        raise QuantizationError(f"--quant {mode} with --gpu {gpu}: {fmt.not_loadable}; without --gpu it builds for the "
+                                "reference engine (CPU)")
     if mode != "nvfp4":
         return
     if gpu is None:
@@ -207,8 +209,11 @@ def run_fp8(job: QuantJob) -> dict[str, Any]:
     shutil.copy2(job.src / INDEX_NAME, job.out / INDEX_NAME)
     atomic_write_json(job.out / "config.json", raw)
     _copy_small(job.src, job.out)
-    atomic_write_json(job.out / "hf_quant_config.json", hf_quant_config(
-        "FP8_BLOCK_SCALES", job.kv_cache_quant_algo, group_size=128, exclude_modules=FP8_BLOCK_EXCLUDES))
+    # No hf_quant_config.json: TensorRT-LLM then reads DeepSeek's own quantization_config and leaves unquantized
+    # exactly what the MoE backend the build chooses needs (kv_b_proj only with TRTLLM; docs/
+    # tensorrt-llm-contract.md#C-MCFG-0, #C-MCFG-3). A fixed exclude list here would hold for one backend only. The
+    # KV-cache dtype comes from llm_api.yaml's kv_cache_config.dtype (C-LLMARGS-4).
+    info["trtllm_quant_config"] = "config.json quantization_config (block FP8 128x128)"
     return info
 
 
@@ -253,9 +258,12 @@ def calibration_tokens(job: QuantJob) -> torch.Tensor:
 
 
 def _refuse_full_size(job: QuantJob, cfg: ModelConfig, what: str) -> None:
+    """Refuse in-memory calibration of a model that does not fit here; for nvfp4/w4afp8 write the complete GPU-node
+    script (``quantize.modelopt_flow.gpu_script``) next to the run and name it."""
     if _fits_in_memory(cfg):
         return
-    from quantize.modelopt_flow import gpu_commands
+    from builder.atomic import atomic_write_text
+    from quantize.modelopt_flow import gpu_script
 
     params = sum(s.numel for s in build_catalog(cfg) if not s.is_scale) / 1e9
     if job.mode not in ("nvfp4", "w4afp8"):
@@ -263,10 +271,16 @@ def _refuse_full_size(job: QuantJob, cfg: ModelConfig, what: str) -> None:
             f"{what} for this {params:.0f}B-parameter model needs it whole in GPU memory, and ModelOpt's multi-GPU "
             f"DeepSeek flow (examples/deepseek) produces only NVFP4 (and the expert amax that --quant w4afp8 uses); "
             f"use --quant fp8 or w4afp8 on Hopper, nvfp4 on Blackwell")
+    run_dir = job.out.parent
+    script = run_dir / f"gpu-quantize-{job.mode}.sh"
+    text = gpu_script(mode=job.mode, model_dir=str(job.src), run_dir=str(run_dir))
+    atomic_write_text(script, text)
+    script.chmod(0o755)
     raise QuantizationError(
-        f"{what} for this {sum(s.numel for s in build_catalog(cfg) if not s.is_scale) / 1e9:.0f}B-parameter model "
-        f"needs it whole in (GPU) memory, which this machine lacks; on an 8-GPU node run: "
-        + gpu_commands(mode=job.mode, model_dir=str(job.src), out_dir=str(job.out.parent / "quantized-gpu")))
+        f"{what} for this {params:.0f}B-parameter model needs it whole in (GPU) memory, which this machine lacks; "
+        f"run {script} on an 8-GPU node (8xH200 or 16xH100) in the TensorRT-LLM container"
+        + ("; it ends with the --act-scales file for `dsbuild quantize --quant w4afp8`" if job.mode == "w4afp8"
+           else ""))
 
 
 def run_w4afp8(job: QuantJob) -> dict[str, Any]:
@@ -276,13 +290,20 @@ def run_w4afp8(job: QuantJob) -> dict[str, Any]:
     cfg, raw = _source_config(job.src)
     if not cfg.is_fp8_block:
         raise QuantizationError("--quant w4afp8 converts DeepSeek's block-FP8 checkpoint, but this one is not block FP8")
-    _refuse_full_size(job, cfg, "calibrating w4afp8 activation scales")
-    tokens = calibration_tokens(job)
+    if job.act_scales is not None:
+        scales = w4afp8.read_act_scales(job.act_scales, cfg)
+        calibration = {"act_scales": str(job.act_scales), "input_scales": len(scales)}
+    else:
+        _refuse_full_size(job, cfg, "calibrating w4afp8 activation scales")
+        tokens = calibration_tokens(job)
+        with TensorReader(job.src) as reader:
+            model = float_model(((n, report.reference_float(reader, n)) for n in reader.names
+                                 if not n.endswith("weight_scale_inv")), job.src / "config.json",
+                                dtype=torch.bfloat16)
+            scales = w4afp8.calibrate_expert_inputs(model, tokens, cfg)
+            del model
+        calibration = {"prompts": int(tokens.shape[0]), "tokens": int(tokens.numel()), "input_scales": len(scales)}
     with TensorReader(job.src) as reader:
-        model = float_model(((n, report.reference_float(reader, n)) for n in reader.names
-                             if not n.endswith("weight_scale_inv")), job.src / "config.json", dtype=torch.bfloat16)
-        scales = w4afp8.calibrate_expert_inputs(model, tokens, cfg)
-        del model
         shards = w4afp8.plan_shards(reader, cfg, scales)
         total = sum(e.nbytes for s in shards for e in s)
         write_checkpoint(job.out, shards, on_bytes=_progress_bytes(job, total))
@@ -291,8 +312,7 @@ def run_w4afp8(job: QuantJob) -> dict[str, Any]:
     _copy_small(job.src, job.out)
     atomic_write_json(job.out / "hf_quant_config.json", hf_quant_config("MIXED_PRECISION", job.kv_cache_quant_algo))
     atomic_write_json(job.out / "quant_cfg.json", w4afp8.quant_cfg(cfg, job.kv_cache_quant_algo))
-    return {"bytes": total, "calibration": {"prompts": int(tokens.shape[0]), "tokens": int(tokens.numel()),
-                                            "input_scales": len(scales)}}
+    return {"bytes": total, "calibration": calibration}
 
 
 # ---------------------------------------------------------------------------------------------------------------

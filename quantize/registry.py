@@ -23,14 +23,22 @@ class QuantFormat:
     calibrated: bool  # needs calibration data (model in memory) rather than a streaming conversion
     modelopt_cfg: str | None = None  # ModelOpt ``mtq`` preset that produces it
     needs: str = ""  # the GPUs it needs, in words, for refusals
+    # Why TensorRT-LLM cannot load this format for DeepSeek at all (then it is reference-engine only: CPU builds).
+    not_loadable: str | None = None
+
+    @property
+    def reference_engine_only(self) -> bool:
+        return self.not_loadable is not None
 
     def runs_on(self, arch: str) -> bool:
         """CPU builds (no --gpu) run every format in the reference engine."""
-        return arch == "cpu" or arch in self.archs
+        return arch == "cpu" or (not self.not_loadable and arch in self.archs)
 
     def refusal(self, *, gpu: str, arch: str) -> str | None:
         if self.runs_on(arch):
             return None
+        if self.not_loadable:
+            return f"{self.name} is reference-engine only: {self.not_loadable}"
         return f"{self.name} needs {self.needs}; {gpu} is {arch}"
 
 
@@ -43,8 +51,13 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
                 calibrated=True, modelopt_cfg="FP8_DEFAULT_CFG", needs="FP8 tensor cores (Ada, Hopper or Blackwell)"),
     QuantFormat("w4afp8", "INT4 routed experts + FP8 activations, the rest block FP8 (TensorRT-LLM W4A8)",
                 "MIXED_PRECISION", "fp8", frozenset({"hopper"}), calibrated=True, needs="Hopper GPUs (h100, h200)"),
-    QuantFormat("int4-awq", "W4A16 AWQ (ModelOpt INT4_AWQ_CFG)", "W4A16_AWQ", "bf16",
-                frozenset(GPU_ARCHS), calibrated=True, modelopt_cfg="INT4_AWQ_CFG", needs="a GPU"),
+    QuantFormat("int4-awq", "W4A16 AWQ (ModelOpt INT4_AWQ_CFG), reference engine only", "W4A16_AWQ", "bf16",
+                frozenset(GPU_ARCHS), calibrated=True, modelopt_cfg="INT4_AWQ_CFG", needs="a GPU",
+                # docs/tensorrt-llm-contract.md#C-MOE-1, #C-MOE-2, #C-MOE-3
+                not_loadable="TensorRT-LLM 1.2.1 serves any INT4-per-group DeepSeek MoE with its W4A8 method (SM89/SM90 "
+                             "only), which needs FP8 input_scale/weight_scale_2 tensors that ModelOpt's INT4_AWQ export "
+                             "does not write, so the checkpoint cannot load on a GPU; use --quant w4afp8 (INT4 experts "
+                             "with FP8 activations, Hopper) for a TensorRT-LLM deployment"),
     QuantFormat("nvfp4", "NVFP4 (ModelOpt NVFP4_DEFAULT_CFG)", "NVFP4", "fp4", frozenset({"blackwell"}),
                 calibrated=True, modelopt_cfg="NVFP4_DEFAULT_CFG", needs="Blackwell GPUs (b200)"),
     QuantFormat("bf16", "dequantized BF16", None, "bf16", frozenset(GPU_ARCHS), calibrated=False, needs="a GPU"),

@@ -10,12 +10,17 @@ Layout, as TensorRT-LLM's ``examples/quantization/quantize_mixed_precision_moe.p
   down, w3 up; gate and up share one input, so w1 and w3 get the same value);
 - everything else unchanged block FP8; ``config.json`` without ``quantization_config``; ``hf_quant_config.json``
   ``{"quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": ...}}`` and ``quant_cfg.json`` with
-  ``quantized_layers``: attention (``fused_a``, ``q_b_proj``, ``kv_b_proj``, ``o_proj``), shared experts and dense
-  MLPs (``gate_up_proj``, ``down_proj``) ``FP8_BLOCK_SCALES``; ``mlp.experts`` ``W4A8_AWQ``.
+  ``quantized_layers`` naming **every FP8 linear by its exact TensorRT-LLM module name** (a Linear takes a per-layer
+  config only on an exact name match, docs/tensorrt-llm-contract.md#C-QCFG-1): attention
+  (``kv_a_proj_with_mqa`` = the fused q_a/kv_a projection, ``q_b_proj``, ``kv_b_proj``, ``o_proj``), the V3.2
+  indexer's ``wq_b`` and ``wk``, shared experts and dense MLPs (``gate_up_proj``, ``down_proj``)
+  ``FP8_BLOCK_SCALES``; ``mlp.experts`` ``W4A8_AWQ``.
 
-Beyond the upstream script: the MTP layer is kept (its experts stay block FP8 and are listed as
+Beyond the upstream script (C-W4A8SCRIPT-3): the MTP layer is kept (its experts stay block FP8 and are listed as
 ``FP8_BLOCK_SCALES``, so MTP speculative decoding still loads; upstream silently drops the layer), and the V3.2 DSA
-indexer's ``wq_b`` is listed (its ``wk`` is fused into ``fused_a`` by TensorRT-LLM; ``weights_proj`` stays fp32).
+indexer's ``wq_b`` and ``wk`` are listed: TensorRT-LLM copies ``wk`` into the fused projection and asserts the two
+have one dtype (C-DSV3-1), so an unlisted ``wk`` (BF16 module, FP8 bytes) fails to load. ``weights_proj`` and the
+MTP layer's ``eh_proj`` are not FP8 in the checkpoint and stay unlisted.
 
 The weight conversion streams tensor by tensor (no calibration needed). The activation scales need a forward pass:
 transformers' ``DeepseekV32ForCausalLM`` on the dequantized model with every expert run on every token of its layer
@@ -25,18 +30,22 @@ model in memory; for the full model use ``gpu_commands``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from builder.model.catalog import build_catalog, is_mtp_tensor
+from builder.errors import QuantizationError
+from builder.model.catalog import Kind, build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
 from quantize import int4
 from quantize.formats import EXPERT_KINDS, W4A8_EXPERT_NAMES
 from quantize.fp8_tensor import FP8_MAX
 from quantize.stream import Planned, TensorReader, computed, passthrough, source_shards
 
-ATTN_LAYERS = ("fused_a", "q_b_proj", "kv_b_proj", "o_proj")
+# TensorRT-LLM module names (the fused q_a/kv_a projection is named kv_a_proj_with_mqa; ``fused_a`` is its legacy key).
+ATTN_LAYERS = ("kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj", "o_proj")
+INDEXER_LAYERS = ("wq_b", "wk")
 MLP_LAYERS = ("gate_up_proj", "down_proj")
 
 
@@ -48,7 +57,8 @@ def quant_cfg(cfg: ModelConfig, kv_cache_quant_algo: str | None) -> dict[str, An
         for n in ATTN_LAYERS:
             layers[f"{p}.self_attn.{n}"] = fp8
         if cfg.has_indexer:
-            layers[f"{p}.self_attn.indexer.wq_b"] = fp8
+            for n in INDEXER_LAYERS:
+                layers[f"{p}.self_attn.indexer.{n}"] = fp8
         if not cfg.is_moe_layer(i):
             for n in MLP_LAYERS:
                 layers[f"{p}.mlp.{n}"] = fp8
@@ -57,6 +67,44 @@ def quant_cfg(cfg: ModelConfig, kv_cache_quant_algo: str | None) -> dict[str, An
             layers[f"{p}.mlp.shared_experts.{n}"] = fp8
         layers[f"{p}.mlp.experts"] = fp8 if i >= cfg.num_hidden_layers else {"quant_algo": "W4A8_AWQ"}
     return {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": kv_cache_quant_algo, "quantized_layers": layers}
+
+
+def expected_act_scales(cfg: ModelConfig) -> list[str]:
+    """The ``w{1,2,3}.input_scale`` names the W4A8 loader reads: every routed expert of every main layer."""
+    from quantize.formats import quantized_catalog
+
+    return [s.name for s in quantized_catalog(cfg, "w4afp8").specs if s.kind is Kind.EXPERT_ACT_SCALE]
+
+
+def read_act_scales(path: str | Path, cfg: ModelConfig) -> dict[str, float]:
+    """Precomputed expert input scales (the GPU-node script's safetensors file): exactly the expected names, each
+    float32 ``[1]``, finite and positive. Header checked before any value is read."""
+    from safetensors import safe_open
+
+    from builder.model.safetensors_io import read_header
+
+    path = Path(path)
+    header = read_header(path)
+    want = expected_act_scales(cfg)
+    missing = [n for n in want if n not in header.tensors]
+    extra = sorted(set(header.tensors) - set(want))
+    if missing or extra:
+        raise QuantizationError(f"{path} does not fit this model's {len(want)} expert input scales: "
+                                + (f"{len(missing)} missing (e.g. {missing[0]!r})" if missing else "")
+                                + ("; " if missing and extra else "")
+                                + (f"{len(extra)} unexpected (e.g. {extra[0]!r})" if extra else ""))
+    for name in want:
+        t = header.tensors[name]
+        if t.dtype.value != "F32" or t.shape != (1,):
+            raise QuantizationError(f"{path}: {name!r} is {t.dtype.value} {list(t.shape)}, expected F32 [1]")
+    out: dict[str, float] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for name in want:
+            value = float(fh.get_tensor(name)[0])
+            if not (value > 0 and value < float("inf")):
+                raise QuantizationError(f"{path}: {name!r} is {value}, not a finite positive scale")
+            out[name] = value
+    return out
 
 
 def int4_expert(reader: TensorReader, name: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 """The tensor interface of the ``tensorrt_llm`` model, shared by both flavours (TensorRT-LLM 1.2.x ``llmapi``:
-``triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt`` at the pinned tag; FACTS §2b). Clients written for
+``triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt``; docs/tensorrt-llm-contract.md#C-TRITON-7). Clients written for
 NVIDIA's model work unchanged against the CPU flavour."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 are ready, watch their health, forward SIGTERM and stop cleanly.
 
 CPU hosts use the ``tritonserver`` 2.51 shipped in the ``nvidia-pytriton`` wheel, which needs three environment
-fixes (FACTS §3): the wheel's bundled libraries and the interpreter's ``LIBDIR`` on ``LD_LIBRARY_PATH`` (otherwise the
+fixes (docs/upstream-facts.md#U-TRITON-1): the wheel's bundled libraries and the interpreter's ``LIBDIR`` on ``LD_LIBRARY_PATH`` (otherwise the
 stub loads another libpython: ``'_thread.RLock' object has no attribute '_recursion_count'``), ``python3`` on
 ``PATH`` being this interpreter with numpy < 2 (the stub takes ``python3`` from ``PATH``; numpy 2 garbles inputs), and
 a backend directory holding the python backend and the stub for this Python version. GPU hosts (NVIDIA's
@@ -108,7 +108,7 @@ def python_bin_dir() -> Path:
 
 
 def check_stub_python(env: dict[str, str]) -> str:
-    """The numpy version of the ``python3`` the stub will use; numpy 2 garbles the stub's inputs (FACTS §3)."""
+    """The numpy version of the ``python3`` the stub will use; numpy 2 garbles the stub's inputs (docs/upstream-facts.md#U-TRITON-1)."""
     proc = subprocess.run(["python3", "-c", "import numpy, sys; print(numpy.__version__); print(sys.version_info[:2])"],
                           env=env, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:

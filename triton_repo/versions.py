@@ -12,14 +12,14 @@ from builder.errors import PackageError
 @dataclass(frozen=True)
 class TrtllmPin:
     version: str
-    commit: str  # NVIDIA/TensorRT-LLM commit of the release tag (FACTS §2b)
+    commit: str  # NVIDIA/TensorRT-LLM commit of the release tag (docs/tensorrt-llm-contract.md#C-PIN-1)
     triton_image: str  # NVIDIA's Triton container that ships this TensorRT-LLM
     # Known defects of the release's own Triton model that dsbuild's model.py avoids.
     notes: tuple[str, ...] = ()
 
 
 _RELEASES = {
-    "1.2.1": dict(commit="376f7e1bd8", notes=(
+    "1.2.1": dict(commit="376f7e1bd8ed543f75014309e3fd4b237e9b0e73", notes=(
         "the release's llmapi model.py passes `streaming` positionally into generate_async's lora_request slot; "
         "dsbuild's model.py passes it by keyword",)),
 }

@@ -39,7 +39,8 @@ def write_llm_api(spec: RunSpec, src: Path, out: Path, log=print) -> dict[str, A
     for w in rendered.warnings:
         log(f"warning: {w}")
     validated = validate_with_trtllm(rendered.options, model_dir=src)
-    return {"trtllm_version": PINNED_VERSION, "trtllm_validated_with": validated, "warnings": rendered.warnings}
+    return {"trtllm_version": PINNED_VERSION, "trtllm_validated_with": validated, "warnings": rendered.warnings,
+            **rendered.info}
 
 
 def _sha256(path: Path) -> str | None:

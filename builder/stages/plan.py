@@ -11,11 +11,13 @@ from typing import Any
 
 from builder.atomic import atomic_write_json
 from builder.errors import LayoutError
+from builder.model.source import resolve_model
 from builder.pipeline import Stage, StageContext
 from builder.plan.plot import plot_plan
 from builder.plan.spec import plan_for_spec
 from builder.rundir import PLAN
 from builder.specs import RunSpec
+from builder.trtllm.llm_api import plan_info
 
 VERSION = "2"
 
@@ -39,6 +41,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     check_requested(ctx.spec, result)
     out = result.to_dict()
     out["allowed_infeasible"] = bool(result.requested and not result.requested.feasible)
+    # The TensorRT-LLM side of the requested layout: MoE backend (and so kv_b_proj's FP8 exclusion), max_num_tokens
+    # and what it costs in activation memory (docs/tensorrt-llm-contract.md#C-MCFG-3, #C-LLM-1).
+    out["trtllm"] = plan_info(ctx.spec, resolve_model(ctx.spec.model).config)
     atomic_write_json(ctx.out / "plan.json", out)
     plot_plan(result, ctx.out / "plan.png")
     req = result.requested
@@ -46,8 +51,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     summary = (f"{req.name}: {'feasible' if req.feasible else 'INFEASIBLE (allowed)'}, "
                f"{_gib_or_mib(max(req.weights_per_rank or [0]))} weights on the fullest GPU"
                + (f", {req.decode.step_ms:.1f} ms/step" if req.decode else "")
-               + (f"; planner recommends {rec.name}" if rec is not None and rec is not req else ""))
-    return {"layout": req.name, "feasible": req.feasible, "world_size": req.gpus_per_replica,
+               + (f"; planner recommends {rec.name}" if rec is not None and rec is not req else "")
+               + f"; TensorRT-LLM MoE backend {out['trtllm']['moe_backend']}")
+    return {"layout": req.name, "trtllm": {k: v for k, v in out["trtllm"].items() if k != "lines"}, "feasible": req.feasible, "world_size": req.gpus_per_replica,
             "max_weights_per_rank_bytes": max(req.weights_per_rank or [0]), "recommended": rec.name if rec else None,
             "plan": summary}
 

@@ -43,9 +43,25 @@ def _type_ok(kind: str, value: Any) -> bool:
 
 
 def check(config: dict[str, Any], *, version: str) -> list[str]:
-    """Problems with ``config`` against the allow-list (empty: it conforms)."""
+    """Problems with ``config`` against the allow-list and the cross-field rules TensorRT-LLM's validators enforce
+    (empty: it conforms)."""
     allowed = allow_list(version)
-    return _check_block(config, allowed["top_level"], allowed, "")
+    return _check_block(config, allowed["top_level"], allowed, "") + _check_rules(config)
+
+
+def _check_rules(config: dict[str, Any]) -> list[str]:
+    problems = []
+    graphs = config.get("cuda_graph_config")
+    if isinstance(graphs, dict) and graphs.get("batch_sizes") and graphs.get("max_batch_size"):
+        # TensorRT-LLM then demands batch_sizes == its own generated list (docs/tensorrt-llm-contract.md#C-LLMARGS-5).
+        problems.append("cuda_graph_config: batch_sizes and a non-zero max_batch_size together are refused unless "
+                        "batch_sizes equals TensorRT-LLM's generated list; give one of them")
+    speculative = config.get("speculative_config")
+    if isinstance(speculative, dict) and speculative.get("decoding_type") == "DraftTarget":
+        if not speculative.get("max_draft_len") or not speculative.get("speculative_model"):
+            problems.append("speculative_config: DraftTarget needs max_draft_len > 0 and speculative_model "
+                            "(docs/tensorrt-llm-contract.md#C-LLMARGS-8)")
+    return problems
 
 
 def _check_block(block: Any, fields: dict[str, str], allowed: dict[str, Any], where: str) -> list[str]:

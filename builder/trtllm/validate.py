@@ -17,15 +17,17 @@ def trtllm_version() -> str | None:
 
 
 def validate_with_trtllm(options: dict[str, Any], *, model_dir: str | Path) -> str | None:
-    """Construct ``TorchLlmArgs(model=..., **options)``; returns the TensorRT-LLM version used, or None when
-    ``tensorrt_llm`` is not importable. Raises PackageError with TensorRT-LLM's own message on rejection."""
+    """Construct ``TorchLlmArgs`` the way ``trtllm-serve`` and the llmapi Triton model do (nested blocks through
+    ``update_llm_args_with_extra_dict``, docs/tensorrt-llm-contract.md#C-LLMARGS-9); returns the TensorRT-LLM version
+    used, or None when ``tensorrt_llm`` is not importable. Raises PackageError with TensorRT-LLM's own message."""
     version = trtllm_version()
     if version is None:
         return None
     from tensorrt_llm.llmapi.llm_args import TorchLlmArgs
+    from tensorrt_llm.llmapi.llm_utils import update_llm_args_with_extra_dict
 
     try:
-        TorchLlmArgs(model=str(model_dir), **options)
+        TorchLlmArgs(**update_llm_args_with_extra_dict({"model": str(model_dir)}, dict(options)))
     except Exception as exc:  # pydantic ValidationError and TensorRT-LLM's own checks
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PackageError(f"TensorRT-LLM {version} rejects llm_api.yaml: {first}") from None

@@ -73,7 +73,7 @@ def test_golden_repository_parses_with_tritons_protobuf(version, case):
 
 
 def test_gpu_model_py_passes_streaming_by_keyword():
-    """The 1.2.x defect (FACTS §2b): streaming went positionally into generate_async's lora_request slot."""
+    """The 1.2.x defect (docs/tensorrt-llm-contract.md#C-TRITON-5): streaming went positionally into generate_async's lora_request slot."""
     import ast
 
     src = (GOLDEN / "trtllm-1.2.1/gpu-tp8ep8/triton_repo/tensorrt_llm/1/model.py").read_text()

@@ -72,3 +72,19 @@ def test_run_writes_plan_json_and_png_whose_weights_match_the_rank_files(dsbuild
     assert plan["hardware"]["gpu"] == "cpu" and plan["cluster"]["gpus"] == 4
     on_disk = [header_tensor_bytes(run_dir / "engines" / f"rank{r}.safetensors") for r in range(4)]
     assert req["weights_per_rank_bytes"] == on_disk
+
+
+def test_plan_names_the_moe_backend_and_the_activation_cost_of_max_num_tokens(dsbuild):
+    """Issue 17 items 6 and 7: the plan says which MoE backend the build uses (it decides whether TensorRT-LLM keeps
+    kv_b_proj in FP8) and what max_num_tokens costs in activation memory."""
+    res = dsbuild("plan", "--model", "deepseek-v3.2", "--gpu", "h200-sxm", "--nodes", "1", "--tp", "8", "--pp", "1",
+                  "--ep", "8", "--attention-dp", "--isl", "4096", "--osl", "1024", "--concurrency", "256", "--json")
+    assert res.returncode == 0, res.stderr
+    t = json.loads(res.stdout)["trtllm"]
+    assert t["layout"] == "tp8pp1ep8adp" and t["moe_backend"] == "CUTLASS" and t["kv_b_proj"].startswith("FP8")
+    assert t["max_num_tokens"] >= 5120 and t["max_prompt_tokens"] == 5119
+    assert 0.1 * 2**30 < t["activation_bytes"] < 16 * 2**30
+    table = dsbuild("plan", "--model", "deepseek-v3.2", "--gpu", "b200", "--quant", "nvfp4", "--tp", "8", "--pp", "1",
+                    "--ep", "8", "--no-attention-dp")
+    assert "MoE backend TRTLLM: kv_b_proj excluded from FP8" in table.stdout
+    assert "activations ~" in table.stdout

@@ -29,10 +29,12 @@ def assert_matches_catalog(src: Path, out: Path, mode: str) -> dict:
     layout = validate_checkpoint(out, expected=expected)  # exact: no missing, no extra, same shape and dtype
     assert set(layout.index.weight_map) == set(expected)
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-              "hf_quant_config.json", "quant_report.json", "model.safetensors.index.json"):
+              "quant_report.json", "model.safetensors.index.json"):
         assert (out / f).is_file(), f
     assert mode_of_checkpoint(out) == mode
-    return json.loads((out / "hf_quant_config.json").read_text())
+    hq = out / "hf_quant_config.json"
+    assert hq.is_file() == (mode != "fp8")  # fp8 keeps DeepSeek's own quantization_config (contract C-MCFG-3)
+    return json.loads(hq.read_text()) if hq.is_file() else None
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +45,10 @@ def outputs(tiny_ckpt, tmp_path_factory):
 
 def test_fp8_passthrough_schema_and_config(outputs, tiny_ckpt):
     info, out = outputs["fp8"]
-    hq = assert_matches_catalog(tiny_ckpt, out, "fp8")
-    assert hq["quantization"]["quant_algo"] == "FP8_BLOCK_SCALES" and hq["quantization"]["group_size"] == 128
-    assert hq["quantization"]["kv_cache_quant_algo"] == "FP8"
+    assert assert_matches_catalog(tiny_ckpt, out, "fp8") is None
+    # TensorRT-LLM reads the native quantization_config and applies the MoE backend's own kv_b_proj exclusion.
     assert json.loads((out / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+    assert info["trtllm_quant_config"].startswith("config.json quantization_config")
     assert info["fp8_weights_checked"] == 146
     rep = json.loads((out / "quant_report.json").read_text())
     assert rep["weights"]["lossless_tensors"] == rep["weights"]["tensors"] > 0
@@ -99,8 +101,11 @@ def test_w4afp8_layout_is_tensorrt_llm_s(outputs, tiny_ckpt):
     assert qc["quant_algo"] == "MIXED_PRECISION"
     assert layers["model.layers.1.mlp.experts"] == {"quant_algo": "W4A8_AWQ"}
     assert layers["model.layers.0.mlp.gate_up_proj"] == {"quant_algo": "FP8_BLOCK_SCALES"}
-    assert layers["model.layers.1.self_attn.fused_a"] == {"quant_algo": "FP8_BLOCK_SCALES"}
+    assert layers["model.layers.1.self_attn.kv_a_proj_with_mqa"] == {"quant_algo": "FP8_BLOCK_SCALES"}
     assert layers["model.layers.2.self_attn.indexer.wq_b"] == {"quant_algo": "FP8_BLOCK_SCALES"}  # V3.2 indexer
+    assert layers["model.layers.2.self_attn.indexer.wk"] == {"quant_algo": "FP8_BLOCK_SCALES"}
+    from quantize.w4afp8 import quant_cfg
+    assert qc == quant_cfg(ModelConfig.from_json_file(tiny_ckpt / "config.json"), "FP8")  # the unit-tested list
     assert layers["model.layers.4.mlp.experts"] == {"quant_algo": "FP8_BLOCK_SCALES"}  # MTP layer kept in FP8
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     with TensorReader(out) as r, TensorReader(tiny_ckpt) as src:

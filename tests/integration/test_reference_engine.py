@@ -259,6 +259,6 @@ def test_seeded_sampling_repeats_and_bf16_stays_close(bundles, prompts):
     with EngineService(bundles(1, 1, 1), dtype=torch.bfloat16) as svc:
         assert svc.engine.model.w("lm_head.weight").dtype == torch.bfloat16
         bf16 = svc.prompt_logits(prompts)
-    # bf16 is no oracle (its DSA top-k sets differ on some rows, FACTS §1b), but it must be the same model.
+    # bf16 is no oracle (its DSA top-k sets differ on some rows, docs/upstream-facts.md#U-HF-4), but it must be the same model.
     cos = torch.nn.functional.cosine_similarity(torch.cat(bf16).flatten().float(), torch.cat(fp32).flatten(), dim=0)
     assert cos > 0.99

@@ -341,7 +341,7 @@ def test_generate_engine_matches_the_server(served, expected, cpu_run):
 
 @pytest.mark.slow  # a full server restart
 def test_z_crashed_stub_is_detected_and_the_server_restarted(served, expected):
-    """A SIGKILLed python-backend stub leaves Triton 2.51 answering "Stub process is not healthy" (FACTS §3b);
+    """A SIGKILLed python-backend stub leaves Triton 2.51 answering "Stub process is not healthy" (docs/upstream-facts.md#U-TRITON-2);
     `dsbuild serve` notices the dead stub, restarts tritonserver and serves again on the same ports."""
     import psutil
 

@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face hub: the routes the real ``huggingface_hub`` 1.x client calls, with faults.
 
 Routes (read from huggingface_hub 1.33: ``HfApi.model_info``, ``HfApi.list_repo_tree`` + ``utils._pagination``,
-``file_download.get_hf_file_metadata`` / ``http_get``; see also ../shared/FACTS.md §6):
+``file_download.get_hf_file_metadata`` / ``http_get``; see docs/upstream-facts.md#U-HFHUB-2):
 
 * ``GET /api/models/{repo}/revision/{rev}`` -> ``{"id", "sha", "siblings": [{"rfilename"}], ...}``
 * ``GET /api/models/{repo}/tree/{rev}?recursive=true`` -> ``[{"type": "file", "path", "size", "oid",

@@ -35,7 +35,7 @@ def _step(cfg, B, S):
 
 def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
     """Same top-k key sets per query as transformers' DeepseekV32Indexer; a differing set is only accepted where
-    the k-th and (k+1)-th scores are a near-tie (< 1e-5 apart), which FACTS §1b says happens."""
+    the k-th and (k+1)-th scores are a near-tie (< 1e-5 apart), which docs/upstream-facts.md#U-HF-4 says happens."""
     from builder.model.tiny import tiny_config
     from builder.engine.layers import Indexer
 

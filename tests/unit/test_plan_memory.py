@@ -55,7 +55,7 @@ def test_fast_weights_equal_plan_ranks_for_deepseek_v32(mode, layout):
 def test_catalogue_total_is_the_whole_checkpoint():
     cfg = preset("deepseek-v3.2")
     cat = weight_catalog(cfg, "fp8")
-    # DeepSeek-V3.2's FP8 checkpoint: 671B main + ~14B MTP parameters, ~642 GiB with scales (FACTS §1).
+    # DeepSeek-V3.2's FP8 checkpoint: 671B main + ~14B MTP parameters, ~642 GiB with scales (docs/upstream-facts.md#U-DS-1).
     assert 640 < cat.total_bytes / GIB < 645
     tiny = tiny_config()
     assert weight_catalog(tiny, "w4afp8").total_bytes == sum(s.nbytes for s in quantized_catalog(tiny, "w4afp8").specs)

@@ -45,7 +45,7 @@ def test_attention_dp_replaces_allreduces_with_the_ep_all_to_all():
     c = d["comm"]["decode_step"]
     assert c["tp_allreduce"]["bytes"] == 0
     local = 64 / 8
-    per_layer = local * 8 * ((7168 + 4 * 7168 / 128 + 16) + 2 * 7168) * 7 / 8  # FACTS §5 dispatch + combine
+    per_layer = local * 8 * ((7168 + 4 * 7168 / 128 + 16) + 2 * 7168) * 7 / 8  # docs/upstream-facts.md#U-HW-2 dispatch + combine
     assert c["ep_dispatch_combine"]["bytes"] == pytest.approx(58 * per_layer, rel=1e-6)
 
 

@@ -39,16 +39,18 @@ def test_real_model_tp8_splits_land_on_packed_bytes_and_groups(mode):
     assert max(sizes) - min(sizes) < 0.01 * max(sizes)
 
 
-def test_full_size_calibration_is_refused_with_the_gpu_node_command(tmp_path):
+def test_full_size_calibration_is_refused_with_the_gpu_node_script(tmp_path):
     from builder.errors import QuantizationError
     from quantize.modes import QuantJob, _refuse_full_size
 
     job = QuantJob(src=tmp_path / "weights", out=tmp_path / "quantized", mode="nvfp4", gpu="b200")
     with pytest.raises(QuantizationError) as err:
         _refuse_full_size(job, preset("deepseek-v3.2"), "ModelOpt NVFP4_DEFAULT_CFG calibration")
-    msg = str(err.value)
-    assert "torchrun --nproc-per-node 8" in msg and "--quant_cfg NVFP4_DEFAULT_CFG" in msg
-    assert "quantize_fp8_to_nvfp4.sh" in msg and str(tmp_path / "weights") in msg
+    script = tmp_path / "gpu-quantize-nvfp4.sh"
+    assert str(script) in str(err.value)
+    text = script.read_text()
+    assert "torchrun --nproc-per-node 8" in text and "--quant_cfg NVFP4_DEFAULT_CFG" in text
+    assert "quantize_fp8_to_nvfp4.sh" in text and str(tmp_path / "weights") in text
     _refuse_full_size(job, tiny_config(), "calibration")  # the tiny model fits: no error
     awq = QuantJob(src=tmp_path / "weights", out=tmp_path / "quantized", mode="int4-awq")
     with pytest.raises(QuantizationError, match="produces only NVFP4"):

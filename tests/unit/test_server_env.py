@@ -1,4 +1,4 @@
-"""The tritonserver environment fixes of FACTS §3, and which binary is chosen."""
+"""The tritonserver environment fixes of docs/upstream-facts.md#U-TRITON-1, and which binary is chosen."""
 
 from __future__ import annotations
 

@@ -48,9 +48,10 @@ def test_draft_target_block_conforms(n):
     o = llm_api.render(RunSpec(**V32, spec="draft", draft_len=n, draft_model="tiny-draft"),
                        preset("deepseek-v3.2")).options
     assert check(o, version=PINNED_VERSION) == []
-    assert o["speculative_config"] == {"decoding_type": "Draft_Target", "max_draft_len": n,
+    assert o["speculative_config"] == {"decoding_type": "DraftTarget", "max_draft_len": n,
                                        "speculative_model": "draft-quantized"}
-    wrong = {**o, "speculative_config": {**o["speculative_config"], "decoding_type": "DraftTarget"}}
+    # 1.2.1's DecodingBaseConfig.from_dict knows DraftTarget only (docs/tensorrt-llm-contract.md#C-LLMARGS-8).
+    wrong = {**o, "speculative_config": {**o["speculative_config"], "decoding_type": "Draft_Target"}}
     assert any("decoding_type" in p for p in check(wrong, version=PINNED_VERSION))
 
 
