@@ -85,6 +85,19 @@ class TensorSpec:
     # For a scale of lower rank than its weight: which weight dimension each of its dimensions follows
     # (an AWQ ``pre_quant_scale`` of length ``in`` follows dimension 1). None: dimension i follows dimension i.
     follows: tuple[int, ...] | None = None
+    # The dtype policy of an unquantized tensor: the dtypes a checkpoint may store it in (``dtype`` is the one the
+    # real checkpoint uses, which make-tiny writes). None: exactly ``dtype`` (FP8 weights, their scales, ...).
+    accepted: frozenset[Dtype] | None = None
+
+    def accepts(self, dtype: Dtype) -> bool:
+        return dtype == self.dtype or (self.accepted is not None and dtype in self.accepted)
+
+    @property
+    def dtype_rule(self) -> str:
+        """The accepted dtypes in words, for errors and tables."""
+        if self.accepted is None:
+            return self.dtype.value
+        return " or ".join(sorted({self.dtype.value, *(d.value for d in self.accepted)}))
 
     @property
     def numel(self) -> int:
@@ -110,10 +123,20 @@ FP8_KINDS = frozenset({
     Kind.DENSE_GATE, Kind.DENSE_UP, Kind.DENSE_DOWN, Kind.EXPERT_GATE, Kind.EXPERT_UP, Kind.EXPERT_DOWN,
     Kind.SHARED_GATE, Kind.SHARED_UP, Kind.SHARED_DOWN,
 })
-# Kept in full precision by DeepSeek; the value is the checkpoint dtype.
-_HIGH_PRECISION_DTYPE = {
+# The dtype policy (docs/tensorrt-llm-contract.md#C-DSREF-1): tensors DeepSeek keeps unquantized — norms, norm biases,
+# the router and its bias, the indexer's weights_proj — may be stored in BF16 or F32. Their in-memory dtype is fixed by
+# the consumer (DeepSeek's code holds them in float32, TensorRT-LLM converts on load: C-DSV3-3, C-DSA-4, and the
+# reference engine keeps router, bias and weights_proj in float32), so the stored one is not a format property: fetch
+# accepts either, records what it found, and every later stage carries those bytes unchanged.
+POLICY_DTYPES = frozenset({Dtype.BF16, Dtype.F32})
+POLICY_KINDS = frozenset({Kind.NORM, Kind.FINAL_NORM, Kind.MTP_NORM, Kind.IDX_K_NORM, Kind.ROUTER, Kind.ROUTER_BIAS,
+                          Kind.IDX_WEIGHTS})
+# The real checkpoint's dtypes where DeepSeek states them (what make-tiny writes): weights_proj "stored in bf16" (the
+# V3.2 inference code's comment), the router bias float32 (its Gate.bias); everything else BF16 except the indexer's
+# LayerNorm, held in float32 by DeepSeek's code (its on-disk dtype is unconfirmed: the policy accepts either).
+_STORED_DTYPE = {
     Kind.ROUTER_BIAS: Dtype.F32,
-    Kind.IDX_WEIGHTS: Dtype.F32,
+    Kind.IDX_WEIGHTS: Dtype.BF16,
     Kind.IDX_K_NORM: Dtype.F32,
 }
 
@@ -132,7 +155,8 @@ def build_catalog(cfg: ModelConfig, *, include_mtp: bool = True) -> list[TensorS
             scale_name = name[: -len("weight")] + "weight_scale_inv"
             out.append(TensorSpec(scale_name, block_scale_shape(shape), Dtype.F32, kind, layer, expert, scale_of=name))
         else:
-            out.append(TensorSpec(name, shape, _HIGH_PRECISION_DTYPE.get(kind, Dtype.BF16), kind, layer, expert))
+            out.append(TensorSpec(name, shape, _STORED_DTYPE.get(kind, Dtype.BF16), kind, layer, expert,
+                                  accepted=POLICY_DTYPES if kind in POLICY_KINDS else None))
 
     h = cfg.hidden_size
     out.append(TensorSpec("model.embed_tokens.weight", (cfg.vocab_size, h), Dtype.BF16, Kind.EMBED))
@@ -183,9 +207,19 @@ def build_catalog(cfg: ModelConfig, *, include_mtp: bool = True) -> list[TensorS
                 add(m + "shared_experts.gate_proj.weight", (si, h), Kind.SHARED_GATE, i)
                 add(m + "shared_experts.up_proj.weight", (si, h), Kind.SHARED_UP, i)
                 add(m + "shared_experts.down_proj.weight", (h, si), Kind.SHARED_DOWN, i)
-    out.append(TensorSpec("model.norm.weight", (h,), Dtype.BF16, Kind.FINAL_NORM))
+    out.append(TensorSpec("model.norm.weight", (h,), Dtype.BF16, Kind.FINAL_NORM, accepted=POLICY_DTYPES))
     out.append(TensorSpec("lm_head.weight", (cfg.vocab_size, h), Dtype.BF16, Kind.LM_HEAD))
     return out
+
+
+def policy_dtypes_found(specs, dtype_of) -> dict[str, list[str]]:
+    """The stored dtypes of the policy tensors, per kind (``dtype_of(name)`` reads a header): what fetch records and
+    later stages carry, e.g. ``{"indexer_weights_proj": ["BF16"], "norm": ["F32"]}``."""
+    found: dict[str, set[str]] = {}
+    for spec in specs:
+        if spec.accepted is not None:
+            found.setdefault(spec.kind.value, set()).add(dtype_of(spec.name).value)
+    return {k: sorted(v) for k, v in sorted(found.items())}
 
 
 def catalog_by_name(cfg: ModelConfig, *, include_mtp: bool = True) -> dict[str, TensorSpec]:

@@ -243,8 +243,8 @@ def validate_checkpoint(root: str | Path, *, expected: Mapping[str, Any] | None 
             th = headers[index.weight_map[name]].tensors[name]
             if th.shape != tuple(spec.shape):
                 raise CheckpointError(f"tensor {name!r} has shape {list(th.shape)} but config.json implies {list(spec.shape)}")
-            if th.dtype != spec.dtype:
-                raise CheckpointError(f"tensor {name!r} is {th.dtype.value} but {spec.dtype.value} was expected")
+            if not spec.accepts(th.dtype):
+                raise CheckpointError(f"tensor {name!r} is {th.dtype.value} but {spec.dtype_rule} was expected")
         extra = sorted(set(index.weight_map) - set(expected))
         if extra:
             raise CheckpointError(f"checkpoint holds {len(extra)} tensor(s) config.json does not imply, e.g. {extra[0]!r}")

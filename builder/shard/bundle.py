@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from builder.atomic import atomic_write_json
 from builder.layout import Layout
+from builder.model.catalog import policy_dtypes_found
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import validate_checkpoint
 from builder.rundir import ENGINE_CONFIG
@@ -28,7 +30,9 @@ def catalog_of_checkpoint(src: Path, cfg: ModelConfig):
     holds (MTP may have been skipped at fetch), and the logical shapes of packed weights."""
     layout = validate_checkpoint(src)
     catalog = quantized_catalog(cfg, mode_of_checkpoint(src))
-    specs = [s for s in catalog.specs if s.name in layout.index.weight_map]
+    # Tensors under the dtype policy are carried in the dtype the checkpoint stores (BF16 or F32), not the nominal one.
+    specs = [replace(s, dtype=layout.tensor(s.name).dtype) if s.accepted is not None else s
+             for s in catalog.specs if s.name in layout.index.weight_map]
     return layout, specs, catalog.logical_shapes
 
 
@@ -51,9 +55,10 @@ def write_engine_bundle(src: Path, out: Path, *, layout: Layout, fusion: FusionO
         "ranks": [{"rank": p.rank, "tp_rank": p.tp_rank, "pp_rank": p.pp_rank, "layers": p.layers,
                    "experts": p.experts, "file": rank_file(p.rank), "weight_bytes": p.nbytes} for p in plans],
     }
+    dtypes = policy_dtypes_found(specs, lambda n: ckpt.tensor(n).dtype)
     atomic_write_json(out / ENGINE_CONFIG, {"model": cfg.to_dict(), "quantization": quant.get("quantization"),
-                                            "mapping": mapping, "fusion": fusion.to_dict()})
+                                            "stored_dtypes": dtypes, "mapping": mapping, "fusion": fusion.to_dict()})
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
-    return {"ranks": len(plans), "max_rank_bytes": max(sizes.values())}
+    return {"ranks": len(plans), "max_rank_bytes": max(sizes.values()), "stored_dtypes": dtypes}

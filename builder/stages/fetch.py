@@ -17,7 +17,7 @@ from builder import hub
 from builder.atomic import atomic_write_json, link_or_copy
 from builder.errors import CheckpointError
 from builder.rundir import WEIGHTS
-from builder.model.catalog import catalog_by_name, is_mtp_tensor
+from builder.model.catalog import catalog_by_name, is_mtp_tensor, policy_dtypes_found
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
 from builder.paths import safe_relpath
@@ -108,8 +108,9 @@ def materialize(files: dict[str, Path], out: Path, *, skip_mtp: bool, include: l
                 "skip_mtp": True, "dropped_shards": sel.dropped_shards,
                 "kept_mtp_tensors": sel.kept_mtp_tensors}},
             "weight_map": dict(sorted(sel.weight_map.items()))})
+    expected = expected_tensors(cfg, sel.weight_map, skip_mtp=skip_mtp)
     try:
-        layout = validate_checkpoint(out, expected=expected_tensors(cfg, sel.weight_map, skip_mtp=skip_mtp))
+        layout = validate_checkpoint(out, expected=expected)
     except CheckpointError as exc:
         # The links in the temporary ``out`` vanish with it: name the user's own files instead.
         message = str(exc)
@@ -119,7 +120,10 @@ def materialize(files: dict[str, Path], out: Path, *, skip_mtp: bool, include: l
     if digests is not None:
         digests.clear()
         digests.update(linked)
+    present = [s for s in expected.values() if s.name in layout.index.weight_map]
     return {"shards": len(sel.shards), "tensors": len(layout.index.weight_map),
+            # The dtype policy's tensors as stored (docs/tensorrt-llm-contract.md#C-DSREF-1): carried unchanged.
+            "dtypes": policy_dtypes_found(present, lambda n: layout.tensor(n).dtype),
             "dropped_shards": len(sel.dropped_shards), "dropped_tensors": sel.dropped_tensors,
             "kept_mtp_tensors": len(sel.kept_mtp_tensors)}
 
