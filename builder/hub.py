@@ -238,6 +238,51 @@ def list_files(repo: HubRepo, commit: str) -> list[RepoFile]:
     return files
 
 
+@dataclass(frozen=True)
+class RemoteTensor:
+    """One tensor as the safetensors header on the hub describes it (no weight byte read)."""
+
+    name: str
+    dtype: str  # as safetensors names it ("BF16", "F8_E4M3", ...); checked by the caller
+    shape: tuple[int, ...]
+    file: str
+
+
+def remote_tensors(repo: HubRepo, commit: str) -> dict[str, RemoteTensor]:
+    """Every tensor of the repository at ``commit`` from its shard headers alone, through huggingface_hub's
+    ``get_safetensors_metadata`` (the index, then HTTP range reads of each shard's first 100 kB and, for a longer
+    header, the rest of it: docs/upstream-facts.md#U-HFHUB-1). Cached per commit. A tensor the index names but its
+    shard's header lacks is returned with dtype "" (the caller reports it as missing)."""
+    record = repo.private_dir / "headers" / f"{commit}.json"
+    if record.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return {r["name"]: RemoteTensor(r["name"], r["dtype"], tuple(r["shape"]), r["file"])
+                    for r in json.loads(record.read_text())}
+    if repo.offline:
+        raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} has no safetensors headers for "
+                       f"{repo.repo_id}@{commit[:12]}; fetch it once online")
+    from huggingface_hub import HfApi
+
+    try:
+        meta = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).get_safetensors_metadata(
+            repo.repo_id, revision=commit))
+    except Exception as exc:  # noqa: BLE001 - parse errors and HTTP errors alike become one sentence
+        from huggingface_hub import errors as hf
+
+        if isinstance(exc, (hf.SafetensorsParsingError, hf.NotASafetensorsRepoError)):
+            raise CheckpointError(f"{repo.repo_id}@{commit[:12]}: {exc}") from None
+        raise hub_error(repo, exc, what=f"read the safetensors headers of {repo.repo_id}@{commit[:12]}") from None
+    out: dict[str, RemoteTensor] = {}
+    for file, fm in meta.files_metadata.items():
+        for name, info in fm.tensors.items():
+            out[name] = RemoteTensor(name, str(info.dtype), tuple(int(d) for d in info.shape), file)
+    for name, file in meta.weight_map.items():
+        if name not in out:
+            out[name] = RemoteTensor(name, "", (), file)
+    atomic_write_json(record, [asdict(t) for t in sorted(out.values(), key=lambda t: t.name)])
+    return out
+
+
 def select_files(files: Iterable[RepoFile], *, include: list[str], exclude: list[str]) -> list[RepoFile]:
     from builder.model.selection import path_selected
 
@@ -607,4 +652,5 @@ __all__ = [
     "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "hub_error", "is_transient", "call_with_retries",
     "shown_endpoint", "resolve_commit", "list_files", "select_files", "file_states", "bytes_needed",
     "check_disk_space", "free_bytes", "device_of", "download", "blob_path", "human_bytes", "verified_sha256",
+    "RemoteTensor", "remote_tensors",
 ]

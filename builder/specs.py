@@ -104,7 +104,8 @@ class RunSpec(BaseModel):
                             stages=("package",))
     deploy_dir: str | None = opt(None, "Path of the run directory on the cluster's shared storage (default: this "
                                  "run directory's absolute path).", stages=("package",))
-    model_path: str | None = opt(None, "Checkpoint path the GPU servers load (default: <deploy-dir>/quantized).",
+    model_path: str | None = opt(None, "Checkpoint the GPU servers load, relative to the deploy directory or absolute "
+                                 "(default: quantized).",
                                  stages=("package",))
     slurm_partition: str | None = opt(None, "Slurm partition for slurm.sbatch.", stages=("package",))
     slurm_account: str | None = opt(None, "Slurm account for slurm.sbatch.", stages=("package",))

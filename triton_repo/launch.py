@@ -96,7 +96,7 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str,
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
     ]
     mounts = [{"name": "run", "mountPath": deploy_dir}, {"name": "shm", "mountPath": "/dev/shm"}]
-    if not model_path.startswith(deploy_dir.rstrip("/") + "/"):
+    if model_path.startswith("/") and not model_path.startswith(deploy_dir.rstrip("/") + "/"):
         mounts.append({"name": "run", "mountPath": model_path, "subPath": Path(model_path).name, "readOnly": True})
     resources = {"limits": {"nvidia.com/gpu": topo.gpus_per_node}, "requests": {"nvidia.com/gpu": topo.gpus_per_node}}
 

@@ -38,7 +38,7 @@ class PackageInputs:
     node_gpus: int | None
     llm_api: dict[str, Any]  # LLM() arguments (GPU flavour)
     deploy_dir: str  # the run directory's path on the cluster
-    model_path: str  # the quantized checkpoint's path on the cluster
+    model_path: str  # the checkpoint the GPU servers load: relative to the deploy directory (or absolute)
     engine_dir_rel: str = "../../../engines"  # CPU: from package/triton_repo/tensorrt_llm to the run's engines/
     dsbuild_src: str = ""  # CPU: directory holding the ``builder`` package (empty: installed dsbuild)
     engine_max_batch_size: int = 16
@@ -72,14 +72,26 @@ def common_values(p: PackageInputs, topo: launch.Topology | None) -> dict[str, A
 
 def model_yaml(p: PackageInputs) -> str:
     from builder.trtllm.contract import require_conforming
+    from builder.trtllm.speculative import DEPLOY_RELATIVE_PATHS
 
     config = {"model": p.model_path}
     config.update((k, v) for k, v in p.llm_api.items() if k not in ("model", "triton_config"))
     require_conforming(config, version=p.pin.version)  # every LLM() key known to the pinned TensorRT-LLM
-    config["triton_config"] = dict(TRITON_CONFIG)
+    # Paths are relative to the deploy directory; model.py makes them absolute there before LLM() (a relative path
+    # would be read against tritonserver's working directory, then as a Hub id: docs/tensorrt-llm-contract.md#C-TRITON-2).
+    paths = [k for k in DEPLOY_RELATIVE_PATHS if _dotted(config, k) is not None]
+    config["triton_config"] = {**TRITON_CONFIG, "deploy_relative_paths": paths}
     header = (f"# dsbuild {p.dsbuild_version}: LLM() arguments for TensorRT-LLM {p.pin.version} (run {p.run_name}),\n"
-              "# read by model.py; triton_config sets the model's max_batch_size and decoupled policy.\n")
+              "# read by model.py; triton_config sets the model's max_batch_size and decoupled policy. The paths\n"
+              "# in deploy_relative_paths are relative to the deploy directory ($DSBUILD_DEPLOY_DIR, else the\n"
+              "# directory holding package/).\n")
     return header + yaml.safe_dump(config, sort_keys=False, width=120)
+
+
+def _dotted(config: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def render_repository(p: PackageInputs, out: Path) -> list[Path]:

@@ -1,8 +1,10 @@
 """fetch stage: the checkpoint in ``weights/``, verified and validated against the tensor catalogue.
 
 Three sources, one result: the generated tiny model (made once in the cache), a local directory (validated in
-place), or a hub repository (``builder.hub``: commit resolved first, files verified against their oids while they
-download into the HF cache). Either way the files are hard-linked (across filesystems: symlinked) into ``weights/``,
+place), or a hub repository (``builder.hub``: commit resolved first; then, before any weight byte is fetched, every
+tensor's name, shape and dtype is read from the shards' safetensors headers with HTTP range requests and compared with
+the catalogue (``builder.model.conformance``); then files are verified against their oids while they download into
+the HF cache). Either way the files are hard-linked (across filesystems: symlinked) into ``weights/``,
 never copied, and ``weights/`` is then checked like any checkpoint: safetensors headers, the index, and the tensors
 ``config.json`` implies. With ``--skip-mtp`` only shards holding needed tensors are kept (and downloaded), and the
 index written to ``weights/`` names exactly the tensors of the kept shards.
@@ -19,6 +21,7 @@ from builder.errors import CheckpointError
 from builder.rundir import WEIGHTS
 from builder.model.catalog import catalog_by_name, is_mtp_tensor, policy_dtypes_found
 from builder.model.config import ModelConfig
+from builder.model.conformance import Conformance, compare
 from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
 from builder.paths import safe_relpath
 from builder.model.selection import path_selected, select_shards
@@ -149,6 +152,21 @@ def _disk_needs(repo: hub.HubRepo, out: Path, files: list[hub.RepoFile]) -> list
     return [("the hub cache", repo.cache_dir, missing), ("the run directory", out, copied)]
 
 
+def header_conformance(repo: hub.HubRepo, commit: str, cfg: ModelConfig) -> Conformance:
+    """The repository's tensors, from their safetensors headers only, against what ``cfg`` implies."""
+    found = {n: (t.dtype, t.shape) for n, t in hub.remote_tensors(repo, commit).items()}
+    return compare(cfg, found, source=f"{repo.repo_id}@{commit[:12]}")
+
+
+def require_conformance(conformance: Conformance, *, log: Callable[[str], None]) -> None:
+    """One table and one sentence when the headers differ from the catalogue; nothing has been downloaded yet."""
+    if conformance.ok:
+        return
+    for line in conformance.table():
+        log(line)
+    raise CheckpointError(conformance.sentence())
+
+
 def fetch_from_hub(spec: RunSpec, commit: str, out: Path, *, log: Callable[[str], None] = print
                    ) -> dict[str, Any]:
     repo = hub_repo_of(spec)
@@ -167,6 +185,10 @@ def fetch_from_hub(spec: RunSpec, commit: str, out: Path, *, log: Callable[[str]
     stats = hub.FetchStats()
     digests = hub.download(repo, commit, meta, workers=spec.fetch_workers, log=log, stats=stats)
     cfg = ModelConfig.from_json_file(hub.blob_path(repo, by_path["config.json"]))
+    # Before the first weight byte: the shards' headers (range reads) against the catalogue.
+    conformance = header_conformance(repo, commit, cfg)
+    require_conformance(conformance, log=log)
+    log(f"fetch: {conformance.sentence()} (headers only; stored dtypes {conformance.dtypes})")
     sel = select_shards(read_index(hub.blob_path(repo, by_path[INDEX_NAME])), cfg, skip_mtp=spec.skip_mtp)
     absent = [s for s in sel.shards if s not in by_path]
     if absent:
@@ -183,7 +205,8 @@ def fetch_from_hub(spec: RunSpec, commit: str, out: Path, *, log: Callable[[str]
     info = materialize(local, out, skip_mtp=spec.skip_mtp, include=spec.include, exclude=spec.exclude,
                        digests=digests)
     info.update({"repo": repo.repo_id, "commit": commit, "endpoint": hub.shown_endpoint(repo.endpoint),
-                 "files": len(local), "verified_files": len(local), "fetch": stats.as_dict()})
+                 "files": len(local), "verified_files": len(local), "fetch": stats.as_dict(),
+                 "header_check": {"ok": True, "tensors": conformance.checked, "dtypes": conformance.dtypes}})
     return {"info": info, "digests": digests}
 
 
@@ -200,6 +223,12 @@ def dry_run_plan(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any] | str:
     by_path = {f.path: f for f in files}
     index_blob = hub.blob_path(repo, by_path[INDEX_NAME]) if INDEX_NAME in by_path else None
     config_blob = hub.blob_path(repo, by_path["config.json"]) if "config.json" in by_path else None
+    conformance = None
+    if config_blob is not None:
+        # The dry run fetches config.json (a few kB) and reads every shard's header with range requests: whether
+        # the checkpoint is what config.json implies is known before any weight byte is downloaded.
+        hub.download(repo, commit, [by_path["config.json"]], workers=1, log=lambda m: None)
+        conformance = header_conformance(repo, commit, ModelConfig.from_json_file(config_blob))
     if index_blob and config_blob and index_blob.is_file() and config_blob.is_file():
         # The index is cached: count exactly the shards fetch would download.
         sel = select_shards(read_index(index_blob), ModelConfig.from_json_file(config_blob), skip_mtp=spec.skip_mtp)
@@ -211,10 +240,15 @@ def dry_run_plan(spec: RunSpec, extra: dict[str, Any]) -> dict[str, Any] | str:
     total = sum(f.size for f in files)
     present = sum(s.have_bytes for s in states)
     todo = [s for s in states if s.status in ("partial", "missing")]
+    check = conformance.sentence() if conformance is not None else "no config.json: headers not checked"
+    if conformance is not None and not conformance.ok:
+        check += " (it would be refused)\n" + "\n".join(conformance.table())
     return {
         "summary": (f"fetch {repo.repo_id}@{commit[:12]} from {hub.shown_endpoint(repo.endpoint)}: {len(files)} files, "
                     f"{hub.human_bytes(total)}; {hub.human_bytes(present)} already in {repo.cache_dir}; "
-                    f"would download {len(todo)} file(s), {hub.human_bytes(total - present)}{note}"),
+                    f"would download {len(todo)} file(s), {hub.human_bytes(total - present)}{note}. "
+                    f"Header check: {check}"),
+        "header_check": conformance.as_dict() if conformance is not None else None,
         "repo": repo.repo_id, "revision": spec.revision, "commit": commit,
         "endpoint": hub.shown_endpoint(repo.endpoint),
         "cache_dir": str(repo.cache_dir), "files": len(files), "total_bytes": total, "present_bytes": present,

@@ -15,7 +15,7 @@ import yaml
 
 from builder.errors import PackageError
 from builder.pipeline import Stage, StageContext
-from builder.rundir import LLM_API_FILE, PACKAGE, RunDir
+from builder.rundir import LLM_API_FILE, PACKAGE, QUANTIZED, RunDir
 from builder.specs import RunSpec
 
 VERSION = "1"
@@ -43,7 +43,7 @@ def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
     from triton_repo.versions import pin
 
     deploy_dir = spec.deploy_dir or str(run_dir.resolve())
-    model_path = spec.model_path or f"{deploy_dir.rstrip('/')}/quantized"
+    model_path = spec.model_path or QUANTIZED  # relative to the deploy directory (model.py resolves it)
     llm_api = llm_api_config(engines)
     max_seq_len = _max_positions(engines)
     import builder

@@ -68,8 +68,9 @@ def test_golden_repository_parses_with_tritons_protobuf(version, case):
         import yaml
 
         model_yaml = yaml.safe_load((repo / "tensorrt_llm/1/model.yaml").read_text())
-        assert model_yaml["triton_config"] == {"max_batch_size": 0, "decoupled": True}
-        assert model_yaml["model"].endswith("/quantized")
+        assert model_yaml["triton_config"] == {"max_batch_size": 0, "decoupled": True,
+                                               "deploy_relative_paths": ["model"]}
+        assert model_yaml["model"] == "quantized"  # relative to the deploy directory (contract C-TRITON-2)
 
 
 def test_gpu_model_py_passes_streaming_by_keyword():

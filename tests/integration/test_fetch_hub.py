@@ -129,12 +129,12 @@ def test_fetch_verifies_hard_links_records_commit_and_caches(fetch, serve, hub_s
     assert (hf_cache(tmp_path) / "refs/main").read_text() == repo.commit
     assert (hf_cache(tmp_path) / "snapshots" / repo.commit / BIG_SHARD).resolve() == blob.resolve()
 
-    gets = len(hub_server.gets(".safetensors"))
+    gets = len(hub_server.transfers(".safetensors"))
     again = fetch()
     assert json.loads(again.stdout)["stages"][1]["status"] == "cached"
     forced = fetch("--force", "fetch")
     assert forced.returncode == 0, forced.stderr
-    assert len(hub_server.gets(".safetensors")) == gets  # verified blobs are reused, not downloaded again
+    assert len(hub_server.transfers(".safetensors")) == gets  # verified blobs are reused, not downloaded again
     assert fetch_info(tmp_path)["info"]["fetch"]["reused_files"] == len(repo.files)
 
 
@@ -145,7 +145,7 @@ def test_connection_dropped_mid_file_resumes_with_range(fetch, serve, hub_server
     repo.faults.drop_times[BIG_SHARD] = 1
     proc = fetch()
     assert proc.returncode == 0, proc.stderr
-    ranges = [r.range for r in hub_server.gets(BIG_SHARD)]
+    ranges = [r.range for r in hub_server.transfers(BIG_SHARD)]
     assert len(ranges) == 2 and ranges[0] is None, ranges
     # Resumed from the last whole chunk received before the drop, not from zero.
     resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
@@ -159,7 +159,7 @@ def test_wrong_bytes_once_are_deleted_and_downloaded_again(fetch, serve, hub_ser
     proc = fetch()
     assert proc.returncode == 0, proc.stderr
     assert fetch_info(tmp_path)["info"]["fetch"]["redownloaded"] == [BIG_SHARD]
-    assert [r.range for r in hub_server.gets(BIG_SHARD)] == [None, None]  # the second download starts from zero
+    assert [r.range for r in hub_server.transfers(BIG_SHARD)] == [None, None]  # the second download starts from zero
     assert_verified_weights(tmp_path, repo)
 
 
@@ -179,7 +179,7 @@ def test_http_500_then_success(fetch, serve, hub_server, tmp_path):
     repo = serve(faults=Faults(error500_times={BIG_SHARD: 2, "config.json": 1, "api/revision": 1, "api/tree": 1}))
     proc = fetch()
     assert proc.returncode == 0, proc.stderr
-    assert [r.status for r in hub_server.gets(BIG_SHARD)] == [500, 500, 200]
+    assert [r.status for r in hub_server.transfers(BIG_SHARD)] == [500, 500, 200]
     assert [r.status for r in hub_server.gets(f"/tree/{repo.commit}")] == [500, 200, 200, 200]  # 500, then 3 pages
     assert fetch_info(tmp_path)["info"]["fetch"]["retries"] >= 2
     assert_verified_weights(tmp_path, repo)
@@ -272,7 +272,7 @@ def _rerun_resumes(tmp_path: Path, hub_server: HubServer, repo: ServedRepo, cmd:
     assert rerun.returncode == 0, rerun.stderr
     assert_verified_weights(tmp_path, repo)
     assert fetch_info(tmp_path)["info"]["fetch"]["resumed_bytes"] >= sum(had.values())
-    resumed = [r.range for r in hub_server.requests if r.range]
+    resumed = [r.range for r in hub_server.transfers(".safetensors") if r.range]
     assert any(r.startswith("bytes=") and r != "bytes=0-" for r in resumed), resumed
     assert not list(blobs.glob("*.incomplete"))
 
@@ -303,7 +303,7 @@ def test_skip_mtp_fetches_only_needed_shards_and_writes_a_consistent_index(fetch
     repo = serve()
     proc = fetch("--skip-mtp")
     assert proc.returncode == 0, proc.stderr
-    assert hub_server.gets(MTP_SHARD) == []
+    assert hub_server.transfers(MTP_SHARD) == []  # only its header was read
     assert_verified_weights(tmp_path, repo, skip={MTP_SHARD})
     index = json.loads((tmp_path / "build/run/weights/model.safetensors.index.json").read_text())
     assert MTP_SHARD not in index["weight_map"].values()
@@ -385,7 +385,11 @@ def test_dry_run_reports_bytes_present_and_to_download(fetch, serve, hub_server,
     assert plan["commit"] == repo.commit and plan["total_bytes"] == total and plan["files"] == len(repo.files)
     assert plan["download_bytes"] == total - plan["present_bytes"]
     assert not (tmp_path / "build/run/weights").exists()
-    assert [r for r in hub_server.requests if "/resolve/" in r.path and r.path.endswith(".safetensors")] == []
+    # Only the shards' headers were read (range requests of the pre-download check), no weights downloaded.
+    shard_reqs = [r for r in hub_server.requests if "/resolve/" in r.path and r.path.endswith(".safetensors")]
+    assert all(r.method == "HEAD" or r.range in ("bytes=0-100000",) or (r.range or "").startswith("bytes=8-")
+               for r in shard_reqs), shard_reqs
+    assert plan["header_check"]["ok"]
 
     assert fetch().returncode == 0
     after = json.loads(fetch("--dry-run", "--force", "fetch").stdout)["stages"][1]["info"]["plan"]
@@ -461,7 +465,7 @@ def test_two_processes_sharing_a_cache_download_each_file_once(tmp_path, serve, 
         assert p.returncode == 0, err
     for path in repo.files:
         if path.endswith(".safetensors"):
-            assert len(hub_server.gets(path)) == 1, path
+            assert len(hub_server.transfers(path)) == 1, path
     blob = hf_cache(tmp_path) / "blobs" / repo.files[BIG_SHARD].sha256
     for i in range(2):
         assert (tmp_path / f"build/node{i}/weights" / BIG_SHARD).stat().st_ino == blob.stat().st_ino

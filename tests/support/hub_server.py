@@ -7,12 +7,15 @@ Routes (read from huggingface_hub 1.33: ``HfApi.model_info``, ``HfApi.list_repo_
 * ``GET /api/models/{repo}/tree/{rev}?recursive=true`` -> ``[{"type": "file", "path", "size", "oid",
   "lfs": {"oid", "size", "pointerSize"}}]``, paginated with a ``Link: <...>; rel="next"`` header
 * ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag`` (``X-Linked-Etag`` and
-  ``X-Linked-Size`` for LFS files), ``Content-Length``, ``Accept-Ranges``; ``Range: bytes=N-`` answers 206.
+  ``X-Linked-Size`` for LFS files), ``Content-Length``, ``Accept-Ranges``; ``Range: bytes=N-`` and ``bytes=N-M``
+  answer 206 with exactly that span (``get_safetensors_metadata`` reads headers with ``bytes=0-100000``,
+  docs/upstream-facts.md#U-HFHUB-1).
 * Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``), which the
   client maps to its typed exceptions.
 
-Faults are set per repository (:class:`Faults`) and every request is recorded (:attr:`HubServer.requests`) so tests
-can assert what the client actually did (e.g. that it resumed with a Range request).
+Faults are set per repository (:class:`Faults`) and every request is recorded (:attr:`HubServer.requests`, with the
+body bytes sent) so tests can assert what the client actually did (e.g. that it resumed with a Range request, or that
+a check read only headers: :meth:`HubServer.bytes_served`).
 Only ever binds 127.0.0.1.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import threading
 import time
@@ -30,6 +34,8 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".png")
+# The range reads of huggingface_hub's get_safetensors_metadata (docs/upstream-facts.md#U-HFHUB-1): header probes.
+HEADER_PROBE = re.compile(r"^bytes=(0-100000|8-\d+)$")
 TREE_PAGE = 5  # small, so that the client must follow the Link header over several pages
 
 
@@ -112,6 +118,7 @@ class Request:
     range: str | None
     authorization: str | None
     status: int = 0
+    body_bytes: int = 0  # bytes of the response body actually written
 
 
 class HubServer:
@@ -146,6 +153,15 @@ class HubServer:
         with self.lock:
             return [r for r in self.requests if r.method == "GET" and r.path.endswith(path_suffix)]
 
+    def transfers(self, path_suffix: str) -> list[Request]:
+        """GETs of ``resolve`` paths ending with ``path_suffix`` that are not safetensors header probes."""
+        return [r for r in self.gets(path_suffix) if not HEADER_PROBE.match(r.range or "")]
+
+    def bytes_served(self, suffix: str = "") -> int:
+        """Body bytes sent for ``resolve`` requests whose path ends with ``suffix`` (e.g. ``.safetensors``)."""
+        with self.lock:
+            return sum(r.body_bytes for r in self.requests if "/resolve/" in r.path and r.path.endswith(suffix))
+
     def _take(self, counters: dict[str, int], key: str) -> bool:
         with self.lock:
             if counters.get(key, 0) > 0:
@@ -163,14 +179,16 @@ def _handler_for(server: HubServer):
             pass
 
         # -- plumbing -----------------------------------------------------------------------------------------
-        def _record(self, status: int) -> None:
+        def _record(self, status: int) -> Request:
+            req = Request(self.command, urlsplit(self.path).path, self.headers.get("Range"),
+                          self.headers.get("Authorization"), status)
             with server.lock:
-                server.requests.append(Request(self.command, urlsplit(self.path).path, self.headers.get("Range"),
-                                               self.headers.get("Authorization"), status))
+                server.requests.append(req)
+            return req
 
         def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
                   content_type: str = "application/json") -> None:
-            self._record(status)
+            req = self._record(status)
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -179,6 +197,7 @@ def _handler_for(server: HubServer):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+                req.body_bytes = len(body)
 
         def _error(self, status: int, code: str | None, message: str) -> None:
             headers = {"X-Error-Code": code, "X-Error-Message": message} if code else {"X-Error-Message": message}
@@ -258,12 +277,15 @@ def _handler_for(server: HubServer):
             f = repo.files.get(path)
             if f is None:
                 return self._error(404, "EntryNotFound", "Entry not found")
-            if self.command == "GET" and server._take(faults.error500_times, path):
-                return self._error(500, None, "Internal Error - We're working hard to fix this as soon as possible!")
-            start = 0
             rng = self.headers.get("Range")
+            probe = bool(HEADER_PROBE.match(rng or ""))  # faults model transfers, not header reads
+            if self.command == "GET" and not probe and server._take(faults.error500_times, path):
+                return self._error(500, None, "Internal Error - We're working hard to fix this as soon as possible!")
+            start, stop = 0, f.size - 1
             if rng and rng.startswith("bytes="):
-                start = int(rng[6:].split("-", 1)[0] or 0)
+                first, _, last = rng[6:].split(",", 1)[0].partition("-")
+                start = int(first or 0)
+                stop = min(int(last), f.size - 1) if last else f.size - 1
             headers = {"X-Repo-Commit": commit, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"}
             if f.lfs:
                 headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
@@ -271,8 +293,8 @@ def _handler_for(server: HubServer):
                 return self._send(416, b"", {**headers, "Content-Range": f"bytes */{f.size}"})
             status = 206 if rng else 200
             if rng:
-                headers["Content-Range"] = f"bytes {start}-{f.size - 1}/{f.size}"
-            length = f.size - start
+                headers["Content-Range"] = f"bytes {start}-{stop}/{f.size}"
+            length = stop - start + 1
             if self.command == "HEAD":
                 self._record(200)
                 self.send_response(200)
@@ -282,7 +304,7 @@ def _handler_for(server: HubServer):
                         self.send_header(k, v)
                 self.end_headers()
                 return
-            self._record(status)
+            req = self._record(status)
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(length))
@@ -291,13 +313,14 @@ def _handler_for(server: HubServer):
             self.end_headers()
             self.wfile.flush()
             drop_at = None
-            if path in faults.drop_after and server._take(faults.drop_times, path):
+            if path in faults.drop_after and not probe and server._take(faults.drop_times, path):
                 drop_at = max(faults.drop_after[path] - start, 1)
-            corrupt = server._take(faults.corrupt_times, path)
-            self._body(f, start, length, drop_at=drop_at, corrupt=corrupt, bytes_per_s=faults.bytes_per_s)
+            corrupt = not probe and server._take(faults.corrupt_times, path)
+            req.body_bytes = self._body(f, start, length, drop_at=drop_at, corrupt=corrupt,
+                                        bytes_per_s=faults.bytes_per_s)
 
         def _body(self, f: ServedFile, start: int, length: int, *, drop_at: int | None, corrupt: bool,
-                  bytes_per_s: float | None) -> None:
+                  bytes_per_s: float | None) -> int:
             sock: socket.socket = self.connection
             send = min(length, drop_at) if drop_at is not None else length
             with open(f.source, "rb") as fh:
@@ -319,5 +342,6 @@ def _handler_for(server: HubServer):
             if drop_at is not None and send < length:
                 self.close_connection = True
                 sock.shutdown(socket.SHUT_RDWR)
+            return send
 
     return Handler

@@ -38,7 +38,7 @@ def fixed_inputs(flavour: str, version: str, **over) -> PackageInputs:
                  "moe_expert_parallel_size": 8, "enable_attention_dp": False, "max_batch_size": 64,
                  "kv_cache_config": {"free_gpu_memory_fraction": 0.9, "dtype": "fp8"}},
         deploy_dir="/shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8",
-        model_path="/shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8/quantized",
+        model_path="quantized",
         dsbuild_src="/opt/dsbuild", engine_max_batch_size=16, max_seq_len=163840, dsbuild_version="0.1.0",
     )
     base.update(over)

@@ -7,6 +7,17 @@ interface is the release's: ``text_input`` and ``sampling_param_*`` in; ``text_o
 streamed response, the final one flagged and carrying the whole text), ``finish_reason``, ``stop_reason``, timing and
 speculative-decoding counters out. ``model.yaml`` holds the LLM() arguments and ``triton_config``.
 
+Cancellation as in the release's model (docs/tensorrt-llm-contract.md#C-TRITON-4): every request, streaming or not,
+is tracked from the moment ``generate_async`` returns; a poller checks ``is_cancelled()`` every
+``triton_config.cancellation_check_period_ms`` (default 100) and calls ``abort()`` on the LLM request, answering
+with a CANCELLED error; the ``stop`` input aborts every request registered under the same request id.
+
+Paths: ``model.yaml`` names its files (``model``, ``speculative_config.speculative_model``, ...; the list is
+``triton_config.deploy_relative_paths``) relative to the deploy directory, because TensorRT-LLM reads a relative
+path against its working directory and else as a Hugging Face Hub id (C-LLMARGS-11, C-TRITON-2). The deploy
+directory is ``$DSBUILD_DEPLOY_DIR``, else the directory four levels above this model's version directory
+(``<deploy>/package/triton_repo/tensorrt_llm/1``); every such path is made absolute there, and must exist.
+
 TensorRT-LLM is imported in ``initialize`` (not at import time) so that ``auto_complete_config`` works everywhere
 and a host without TensorRT-LLM reports exactly that as the reason the model did not load.
 """
@@ -22,6 +33,8 @@ import triton_python_backend_utils as pb_utils
 import yaml
 
 CONFIG_FILE = os.environ.get("LLM_CONFIG_PATH", "model.yaml")
+DEPLOY_DIR_ENV = "DSBUILD_DEPLOY_DIR"
+DEFAULT_CANCELLATION_CHECK_MS = 100
 # Optional scalar inputs -> SamplingParams keyword (TensorRT-LLM 1.2 tensorrt_llm/sampling_params.py).
 SAMPLING_INPUTS = {
     "sampling_param_best_of": "best_of",
@@ -44,6 +57,64 @@ def load_model_yaml():
     if not isinstance(config, dict) or "triton_config" not in config:
         raise pb_utils.TritonModelException(f"{path} must be a mapping with a triton_config section")
     return config
+
+
+def deploy_dir():
+    """``$DSBUILD_DEPLOY_DIR``, else ``<deploy>`` of ``<deploy>/package/triton_repo/tensorrt_llm/1``."""
+    given = os.environ.get(DEPLOY_DIR_ENV)
+    if given:
+        return os.path.abspath(given)
+    return os.path.abspath(os.path.join(pb_utils.get_model_dir(), os.pardir, os.pardir, os.pardir, os.pardir))
+
+
+def resolve_paths(config, keys, root):
+    """Make every dotted key of ``keys`` in ``config`` (when present and relative) absolute under ``root``."""
+    for key in keys:
+        *parents, leaf = key.split(".")
+        block = config
+        for part in parents:
+            block = block.get(part) if isinstance(block, dict) else None
+        if not isinstance(block, dict) or not isinstance(block.get(leaf), str):
+            continue
+        value = block[leaf]
+        path = value if os.path.isabs(value) else os.path.join(root, value)
+        if not os.path.isdir(path):
+            raise pb_utils.TritonModelException(
+                f"model.yaml {key}: {path} is not a directory (paths are relative to the deploy directory {root}; "
+                f"set {DEPLOY_DIR_ENV} if the deployment lives elsewhere)")
+        block[leaf] = path
+    return config
+
+
+class Tracked:
+    """One in-flight request: what is needed to abort it and to answer it exactly once."""
+
+    def __init__(self, request, sender):
+        self.request = request
+        self.sender = sender
+        self.output = None  # the LLM API's result, once generate_async returned
+        self.lock = threading.Lock()
+        self.done = False
+
+    def send(self, response, final):
+        with self.lock:
+            if self.done:
+                return False
+            self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+            self.done = final
+            return True
+
+    def cancel(self):
+        """Abort the LLM request and answer CANCELLED (once)."""
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+            if self.output is not None:
+                self.output.abort()
+            error = pb_utils.TritonError("Request cancelled by client", pb_utils.TritonError.CANCELLED)
+            self.sender.send(pb_utils.InferenceResponse(error=error),
+                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def scalar(request, name):
@@ -75,6 +146,8 @@ class TritonPythonModel:
         config = load_model_yaml()
         triton = config.pop("triton_config")
         self.decoupled = bool(triton["decoupled"])
+        self.check_period = float(triton.get("cancellation_check_period_ms", DEFAULT_CANCELLATION_CHECK_MS)) / 1000
+        config = resolve_paths(config, triton.get("deploy_relative_paths", []), deploy_dir())
         try:
             from tensorrt_llm import LLM, SamplingParams
         except ImportError as exc:
@@ -110,8 +183,11 @@ class TritonPythonModel:
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="trtllm-events", daemon=True)
         self.loop_thread.start()
         self.llm = LLM(**kwargs)
-        self.inflight = {}  # Triton request id -> set of asyncio tasks (for the `stop` input)
+        self.tracked = set()  # every in-flight request, streaming or not
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.poller = threading.Thread(target=self._cancellation_loop, name="trtllm-cancel", daemon=True)
+        self.poller.start()
         pb_utils.Logger.log_info(f"dsbuild trtllm model ready: {json.dumps(config, default=str)}")
 
     def execute(self, requests):
@@ -119,18 +195,26 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 if scalar(request, "stop"):
-                    self._cancel(request.request_id(), sender)
+                    self._stop(request.request_id(), sender)
                     continue
                 job = self._convert(request)
             except Exception as exc:
                 self._error(sender, str(exc))
                 continue
-            future = asyncio.run_coroutine_threadsafe(self._generate(request, sender, *job), self.loop)
-            rid = request.request_id()
-            if rid:
-                with self.lock:
-                    self.inflight.setdefault(rid, set()).add(future)
+            tracked = Tracked(request, sender)
+            with self.lock:
+                self.tracked.add(tracked)
+            asyncio.run_coroutine_threadsafe(self._generate(tracked, *job), self.loop)
         return None
+
+    def _cancellation_loop(self):
+        """Abort what Triton marks cancelled, in both modes (the release's model does the same)."""
+        while not self.stopping.wait(self.check_period):
+            with self.lock:
+                cancelled = [t for t in self.tracked if t.request.is_cancelled()]
+                self.tracked.difference_update(cancelled)
+            for t in cancelled:
+                t.cancel()
 
     def _convert(self, request):
         prompts = strings(request, "text_input")
@@ -151,38 +235,41 @@ class TritonPythonModel:
             raise ValueError("streaming needs triton_config.decoupled: true in model.yaml")
         return prompts[0], self.SamplingParams(**kwargs), streaming
 
-    async def _generate(self, request, sender, prompt, sampling, streaming):
+    async def _generate(self, tracked, prompt, sampling, streaming):
         arrival = time.time_ns()
         try:
             # Keywords only: 1.2.x's own model.py passed `streaming` positionally into `lora_request`.
             output = self.llm.generate_async(prompt, sampling_params=sampling, streaming=streaming)
+            with tracked.lock:
+                tracked.output = output
+                cancelled = tracked.done
+            if cancelled:  # cancelled before the LLM request existed: abort it now
+                output.abort()
+                return
             last = None
             async for last in output:
-                if streaming and not last.finished:
-                    if sender.is_cancelled():
-                        output.abort()
-                        return
-                    sender.send(self._response(last, arrival), flags=0)
-            if last is not None and not sender.is_cancelled():
-                sender.send(self._response(last, arrival), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except asyncio.CancelledError:
-            self._error(sender, "Request cancelled by client", pb_utils.TritonError.CANCELLED)
+                if streaming and not last.finished and not tracked.send(self._response(last, arrival), final=False):
+                    return  # cancelled meanwhile: the poller aborted it and answered
+            if last is not None:
+                tracked.send(self._response(last, arrival), final=True)
         except Exception as exc:
-            self._error(sender, f"generation failed: {exc}")
+            if not tracked.done:
+                tracked.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generation failed: {exc}")),
+                             final=True)
         finally:
-            rid = request.request_id()
-            if rid:
-                with self.lock:
-                    self.inflight.pop(rid, None)
+            with self.lock:
+                self.tracked.discard(tracked)
 
-    def _cancel(self, rid, sender):
+    def _stop(self, rid, sender):
+        """The ``stop`` input: abort every request registered under ``rid``."""
         if not rid:
             self._error(sender, "a request id must be provided to stop a request")
             return
         with self.lock:
-            futures = self.inflight.pop(rid, set())
-        for f in futures:
-            f.cancel()
+            matching = [t for t in self.tracked if t.request.request_id() == rid]
+            self.tracked.difference_update(matching)
+        for t in matching:
+            t.cancel()
         self._error(sender, "Request cancelled by client", pb_utils.TritonError.CANCELLED)
 
     @staticmethod
@@ -213,6 +300,9 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
+        stopping = getattr(self, "stopping", None)
+        if stopping is not None:
+            stopping.set()
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.shutdown()
