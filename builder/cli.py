@@ -564,6 +564,31 @@ def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tole
         raise VerificationError(f"the reference engine disagrees with transformers: {why}")
 
 
+@main.command("check")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")
+@handle_errors
+def check_cmd(run_dir: Path, as_json: bool, verbose: bool):
+    """Hold every generated file of RUN_DIR (a run or a pulled deployment) against the plan, against each other and
+    against the pinned TensorRT-LLM's contract (docs/tensorrt-llm-contract.md): one line per disagreement on stdout,
+    exit 14 if there is any. The package stage runs the same check."""
+    from builder.check import check_run, require_conformance
+
+    report = check_run(run_dir)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines:
+            click.echo(line)
+        for note in report.notes:
+            click.echo(f"note: {note}", err=True)
+        if report.ok:
+            click.echo(f"{run_dir}: {len(report.checked)} file(s) agree with the plan and TensorRT-LLM's contract",
+                       err=True)
+    require_conformance(report)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Registry: push / pull deployments as OCI artifacts
 
@@ -600,9 +625,11 @@ def _registry_options(fn: Callable) -> Callable:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("reference")
 @click.option("--include-weights", is_flag=True,
-              help="Also push quantized/ (the checkpoint the GPU flavour loads). By default the artifact holds "
-                   "engines/ (rank shards, config.json, llm_api.yaml), package/ (Triton repository, launch files, "
-                   "Dockerfile), plan/ and manifest.json.")
+              help="Also push quantized/ (and draft-quantized/): the checkpoint(s) the GPU flavour loads. Without it "
+                   "the artifact holds plan/, package/ (Triton repository, launch files, Dockerfile), engines/ and "
+                   "manifest.json, and a GPU deployment must mount the checkpoint at <deploy dir>/quantized. A GPU "
+                   "artifact never carries the reference engine's rank shards (TensorRT-LLM does not load them); a "
+                   "CPU artifact does.")
 @_registry_options
 @handle_errors
 def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: bool, as_json: bool, verbose: bool):
@@ -659,19 +686,23 @@ def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: 
 
 @main.command("dockerfile")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--include-weights", is_flag=True, help="Also copy quantized/ into the image.")
+@click.option("--include-weights", is_flag=True, help="Also copy quantized/ (and draft-quantized/) into the image; "
+              "without it a GPU image needs the checkpoint mounted at /opt/dsbuild/quantized.")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")
 @handle_errors
 def dockerfile_cmd(run_dir: Path, include_weights: bool, verbose: bool):
     """Print the Dockerfile that layers RUN_DIR onto NVIDIA's Triton TensorRT-LLM image."""
     from builder.publish.dockerfile import dockerfile_values, render_dockerfile
-    from builder.publish.push import artifact_annotations, load_run_manifest, select_stages
+    from builder.publish.push import (artifact_annotations, flavour_of_run, load_run_manifest, omitted_patterns,
+                                      select_stages, without_omitted)
 
     manifest = load_run_manifest(run_dir)
     stages = select_stages(manifest, include_weights=include_weights, log=lambda m: click.echo(m, err=True))
+    entries = without_omitted({s: manifest["stages"][s] for s in stages}, omitted_patterns(manifest))
     values = dockerfile_values(annotations=artifact_annotations(manifest, stages),
                                run_name=str(manifest.get("run_name", run_dir.name)),
-                               stage_dirs=[manifest["stages"][s]["dir"] for s in stages])
+                               stage_dirs=[e["dir"] for e in entries.values()], flavour=flavour_of_run(manifest),
+                               files=[o["path"] for e in entries.values() for o in e["outputs"]])
     click.echo(render_dockerfile(values), nl=False)
 
 

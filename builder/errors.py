@@ -119,3 +119,10 @@ class StageError(DsbuildError):
 
 class RequestError(SpecError):
     """A generation request is invalid (empty prompt, token id outside the vocabulary, bad sampling value)."""
+
+
+class ConformanceError(PackageError):
+    """Generated files disagree with each other, with the plan or with the pinned TensorRT-LLM contract
+    (``dsbuild check``)."""
+
+    exit_code = 14

@@ -27,7 +27,7 @@ from builder import __version__
 from builder.atomic import atomic_symlink, atomic_write_json, remove_stale_temporaries, staging_dir
 from builder.rundir import LATEST, LOCK, MANIFEST
 from builder.errors import DiskSpaceError, DsbuildError, RunLockedError, SpecError, StageError
-from builder.specs import RunSpec
+from builder.specs import RunSpec, check_value
 
 HASH_CHUNK = 8 << 20
 
@@ -175,6 +175,8 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
     """Run ``stages`` in order (each one's upstream must come earlier or be in the manifest already)."""
     force = set(force or ())
     results: list[StageResult] = []
+    if any(stage.name == "package" for stage in stages):
+        check_value("run_name", run_dir.name)  # it lands in launch files: refuse it before hours of work, not after
     lock = contextlib.nullcontext() if dry_run else run_lock(run_dir, wait=wait)
     with lock:
         if not dry_run:

@@ -26,6 +26,38 @@ STAGES = ("plan", "fetch", "quantize", "build", "package")
 
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
+# Context rules for values that cannot be quoted where they land (issue 18 item 9).
+SLURM_TIME = re.compile(r"^(UNLIMITED|INFINITE|[0-9]{1,9}(:[0-9]{1,2}){0,2}|[0-9]{1,5}-[0-9]{1,2}(:[0-9]{1,2}){0,2})$")
+SLURM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.,+-]{0,127}$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@#+-]{0,254}$")
+PATH_VALUE = re.compile(r"^[^\x00-\x1f\x7f]{1,4096}$")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+DEFAULT_KUBECTL_IMAGE = "bitnami/kubectl:1.30"
+RULES = {
+    "run_name": (RUN_NAME, "letters, digits, '.', '_' or '-' (the run directory's name names files, Slurm jobs and "
+                 "Kubernetes objects)"),
+    "slurm_time": (SLURM_TIME, "a Slurm time limit such as 04:00:00, 2-00:00:00 or UNLIMITED"),
+    "slurm_partition": (SLURM_NAME, "a Slurm partition name (letters, digits, _ . , + -)"),
+    "slurm_account": (SLURM_NAME, "a Slurm account name (letters, digits, _ . , + -)"),
+    "k8s_pvc": (DNS_SUBDOMAIN, "a Kubernetes object name (lower-case DNS-1123 subdomain)"),
+    "k8s_namespace": (DNS_LABEL, "a Kubernetes namespace (lower-case DNS-1123 label)"),
+    "image": (IMAGE, "a container image reference without spaces or quotes"),
+    "k8s_kubectl_image": (IMAGE, "a container image reference without spaces or quotes"),
+    "model_path": (PATH_VALUE, "a path without control characters (newlines, tabs)"),
+}
+
+
+def check_value(field: str, value: str | None) -> str | None:
+    """``value`` if it is valid for where ``field`` lands, else SpecError naming the field and the rule."""
+    if value is None:
+        return None
+    pattern, rule = RULES[field]
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise SpecError(f"invalid {field.replace('_', '-')} {value!r}: it must be {rule}")
+    return value
+
 
 def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), cli: str | None = None, **kw: Any) -> Any:
     """A spec field: ``stages`` are the stages whose output depends on it (their cache keys include it)."""
@@ -102,17 +134,19 @@ class RunSpec(BaseModel):
         "--gpu is given).", stages=("package",))
     image: str | None = opt(None, "Container image for launch files (default: the pinned TensorRT-LLM's Triton image).",
                             stages=("package",))
-    deploy_dir: str | None = opt(None, "Path of the run directory on the cluster's shared storage (default: this "
-                                 "run directory's absolute path).", stages=("package",))
+    replicas: int | None = opt(None, "Model replicas the launch files deploy (default: as many as --nodes x "
+                               "--gpus-per-node hold, the plan's count).", stages=("package",), ge=1, le=100000)
     model_path: str | None = opt(None, "Checkpoint the GPU servers load, relative to the deploy directory or absolute "
                                  "(default: quantized).",
                                  stages=("package",))
     slurm_partition: str | None = opt(None, "Slurm partition for slurm.sbatch.", stages=("package",))
     slurm_account: str | None = opt(None, "Slurm account for slurm.sbatch.", stages=("package",))
     slurm_time: str = opt("04:00:00", "Slurm time limit for slurm.sbatch.", stages=("package",))
-    k8s_pvc: str = opt("dsbuild-run", "ReadWriteMany PVC holding the run directory, for lws.yaml.",
+    k8s_pvc: str = opt("dsbuild-run", "ReadWriteMany PVC whose root is the deploy directory, for lws.yaml.",
                        stages=("package",))
     k8s_namespace: str | None = opt(None, "Kubernetes namespace for lws.yaml.", stages=("package",))
+    k8s_kubectl_image: str = opt(DEFAULT_KUBECTL_IMAGE, "Image the multi-node lws.yaml copies kubectl from (its "
+                                 "launcher starts remote ranks with kubectl exec).", stages=("package",))
     # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py) ---
     fuse_gate_up: bool = opt(True, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj).",
                              stages=("build",))
@@ -135,6 +169,16 @@ class RunSpec(BaseModel):
         if not v.strip():
             raise ValueError("model must not be empty")
         return v
+
+    @field_validator("slurm_time", "slurm_partition", "slurm_account", "k8s_pvc", "k8s_namespace", "image",
+                     "k8s_kubectl_image", "model_path")
+    @classmethod
+    def _launch_values(cls, v: str | None, info) -> str | None:
+        """Values that land in launch files are checked for their context (no shell, YAML or directive injection)."""
+        try:
+            return check_value(info.field_name, v)
+        except SpecError as exc:
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
 
     @field_validator("gpu")
     @classmethod

@@ -1,9 +1,17 @@
-"""Launch files for a packaged run: one node (``serve.sh``), Slurm (``slurm.sbatch``) and Kubernetes
-(``lws.yaml``: a LeaderWorkerSet plus the Service in front of its leader).
+"""Launch files for a packaged run: ``serve.sh`` (one replica on bare hosts), ``slurm.sbatch`` (one job step per
+replica) and ``lws.yaml`` (a LeaderWorkerSet with one group per replica, the Service in front of the leaders and, for
+multi-node replicas, the RBAC objects its kubectl-exec launcher needs).
 
-GPU counts: TensorRT-LLM runs one rank per GPU and ``world = tp x pp`` (attention-DP reuses the TP ranks for
-data-parallel attention, so it changes nothing here; EP splits experts inside the TP group). The ranks are spread
-evenly over the nodes, so ``world`` must divide by the node count and each node's share must fit its GPUs.
+The deployment is exactly the plan: ``replicas`` copies of one model replica of ``world = tp x pp`` ranks (one rank per
+GPU; attention-DP reuses the TP ranks, EP splits experts inside them). A replica of up to one node's GPUs lives on one
+node (several small replicas share a node, each with its own GPUs and ports); a larger one spans
+``world / gpus_per_node`` whole nodes, so TP never straddles InfiniBand where the planner put it inside NVLink
+(docs/tensorrt-llm-contract.md#C-LAUNCH-1, #C-SLURM-1, #C-LWS-1).
+
+Every path is relative to one deploy directory chosen at launch (argument or ``DSBUILD_DEPLOY_DIR``; default: the
+directory holding ``package/``), so a pulled deployment runs unchanged wherever it lands. Every value that reaches a
+shell script is shell-quoted by the template; values that land in an ``#SBATCH`` directive or a Kubernetes name are
+validated here (``check_value``).
 """
 
 from __future__ import annotations
@@ -11,49 +19,79 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from builder.errors import LayoutError
 from builder.layout import Layout
+from builder.specs import check_value
 
 DEFAULT_GPUS_PER_NODE = 8
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+PORT_STRIDE = 10  # replicas sharing a node: slot s serves on 8000+10s, 8001+10s, 8002+10s
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
-
+DEPLOY_MOUNT = "/deploy"  # where the deploy directory is mounted in Kubernetes pods
+KUBEXEC = "kubexec.sh"  # Open MPI rsh agent over `kubectl exec` (package/launch/kubexec.sh)
+KUBECTL_DIR = "/opt/dsbuild/bin"  # where the init container puts kubectl in multi-node leader pods
 
 @dataclass(frozen=True)
 class Topology:
+    """``replicas`` model replicas of ``world`` ranks; each spans ``nodes_per_replica`` nodes using ``gpus_per_node``
+    of their ``node_gpus`` GPUs; ``slots_per_node`` replicas share a node when one needs at most half of it."""
+
     world_size: int
-    nodes: int
-    gpus_per_node: int  # GPUs (= ranks) used on each node
+    replicas: int
+    nodes_per_replica: int
+    gpus_per_node: int  # GPUs (= ranks) of one replica on each of its nodes
     node_gpus: int  # GPUs each node has
+    slots_per_node: int  # replicas per node (1 for a replica of one node or more)
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the whole deployment occupies."""
+        return -(-self.replicas // self.slots_per_node) * self.nodes_per_replica
 
     @property
     def total_gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return self.replicas * self.world_size
+
+    def slot(self, replica: int) -> int:
+        return replica % self.slots_per_node
+
+    def first_node(self, replica: int) -> int:
+        return replica // self.slots_per_node * self.nodes_per_replica
 
 
-def topology(layout: Layout, *, nodes: int, node_gpus: int | None) -> Topology:
+def topology(layout: Layout, *, nodes: int, node_gpus: int | None, replicas: int | None = None) -> Topology:
+    """The deployment of ``layout`` on a cluster of ``nodes`` x ``node_gpus``: as many replicas as fit (the plan's
+    count) unless ``replicas`` asks for fewer."""
     world = layout.world_size
     have = node_gpus or DEFAULT_GPUS_PER_NODE
-    if world % nodes:
-        raise LayoutError(f"{world} ranks (TP {layout.tp} x PP {layout.pp}) cannot be spread evenly over {nodes} nodes")
-    per_node = world // nodes
-    if per_node > have:
-        raise LayoutError(f"{world} ranks over {nodes} node(s) need {per_node} GPUs per node, but nodes have {have}; "
-                          f"use --nodes {-(-world // have)} or more")
-    return Topology(world_size=world, nodes=nodes, gpus_per_node=per_node, node_gpus=have)
+    if world <= have:
+        per_replica, per_node, slots = 1, world, have // world
+    elif world % have:
+        raise LayoutError(f"{world} ranks (TP {layout.tp} x PP {layout.pp}) do not fill whole nodes of {have} GPUs; "
+                          f"a replica must span whole nodes (choose TP x PP as a multiple of {have})")
+    else:
+        per_replica, per_node, slots = world // have, have, 1
+    fit = nodes // per_replica * slots
+    if fit == 0:
+        raise LayoutError(f"one replica of {world} ranks needs {per_replica} nodes of {have} GPUs, the cluster has "
+                          f"{nodes}; use --nodes {per_replica} or more")
+    if replicas is not None and not 1 <= replicas <= fit:
+        raise LayoutError(f"--replicas {replicas}: {nodes} node(s) of {have} GPUs hold 1 to {fit} replica(s) of "
+                          f"{world} ranks")
+    return Topology(world_size=world, replicas=replicas or fit, nodes_per_replica=per_replica,
+                    gpus_per_node=per_node, node_gpus=have, slots_per_node=slots)
 
 
 def slurm_extra(*, partition: str | None, account: str | None) -> str:
     lines = []
     if partition:
-        lines.append(f"#SBATCH --partition={partition}")
+        lines.append(f"#SBATCH --partition={check_value('slurm_partition', partition)}")
     if account:
-        lines.append(f"#SBATCH --account={account}")
+        lines.append(f"#SBATCH --account={check_value('slurm_account', account)}")
     return "\n".join(lines) if lines else "# (no partition/account given: the cluster's defaults apply)"
 
 
@@ -63,49 +101,69 @@ def k8s_name(run_name: str) -> str:
     return name[:40].rstrip("-")
 
 
-def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str, model_path: str, pvc: str,
-                  namespace: str | None = None) -> list[dict[str, Any]]:
-    """The LeaderWorkerSet (group size = nodes, one pod per node with its GPUs) and the leader's Service.
+def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namespace: str | None = None,
+                  kubectl_image: str) -> list[dict[str, Any]]:
+    """The LeaderWorkerSet (``replicas`` groups of ``nodes_per_replica`` pods, one pod per node with that replica's
+    GPUs), the Service in front of every group's leader and, when a replica spans several pods, the ServiceAccount,
+    Role and RoleBinding of its launcher.
 
-    The leader pod runs ``mpirun`` over the group (workers wait in ``sshd``) with ``trtllm-llmapi-launch
-    tritonserver``; a one-node layout runs ``tritonserver`` directly. The run directory comes from a shared
-    ReadWriteMany volume mounted at the same path in every pod, so ``model.yaml``'s paths hold as written.
+    Multi-pod start-up follows LWS's own TensorRT-LLM example (docs/tensorrt-llm-contract.md#C-LWS-3): no sshd and no
+    keys. The leader waits until its group's pods are ready, then runs Open MPI's ``mpirun`` with
+    ``plm_rsh_agent`` = ``package/launch/kubexec.sh``, which starts each remote rank with ``kubectl exec`` into the
+    worker pod (kubectl copied in by an init container from ``kubectl_image``; the Role allows ``pods`` get/list and
+    ``pods/exec`` create); workers only wait. One pod per replica runs ``tritonserver`` directly.
     """
     name = k8s_name(run_name)
+    check_value("k8s_pvc", pvc)
+    check_value("k8s_namespace", namespace)
+    check_value("image", image)
+    check_value("k8s_kubectl_image", kubectl_image)
     labels = {"app.kubernetes.io/name": "dsbuild", "app.kubernetes.io/instance": name}
-    repo = f"{deploy_dir}/package/triton_repo"
+    multi = topo.nodes_per_replica > 1
+    repo = f"{DEPLOY_MOUNT}/package/triton_repo"
     server = (f"tritonserver --model-repository={repo} --http-port={HTTP_PORT} --grpc-port={GRPC_PORT} "
               f"--metrics-port={METRICS_PORT} --exit-on-error=false")
-    if topo.nodes == 1:
+    if not multi:
         leader_script = f"exec {server}"
     else:
-        # Worker pods are <lws>-<group>-<i>.<lws>.<ns>; the leader is <lws>-<group>.<lws>.<ns> (LWS_LEADER_ADDRESS).
+        gpus = topo.gpus_per_node
         leader_script = "\n".join([
             "set -euo pipefail",
-            f'HOSTS="$LWS_LEADER_ADDRESS:{topo.gpus_per_node}"',
+            f'export PATH="{KUBECTL_DIR}:$PATH"',
+            "# Every pod of this group (one per node) ready: workers are started into them by kubectl exec.",
+            'kubectl wait pod --namespace "$POD_NAMESPACE" --for=condition=Ready --timeout=3600s '
+            '-l "leaderworkerset.sigs.k8s.io/group-key=$GROUP_KEY"',
+            f'HOSTS="$LWS_LEADER_ADDRESS:{gpus}"',
             "i=1",
             'while [ "$i" -lt "$LWS_GROUP_SIZE" ]; do',
-            f'  HOSTS="$HOSTS,${{LWS_LEADER_ADDRESS/./-$i.}}:{topo.gpus_per_node}"',
+            f'  HOSTS="$HOSTS,${{LWS_LEADER_ADDRESS/./-$i.}}:{gpus}"  # worker i: <leader>-<i>.<subdomain>.<ns>',
             "  i=$((i + 1))",
             "done",
-            f"exec mpirun --allow-run-as-root -H \"$HOSTS\" -n {topo.world_size} trtllm-llmapi-launch {server}",
+            f"exec mpirun --allow-run-as-root -mca plm_rsh_agent {DEPLOY_MOUNT}/package/launch/{KUBEXEC} "
+            f'-np {topo.world_size} --host "$HOSTS" -x DSBUILD_DEPLOY_DIR trtllm-llmapi-launch {server}',
         ])
-    worker_script = "set -euo pipefail\nmkdir -p /run/sshd\nexec /usr/sbin/sshd -D -e"
+    worker_script = "trap 'exit 0' TERM INT\nwhile true; do sleep 3600 & wait $!; done"
     volumes = [
-        {"name": "run", "persistentVolumeClaim": {"claimName": pvc}},
+        {"name": "deploy", "persistentVolumeClaim": {"claimName": pvc}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
     ]
-    mounts = [{"name": "run", "mountPath": deploy_dir}, {"name": "shm", "mountPath": "/dev/shm"}]
-    if model_path.startswith("/") and not model_path.startswith(deploy_dir.rstrip("/") + "/"):
-        mounts.append({"name": "run", "mountPath": model_path, "subPath": Path(model_path).name, "readOnly": True})
+    mounts = [{"name": "deploy", "mountPath": DEPLOY_MOUNT}, {"name": "shm", "mountPath": "/dev/shm"}]
     resources = {"limits": {"nvidia.com/gpu": topo.gpus_per_node}, "requests": {"nvidia.com/gpu": topo.gpus_per_node}}
+    env = [{"name": "DSBUILD_DEPLOY_DIR", "value": DEPLOY_MOUNT}, {"name": "NCCL_DEBUG", "value": "WARN"}]
+    downward = [
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "GROUP_KEY", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.labels['leaderworkerset.sigs.k8s.io/group-key']"}}},
+    ]
 
-    def pod(role: str, script: str, *, ports: bool) -> dict[str, Any]:
+    def pod(role: str, script: str, *, serves: bool, launcher: bool) -> dict[str, Any]:
         container: dict[str, Any] = {
-            "name": role, "image": image, "command": ["bash", "-c", script], "resources": copy.deepcopy(resources),
-            "volumeMounts": copy.deepcopy(mounts), "env": [{"name": "NCCL_DEBUG", "value": "WARN"}],
+            "name": "server", "image": image, "command": ["bash", "-c", script],
+            "resources": copy.deepcopy(resources), "volumeMounts": copy.deepcopy(mounts),
+            "env": copy.deepcopy(env) + (copy.deepcopy(downward) if launcher else []),
         }
-        if ports:
+        spec: dict[str, Any] = {"containers": [container], "volumes": copy.deepcopy(volumes)}
+        if serves:
             container["ports"] = [{"name": "http", "containerPort": HTTP_PORT},
                                   {"name": "grpc", "containerPort": GRPC_PORT},
                                   {"name": "metrics", "containerPort": METRICS_PORT}]
@@ -113,28 +171,47 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str,
                                            "periodSeconds": 10, "failureThreshold": 3}
             container["startupProbe"] = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
                                          "periodSeconds": 30, "failureThreshold": 240}  # first load can take an hour
-        return {"metadata": {"labels": {**labels, "dsbuild/role": role}},
-                "spec": {"containers": [container], "volumes": copy.deepcopy(volumes)}}
+        if launcher:
+            spec["serviceAccountName"] = name
+            spec["volumes"].append({"name": "kubectl", "emptyDir": {}})
+            container["volumeMounts"].append({"name": "kubectl", "mountPath": KUBECTL_DIR})
+            spec["initContainers"] = [{
+                "name": "kubectl", "image": kubectl_image,
+                "command": ["sh", "-c", f'cp "$(command -v kubectl)" {KUBECTL_DIR}/kubectl'],
+                "volumeMounts": [{"name": "kubectl", "mountPath": KUBECTL_DIR}],
+            }]
+        return {"metadata": {"labels": {**labels, "dsbuild/role": role}}, "spec": spec}
 
     meta: dict[str, Any] = {"name": name, "labels": labels}
     if namespace:
         meta["namespace"] = namespace
-    lws_spec: dict[str, Any] = {"size": topo.nodes, "restartPolicy": "RecreateGroupOnPodRestart",
-                                "workerTemplate": pod("worker" if topo.nodes > 1 else "leader",
-                                                      worker_script if topo.nodes > 1 else leader_script,
-                                                      ports=topo.nodes == 1)}
-    if topo.nodes > 1:
-        lws_spec["leaderTemplate"] = pod("leader", leader_script, ports=True)
+    lws_spec: dict[str, Any] = {"size": topo.nodes_per_replica, "restartPolicy": "RecreateGroupOnPodRestart"}
+    if multi:
+        lws_spec["leaderTemplate"] = pod("leader", leader_script, serves=True, launcher=True)
+        lws_spec["workerTemplate"] = pod("worker", worker_script, serves=False, launcher=False)
+    else:
+        lws_spec["workerTemplate"] = pod("leader", leader_script, serves=True, launcher=False)
     lws = {"apiVersion": LWS_API_VERSION, "kind": "LeaderWorkerSet", "metadata": meta,
-           "spec": {"replicas": 1, "leaderWorkerTemplate": lws_spec}}
+           "spec": {"replicas": topo.replicas, "leaderWorkerTemplate": lws_spec}}
     service = {
-        "apiVersion": "v1", "kind": "Service", "metadata": dict(meta),
+        "apiVersion": "v1", "kind": "Service", "metadata": copy.deepcopy(meta),
         "spec": {"selector": {**labels, "leaderworkerset.sigs.k8s.io/worker-index": "0"},
                  "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
                            {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT},
                            {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}]},
     }
-    return [lws, service]
+    docs = [lws, service]
+    if multi:
+        docs += [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": copy.deepcopy(meta)},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": copy.deepcopy(meta),
+             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                       {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": copy.deepcopy(meta),
+             "subjects": [{"kind": "ServiceAccount", "name": name, **({"namespace": namespace} if namespace else {})}],
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}},
+        ]
+    return docs
 
 
 def dump_manifests(docs: list[dict[str, Any]], header: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import yaml
 from builder.errors import PackageError
 from builder.layout import Layout
 from triton_repo import interface, launch
+from builder.specs import DEFAULT_KUBECTL_IMAGE, check_value
 from triton_repo.render import render_text, render_tree, template_dir
 from triton_repo.versions import TrtllmPin
 
@@ -37,7 +39,6 @@ class PackageInputs:
     nodes: int
     node_gpus: int | None
     llm_api: dict[str, Any]  # LLM() arguments (GPU flavour)
-    deploy_dir: str  # the run directory's path on the cluster
     model_path: str  # the checkpoint the GPU servers load: relative to the deploy directory (or absolute)
     engine_dir_rel: str = "../../../engines"  # CPU: from package/triton_repo/tensorrt_llm to the run's engines/
     dsbuild_src: str = ""  # CPU: directory holding the ``builder`` package (empty: installed dsbuild)
@@ -53,6 +54,8 @@ class PackageInputs:
     slurm_time: str = "04:00:00"
     k8s_pvc: str = "dsbuild-run"
     k8s_namespace: str | None = None
+    k8s_kubectl_image: str = DEFAULT_KUBECTL_IMAGE
+    replicas: int | None = None  # None: as many as the cluster holds (the plan's count)
     dsbuild_version: str = field(default_factory=lambda: __import__("builder").__version__)
 
     @property
@@ -60,14 +63,25 @@ class PackageInputs:
         return self.image or self.pin.triton_image
 
 
+def topology_of(p: PackageInputs) -> launch.Topology:
+    return launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus, replicas=p.replicas)
+
+
 def common_values(p: PackageInputs, topo: launch.Topology | None) -> dict[str, Any]:
-    return {
+    check_value("run_name", p.run_name)
+    check_value("image", p.triton_image)
+    check_value("model_path", p.model_path)
+    values = {
         "dsbuild_version": p.dsbuild_version, "trtllm_version": p.pin.version, "triton_image": p.triton_image,
-        "run_name": p.run_name, "layout": p.layout.name, "model_name": interface.MODEL_NAME,
-        "inputs": interface.pbtxt_inputs(), "outputs": interface.pbtxt_outputs(),
-        "world_size": p.layout.world_size, "deploy_dir": p.deploy_dir, "model_path": p.model_path,
-        "nodes": topo.nodes if topo else p.nodes, "gpus_per_node": topo.gpus_per_node if topo else 0,
+        "run_name": p.run_name, "model_name": interface.MODEL_NAME,
+        "inputs": interface.pbtxt_inputs(), "outputs": interface.pbtxt_outputs(), "world_size": p.layout.world_size,
+        "layout": p.layout.name,
     }
+    if topo is not None:
+        values.update(layout=f"{p.layout.name}x{topo.replicas}" if topo.replicas > 1 else p.layout.name,
+                      replicas=topo.replicas, nodes=topo.nodes, nodes_per_replica=topo.nodes_per_replica,
+                      gpus_per_node=topo.gpus_per_node, slots_per_node=topo.slots_per_node)
+    return values
 
 
 def model_yaml(p: PackageInputs) -> str:
@@ -98,7 +112,7 @@ def render_repository(p: PackageInputs, out: Path) -> list[Path]:
     """Write ``out/tensorrt_llm/...`` for ``p.flavour``."""
     if p.flavour not in ("gpu", "cpu"):
         raise PackageError(f"unknown repository flavour {p.flavour!r}; choose gpu or cpu")
-    topo = launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus) if p.flavour == "gpu" else None
+    topo = topology_of(p) if p.flavour == "gpu" else None
     values = common_values(p, topo)
     if p.flavour == "cpu":
         values.update(engine_dir=p.engine_dir_rel, dsbuild_src=p.dsbuild_src,
@@ -129,18 +143,33 @@ def render_launch(p: PackageInputs, out: Path) -> list[Path]:
     if p.flavour == "cpu":
         emit("serve-cpu.sh.tmpl", "serve.sh", common_values(p, None))
         return written
-    topo = launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus)
+    topo = topology_of(p)
     values = common_values(p, topo)
+    for name in ("slurm_time", "slurm_partition", "slurm_account", "k8s_pvc", "k8s_namespace", "k8s_kubectl_image"):
+        check_value(name, getattr(p, name))  # before any file is written (the CLI's spec already checked them)
     emit("serve.sh.tmpl", "serve.sh", values)
-    emit("slurm.sbatch.tmpl", "slurm.sbatch", {**values, "slurm_time": p.slurm_time,
-                                               "slurm_extra": launch.slurm_extra(partition=p.slurm_partition,
-                                                                                 account=p.slurm_account)})
-    docs = launch.lws_manifests(run_name=p.run_name, topo=topo, image=p.triton_image, deploy_dir=p.deploy_dir,
-                                model_path=p.model_path, pvc=p.k8s_pvc, namespace=p.k8s_namespace)
+    model = p.model_path
+    extra_mounts = (f'MOUNTS="$MOUNTS",{shlex.quote(f"{model}:{model}")}  # the checkpoint, outside the deploy directory'
+                    if model.startswith("/") else "# (the checkpoint is inside the deploy directory)")
+    if model.startswith("/") and ("," in model or ":" in model):
+        raise PackageError(f"model path {model!r} may not contain ',' or ':' (pyxis --container-mounts syntax)")
+    emit("slurm.sbatch.tmpl", "slurm.sbatch", {
+        **values, "slurm_time": p.slurm_time,
+        "slurm_extra": launch.slurm_extra(partition=p.slurm_partition, account=p.slurm_account),
+        "job_name": f"dsbuild-{p.run_name}"[:128], "tasks_per_node": topo.gpus_per_node * topo.slots_per_node,
+        "extra_mounts": extra_mounts})
+    agent = out / launch.KUBEXEC
+    agent.write_bytes((tdir / launch.KUBEXEC).read_bytes())
+    agent.chmod(0o755)
+    written.append(agent)
+    docs = launch.lws_manifests(run_name=p.run_name, topo=topo, image=p.triton_image, pvc=p.k8s_pvc,
+                                namespace=p.k8s_namespace, kubectl_image=p.k8s_kubectl_image)
     header = (f"dsbuild {p.dsbuild_version}: LeaderWorkerSet for run {p.run_name} (layout {p.layout.name}): "
-              f"{topo.nodes} pod(s) x {topo.gpus_per_node} GPU(s).\n"
-              f"Needs the LeaderWorkerSet controller and a ReadWriteMany PVC {p.k8s_pvc!r} holding the run "
-              f"directory, mounted at {p.deploy_dir}.")
+              f"{topo.replicas} replica group(s) of {topo.nodes_per_replica} pod(s) x {topo.gpus_per_node} GPU(s).\n"
+              f"Needs the LeaderWorkerSet controller and a ReadWriteMany PVC {p.k8s_pvc!r} whose root is the deploy "
+              f"directory (mounted at {launch.DEPLOY_MOUNT} in every pod).")
+    if model.startswith("/"):
+        header += f"\nThe checkpoint {model} must be present at that path in the pods (e.g. a volume you add)."
     target = out / "lws.yaml"
     target.write_text(launch.dump_manifests(docs, header), encoding="utf-8")
     written.append(target)
@@ -151,9 +180,11 @@ def describe(p: PackageInputs) -> dict[str, Any]:
     info: dict[str, Any] = {"flavour": p.flavour, "trtllm_version": p.pin.version, "model": interface.MODEL_NAME,
                             "world_size": p.layout.world_size}
     if p.flavour == "gpu":
-        topo = launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus)
-        info.update(image=p.triton_image, nodes=topo.nodes, gpus_per_node=topo.gpus_per_node,
-                    total_gpus=topo.total_gpus, model_path=p.model_path, deploy_dir=p.deploy_dir,
+        topo = topology_of(p)
+        info.update(image=p.triton_image, replicas=topo.replicas, replicas_chosen=p.replicas is not None,
+                    nodes=topo.nodes, nodes_per_replica=topo.nodes_per_replica, gpus_per_node=topo.gpus_per_node,
+                    replicas_per_node=topo.slots_per_node, total_gpus=topo.total_gpus, model_path=p.model_path,
+                    deploy_dir="chosen at launch: serve.sh --deploy-dir / slurm.sbatch DIR / DSBUILD_DEPLOY_DIR",
                     notes=list(p.pin.notes))
     return info
 

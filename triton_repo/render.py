@@ -1,53 +1,18 @@
-"""The strict template renderer.
-
-Placeholders are ``@@{name}``: a delimiter that occurs neither in shell scripts (``${VAR}``, ``$(cmd)``) nor in
-Triton's protobuf text format, so templates need no escaping. Rendering fails on a placeholder without a value and
-on any ``@@{`` left in the output (TensorRT-LLM's old ``fill_template.py`` used ``safe_substitute`` and left unfilled
-``${...}`` in files silently).
-"""
+"""Template files of a pinned TensorRT-LLM version (``templates/trtllm-<version>/``) and rendering a tree of them
+with the one strict renderer (``builder.render``: jinja2, ``@@{name}`` placeholders, StrictUndefined)."""
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 from typing import Any, Mapping
 
 from builder.errors import PackageError
+from builder.render import MARK, placeholders, render_text
 
 TEMPLATE_ROOT = Path(__file__).resolve().parent / "templates"
 TEMPLATE_SUFFIX = ".tmpl"
-MARK = "@@{"
 
-
-class _Template(string.Template):
-    delimiter = "@@"
-    # Only the braced form, so a stray "@@" or "@@word" is an error rather than a silent substitution.
-    pattern = r"""
-    @@(?:
-      (?P<escaped>(?!)) |
-      \{(?P<braced>[a-z_][a-z0-9_]*)\} |
-      (?P<named>(?!)) |
-      (?P<invalid>)
-    )
-    """
-
-
-def render_text(text: str, values: Mapping[str, Any], *, name: str) -> str:
-    try:
-        out = _Template(text).substitute({k: str(v) for k, v in values.items()})
-    except KeyError as exc:
-        raise PackageError(f"template {name} has placeholder @@{{{exc.args[0]}}} with no value") from None
-    except ValueError as exc:
-        raise PackageError(f"template {name} has a malformed placeholder ({exc})") from None
-    if MARK in out:
-        line = next(l for l in out.splitlines() if MARK in l)
-        raise PackageError(f"rendering {name} left an unfilled placeholder: {line.strip()!r}")
-    return out
-
-
-def placeholders(text: str) -> set[str]:
-    """The placeholder names a template uses."""
-    return {m.group("braced") for m in _Template.pattern.finditer(text) if m.group("braced")}
+__all__ = ["TEMPLATE_ROOT", "TEMPLATE_SUFFIX", "MARK", "placeholders", "render_text", "render_tree", "template_dir"]
 
 
 def template_dir(trtllm_version: str) -> Path:

@@ -36,9 +36,22 @@ READ_BYTES = 1 << 20
 
 # Stage name -> how its directory becomes layers. "files": one layer per top-level file, a tar per sub-directory;
 # "bundle": the whole directory as one tar.
-STAGE_LAYOUT = {"plan": "bundle", "build": "files", "quantize": "files", "package": "files"}
+STAGE_LAYOUT = {"plan": "bundle", "build": "files", "quantize": "files", "draft-quantize": "files",
+                "package": "files"}
 DEFAULT_STAGES = ("plan", "build", "package")
 WEIGHTS_STAGE = "quantize"
+# --include-weights: the checkpoints TensorRT-LLM loads (the draft model's too, with --spec draft).
+WEIGHTS_STAGES = (WEIGHTS_STAGE, "draft-quantize")
+# The reference engine's rank shards: what a GPU-flavour deployment does not use (TensorRT-LLM shards the checkpoint
+# itself when it loads), so its artifact leaves them out; the artifact names the patterns (OMITTED_ANNOTATION) and
+# pull does not expect those files.
+GPU_OMITTED = ("engines/rank*.safetensors", "engines/draft/rank*.safetensors")
+OMITTED_ANNOTATION = "io.dsbuild.omitted"
+
+
+def omitted(path: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    return any(PurePosixPath(path).match(p) and len(PurePosixPath(path).parts) == len(PurePosixPath(p).parts)
+               for p in patterns)
 
 _FILE_TYPES = {  # (stage, pattern) -> media type of a single-file layer; first match wins
     ("build", "rank*.safetensors"): "application/vnd.dsbuild.engine.rank.v1+safetensors",
@@ -48,6 +61,9 @@ _FILE_TYPES = {  # (stage, pattern) -> media type of a single-file layer; first 
     ("quantize", "*.safetensors"): "application/vnd.dsbuild.checkpoint.shard.v1+safetensors",
     ("quantize", "*.json"): "application/vnd.dsbuild.checkpoint.file.v1+json",
     ("quantize", "*"): "application/vnd.dsbuild.checkpoint.file.v1",
+    ("draft-quantize", "*.safetensors"): "application/vnd.dsbuild.checkpoint.shard.v1+safetensors",
+    ("draft-quantize", "*.json"): "application/vnd.dsbuild.checkpoint.file.v1+json",
+    ("draft-quantize", "*"): "application/vnd.dsbuild.checkpoint.file.v1",
     ("package", "Dockerfile"): DOCKERFILE_MEDIA_TYPE,
     ("package", "*"): "application/vnd.dsbuild.package.file.v1",
     ("*", "*.safetensors"): "application/vnd.dsbuild.file.v1+safetensors",

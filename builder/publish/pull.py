@@ -24,7 +24,8 @@ from builder.atomic import staging_dir
 from builder.errors import DiskSpaceError, RegistryError, VerificationError
 from builder.paths import safe_relpath
 from builder.pipeline import MANIFEST
-from builder.publish.artifact import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, READ_BYTES, TAR_SUFFIX, TITLE
+from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, OMITTED_ANNOTATION,
+                                      READ_BYTES, TAR_SUFFIX, TITLE, omitted)
 from builder.publish.client import Progress, RegistryClient, TransferStats
 from builder.publish.reference import OciReference
 
@@ -64,14 +65,18 @@ def _layers(manifest: Mapping[str, Any], ref: OciReference) -> list[dict[str, An
     return layers
 
 
-def _expected_files(run_manifest: Mapping[str, Any], stage_names: list[str]) -> dict[str, dict[str, Any]]:
+def _expected_files(run_manifest: Mapping[str, Any], stage_names: list[str],
+                    omitted_patterns: list[str]) -> dict[str, dict[str, Any]]:
+    """The files the artifact must carry: its stages' outputs, less what it says it leaves out (a GPU deployment's
+    rank shards)."""
     out = {}
     for s in stage_names:
         entry = (run_manifest.get("stages") or {}).get(s)
         if entry is None:
             raise VerificationError(f"the artifact says it holds stage {s}, which its manifest.json does not list")
         for f in entry.get("outputs", []):
-            out[safe_relpath(f["path"], what="manifest path")] = f
+            if not omitted(f["path"], omitted_patterns):
+                out[safe_relpath(f["path"], what="manifest path")] = f
     return out
 
 
@@ -99,7 +104,8 @@ def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: M
             run_manifest = json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise VerificationError(f"the {MANIFEST} in {ref} is not valid JSON") from None
-        expected = _expected_files(run_manifest, stage_names)
+        skip = [p for p in (manifest.get("annotations") or {}).get(OMITTED_ANNOTATION, "").split(",") if p]
+        expected = _expected_files(run_manifest, stage_names, skip)
         need = sum(f["size"] for f in expected.values()) + max((la["size"] for la in layers), default=0)
         free = shutil.disk_usage(tmp).free
         if free < need:

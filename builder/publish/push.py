@@ -14,7 +14,8 @@ from builder import __version__
 from builder.errors import RegistryError, SpecError, VerificationError
 from builder.pipeline import MANIFEST, _fault_pause, run_lock, sha256_file
 from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, DEFAULT_STAGES, DOCKERFILE_MEDIA_TYPE,
-                                      MANIFEST_MEDIA_TYPE, TITLE, WEIGHTS_STAGE, Layer, build_tar, plan_layers)
+                                      GPU_OMITTED, MANIFEST_MEDIA_TYPE, OMITTED_ANNOTATION, TITLE, WEIGHTS_STAGE,
+                                      WEIGHTS_STAGES, Layer, build_tar, omitted, plan_layers)
 from builder.publish.client import CHUNK_BYTES, OCI_MANIFEST, Progress, RegistryClient, TransferStats
 from builder.publish.dockerfile import TENSORRT_LLM_VERSION, TRITON_IMAGE, dockerfile_values, render_dockerfile
 from builder.publish.reference import OciReference
@@ -102,13 +103,31 @@ def select_stages(manifest: Mapping[str, Any], *, include_weights: bool, log: Ca
     stages = manifest["stages"]
     if REQUIRED_STAGE not in stages:
         raise SpecError("the run has no engines yet (stage build is not in manifest.json); run `dsbuild build` first")
-    wanted = list(DEFAULT_STAGES) + ([WEIGHTS_STAGE] if include_weights else [])
+    wanted = list(DEFAULT_STAGES) + ([s for s in WEIGHTS_STAGES if s in stages] if include_weights else [])
     if include_weights and WEIGHTS_STAGE not in stages:
         raise SpecError("--include-weights: the run has no quantized checkpoint (stage quantize is not built)")
+    if not include_weights and flavour_of_run(manifest) == "gpu":
+        log("note: without --include-weights the artifact holds no checkpoint: mount the quantized checkpoint at "
+            "<deploy dir>/quantized (model.yaml's model) before serving; rank shards are left out (TensorRT-LLM "
+            "does not load them)")
     missing = [s for s in wanted if s not in stages]
     for s in missing:
         log(f"note: stage {s} is not built in this run; the artifact will not contain it")
     return [s for s in wanted if s in stages]
+
+
+def flavour_of_run(manifest: Mapping[str, Any]) -> str | None:
+    return ((manifest["stages"].get("package") or {}).get("info") or {}).get("flavour")
+
+
+def omitted_patterns(manifest: Mapping[str, Any]) -> list[str]:
+    """What the artifact leaves out: the rank shards of a GPU-flavour deployment."""
+    return list(GPU_OMITTED) if flavour_of_run(manifest) == "gpu" else []
+
+
+def without_omitted(entries: Mapping[str, Mapping[str, Any]], patterns: list[str]) -> dict[str, dict[str, Any]]:
+    return {s: {**e, "outputs": [o for o in e.get("outputs", []) if not omitted(o["path"], patterns)]}
+            for s, e in entries.items()}
 
 
 def check_files(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None:
@@ -132,9 +151,12 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
     manifest = load_run_manifest(run_dir)
     with run_lock(run_dir):
         stages = select_stages(manifest, include_weights=include_weights, log=log)
-        entries = {s: manifest["stages"][s] for s in stages}
+        skip = omitted_patterns(manifest)
+        entries = without_omitted({s: manifest["stages"][s] for s in stages}, skip)
         check_files(run_dir, entries)
         annotations = artifact_annotations(manifest, stages)
+        if skip:
+            annotations[OMITTED_ANNOTATION] = ",".join(skip)
         target = ref if ref.tag else ref.with_tag(default_tag(manifest, annotations))
         client = RegistryClient(target, insecure=insecure, chunk_bytes=chunk_bytes, environ=environ)
         client.ping()
@@ -145,7 +167,7 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
                 if layer.is_tar:
                     build_tar(layer, run_dir=run_dir, work=work)
             if not any(layer.media_type == DOCKERFILE_MEDIA_TYPE for layer in layers):
-                layers.append(_rendered_dockerfile(work, manifest, annotations, [entries[s]["dir"] for s in stages]))
+                layers.append(_rendered_dockerfile(work, manifest, annotations, entries))
             layers.append(Layer(title=MANIFEST, media_type=MANIFEST_MEDIA_TYPE, source=run_dir / MANIFEST,
                                 digest="sha256:" + sha256_file(run_dir / MANIFEST),
                                 size=(run_dir / MANIFEST).stat().st_size))
@@ -172,9 +194,11 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
 
 
 def _rendered_dockerfile(work: Path, manifest: Mapping[str, Any], annotations: Mapping[str, str],
-                         stage_dirs: list[str]) -> Layer:
+                         entries: Mapping[str, Mapping[str, Any]]) -> Layer:
     text = render_dockerfile(dockerfile_values(annotations=annotations, run_name=str(manifest.get("run_name", "run")),
-                                               stage_dirs=stage_dirs))
+                                               stage_dirs=[e["dir"] for e in entries.values()],
+                                               flavour=flavour_of_run(manifest),
+                                               files=[o["path"] for e in entries.values() for o in e["outputs"]]))
     path = work / "Dockerfile"
     path.write_text(text, encoding="utf-8")
     return Layer(title="Dockerfile", media_type=DOCKERFILE_MEDIA_TYPE, source=path,

@@ -42,7 +42,6 @@ def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
     from triton_repo.package import PackageInputs, relative_engine_dir
     from triton_repo.versions import pin
 
-    deploy_dir = spec.deploy_dir or str(run_dir.resolve())
     model_path = spec.model_path or QUANTIZED  # relative to the deploy directory (model.py resolves it)
     llm_api = llm_api_config(engines)
     max_seq_len = _max_positions(engines)
@@ -51,7 +50,7 @@ def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
     return PackageInputs(
         flavour=flavour_of(spec), pin=pin(PINNED_VERSION), run_name=run_dir.name, layout=spec.layout,
         nodes=spec.nodes, node_gpus=spec.gpus_per_node, llm_api=llm_api,
-        deploy_dir=deploy_dir, model_path=model_path,
+        model_path=model_path, replicas=spec.replicas, k8s_kubectl_image=spec.k8s_kubectl_image,
         engine_dir_rel=relative_engine_dir(RunDir(run_dir).package, engines),
         dsbuild_src=str(Path(builder.__file__).resolve().parent.parent),
         engine_max_batch_size=min(spec.concurrency, 64), max_seq_len=max_seq_len, image=spec.image,
@@ -70,10 +69,16 @@ def _max_positions(engines: Path) -> int:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
+    from builder.check import check_run, require_conformance
     from triton_repo.package import write_package
 
     p = package_inputs(ctx.spec, ctx.run_dir, ctx.inputs["build"])
-    return write_package(p, ctx.out)
+    info = write_package(p, ctx.out)
+    # The whole deployment against the plan and TensorRT-LLM's contract before it is published (dsbuild check).
+    report = check_run(ctx.run_dir, package_dir=ctx.out)
+    require_conformance(report, log=ctx.log)
+    info["check"] = {"ok": True, "checked": report.checked, "notes": report.notes}
+    return info
 
 
 def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:

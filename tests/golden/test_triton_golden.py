@@ -23,6 +23,9 @@ CASES = {
     "gpu-tp8ep8": ("gpu", {}),
     "gpu-tp8pp2-2nodes": ("gpu", dict(nodes=2, layout=Layout(tp=8, pp=2), run_name="deepseek-v3.2-fp8-tp8pp2ep1",
                                       slurm_partition="gpu", slurm_account="infra", k8s_namespace="llm")),
+    # The planner's recommendation on 2 x 8 H200: two replicas of TP8 (each inside one node's NVLink).
+    "gpu-tp8ep8-2nodes-x2": ("gpu", dict(nodes=2, layout=Layout(tp=8, pp=1, ep=8, attention_dp=True),
+                                         run_name="deepseek-v3.2-fp8-tp8pp1ep8adp")),
     "cpu-tp2pp1": ("cpu", dict(layout=Layout(tp=2, pp=1), run_name="tiny-fp8-tp2pp1ep1", max_seq_len=512,
                                engine_dir_rel="../../../engines")),
 }
@@ -84,3 +87,27 @@ def test_gpu_model_py_passes_streaming_by_keyword():
     for call in calls:
         assert len(call.args) == 1, "only the prompt may be positional"
         assert {k.arg for k in call.keywords} >= {"sampling_params", "streaming"}
+
+
+@pytest.mark.parametrize("case", sorted(c for c, (flavour, _) in CASES.items() if flavour == "gpu"))
+def test_golden_gpu_package_agrees_with_itself(tmp_path, case):
+    """Issue 17 item 14: model.yaml's TP x PP is the world every launch file starts per replica (dsbuild check on the
+    golden package), and a golden package that said otherwise would be caught."""
+    import yaml
+
+    from builder.check import check_run
+
+    run = tmp_path / "run"
+    shutil.copytree(GOLDEN / "trtllm-1.2.1" / case, run / "package")
+    model_yaml = yaml.safe_load((run / "package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
+    (run / "engines").mkdir()
+    (run / "engines/llm_api.yaml").write_text(yaml.safe_dump(
+        {k: v for k, v in model_yaml.items() if k not in ("model", "triton_config")}))
+    report = check_run(run)
+    assert report.ok, report.lines
+    assert {"package/launch/serve.sh", "package/launch/slurm.sbatch", "package/launch/lws.yaml"} <= set(report.checked)
+    bad = dict(model_yaml, tensor_parallel_size=model_yaml["tensor_parallel_size"] // 2)
+    (run / "package/triton_repo/tensorrt_llm/1/model.yaml").write_text(yaml.safe_dump(bad))
+    lines = check_run(run).lines
+    for launcher in ("serve.sh", "slurm.sbatch", "lws.yaml"):
+        assert any(line.startswith(f"package/launch/{launcher}: starts") for line in lines), lines

@@ -318,3 +318,47 @@ def test_package_directories_round_trip_as_tar_layers(registry, tmp_path):
     assert not (out / "Dockerfile").exists()  # the package's own Dockerfile is used, none rendered
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
         ["manifest.json", *[f for f in listed_files(run, ("plan", "build", "package")) if f != "manifest.json"]])
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory, cache_dir) -> Path:
+    """A GPU-flavour run of the tiny model (TP2 x EP2 replicas on one 8-GPU node): what a cluster deploys."""
+    work = tmp_path_factory.mktemp("publish-gpu-run")
+    run_dsbuild("run", "--tp", "2", "--pp", "1", "--ep", "2", "--gpu", "h200-sxm", "--out", str(work / "run"),
+                cwd=work, env={"XDG_CACHE_HOME": str(cache_dir)}, check=True)
+    return work / "run"
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_gpu_deployment_pulled_anywhere_carries_what_tensorrt_llm_needs(gpu_run, registry, tmp_path, weights):
+    """Issue 17 item 12: the artifact of a GPU deployment leaves out the rank shards TensorRT-LLM never loads, carries
+    quantized/ exactly with --include-weights, passes `dsbuild check` where it lands, and its serve.sh runs there
+    unchanged (paths relative to the deploy directory)."""
+    ref = f"oci://{registry.address}/dsbuild/gpu:w{int(weights)}"
+    pushed = dsb("push", str(gpu_run), ref, "--insecure", *(["--include-weights"] if weights else []), cwd=tmp_path)
+    assert pushed.returncode == 0, pushed.stderr
+    assert ("mount the quantized checkpoint" in pushed.stderr) != weights
+    deploy = tmp_path / "srv" / "deploy"
+    pulled = dsb("pull", ref, str(deploy), "--insecure", cwd=tmp_path)
+    assert pulled.returncode == 0, pulled.stderr
+    assert list((gpu_run / "engines").glob("rank*.safetensors")) and not list((deploy / "engines").glob("rank*"))
+    assert (deploy / "engines/llm_api.yaml").is_file() and (deploy / "engines/config.json").is_file()
+    assert (deploy / "quantized/config.json").is_file() == weights
+    check = dsb("check", str(deploy), cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert ("quantized/ is not in this deployment" in check.stderr) != weights
+    dockerfile = (deploy / "Dockerfile").read_text()
+    assert "rank0.safetensors" not in dockerfile and "COPY engines/llm_api.yaml ./engines/llm_api.yaml" in dockerfile
+    assert 'CMD ["bash", "/opt/dsbuild/package/launch/serve.sh"]' in dockerfile
+    assert ("COPY quantized/ ./quantized/" in dockerfile) == weights
+    assert ("mount it at /opt/dsbuild/quantized" in dockerfile) != weights
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tritonserver").write_text('#!/usr/bin/env bash\necho "$DSBUILD_DEPLOY_DIR|$*" >> "$LOG"; sleep 1\n')
+    (bin_dir / "tritonserver").chmod(0o755)
+    proc = subprocess.run(["bash", str(deploy / "package/launch/serve.sh")], capture_output=True, text=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(tmp_path / "log")})
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert len(lines) == 4  # four TP2 replicas share the 8-GPU node
+    assert all(l.startswith(f"{deploy}|--model-repository={deploy}/package/triton_repo") for l in lines)

@@ -29,15 +29,22 @@ def check_repository_layout(repo: Path) -> list:
     return configs
 
 
+def llm_api_of(layout: Layout) -> dict:
+    """The layout part of llm_api.yaml for ``layout`` (golden packages must agree with their own launch files)."""
+    return {"tensor_parallel_size": layout.tp, "pipeline_parallel_size": layout.pp,
+            "moe_expert_parallel_size": layout.ep, "moe_tensor_parallel_size": layout.moe_tp,
+            "enable_attention_dp": layout.attention_dp, "max_batch_size": 64, "max_num_tokens": 8192,
+            "max_seq_len": 8192, "enable_chunked_prefill": False,
+            "kv_cache_config": {"free_gpu_memory_fraction": 0.9, "dtype": "fp8", "enable_block_reuse": True,
+                                "tokens_per_block": 64}}
+
+
 def fixed_inputs(flavour: str, version: str, **over) -> PackageInputs:
     """Package inputs with nothing machine-specific, for golden files."""
+    layout = over.get("layout", Layout(tp=8, pp=1, ep=8))
     base = dict(
-        flavour=flavour, pin=pin(version), run_name="deepseek-v3.2-fp8-tp8pp1ep8", layout=Layout(tp=8, pp=1, ep=8),
-        nodes=1, node_gpus=8,
-        llm_api={"tensor_parallel_size": 8, "pipeline_parallel_size": 1,
-                 "moe_expert_parallel_size": 8, "enable_attention_dp": False, "max_batch_size": 64,
-                 "kv_cache_config": {"free_gpu_memory_fraction": 0.9, "dtype": "fp8"}},
-        deploy_dir="/shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8",
+        flavour=flavour, pin=pin(version), run_name="deepseek-v3.2-fp8-tp8pp1ep8", layout=layout,
+        nodes=1, node_gpus=8, llm_api=llm_api_of(layout),
         model_path="quantized",
         dsbuild_src="/opt/dsbuild", engine_max_batch_size=16, max_seq_len=163840, dsbuild_version="0.1.0",
     )

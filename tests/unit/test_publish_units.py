@@ -132,12 +132,12 @@ def test_default_tag_and_annotations(tmp_path):
 
 
 def test_dockerfile_strict_rendering(tmp_path):
-    with pytest.raises(PackageError, match=r"placeholder \{\{ b \}\} has no value"):
-        render_strict("{{ a }} {{ b }}", {"a": "x"}, name="t")
+    with pytest.raises(PackageError, match=r"placeholder @@\{b\} with no value"):
+        render_strict("@@{a} @@{b}", {"a": "x"}, name="t")
     with pytest.raises(PackageError, match="value 'c' has no placeholder"):
-        render_strict("{{ a }}", {"a": "x", "c": "y"}, name="t")
+        render_strict("@@{a}", {"a": "x", "c": "y"}, name="t")
     with pytest.raises(PackageError, match="is not a single line"):
-        render_strict("{{ a }}", {"a": 'x"\nRUN rm -rf /'}, name="t")
+        render_strict("@@{a}", {"a": 'x"\nRUN rm -rf /'}, name="t")
     manifest = synthetic_run(tmp_path)
     ann = artifact_annotations(manifest, ["plan", "build", "package"])
     text = render_dockerfile(dockerfile_values(annotations=ann, run_name="r", stage_dirs=["plan", "engines", "package"]))

@@ -1,29 +1,71 @@
 #!/usr/bin/env bash
-# dsbuild 0.1.0: serve run deepseek-v3.2-fp8-tp8pp2ep1 with Triton + TensorRT-LLM 1.2.1.
-# Layout tp8pp2ep1: 16 ranks = 2 node(s) x 8 GPU(s).
-# Run inside nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3, with /shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8 mounted at the same path, e.g.
+# dsbuild 0.1.0: serve run deepseek-v3.2-fp8-tp8pp2ep1 with Triton + TensorRT-LLM 1.2.1 on bare hosts.
+# Deployment tp8pp2ep1: 1 replica(s) of 16 rank(s), each on 2 node(s) x
+# 8 GPU(s); 1 replica(s) per node.
+# Run it inside nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 with the deploy directory mounted anywhere, e.g.
 #   docker run --rm --gpus all --ipc=host --shm-size=16g --ulimit memlock=-1 --net=host \
-#     -v /shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8:/shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8 nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 bash /shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8/package/launch/serve.sh
-# One node: tritonserver starts the LLM API, which spawns its own worker per GPU. Several nodes: list them in
-# HOSTS (host1,host2,...) and the ranks start through mpirun + trtllm-llmapi-launch (rank 0 runs tritonserver).
+#     -v /srv/deploy:/deploy nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3 bash /deploy/package/launch/serve.sh
+# The deploy directory is --deploy-dir DIR, else $DSBUILD_DEPLOY_DIR, else the directory holding package/.
+# One-node replicas: run it on every node; it starts that node's replica(s), each on its own GPUs and ports
+# (replica slot s serves HTTP/gRPC/metrics on 8000+10s/8001+10s/8002+10s). Multi-node replicas: run it on the first
+# node of each replica with --hosts HOST1,HOST2,... (that replica's nodes, this one first); its ranks start through
+# mpirun (ssh between the hosts) and trtllm-llmapi-launch, and rank 0 runs tritonserver.
 set -euo pipefail
 
-REPO="/shared/dsbuild/deepseek-v3.2-fp8-tp8pp1ep8/package/triton_repo"
-NODES=2
+REPLICAS=1
+NODES_PER_REPLICA=2
 GPUS_PER_NODE=8
+SLOTS_PER_NODE=1
 WORLD_SIZE=16
-HTTP_PORT="${HTTP_PORT:-8000}"
-GRPC_PORT="${GRPC_PORT:-8001}"
-METRICS_PORT="${METRICS_PORT:-8002}"
-SERVER_ARGS=(--model-repository="$REPO" --http-port="$HTTP_PORT" --grpc-port="$GRPC_PORT"
-             --metrics-port="$METRICS_PORT" --exit-on-error=false)
 
-if [ "$NODES" -eq 1 ]; then
-  exec tritonserver "${SERVER_ARGS[@]}"
+usage() { echo "usage: serve.sh [--deploy-dir DIR] [--hosts HOST1,HOST2,...]" >&2; exit 2; }
+DEPLOY_DIR="${DSBUILD_DEPLOY_DIR:-}"
+HOSTS="${HOSTS:-}"
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --deploy-dir) [ "$#" -ge 2 ] || usage; DEPLOY_DIR="$2"; shift 2 ;;
+    --hosts) [ "$#" -ge 2 ] || usage; HOSTS="$2"; shift 2 ;;
+    *) usage ;;
+  esac
+done
+if [ -z "$DEPLOY_DIR" ]; then
+  DEPLOY_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd)"
+fi
+DEPLOY_DIR="$(cd -- "$DEPLOY_DIR" && pwd)"
+REPO="$DEPLOY_DIR/package/triton_repo"
+if [ ! -d "$REPO" ]; then
+  echo "serve.sh: $DEPLOY_DIR is not a dsbuild deployment (no package/triton_repo); pass --deploy-dir" >&2
+  exit 2
+fi
+export DSBUILD_DEPLOY_DIR="$DEPLOY_DIR"  # model.py resolves model.yaml's paths under it
+
+server_args() {  # server_args SLOT: tritonserver's arguments for replica slot SLOT, in ARGS (one word each)
+  local offset=$(( $1 * 10 ))
+  ARGS=(--model-repository="$REPO" --http-port=$(( 8000 + offset )) --grpc-port=$(( 8001 + offset ))
+        --metrics-port=$(( 8002 + offset )) --exit-on-error=false)
+}
+
+if [ "$NODES_PER_REPLICA" -eq 1 ]; then
+  if [ "$SLOTS_PER_NODE" -eq 1 ]; then
+    server_args 0
+    exec tritonserver "${ARGS[@]}"
+  fi
+  pids=()
+  for slot in $(seq 0 $(( SLOTS_PER_NODE - 1 ))); do
+    first=$(( slot * GPUS_PER_NODE ))
+    server_args "$slot"
+    CUDA_VISIBLE_DEVICES="$(seq -s, "$first" $(( first + GPUS_PER_NODE - 1 )))" tritonserver "${ARGS[@]}" &
+    pids+=("$!")
+  done
+  trap 'kill "${pids[@]}" 2>/dev/null' TERM INT
+  wait -n
+  status=$?
+  kill "${pids[@]}" 2>/dev/null || true
+  exit "$status"
 fi
 
-if [ -z "${HOSTS:-}" ]; then
-  echo "serve.sh: this layout needs $NODES nodes; set HOSTS=host1,host2,... (or use slurm.sbatch / lws.yaml)" >&2
+if [ -z "$HOSTS" ]; then
+  echo "serve.sh: a replica needs $NODES_PER_REPLICA nodes; pass --hosts HOST1,HOST2,... (or use slurm.sbatch / lws.yaml)" >&2
   exit 2
 fi
 HOSTLIST=""
@@ -33,9 +75,10 @@ for h in "${HOST_ARRAY[@]}"; do
   HOSTLIST="${HOSTLIST:+$HOSTLIST,}$h:$GPUS_PER_NODE"
   COUNT=$((COUNT + 1))
 done
-if [ "$COUNT" -ne "$NODES" ]; then
-  echo "serve.sh: HOSTS lists $COUNT hosts, this layout needs $NODES" >&2
+if [ "$COUNT" -ne "$NODES_PER_REPLICA" ]; then
+  echo "serve.sh: --hosts lists $COUNT hosts, a replica needs $NODES_PER_REPLICA" >&2
   exit 2
 fi
-exec mpirun --allow-run-as-root -H "$HOSTLIST" -n "$WORLD_SIZE" \
-  trtllm-llmapi-launch tritonserver "${SERVER_ARGS[@]}"
+server_args 0
+exec mpirun --allow-run-as-root -H "$HOSTLIST" -n "$WORLD_SIZE" -x DSBUILD_DEPLOY_DIR \
+  trtllm-llmapi-launch tritonserver "${ARGS[@]}"
