@@ -49,13 +49,19 @@ RULES = {
 }
 
 
+def value_problem(field: str, value: str | None) -> str | None:
+    """Why ``value`` cannot land where ``field`` goes (None: it can)."""
+    pattern, rule = RULES[field]
+    if value is None or (isinstance(value, str) and pattern.fullmatch(value)):
+        return None
+    return f"it must be {rule}"
+
+
 def check_value(field: str, value: str | None) -> str | None:
     """``value`` if it is valid for where ``field`` lands, else SpecError naming the field and the rule."""
-    if value is None:
-        return None
-    pattern, rule = RULES[field]
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise SpecError(f"invalid {field.replace('_', '-')} {value!r}: it must be {rule}")
+    problem = value_problem(field, value)
+    if problem:
+        raise SpecError(f"invalid {field.replace('_', '-')} {value!r}: {problem}")
     return value
 
 
@@ -175,10 +181,10 @@ class RunSpec(BaseModel):
     @classmethod
     def _launch_values(cls, v: str | None, info) -> str | None:
         """Values that land in launch files are checked for their context (no shell, YAML or directive injection)."""
-        try:
-            return check_value(info.field_name, v)
-        except SpecError as exc:
-            raise ValueError(str(exc).split(": ", 1)[1]) from None
+        problem = value_problem(info.field_name, v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("gpu")
     @classmethod

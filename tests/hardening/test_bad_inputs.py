@@ -259,6 +259,14 @@ CASES = [
     Case("yaml-unknown-key", ["run", "--config", "bad.yaml", "--out", RUN], 2, "unknown option 'tensor_parallel'", yaml_unknown_key),
     Case("env-not-an-integer", ["run", "--out", RUN], 2, "invalid tp: Input should be a valid integer", env={"DSBUILD_TP": "two"}),
     Case("model-dir-does-not-exist", ["run", "--model", "./nope", "--out", RUN], 2, "model path ./nope is not a directory"),
+    # Values that land in launch files (issue 18 item 9; tests/hardening/test_launch_injection.py tries every field)
+    Case("slurm-time-newline", ["run", "--gpu", "h200-sxm", "--slurm-time", "04:00:00\n#SBATCH --uid=0", "--out", RUN], 2, "invalid slurm-time: it must be a Slurm time limit"),
+    Case("slurm-account-semicolon", ["run", "--gpu", "h200-sxm", "--slurm-account", "infra;id", "--out", RUN], 2, "invalid slurm-account: it must be a Slurm account name"),
+    Case("k8s-namespace-yaml", ["run", "--gpu", "h200-sxm", "--k8s-namespace", "llm\n  hostNetwork: true", "--out", RUN], 2, "invalid k8s-namespace"),
+    Case("k8s-pvc-yaml-flow", ["run", "--gpu", "h200-sxm", "--k8s-pvc", "{a: b}", "--out", RUN], 2, "invalid k8s-pvc: it must be a Kubernetes object name"),
+    Case("image-quote-command", ["run", "--gpu", "h200-sxm", "--image", 'nvcr.io/x:1"; touch /tmp/x; "', "--out", RUN], 2, "invalid image"),
+    Case("model-path-newline", ["run", "--gpu", "h200-sxm", "--model-path", "/data/ckpt\nrm -rf /", "--out", RUN], 2, "invalid model-path"),
+    Case("run-name-shell", ["run", "--gpu", "h200-sxm", "--out", 'build/r"; touch x; "'], 2, "invalid run-name"),
     Case("pull-reference-without-tag", ["pull", "oci://127.0.0.1:1/dsbuild", "dest"], 10, "reference 'oci://127.0.0.1:1/dsbuild' names no tag or digest"),
     Case("pull-not-oci", ["pull", "https://127.0.0.1:1/dsbuild:v1", "dest"], 10, "must start with oci://"),
     Case("push-missing-run-dir", ["push", "nope", "oci://127.0.0.1:1/dsbuild:v1", "--insecure"], 2, "run directory nope does not exist"),
@@ -301,7 +309,7 @@ def assert_one_sentence(proc: subprocess.CompletedProcess, case_id: str) -> str:
 # One of each kind runs in `make test`; the whole table in `make test-full`.
 FAST = {"config-missing-hidden_size", "config-contradicts-intermediate", "safetensors-truncated",
         "safetensors-overlapping-offsets", "fp8-nan-code", "index-missing-shard", "index-dotdot-path",
-        "nvfp4-on-h200", "pull-reference-without-tag"}
+        "nvfp4-on-h200", "pull-reference-without-tag", "slurm-time-newline"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=() if c.id in FAST else pytest.mark.slow)
