@@ -34,6 +34,9 @@ LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
 DEPLOY_MOUNT = "/deploy"  # where the deploy directory is mounted in Kubernetes pods
 KUBEXEC = "kubexec.sh"  # Open MPI rsh agent over `kubectl exec` (package/launch/kubexec.sh)
 KUBECTL_DIR = "/opt/dsbuild/bin"  # where the init container puts kubectl in multi-node leader pods
+GROUP_KEY_LABEL = "leaderworkerset.sigs.k8s.io/group-key"  # LWS pod labels (docs/tensorrt-llm-contract.md#C-LWS-2)
+WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -130,9 +133,12 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
         leader_script = "\n".join([
             "set -euo pipefail",
             f'export PATH="{KUBECTL_DIR}:$PATH"',
-            "# Every pod of this group (one per node) ready: workers are started into them by kubectl exec.",
-            'kubectl wait pod --namespace "$POD_NAMESPACE" --for=condition=Ready --timeout=3600s '
-            '-l "leaderworkerset.sigs.k8s.io/group-key=$GROUP_KEY"',
+            "# Every worker pod of this group (one per node) created and ready: the ranks are started into them by",
+            "# kubectl exec. Not the leader itself: its readiness is tritonserver's, which starts below.",
+            f'WORKERS="{GROUP_KEY_LABEL}=$GROUP_KEY,{WORKER_INDEX_LABEL}!=0"',
+            'until [ "$(kubectl get pods --namespace "$POD_NAMESPACE" -l "$WORKERS" --no-headers | wc -l)" '
+            '-ge $((LWS_GROUP_SIZE - 1)) ]; do sleep 5; done',
+            'kubectl wait pod --namespace "$POD_NAMESPACE" --for=condition=Ready --timeout=3600s -l "$WORKERS"',
             f'HOSTS="$LWS_LEADER_ADDRESS:{gpus}"',
             "i=1",
             'while [ "$i" -lt "$LWS_GROUP_SIZE" ]; do',
@@ -153,7 +159,7 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
     downward = [
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "GROUP_KEY", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.labels['leaderworkerset.sigs.k8s.io/group-key']"}}},
+            "fieldPath": f"metadata.labels['{GROUP_KEY_LABEL}']"}}},
     ]
 
     def pod(role: str, script: str, *, serves: bool, launcher: bool) -> dict[str, Any]:
@@ -195,7 +201,7 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
            "spec": {"replicas": topo.replicas, "leaderWorkerTemplate": lws_spec}}
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": copy.deepcopy(meta),
-        "spec": {"selector": {**labels, "leaderworkerset.sigs.k8s.io/worker-index": "0"},
+        "spec": {"selector": {**labels, WORKER_INDEX_LABEL: "0"},
                  "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
                            {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT},
                            {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}]},

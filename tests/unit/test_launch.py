@@ -181,7 +181,10 @@ def test_multi_node_kubernetes_needs_no_ssh(tmp_path):
     leader = lwt["leaderTemplate"]["spec"]
     script = leader["containers"][0]["command"][-1]
     assert "-mca plm_rsh_agent /deploy/package/launch/kubexec.sh" in script
-    assert 'kubectl wait pod --namespace "$POD_NAMESPACE" --for=condition=Ready' in script
+    assert 'kubectl wait pod --namespace "$POD_NAMESPACE" --for=condition=Ready --timeout=3600s -l "$WORKERS"' in script
+    # the leader waits for its workers only (its own readiness probe is tritonserver's, started after the wait)
+    assert ('WORKERS="leaderworkerset.sigs.k8s.io/group-key=$GROUP_KEY,leaderworkerset.sigs.k8s.io/worker-index!=0"'
+            in script)
     assert leader["serviceAccountName"] == by_kind["ServiceAccount"]["metadata"]["name"]
     assert leader["initContainers"][0]["name"] == "kubectl"
     rules = {r["resources"][0]: r["verbs"] for r in by_kind["Role"]["rules"]}
@@ -197,6 +200,30 @@ def _fake_bin(root: Path, name: str, body: str) -> None:
     path = root / name
     path.write_text("#!/usr/bin/env bash\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_lws_leader_script_waits_for_its_workers_then_starts_every_rank(tmp_path):
+    """The leader's start-up run with stand-in kubectl/mpirun: it waits for the group's workers (not for itself),
+    then starts TP x PP ranks over every pod of its group through the kubectl-exec agent."""
+    out = render(tmp_path, 8, 2, 1, False, 2, 8)
+    script = docs(out)["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0][
+        "command"][-1]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_bin(bin_dir, "kubectl", 'echo "$*" >> "$LOG.kubectl"\n[ "$1" = get ] && echo "pod-1 1/1 Running"\nexit 0\n')
+    _fake_bin(bin_dir, "mpirun", 'printf "%s\\n" "$@" > "$LOG.mpirun"\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(tmp_path / "log"), "POD_NAMESPACE": "llm",
+           "GROUP_KEY": "k0", "LWS_GROUP_SIZE": "2", "LWS_LEADER_ADDRESS": "dsbuild-r-0.dsbuild-r.llm"}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "log.kubectl").read_text().splitlines()
+    selector = "leaderworkerset.sigs.k8s.io/group-key=k0,leaderworkerset.sigs.k8s.io/worker-index!=0"
+    assert calls[0] == f"get pods --namespace llm -l {selector} --no-headers"
+    assert calls[-1] == f"wait pod --namespace llm --for=condition=Ready --timeout=3600s -l {selector}"
+    argv = (tmp_path / "log.mpirun").read_text().splitlines()
+    assert argv[argv.index("-np") + 1] == "16"
+    assert argv[argv.index("--host") + 1] == "dsbuild-r-0.dsbuild-r.llm:8,dsbuild-r-0-1.dsbuild-r.llm:8"
+    assert argv[argv.index("plm_rsh_agent") + 1] == "/deploy/package/launch/kubexec.sh"
 
 
 def test_kubexec_agent_turns_open_mpis_ssh_call_into_kubectl_exec(tmp_path):
