@@ -95,7 +95,12 @@ def check_run(root: str | Path, *, package_dir: str | Path | None = None, versio
         else:
             report.notes.append(f"{_rel(report, path)} is not there: not checked")
     flavour = (data.get("package") or {}).get("flavour")
-    cfg = ModelConfig.from_dict(data["engine"]["model"], source=str(files["engine"])) if "engine" in data else None
+    cfg = None
+    if "engine" in data:
+        try:
+            cfg = ModelConfig.from_dict((data["engine"] or {})["model"], source=str(files["engine"]))
+        except (DsbuildError, KeyError, TypeError, ValueError) as exc:
+            report.add(f"engines/{ENGINE_CONFIG}", f"holds no valid model config ({type(exc).__name__}: {exc})")
     requested = _requested_layout(data.get("plan"))
     llm_api = data.get("llm_api")
     if isinstance(llm_api, dict):
@@ -111,7 +116,7 @@ def check_run(root: str | Path, *, package_dir: str | Path | None = None, versio
             _check_model_yaml(report, where, model_yaml, llm_api, cfg, version)
             _check_launch(report, package / "launch", model_yaml, data.get("package") or {}, requested)
         _check_checkpoint(report, rd.root / QUANTIZED, llm_api, cfg)
-    if requested is not None and "engine" in data:
+    if requested is not None and isinstance(data.get("engine"), dict):
         _check_engine_mapping(report, data["engine"].get("mapping", {}), requested)
     return report
 
@@ -180,8 +185,8 @@ def _check_model_yaml(report: Report, where: str, model_yaml: dict, llm_api: Any
             report.add(where, f"{key} is the absolute path {value}: the deployment only works where it was built; "
                        "paths are relative to the deploy directory (docs/tensorrt-llm-contract.md#C-TRITON-2)")
         elif not (report.root / value).is_dir():
-            report.notes.append(f"{where}: {key} {value!r} is not in this deployment ({report.root / value}); "
-                                "mount it there or pull with --include-weights before serving")
+            report.notes.append(f"{where}: {key} {value!r} is not in this deployment; mount it there or pull "
+                                "with --include-weights before serving")
     for key in ("model", "speculative_config.speculative_model"):
         value = _dotted(options, key)
         if isinstance(value, str) and not value.startswith("/") and key not in triton.get("deploy_relative_paths", []):

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
 from builder.atomic import staging_dir
+from builder.check import check_run, require_conformance
 from builder.errors import DiskSpaceError, RegistryError, VerificationError
 from builder.paths import safe_relpath
 from builder.pipeline import MANIFEST
@@ -133,7 +134,13 @@ def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: M
             raise VerificationError(f"{missing[0]} is listed in manifest.json but the artifact does not carry it "
                                     f"({len(missing)} missing)")
         nfiles = sum(1 for p in tmp.rglob("*") if p.is_file())
-    log(f"pulled {ref} ({digest}) into {out}: {nfiles} files verified")
+        # What arrived must also agree with itself, its plan and TensorRT-LLM's contract (dsbuild check), before it
+        # is renamed into place: a deployment that would not load is refused here, not on the cluster.
+        report = check_run(tmp)
+        for note in report.notes:
+            log(f"note: {note}")
+        require_conformance(report, log=log)
+    log(f"pulled {ref} ({digest}) into {out}: {nfiles} files verified, dsbuild check passed")
     return PullResult(reference=str(ref), digest=digest, out=str(out), files=nfiles, total_bytes=total,
                       stats=client.stats, wall_s=time.perf_counter() - t0)
 

@@ -40,6 +40,11 @@ def run(built, tmp_path):
 
 
 def edit_yaml(path: Path, change) -> None:
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data, indent=2))
+        return
     header = "".join(l for l in path.read_text().splitlines(keepends=True) if l.startswith("#"))
     data = yaml.safe_load(path.read_text())
     change(data)
@@ -58,6 +63,16 @@ def test_a_fresh_run_passes_and_the_cli_says_so(built, dsbuild):
 
 
 MUTATIONS = {
+    # the plan itself edited: every file built from it now disagrees
+    "plan": ("plan/plan.json", lambda d: d["requested"].update(tp=4),
+             ["engines/llm_api.yaml: tensor_parallel_size is 2 but plan/plan.json plans tp 4",
+              "engines/config.json: mapping.tp is 2 but plan/plan.json plans 4"]),
+    "engine mapping": ("engines/config.json", lambda d: d["mapping"].update(ep=1),
+                       ["engines/config.json: mapping.ep is 1 but plan/plan.json plans 2"]),
+    "engine model": ("engines/config.json", lambda d: d.pop("model"),
+                     ["engines/config.json: holds no valid model config"]),
+    "package replicas": ("package/package.json", lambda d: d.update(replicas=3),
+                         ["package/package.json: replicas 3 but plan/plan.json plans 4"]),
     # plan <-> llm_api.yaml (and llm_api.yaml <-> model.yaml: both disagree with the plan now)
     "layout": ("engines/llm_api.yaml", lambda d: d.update(tensor_parallel_size=4),
                ["engines/llm_api.yaml: tensor_parallel_size is 4 but plan/plan.json plans tp 2",

@@ -341,6 +341,8 @@ def test_gpu_deployment_pulled_anywhere_carries_what_tensorrt_llm_needs(gpu_run,
     deploy = tmp_path / "srv" / "deploy"
     pulled = dsb("pull", ref, str(deploy), "--insecure", cwd=tmp_path)
     assert pulled.returncode == 0, pulled.stderr
+    assert "dsbuild check passed" in pulled.stderr  # pull runs the conformance check on what arrived
+    assert ("note: quantized/ is not in this deployment" in pulled.stderr) != weights
     assert list((gpu_run / "engines").glob("rank*.safetensors")) and not list((deploy / "engines").glob("rank*"))
     assert (deploy / "engines/llm_api.yaml").is_file() and (deploy / "engines/config.json").is_file()
     assert (deploy / "quantized/config.json").is_file() == weights
@@ -362,3 +364,32 @@ def test_gpu_deployment_pulled_anywhere_carries_what_tensorrt_llm_needs(gpu_run,
     lines = (tmp_path / "log").read_text().splitlines()
     assert len(lines) == 4  # four TP2 replicas share the 8-GPU node
     assert all(l.startswith(f"{deploy}|--model-repository={deploy}/package/triton_repo") for l in lines)
+
+
+def test_pull_refuses_a_deployment_that_disagrees_with_itself(gpu_run, registry, tmp_path):
+    """dsbuild check runs on every pull: a run whose lws.yaml was edited after packaging (manifest.json updated to
+    match, so every digest verifies) is refused with the check's line, exit 14, and nothing is left at OUT."""
+    import hashlib
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(gpu_run, run, ignore=shutil.ignore_patterns("weights", "quantized"))
+    lws = run / "package/launch/lws.yaml"
+    docs = list(yaml.safe_load_all(lws.read_text()))
+    docs[0]["spec"]["replicas"] = 1
+    lws.write_text("---\n".join(yaml.safe_dump(d) for d in docs))
+    manifest = json.loads((run / "manifest.json").read_text())
+    for out in manifest["stages"]["package"]["outputs"]:
+        if out["path"] == "package/launch/lws.yaml":
+            out.update(size=lws.stat().st_size, sha256=hashlib.sha256(lws.read_bytes()).hexdigest())
+    (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    ref = f"oci://{registry.address}/dsbuild/gpu:tampered"
+    pushed = dsb("push", str(run), ref, "--insecure", cwd=tmp_path)
+    assert pushed.returncode == 0, pushed.stderr
+    dest = tmp_path / "deploy"
+    pulled = dsb("pull", ref, str(dest), "--insecure", cwd=tmp_path)
+    assert pulled.returncode == 14, pulled.stderr
+    assert "package/launch/lws.yaml: deploys 1 replica(s) but plan/plan.json plans" in pulled.stderr
+    assert "Traceback" not in pulled.stderr and ".tmp-" not in pulled.stderr.splitlines()[-1]
+    assert not dest.exists() or not any(dest.iterdir())

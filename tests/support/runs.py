@@ -7,12 +7,14 @@ import json
 import os
 from pathlib import Path
 
+from builder.model.config import preset
+
 
 def synthetic_run(root: Path, *, write_manifest: bool = False) -> dict:
     """A run directory with plan/, engines/ and a package/ (Triton repository, launch script, Dockerfile) as the
     package stage lays it out; returns its manifest (also written to root/manifest.json when asked)."""
     files = {"plan/plan.json": b'{"layout": "tp2pp1"}', "engines/rank0.safetensors": os.urandom(3000),
-             "engines/config.json": b"{}", "package/triton_repo/tensorrt_llm/config.pbtxt": b'name: "x"',
+             "engines/config.json": json.dumps({"model": preset("tiny").to_dict()}).encode(), "package/triton_repo/tensorrt_llm/config.pbtxt": b'name: "x"',
              "package/triton_repo/tensorrt_llm/1/model.yaml": b"a: 1", "package/launch/run.sh": b"#!/bin/sh\n",
              "package/Dockerfile": b"FROM nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3\n"}
     stages = {}
