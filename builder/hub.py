@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
 from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
+from builder.model.selection import path_selected
 from builder.paths import safe_relpath
 from builder.retry import Backoff, retry
 
@@ -239,8 +240,6 @@ def list_files(repo: HubRepo, commit: str) -> list[RepoFile]:
 
 
 def select_files(files: Iterable[RepoFile], *, include: list[str], exclude: list[str]) -> list[RepoFile]:
-    from builder.model.selection import path_selected
-
     return [f for f in files if path_selected(f.path, include=include, exclude=exclude)]
 
 
@@ -567,9 +566,8 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cance
 def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
              log: Callable[[str], None] = print, stats: FetchStats | None = None) -> dict[str, str]:
     """Fetch ``files`` with ``workers`` parallel transfers; returns path -> sha256 (all verified)."""
-    from tqdm.auto import tqdm
-
     from huggingface_hub import constants
+    from tqdm.auto import tqdm
 
     stats = stats or FetchStats()
     if not files:

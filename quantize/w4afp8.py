@@ -29,11 +29,12 @@ from typing import Any, Callable
 
 import torch
 
-from builder.model.catalog import build_catalog, is_mtp_tensor
+from builder.model.catalog import Dtype, build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
 from quantize import int4
 from quantize.formats import EXPERT_KINDS, W4A8_EXPERT_NAMES
 from quantize.fp8_tensor import FP8_MAX
+from quantize.hf_experts import PerExpertExperts
 from quantize.stream import Planned, TensorReader, computed, passthrough, source_shards
 
 ATTN_LAYERS = ("fused_a", "q_b_proj", "kv_b_proj", "o_proj")
@@ -101,8 +102,6 @@ def plan_shards(reader: TensorReader, cfg: ModelConfig, act_scales: dict[str, fl
 
 
 def _dt(name: str):
-    from builder.model.catalog import Dtype
-
     return Dtype(name)
 
 
@@ -111,7 +110,6 @@ def calibrate_expert_inputs(model, tokens: torch.Tensor, cfg: ModelConfig, *,
                             progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """``w{1,2,3}.input_scale`` of every routed expert of the main model: input amax / 448 over the prompts, each
     expert seeing every token of its layer (an expert no prompt routes to still gets a representative scale)."""
-    from quantize.hf_experts import PerExpertExperts
 
     amax: dict[str, float] = {}
     handles = []

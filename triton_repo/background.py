@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from builder.errors import ServeError
+from triton_repo.server import free_ports
 
 READY_LINE = "serving on"
 
@@ -32,7 +33,6 @@ def serve_in_background(repo: Path, *, log_file: Path, ready_timeout: float, exi
                         env: dict[str, str] | None = None, on_line: Callable[[str], None] | None = None,
                         ) -> Iterator[BackgroundServer]:
     """``env``: the server's environment (default: this process's); ``on_line``: called with every stderr line."""
-    from triton_repo.server import free_ports
 
     ports = free_ports()
     cmd = [sys.executable, "-m", "builder.cli", "serve", "--repo", str(repo), "--http-port", str(ports.http),

@@ -18,6 +18,7 @@ import yaml
 
 from builder.errors import PackageError
 from builder.layout import Layout
+from builder.trtllm.contract import require_conforming
 from triton_repo import interface, launch
 from triton_repo.render import render_text, render_tree, template_dir
 from triton_repo.versions import TrtllmPin
@@ -71,8 +72,6 @@ def common_values(p: PackageInputs, topo: launch.Topology | None) -> dict[str, A
 
 
 def model_yaml(p: PackageInputs) -> str:
-    from builder.trtllm.contract import require_conforming
-
     config = {"model": p.model_path}
     config.update((k, v) for k, v in p.llm_api.items() if k not in ("model", "triton_config"))
     require_conforming(config, version=p.pin.version)  # every LLM() key known to the pinned TensorRT-LLM

@@ -13,10 +13,15 @@ from typing import Any
 
 import yaml
 
+import builder
 from builder.errors import PackageError
 from builder.pipeline import Stage, StageContext
 from builder.rundir import LLM_API_FILE, PACKAGE, RunDir
 from builder.specs import RunSpec
+from builder.trtllm import PINNED_VERSION
+from triton_repo.package import PackageInputs, relative_engine_dir, write_package
+from triton_repo.render import template_dir
+from triton_repo.versions import pin
 
 VERSION = "1"
 
@@ -38,15 +43,10 @@ def llm_api_config(engines: Path) -> dict[str, Any]:
 
 
 def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
-    from builder.trtllm import PINNED_VERSION
-    from triton_repo.package import PackageInputs, relative_engine_dir
-    from triton_repo.versions import pin
-
     deploy_dir = spec.deploy_dir or str(run_dir.resolve())
     model_path = spec.model_path or f"{deploy_dir.rstrip('/')}/quantized"
     llm_api = llm_api_config(engines)
     max_seq_len = _max_positions(engines)
-    import builder
 
     return PackageInputs(
         flavour=flavour_of(spec), pin=pin(PINNED_VERSION), run_name=run_dir.name, layout=spec.layout,
@@ -70,8 +70,6 @@ def _max_positions(engines: Path) -> int:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from triton_repo.package import write_package
-
     p = package_inputs(ctx.spec, ctx.run_dir, ctx.inputs["build"])
     return write_package(p, ctx.out)
 
@@ -80,11 +78,7 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
     """The templates' content (an edited template re-renders) and, for the CPU flavour, where dsbuild lives."""
     import hashlib
 
-    import builder
-    from triton_repo.render import template_dir
-
     h = hashlib.sha256()
-    from builder.trtllm import PINNED_VERSION
 
     root = template_dir(PINNED_VERSION)
     for p in sorted(root.rglob("*")):
@@ -94,8 +88,6 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(spec: RunSpec, extra: dict[str, Any]) -> str:
-    from builder.trtllm import PINNED_VERSION
-
     return f"render the {flavour_of(spec)} Triton repository (TensorRT-LLM {PINNED_VERSION}) and launch files"
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from builder.model.tokenizer import corpus_sha256
 from builder.pipeline import Stage, StageContext
 from builder.rundir import QUANTIZED
+from quantize.modes import QuantJob, quantize
 
 VERSION = "2"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from quantize.modes import QuantJob, quantize
-
     spec = ctx.spec
     return quantize(QuantJob(src=ctx.inputs["fetch"], out=ctx.out, mode=spec.quant, kv_cache_dtype=spec.kv_cache_dtype,
                              gpu=spec.gpu, calib_size=spec.calib_size, calib_seq_len=spec.calib_seq_len, log=ctx.log))
@@ -20,7 +20,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def key_inputs(spec, upstream: dict[str, Any]) -> dict[str, Any]:
     """Every mode's report, and the calibrating modes' output, depend on the calibration corpus's text."""
-    from builder.model.tokenizer import corpus_sha256
 
     return {"corpus": corpus_sha256()}
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from builder.sampling_params import SamplingParams
 from tests.conftest import REPO, run_dsbuild
 
 
@@ -50,7 +51,7 @@ def direct_results(engine_dir: Path, wanted: dict, *, max_tokens: int) -> dict:
         tok = engine.tokenizer()
         eos = [int(engine.bundle.cfg.raw["eos_token_id"])]
         for key, (prompt, params) in wanted.items():
-            (res,) = engine.generate([GenerationRequest(prompt_ids=encode_prompt(engine.bundle, tok, prompt),
-                                                        max_tokens=max_tokens, stop_token_ids=eos, **params)])
+            ids = encode_prompt(engine.bundle, tok, prompt)
+            (res,) = engine.generate([GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, **params), eos)])
             out[key] = (tok.decode(res.token_ids), res)
     return out

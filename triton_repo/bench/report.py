@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from builder.atomic import atomic_write_bytes
 from triton_repo.bench.prompts import PromptTokenizer
 from triton_repo.bench.runner import BenchConfig, LevelRun
 from triton_repo.bench.stats import distribution
@@ -170,8 +171,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from builder.atomic import atomic_write_bytes
 
     levels = result["levels"]
     conc = [s["concurrency"] for s in levels]

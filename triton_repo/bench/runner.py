@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import ServeError, SpecError
+from builder.sampling_params import SamplingParams
 from triton_repo.bench.prompts import Length, Prompt, PromptTokenizer, load_dataset
 from triton_repo.bench.stream import RequestRecord, stream_grpc, stream_http
 from triton_repo.client import GenerateOptions
@@ -104,7 +105,7 @@ class _Sender:
     async def send(self, index: int, req: PlannedRequest, level_t0: float) -> RequestRecord:
         record = RequestRecord(index=index, prompt_tokens=req.prompt.tokens, max_tokens=req.max_tokens)
         record.start_s = time.perf_counter() - level_t0
-        opts = GenerateOptions(prompt=req.prompt.text, max_tokens=req.max_tokens, stream=True)
+        opts = GenerateOptions(prompt=req.prompt.text, sampling=SamplingParams(max_tokens=req.max_tokens), stream=True)
         if self.cfg.protocol == "grpc":
             return await stream_grpc(self.client, record, opts, model=self.cfg.model, timeout=self.cfg.timeout_s)
         return await stream_http(self.client, self.cfg.url, record, opts, model=self.cfg.model,

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from triton_repo.client import GenerateOptions, request_fields
+from triton_repo.client import GenerateOptions, _first, _grpc_inputs, request_fields
 from triton_repo.interface import MODEL_NAME
 
 
@@ -84,8 +84,6 @@ async def stream_grpc(client, record: RequestRecord, opts: GenerateOptions, *, m
     """``client``: a ``tritonclient.grpc.aio.InferenceServerClient`` (shared by all requests of a run)."""
     import numpy as np
     import tritonclient.grpc.aio as grpcclient
-
-    from triton_repo.client import _first, _grpc_inputs
 
     fields = _fields(opts)
     exclude = fields.pop("sampling_param_exclude_input_from_output")
