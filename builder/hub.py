@@ -33,6 +33,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
+from filelock import FileLock
+from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub import errors as hf
+from huggingface_hub.file_download import http_get
+from huggingface_hub.hf_api import RepoFile as HfRepoFile
+from huggingface_hub.utils import build_hf_headers
+from tqdm.auto import tqdm
+
 from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
 from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
 from builder.model.selection import path_selected
@@ -47,9 +56,6 @@ DISK_RESERVE_BYTES = 256 << 20
 # Transient failures (HTTP 5xx, dropped connections that outlived huggingface_hub's own resume retries) are retried
 # this many times per file, resuming each time from what is already on disk.
 TRANSIENT_ATTEMPTS = 5
-# huggingface_hub's http_get hands data over in chunks of constants.DOWNLOAD_CHUNK_SIZE (10 MiB): a dropped
-# connection or a kill loses what arrived since the last whole chunk. 1 MiB keeps that small at no measurable cost.
-STREAM_CHUNK_BYTES = 1 << 20
 # Testing hook: pretend every volume has this many free bytes (the probe is otherwise os.statvfs).
 FREE_SPACE_ENV = "DSBUILD_FREE_SPACE_BYTES"
 
@@ -86,8 +92,6 @@ class HubRepo:
 
 def hub_repo(repo_id: str, *, cache_dir: Path | None = None) -> HubRepo:
     """``repo_id`` on ``HF_ENDPOINT`` (default huggingface.co), cached in ``cache_dir`` or ``HF_HUB_CACHE``."""
-    from huggingface_hub import constants
-
     cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
     return HubRepo(repo_id=repo_id, cache_dir=cache.expanduser(), endpoint=constants.ENDPOINT.rstrip("/"),
                    offline=bool(constants.HF_HUB_OFFLINE))
@@ -124,9 +128,6 @@ class RepoFile:
 # Errors from huggingface_hub, as one sentence each
 
 def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
-    import httpx
-    from huggingface_hub import errors as hf
-
     where = shown_endpoint(repo.endpoint)
     name = f"{repo.repo_id} on {where}"
     if isinstance(exc, hf.GatedRepoError):
@@ -156,9 +157,6 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
 
 
 def is_transient(exc: BaseException) -> bool:
-    import httpx
-    from huggingface_hub import errors as hf
-
     if isinstance(exc, hf.HfHubHTTPError) and exc.response is not None:
         return exc.response.status_code >= 500 or exc.response.status_code in (408, 429)
     # huggingface_hub raises a bare OSError when a stream ends short of the announced size.
@@ -186,8 +184,6 @@ def resolve_commit(repo: HubRepo, revision: str) -> str:
                 return sha
         raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} does not know which commit "
                        f"{repo.repo_id}@{revision} is; fetch it once online or pass --revision <commit sha>")
-    from huggingface_hub import HfApi
-
     try:
         info = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence
@@ -225,9 +221,6 @@ def list_files(repo: HubRepo, commit: str) -> list[RepoFile]:
     if repo.offline:
         raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} has no file list for "
                        f"{repo.repo_id}@{commit}; fetch it once online")
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile as HfRepoFile
-
     try:
         api = HfApi(endpoint=repo.endpoint)
         entries = call_with_retries(lambda: list(api.list_repo_tree(repo.repo_id, revision=commit, recursive=True)))
@@ -400,31 +393,42 @@ class _HashingFile:
         return n
 
 
-class _ByteCounter:
-    """A tqdm-compatible sink for huggingface_hub's per-file progress, summed into one bar for the whole fetch."""
-
-    bar: Any = None
+def _summing_progress(bar: Any) -> type:
+    """A tqdm-compatible class for huggingface_hub's per-file progress that adds every file's bytes to ``bar``, the
+    one bar of a whole fetch (made per fetch: nothing process-wide is changed)."""
     lock = threading.Lock()
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        pass
+    class SummingProgress:
+        def __init__(self, *args: Any, **kwargs: Any):
+            pass
 
-    def __enter__(self):
-        return self
+        def __enter__(self):
+            return self
 
-    def __exit__(self, *exc: Any) -> None:
-        pass
+        def __exit__(self, *exc: Any) -> None:
+            pass
 
-    def update(self, n: int | float | None = 1) -> None:
-        if self.bar is not None and n:
-            with self.lock:
-                self.bar.update(int(n))
+        def update(self, n: int | float | None = 1) -> None:
+            if n:
+                with lock:
+                    bar.update(int(n))
 
-    def close(self) -> None:
-        pass
+        def close(self) -> None:
+            pass
 
-    def set_postfix_str(self, *a: Any, **k: Any) -> None:
-        pass
+        def set_postfix_str(self, *a: Any, **k: Any) -> None:
+            pass
+
+    return SummingProgress
+
+
+def _http_get(url: str, sink: Any, *, resume_size: int, headers: dict[str, str], expected_size: int, name: str,
+              progress: type) -> None:
+    """The one use of huggingface_hub's private ``file_download.http_get``: a GET from ``resume_size`` with the
+    library's own handling of redirects, a server that ignores ``Range`` (it truncates ``sink``) and short reads
+    (an OSError "Consistency check failed"). Private API, so pyproject.toml bounds huggingface_hub to 1.x."""
+    http_get(url, sink, resume_size=resume_size, headers=headers, expected_size=expected_size,
+             displayed_filename=name, tqdm_class=progress)
 
 
 @dataclass
@@ -460,12 +464,8 @@ def _link_snapshot(repo: HubRepo, commit: str, f: RepoFile) -> None:
 
 
 def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: FetchStats,
-              cancel: threading.Event) -> dict[str, str]:
+              cancel: threading.Event, progress: type) -> dict[str, str]:
     """Stream ``f`` into ``partial`` (continuing what is there), retrying transient failures; its digests."""
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
     url = hf_hub_url(repo.repo_id, f.path, revision=commit, endpoint=repo.endpoint)
     headers = build_hf_headers()  # token from HF_TOKEN or the stored login; never read or shown here
     headers["Accept-Encoding"] = "identity"  # byte ranges must address the file itself
@@ -486,8 +486,8 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
             raw.seek(have)
             sink = _HashingFile(raw, f, cancel)
             try:
-                http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size,
-                         displayed_filename=f.path, tqdm_class=_ByteCounter)
+                _http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size, name=f.path,
+                          progress=progress)
             finally:
                 raw.flush()
             if cancel.is_set():
@@ -515,10 +515,9 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
         raise hub_error(repo, exc, what=what) from None
 
 
-def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cancel: threading.Event) -> str:
+def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cancel: threading.Event,
+               progress: type) -> str:
     """Make ``blobs/<etag>`` hold exactly ``f``; return its sha256."""
-    from filelock import FileLock
-
     blob = repo.blobs / f.etag
     partial = blob.with_name(blob.name + PARTIAL_SUFFIX)
     repo.blobs.mkdir(parents=True, exist_ok=True)
@@ -546,7 +545,7 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cance
             raise HubError(f"HF_HUB_OFFLINE is set and {f.path} of {repo.repo_id}@{commit[:12]} is not complete in "
                            f"the cache at {repo.cache_dir}")
         for attempt in (1, 2):
-            digests = _transfer(repo, commit, f, partial, stats, cancel)
+            digests = _transfer(repo, commit, f, partial, stats, cancel, progress)
             if _digest_ok(f, digests):
                 break
             got = digests["sha256"] if f.is_lfs else digests["sha1"]
@@ -566,23 +565,19 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cance
 def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
              log: Callable[[str], None] = print, stats: FetchStats | None = None) -> dict[str, str]:
     """Fetch ``files`` with ``workers`` parallel transfers; returns path -> sha256 (all verified)."""
-    from huggingface_hub import constants
-    from tqdm.auto import tqdm
-
     stats = stats or FetchStats()
     if not files:
         return {}
-    constants.DOWNLOAD_CHUNK_SIZE = STREAM_CHUNK_BYTES
     states = file_states(repo, files)
     total, have = sum(f.size for f in files), sum(s.have_bytes for s in states)
     digests: dict[str, str] = {}
     with tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=f"fetch {repo.repo_id}", leave=False,
               disable=None) as bar:
-        _ByteCounter.bar = bar
+        progress = _summing_progress(bar)
         cancel = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(files))), thread_name_prefix="fetch")
         try:
-            futures = {pool.submit(_fetch_one, repo, commit, f, stats, cancel): f for f in files}
+            futures = {pool.submit(_fetch_one, repo, commit, f, stats, cancel, progress): f for f in files}
             for fut in as_completed(futures):
                 digests[futures[fut].path] = fut.result()
         except BaseException:
@@ -592,7 +587,6 @@ def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            _ByteCounter.bar = None
     stats.files += len(files)
     return digests
 

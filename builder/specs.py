@@ -22,7 +22,6 @@ from quantize import registry as quant_formats
 
 QuantMode = Literal[quant_formats.NAMES]  # type: ignore[valid-type]
 SpecMode = Literal["none", "mtp", "draft"]
-STAGES = ("plan", "fetch", "quantize", "build", "package")
 
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
@@ -172,10 +171,6 @@ class RunSpec(BaseModel):
                 value = getattr(self, name)
                 out[name] = str(value) if isinstance(value, Path) else value
         return out
-
-
-def field_stages(name: str) -> list[str]:
-    return list((RunSpec.model_fields[name].json_schema_extra or {}).get("stages", []))
 
 
 def env_values(environ: dict[str, str] | None = None) -> dict[str, Any]:

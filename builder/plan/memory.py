@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from builder.model.catalog import Kind, TensorSpec
 from builder.model.config import ModelConfig
-from builder.shard.rules import RULES, Stage, check_layout, plan_ranks
+from builder.shard.rules import RULES, PPStage, check_layout, plan_ranks
 from builder.layout import Layout
 
 GIB = 1 << 30
@@ -95,7 +95,7 @@ def weight_catalog(cfg: ModelConfig, quant: str, *, include_mtp: bool = True) ->
 
 def _where(cat: WeightCatalog, spec: TensorSpec) -> str:
     if spec.layer is None:
-        return "first" if RULES[spec.kind].stage is Stage.FIRST else "last"
+        return "first" if RULES[spec.kind].stage is PPStage.FIRST else "last"
     if spec.layer in cat.mtp_layers:
         return "mtp"
     return "dense" if spec.layer == cat.dense_layer else "moe"
