@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from builder.atomic import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from builder.plan.search import PlanResult
+from builder.plan.explain import distinct_layouts
+from builder.plan.result import PlanResult
 
 GIB = 1 << 30
 
 
-def plot_plan(result: "PlanResult", path: str | Path, *, label_top: int = 8) -> Path:
+def plot_plan(result: PlanResult, path: str | Path, *, label_top: int = 8) -> Path:
     """Left: tok/s/user vs tok/s/GPU of every feasible layout, the Pareto front drawn, the recommendation and
     the requested layout marked. Right: memory per GPU of the top layouts, broken down."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from builder.plan.explain import distinct_layouts
 
     feasible = distinct_layouts(result)  # EP variants with identical predictions drawn once
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})

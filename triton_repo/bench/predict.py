@@ -10,7 +10,7 @@ from typing import Any
 
 from builder.errors import SpecError
 
-PREDICTED_KEYS = ("decode_step_ms", "ttft_ms", "tokens_per_s_per_user", "tokens_per_s", "tokens_per_s_per_gpu",
+PREDICTED_KEYS = ("decode_step_ms", "tpot_ms", "ttft_ms", "tokens_per_s_per_user", "tokens_per_s", "tokens_per_s_per_gpu",
                   "batch_per_replica", "gpus_per_replica", "bound")
 
 
