@@ -74,13 +74,18 @@ class PlaceBytes:
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self))
+        return (self.attention + self.mlp + self.experts + self.embed + self.head + self.mtp_embed + self.mtp_head
+                + self.mtp_eh_proj)
 
     def __add__(self, other: "PlaceBytes") -> "PlaceBytes":
-        return PlaceBytes(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return PlaceBytes(*(a + b for a, b in zip(astuple_fast(self), astuple_fast(other))))
 
     def __mul__(self, n: int) -> "PlaceBytes":
-        return PlaceBytes(**{f.name: getattr(self, f.name) * n for f in fields(self)})
+        return PlaceBytes(*(a * n for a in astuple_fast(self)))
+
+
+def astuple_fast(p: PlaceBytes) -> tuple[int, ...]:
+    return (p.attention, p.mlp, p.experts, p.embed, p.head, p.mtp_embed, p.mtp_head, p.mtp_eh_proj)
 
 
 ZERO = PlaceBytes()
@@ -105,11 +110,12 @@ class RankWeights:
 
     @functools.cached_property
     def total(self) -> int:
-        return self.places.total
+        return (self.dense_layer.total * self.n_dense + self.moe_layer.total * self.n_moe + self.mtp_layer.total
+                + self.first.total + self.last.total)
 
     @property
     def routed_experts(self) -> int:
-        return self.places.experts
+        return self.dense_layer.experts * self.n_dense + self.moe_layer.experts * self.n_moe + self.mtp_layer.experts
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: the per-layout cache below keys on it
@@ -208,26 +214,26 @@ def _expert_pieces(cat: WeightCatalog, tp: int, ep: int) -> tuple[dict[str, int]
     return tuple(per_moe_tp[layout.moe_coords(t)[1]] for t in range(tp))
 
 
+@functools.lru_cache(maxsize=512)
+def _rank_places(cat: WeightCatalog, tp: int, attention_dp: bool, ep: int) -> tuple[dict[str, PlaceBytes], ...]:
+    """Per TP rank, everything it holds per place (routed experts included)."""
+    return tuple({p: sh[p] + PlaceBytes(experts=ex[p]) for p in PLACES}
+                 for sh, ex in zip(_shared_pieces(cat, tp, attention_dp), _expert_pieces(cat, tp, ep)))
+
+
 def stage_weights(cat: WeightCatalog, layout: Layout) -> list[list[RankWeights]]:
     """``[pp_rank][tp_rank]`` -> the rank-file weights of that rank (raises LayoutError for an impossible layout).
     The MTP module counts when the catalogue has it (on the last stage, as the build places it)."""
     cfg = cat.cfg
     check_layout(cfg, layout)
-    shared = _shared_pieces(cat, layout.tp, layout.attention_dp)
-    experts = _expert_pieces(cat, layout.tp, layout.ep)
+    ranks = _rank_places(cat, layout.tp, layout.attention_dp, layout.ep)
     stages = stage_layers(cfg.num_hidden_layers, layout.pp)
     out = []
     for s, layers in enumerate(stages):
         n_dense = sum(1 for i in layers if not cfg.is_moe_layer(i))
         first, last = s == 0, s == layout.pp - 1
-        row = []
-        for sh, ex in zip(shared, experts):
-            def place(name: str, on: bool = True) -> PlaceBytes:
-                return replace(sh[name], experts=sh[name].experts + ex[name]) if on else ZERO
-
-            row.append(RankWeights(place("dense"), place("moe"), place("mtp", last), place("first", first),
-                                   place("last", last), n_dense, len(layers) - n_dense))
-        out.append(row)
+        out.append([RankWeights(p["dense"], p["moe"], p["mtp"] if last else ZERO, p["first"] if first else ZERO,
+                                p["last"] if last else ZERO, n_dense, len(layers) - n_dense) for p in ranks])
     return out
 
 
@@ -324,3 +330,4 @@ def clear_caches() -> None:
     weight_catalog.cache_clear()
     _expert_pieces.cache_clear()
     _shared_pieces.cache_clear()
+    _rank_places.cache_clear()
