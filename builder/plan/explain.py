@@ -33,6 +33,10 @@ def _why_better(a: LayoutPlan, b: LayoutPlan) -> str:
     if any("fewer than the" in w for w in b.warnings) and b.batch * b.replicas < a.batch * a.replicas:
         return (f"{b.name}'s KV cache holds only {b.max_seqs_replica * b.replicas} sequences "
                 f"(vs {a.max_seqs_replica * a.replicas}), which caps its batch")
+    if any("to meet TPOT" in w for w in b.warnings) and b.batch * b.replicas < 0.9 * a.batch * a.replicas:
+        return (f"at the TPOT limit {b.name} runs {b.batch * b.replicas} sequences at a time where "
+                f"{a.name} runs {a.batch * a.replicas} (its step grows faster with the batch)")
+
     def per_step(lp, attr):  # the slowest stage's term, times the micro-batches it runs per decode step
         worst = max(lp.decode.stages, key=lambda s: s.ms)
         value = worst.comm.ms if attr == "comm" else getattr(worst, attr)
