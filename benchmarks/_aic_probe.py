@@ -39,7 +39,10 @@ def probe(case):
            "--isl", str(case["isl"]), "--osl", str(case["osl"]), "--batch-size", str(case["batch"]),
            "--tp-size", str(case["tp"]), "--pp-size", str(case["pp"]), "--moe-ep-size", str(case["ep"]),
            "--moe-tp-size", str(par["moe_tp_size"]), "--attention-dp-size", str(par["attention_dp_size"]),
-           "--kvcache-quant-mode", "fp8"]
+           "--kvcache-quant-mode", case.get("kv", "fp8")]
+    for flag in ("gemm", "moe", "fmha"):
+        if case.get(flag):
+            cli += [f"--{flag}-quant-mode", case[flag]]
     res = subprocess.run(cli, capture_output=True, text=True, timeout=600)
     m = re.search(r"TPOT:\s+([\d.,]+) ms", res.stdout + res.stderr)
     if m:

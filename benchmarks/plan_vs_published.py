@@ -48,7 +48,7 @@ def aic_predictions(rows) -> dict[str, dict]:
             continue
         cases.append({"id": r.id, "model": "deepseek-ai/DeepSeek-V3" if r.model == "deepseek-v3"
                       else "deepseek-ai/DeepSeek-V3.2", "system": {"h200-sxm": "h200_sxm", "b200": "b200_sxm",
-                                                                   "gb200": "gb200_sxm"}[r.gpu],
+                                                                   "gb200": "gb200"}[r.gpu],
                       # aiconfigurator counts attention-DP ranks apart from TP: DEP8 = tp 1 x attention-DP 8.
                       "tp": 1 if r.attention_dp else r.tp, "pp": 1, "ep": r.ep,
                       "adp": r.tp if r.attention_dp else 1,

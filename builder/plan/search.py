@@ -14,7 +14,7 @@ from pathlib import Path
 from builder.errors import LayoutError, SpecError
 from builder.model.config import ModelConfig
 from builder.model.source import resolve_model
-from builder.plan import memory as mem
+import builder.plan.memory as mem
 from builder.plan.explain import rationale
 from builder.plan.hardware import FP8_KV_ARCHS, QUANT_SUPPORT, Cluster, HardwareTable, load_hardware
 from builder.plan.perf import DecodeEstimate, Placement, Rates, Speculation, decode_step, prefill
