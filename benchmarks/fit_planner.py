@@ -8,7 +8,7 @@ of ``builder/data/calibration/trtllm_deepseek_published.yaml``, plus a steep pen
 log space with the efficiencies kept in (0, 1]. The result is written to ``builder/data/calibration/efficiency.yaml``
 (``--write``), which the planner loads; ``--json`` prints it.
 
-Usage: ``python benchmarks/fit_planner.py [--write] [--json]`` (about a minute on two cores).
+Usage: ``python benchmarks/fit_planner.py [--write] [--json]`` (a few minutes on two cores).
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def main() -> int:
     rows = load_rows()
     table = load_hardware()
     t0 = time.perf_counter()
-    fitted, report = {}, {}
+    fitted = yaml.safe_load(EFFICIENCY_FILE.read_text())["generations"]  # --arch refits only some of them
+    report = {}
     for arch in sorted({GPUS[r.gpu].arch for r in rows} & set(args.arch or [GPUS[r.gpu].arch for r in rows])):
         mine = [r for r in rows if GPUS[r.gpu].arch == arch]
         params, value = fit(arch, mine, table)
@@ -111,7 +112,7 @@ def main() -> int:
                 "# builder/data/calibration/trtllm_deepseek_published.yaml (regenerate: python benchmarks/fit_planner.py"
                 " --write).\n# Meanings and sources: docs/choosing-a-layout.md.\n")
         body = {"fitted_on": {"date": date.today().isoformat(),
-                              "rows": {a: r["rows"] for a, r in report.items()}},
+                              "rows": {a: sum(GPUS[r.gpu].arch == a for r in rows) for a in fitted}},
                 "generations": fitted}
         atomic_write_bytes(EFFICIENCY_FILE, (head + yaml.safe_dump(body, sort_keys=False)).encode())
         print(f"wrote {EFFICIENCY_FILE}")

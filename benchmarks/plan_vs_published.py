@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from builder.atomic import atomic_write_bytes
-from builder.plan.calibration import Prediction, load_rows, predict
+from builder.plan.calibration import load_rows, predict
 
 UNITS = {"output_tokens_per_s_per_gpu": "tok/s/GPU", "output_tokens_per_s_per_user_with_ttft": "tok/s/user (w/ TTFT)",
          "output_tokens_per_s_per_user": "tok/s/user (1/TPOT)", "ttft_ms": "TTFT ms",
