@@ -30,9 +30,10 @@ import functools
 import math
 from dataclasses import dataclass, fields, replace
 
+from builder.layout import Layout
 from builder.model.catalog import Dtype, Kind, TensorSpec
 from builder.model.config import ModelConfig
-from builder.shard.rules import RULES, Layout, Stage, check_layout, plan_ranks, stage_layers
+from builder.shard.rules import RULES, Stage, check_layout, plan_ranks
 from quantize.formats import quantized_catalog
 
 GIB = 1 << 30
@@ -227,7 +228,7 @@ def stage_weights(cat: WeightCatalog, layout: Layout) -> list[list[RankWeights]]
     cfg = cat.cfg
     check_layout(cfg, layout)
     ranks = _rank_places(cat, layout.tp, layout.attention_dp, layout.ep)
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     out = []
     for s, layers in enumerate(stages):
         n_dense = sum(1 for i in layers if not cfg.is_moe_layer(i))

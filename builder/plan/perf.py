@@ -33,10 +33,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from builder.layout import Layout
 from builder.model.config import ModelConfig
 from builder.plan.hardware import GPU, Cluster
 from builder.plan.memory import PlaceBytes, RankWeights
-from builder.shard.rules import Layout, mlp_tp, stage_layers
+from builder.shard.rules import mlp_tp
 
 ACT_BYTES = 2  # bf16 activations on the wire
 # Mean tokens accepted per step for each MTP draft length: DeepSeek-R1 on a real dataset (tech blog 1, strict
@@ -375,7 +376,7 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
     b = math.ceil(batch / m)
     k = speculation.draft_len
     shapes = ModelShapes(cfg, layout)
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     seqs_rank = b / layout.tp if layout.attention_dp else b  # sequences through one rank's attention
     idx_bytes = cfg.indexer_cache_bytes_per_token_per_layer
     latent_bytes = kv_bytes_per_token_layer - idx_bytes
@@ -443,7 +444,7 @@ def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement
     """Prompts in chunks of up to ``max_num_tokens`` tokens. Throughput: each rank's chunks (every attention-DP
     rank prefills its own requests) as a steady stream; TTFT: one prompt's chunks in order on an idle replica."""
     shapes = ModelShapes(cfg, layout)
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     chunks = max(1, math.ceil(isl / max_num_tokens))
     chunk = isl / chunks
     share = layout.tp if layout.attention_dp else 1  # chunks in flight per TP group

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from builder.layout import Layout
 from builder.model.config import ModelConfig
 from builder.plan.hardware import Cluster
 from builder.plan.perf import DecodeEstimate, PrefillEstimate, Speculation
-from builder.shard.rules import Layout
 
 GIB = 1 << 30
 
@@ -71,7 +71,7 @@ class LayoutPlan:
 
     @property
     def gpus_per_replica(self) -> int:
-        return self.layout.tp * self.layout.pp
+        return self.layout.world_size
 
     @property
     def gpus(self) -> int:
@@ -79,7 +79,7 @@ class LayoutPlan:
 
     @property
     def name(self) -> str:
-        return self.layout.name() + (f"x{self.replicas}" if self.replicas > 1 else "")
+        return self.layout.name + (f"x{self.replicas}" if self.replicas > 1 else "")
 
     @property
     def tokens_per_s_replica(self) -> float:

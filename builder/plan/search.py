@@ -12,18 +12,18 @@ import time
 from pathlib import Path
 
 from builder.errors import LayoutError, SpecError
+from builder.layout import Layout
 from builder.model.config import ModelConfig
 from builder.model.source import resolve_model
 import builder.plan.memory as mem
 from builder.plan.explain import rationale
-from builder.plan.hardware import FP8_KV_ARCHS, QUANT_SUPPORT, Cluster, HardwareTable, load_hardware
+from builder.plan.hardware import FP8_KV_ARCHS, Cluster, HardwareTable, load_hardware
 from builder.plan.perf import DecodeEstimate, Placement, Rates, Speculation, decode_step, prefill
 from builder.plan.result import LayoutPlan, PlanResult, Workload
-from builder.shard.rules import Layout, stage_layers
 from builder.trtllm.llm_api import max_num_tokens_for
+from quantize import registry as quant_formats
 
 GIB = 1 << 30
-COMPUTE_DTYPE = {"fp8": "fp8", "fp8-tensor": "fp8", "w4afp8": "fp8", "nvfp4": "fp4", "int4-awq": "bf16", "bf16": "bf16"}
 
 
 def _divisors(n: int) -> list[int]:
@@ -67,16 +67,15 @@ def batch_limits(workload: Workload, layout: Layout, replicas: int) -> tuple[int
 def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant: str, kv_cache_dtype: str,
                     workload: Workload, catalog: mem.WeightCatalog) -> LayoutPlan:
     gpu = cluster.gpu
-    world = layout.tp * layout.pp
+    world = layout.world_size
     replicas = max(1, cluster.gpus // world)
     spec = workload.speculation
     lp = LayoutPlan(layout=layout, replicas=replicas, workload=workload,
                     runtime="reference" if gpu.arch == "cpu" else "tensorrt-llm")
     lp.capacity = gpu.memory_bytes
-    if quant not in QUANT_SUPPORT[gpu.arch]:
-        need = {"nvfp4": "Blackwell GPUs (b200, gb200)", "w4afp8": "Hopper GPUs (h100/h200)"}.get(quant,
-                                                                                                  "FP8 tensor cores")
-        lp.reasons.append(f"{quant} needs {need}; {gpu.name} is {gpu.arch}")
+    refusal = quant_formats.get(quant).refusal(gpu=gpu.name, arch=gpu.arch)
+    if refusal:
+        lp.reasons.append(refusal)
     if kv_cache_dtype == "fp8" and gpu.arch not in FP8_KV_ARCHS:
         lp.reasons.append(f"an FP8 KV cache needs FP8 support; {gpu.name} ({gpu.arch}) has none (use --kv-cache-dtype bf16)")
     if spec.draft_len and not catalog.mtp_layers:
@@ -91,7 +90,7 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
     except LayoutError as exc:
         lp.reasons.append(str(exc))
         return lp
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     mtp_on_last = len(catalog.mtp_layers) if catalog.mtp_layers and (spec.draft_len or lp.runtime == "reference") \
         else 0
     lp.stage_layer_counts = [len(s) + (mtp_on_last if i == layout.pp - 1 else 0) for i, s in enumerate(stages)]
@@ -154,7 +153,7 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
     if not lp.feasible:
         return lp
 
-    rates = Rates.of(gpu, compute_dtype=COMPUTE_DTYPE[quant], kv_cache_dtype=kv_cache_dtype)
+    rates = Rates.of(gpu, compute_dtype=quant_formats.get(quant).compute_dtype, kv_cache_dtype=kv_cache_dtype)
     context = workload.decode_context
 
     def step(batch: int) -> DecodeEstimate:
@@ -241,8 +240,8 @@ def plan_cluster(*, model: str | ModelConfig, gpu: str | None = None, nodes: int
         raise SpecError(f"free_gpu_memory_fraction must be in (0, 1], got {free_gpu_memory_fraction}")
     if kv_cache_dtype not in mem.KV_DTYPE_BYTES:
         raise SpecError(f"unknown KV-cache dtype {kv_cache_dtype!r}; choose one of {sorted(mem.KV_DTYPE_BYTES)}")
-    if quant not in COMPUTE_DTYPE:
-        raise SpecError(f"unknown quantization mode {quant!r}; choose one of {sorted(COMPUTE_DTYPE)}")
+    if quant not in quant_formats.FORMATS:
+        raise SpecError(f"unknown quantization mode {quant!r}; choose one of {', '.join(quant_formats.NAMES)}")
     workload = Workload(isl, osl, concurrency, ttft_ms, tpot_ms, Speculation(draft_len, acceptance), max_batch_size,
                         max_num_tokens, free_gpu_memory_fraction, decode_context)
     catalog = mem.weight_catalog(cfg, quant, include_mtp=include_mtp)
