@@ -132,7 +132,8 @@ class Comm:
     def accumulate(self, other: "Comm", times: float = 1.0) -> None:
         for name in COMM_ITEMS:
             c = getattr(other, name)
-            getattr(self, name).add(c.bytes * times, c.ms * times / 1e3, c.link)
+            if c.bytes or c.ms:
+                getattr(self, name).add(c.bytes * times, c.ms * times / 1e3, c.link)
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name).as_dict() for name in COMM_ITEMS} | {"total_ms": round(self.ms, 4)}
