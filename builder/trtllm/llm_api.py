@@ -59,6 +59,11 @@ def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(s for s in sizes if s <= max_batch_size)
 
 
+def max_num_tokens_for(*, isl: int, max_batch_size: int, draft_len: int) -> int:
+    """Room for one full prompt plus a decode step of the whole batch (each with its draft tokens), in 64s."""
+    return 64 * math.ceil((isl + max_batch_size * (1 + draft_len)) / 64)
+
+
 def moe_backend(*, gpu: str | None, quant: str, layout: Layout) -> str:
     if not gpu:
         return "AUTO"
@@ -83,7 +88,7 @@ def render(spec, cfg: ModelConfig) -> LlmApiConfig:
     if spec.isl + spec.osl + draft > cfg.max_position_embeddings:
         warnings.append(f"isl + osl = {spec.isl + spec.osl} exceeds the model's {cfg.max_position_embeddings} "
                         "positions; max_seq_len is capped there")
-    max_tokens = 64 * math.ceil((spec.isl + max_batch * (1 + draft)) / 64)
+    max_tokens = max_num_tokens_for(isl=spec.isl, max_batch_size=max_batch, draft_len=draft)
     options: dict[str, Any] = {
         "tensor_parallel_size": layout.tp,
         "pipeline_parallel_size": layout.pp,

@@ -98,7 +98,7 @@ def build_result(cfg: BenchConfig, levels: list[LevelRun], *, run_dir: Path | No
 def compare(summary: dict[str, Any], pred: dict[str, Any]) -> dict[str, Any]:
     """Measured / predicted ratios of the figures both sides have (1.0 = as planned; above 1 for a time means
     slower than planned, above 1 for a rate faster)."""
-    pairs = {"tpot_ms": (summary["tpot_ms"]["p50"], pred.get("decode_step_ms")),
+    pairs = {"tpot_ms": (summary["tpot_ms"]["p50"], pred.get("tpot_ms", pred.get("decode_step_ms"))),
              "ttft_ms": (summary["ttft_ms"]["p50"], pred.get("ttft_ms")),
              "tokens_per_s_per_user": (summary["output_tokens_per_s_per_user"]["p50"],
                                        pred.get("tokens_per_s_per_user")),
