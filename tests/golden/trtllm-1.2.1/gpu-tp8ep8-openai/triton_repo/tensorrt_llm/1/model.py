@@ -205,7 +205,8 @@ class TritonPythonModel:
             pb_utils.Tensor("total_accepted_draft_tokens", np.array([accepted], dtype=np.int32)),
             pb_utils.Tensor("total_draft_tokens", np.array([drafted], dtype=np.int32)),
             pb_utils.Tensor("arrival_time_ns", np.array([arrival_ns], dtype=np.int64)),
-            pb_utils.Tensor("num_input_tokens", np.array([len(out.prompt_token_ids or [])], dtype=np.int32)),
+            pb_utils.Tensor("num_input_tokens",
+                            np.array([len(getattr(out, "prompt_token_ids", None) or [])], dtype=np.int32)),
             pb_utils.Tensor("num_output_tokens", np.array([len(seq.token_ids)], dtype=np.int32)),
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
