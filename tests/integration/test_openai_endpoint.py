@@ -202,15 +202,16 @@ def test_unknown_model_is_404(client):
 
 
 def test_sixteen_streams_with_half_the_clients_leaving_early(served, client):
-    """16 concurrent streamed requests; 8 clients close their connection after the first chunk. The other 8 get
-    the full greedy text, and a request after them is still right."""
+    """16 concurrent streamed requests; 8 clients close their connection after the first chunk (and one more
+    non-streamed client times out). The other 8 get the full greedy text, and a request after them is still
+    right."""
     prompts = [PROMPT, "The river"]
     expected = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=N, temperature=0).choices[0].text
                 for p in prompts}
 
     async def one(aclient, i: int) -> str | None:
         prompt = prompts[i % 2]
-        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=N if i < 8 else 200,
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=N if i < 8 else 40,
                                                   temperature=0, stream=True)
         async with stream:
             parts = []
@@ -231,6 +232,9 @@ def test_sixteen_streams_with_half_the_clients_leaving_early(served, client):
     results = asyncio.run(main())
     assert results[:8] == [expected[prompts[i % 2]] for i in range(8)]
     assert results[8:] == [None] * 8
+    # A non-streamed request whose client gives up is cancelled on the server the same way.
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.5).completions.create(model=MODEL, prompt=PROMPT, max_tokens=60)
     after = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0)
     assert after.choices[0].text == expected[PROMPT]
     assert served.proc.poll() is None

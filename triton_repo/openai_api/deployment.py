@@ -82,7 +82,7 @@ def served_model(repo: Path, *, tokenizer_dir: Path | None = None, model: str = 
         declared = llm.get("max_seq_len")
     else:
         raise ServeError(f"{model_dir} has neither an engine_dir parameter nor 1/model.yaml")
-    checkpoint = Path(tokenizer_dir) if tokenizer_dir else checkpoint
+    checkpoint = (Path(tokenizer_dir) if tokenizer_dir else checkpoint).resolve()
     if not checkpoint.is_dir():
         raise ServeError(f"the served checkpoint {checkpoint} is not a directory here; pass --tokenizer DIR")
     return ServedModel(checkpoint, _context_length(checkpoint, declared), _defaults(checkpoint))
