@@ -204,7 +204,8 @@ class ChatEncoding:
         for k, tool in enumerate(tools):
             function = tool.get("function") if isinstance(tool, Mapping) else None
             if not isinstance(function, Mapping) or not function.get("name"):
-                raise ChatFormatError(f"{where}[{k}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+                raise ChatFormatError(f"{where}[{k}] must be a function tool with a name "
+                                      '({"type": "function", "function": {"name": ...}})')
             schemas.append(json.dumps(function, ensure_ascii=False))
         calls, t = self.tokens.calls_tag, self.tokens
         return _TOOLS_TEXT.format(calls=calls, invoke=f"{t.dsml}invoke", param=f"{t.dsml}parameter", think=t.think,

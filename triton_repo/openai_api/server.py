@@ -50,8 +50,8 @@ def run(*, triton_url: str, repo: Path, host: str, port: int, model_name: str = 
             task.cancel()
             await endpoint.backend.close()
 
-    config = uvicorn.Config(build_app(endpoint, lifespan=lifespan), host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(build_app(endpoint, lifespan=lifespan), host=host, port=port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     server.run()
     if not server.started:

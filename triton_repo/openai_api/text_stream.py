@@ -67,7 +67,7 @@ class ChatDeltas:
         self.thinking = thinking
         self.tools = tools
         t = encoding.tokens
-        self.markers = list(stop) + [t.eos] + ([t.end_think] if thinking else []) + ([t.tool_calls_start] if tools else [])
+        self.markers = [*stop, t.eos, *([t.end_think] if thinking else []), *([t.tool_calls_start] if tools else [])]
         self.sent = 0  # characters of the raw reply text already handed out
 
     def update(self, text: str) -> Delta:
