@@ -63,7 +63,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def engine_generate(bundle_dir: Path, *, device: str, dtype: torch.dtype = torch.float32):
     """The in-process (TP1) service and a ``run(prompts, n)`` generating ``n`` tokens for each prompt."""
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     svc = EngineService(bundle_dir, device=device, dtype=dtype)
 
@@ -90,8 +90,8 @@ def gemm_seconds_per_step(engine_run, prompts, *, n1: int, n2: int, repeats: int
     generations of N1 and N2 tokens (their difference per step, so prefill cancels out); best of ``repeats``."""
     from unittest import mock
 
-    import builder.runtime.layers as layers
-    import builder.runtime.model as model
+    import builder.engine.layers as layers
+    import builder.engine.model as model
 
     plain_linear = layers.linear
     spent = [0.0]
@@ -120,7 +120,7 @@ def gemm_seconds_per_step(engine_run, prompts, *, n1: int, n2: int, repeats: int
 
 def rss_child(bundle_dir: str, threads: int) -> None:
     """Runs in a fresh process: start the multi-rank service, generate once, report every rank's memory."""
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     with EngineService(bundle_dir, threads_per_rank=threads) as svc:
         svc.generate([GenerationRequest(prompt_ids=list(range(2, 34)), max_tokens=8)])
@@ -128,7 +128,7 @@ def rss_child(bundle_dir: str, threads: int) -> None:
 
 
 def bare_torch_rss() -> int:
-    code = "import torch; from builder.runtime.generate import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "import torch; from builder.engine.generate import peak_rss_bytes; print(peak_rss_bytes())"
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)}).stdout)
 
@@ -173,9 +173,9 @@ def measure(args, tmp: Path) -> dict:
 
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import ensure_tiny
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
     from builder.shard.fusion import FusionOptions
-    from builder.shard.rules import Layout
+    from builder.layout import Layout
     from builder.specs import RunSpec
     from builder.stages.build import write_engine_bundle
 

@@ -13,7 +13,8 @@ import time
 from builder.model.config import preset
 from builder.plan import plan_cluster
 from builder.plan.memory import clear_caches
-from builder.shard.rules import Layout, plan_ranks
+from builder.shard.rules import plan_ranks
+from builder.layout import Layout
 from quantize.formats import quantized_catalog
 
 LIMIT_S = 2.0

@@ -36,7 +36,7 @@ def build_run(work: Path, tp: int, pp: int) -> Path:
 
 
 def direct(engines: Path, levels: list[int], max_tokens: int) -> dict[str, float]:
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     out = {}
     with EngineService(engines) as engine:

@@ -78,11 +78,11 @@ def timed(fn, repeats: int):
 
 
 def bench_set(name: str, root: Path, args) -> list[dict]:
-    from builder.runtime.bundle import EngineBundle
-    from builder.runtime.distributed import make_comm
-    from builder.runtime.generate import Engine, GenerationRequest
+    from builder.engine.bundle import EngineBundle
+    from builder.engine.distributed import make_comm
+    from builder.engine.generate import Engine, GenerationRequest
     from builder.shard.fusion import FusionOptions
-    from builder.shard.rules import Layout
+    from builder.layout import Layout
     from builder.stages.build import write_engine_bundle
 
     target_ckpt, draft_ckpt = checkpoints(name, root, args)

@@ -1,4 +1,10 @@
-"""Atomic file and directory writes: nothing half-written ever carries its final name."""
+"""Atomic file, symlink and directory writes: nothing half-written ever carries its final name.
+
+The one place for temp-then-rename in dsbuild. A file is written under ``.NAME.tmp-*`` in its own directory,
+fsync-ed, given the usual permissions and renamed over its final name; a directory is staged as ``.NAME.tmp-*``
+and swapped in with one rename; a symlink is created under a temporary name and renamed. Whatever a killed process
+leaves is a dot-name with ``.tmp-`` or ``.old-`` that :func:`remove_stale_temporaries` recognises.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 def _umask() -> int:
@@ -26,16 +32,26 @@ def fsync_dir(path: str | Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def _temp_name(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for the caller (or a library) to write; on success it is fsync-ed
+    (``fsync=False``: the writer already did), made world-readable per the umask and renamed to ``path``. On any
+    failure the temporary is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temp_name(path)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -44,12 +60,51 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file object whose content appears under ``path`` only when the block completes."""
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_open(path) as fh:
+        fh.write(data)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_symlink(target: str | Path, link: str | Path) -> None:
+    """Point ``link`` at ``target`` in one rename (a reader sees the old link or the new one, never none)."""
+    link = Path(link)
+    if link.is_symlink() and os.readlink(link) == str(target):
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(link)
+    os.unlink(tmp)  # mkstemp reserved the name; a symlink takes its place
+    try:
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(link.parent)
+
+
+def publish_file(done: Path, final: Path) -> None:
+    """Rename a finished, fsync-ed file (e.g. a resumable ``.partial`` download) to its final name."""
+    os.chmod(done, 0o666 & ~_umask())
+    os.replace(done, final)
+    fsync_dir(final.parent)
 
 
 @contextlib.contextmanager
@@ -85,6 +140,11 @@ def replace_dir(src: Path, final: Path) -> None:
             old.unlink()
 
 
+def is_temporary(name: str) -> bool:
+    """A name this module (or an older dsbuild) gives to work in progress."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name or name.endswith(".tmp"))
+
+
 def remove_stale_temporaries(parent: str | Path) -> list[Path]:
     """Delete ``.NAME.tmp-*`` / ``.NAME.old-*`` left by a killed process (called under the run lock)."""
     removed = []
@@ -92,7 +152,7 @@ def remove_stale_temporaries(parent: str | Path) -> list[Path]:
     if not parent.is_dir():
         return removed
     for p in parent.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".tmp")):
+        if is_temporary(p.name):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:

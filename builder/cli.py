@@ -532,8 +532,8 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
                      max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
                      ignore_eos: bool, as_json: bool, speculative: dict[str, Any] | None = None,
                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
-    from builder.runtime.service import EngineService, GenerationRequest
-    from builder.runtime.text import encode_prompt
+    from builder.engine.service import EngineService, GenerationRequest
+    from builder.engine.text import encode_prompt
 
     with EngineService(engine_dir, threads_per_rank=threads_per_rank, python_executable=python_executable) as svc:
         tok = svc.tokenizer()
@@ -581,7 +581,7 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
 def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tolerance, gen_tokens, verbose):
     """Compare the reference engine with transformers on fixed prompts; JSON out, non-zero exit beyond tolerance."""
     from builder.errors import VerificationError
-    from builder.runtime.verify import verify_engine
+    from builder.engine.verify import verify_engine
 
     report = verify_engine(engine_dir, checkpoint=checkpoint, gen_tokens=gen_tokens, tolerance=tolerance,
                            threads_per_rank=threads_per_rank, python_executable=python_executable)

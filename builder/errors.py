@@ -83,10 +83,20 @@ class ServeError(DsbuildError):
     exit_code = 9
 
 
+class ServeTimeout(ServeError):
+    """A server or its models did not become ready in the time allowed (waiting longer may succeed)."""
+
+
 class RegistryError(DsbuildError):
-    """An OCI registry refused a push/pull, or a reference is malformed."""
+    """An OCI registry refused a push/pull, or a reference is malformed. ``status``: the registry's HTTP status
+    when it answered; ``transient``: repeating the operation may succeed (5xx, 429, a dropped connection)."""
 
     exit_code = 10
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.transient = transient or (status is not None and (status >= 500 or status in (408, 429)))
 
 
 class VerificationError(DsbuildError):

@@ -27,16 +27,16 @@ import json
 import os
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from builder.atomic import atomic_write_json, atomic_write_text
+from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
 from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
-from builder.model.safetensors_io import safe_relpath
+from builder.paths import safe_relpath
+from builder.retry import Backoff, retry
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -167,14 +167,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def call_with_retries(fn: Callable[[], Any], *, attempts: int = 4) -> Any:
     """``fn()``, retried with backoff while it fails transiently (HTTP 5xx/429, dropped connections)."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001
-            if attempt == attempts - 1 or not is_transient(exc):
-                raise
-            time.sleep(min(0.5 * 2 ** attempt, 8.0))
-    raise AssertionError("attempts must be >= 1")
+    return retry(fn, transient=is_transient, backoff=Backoff(attempts=attempts))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,14 +457,7 @@ def _link_snapshot(repo: HubRepo, commit: str, f: RepoFile) -> None:
     """``snapshots/<commit>/<path>`` -> ``../../blobs/<etag>``, as huggingface_hub lays out its cache."""
     link = repo.storage / "snapshots" / commit / f.path
     link.parent.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(repo.blobs / f.etag, link.parent)
-    if link.is_symlink() and os.readlink(link) == target:
-        return
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    atomic_symlink(os.path.relpath(repo.blobs / f.etag, link.parent), link)
 
 
 def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: FetchStats,
@@ -484,15 +470,17 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
     url = hf_hub_url(repo.repo_id, f.path, revision=commit, endpoint=repo.endpoint)
     headers = build_hf_headers()  # token from HF_TOKEN or the stored login; never read or shown here
     headers["Accept-Encoding"] = "identity"  # byte ranges must address the file itself
-    last_exc: BaseException | None = None
-    for attempt in range(TRANSIENT_ATTEMPTS):
+    first = [True]
+
+    def attempt() -> dict[str, str]:  # continues from whatever the previous attempt left in ``partial``
         have = partial.stat().st_size if partial.exists() else 0
         if have > f.size:  # longer than the file can be: start over
             partial.unlink()
             have = 0
-        if attempt == 0 and have:
+        if first[0] and have:
             with stats.lock:
                 stats.resumed_bytes += have
+        first[0] = False
         with open(partial, "ab") as raw:
             pass
         with open(partial, "r+b") as raw:
@@ -501,26 +489,31 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
             try:
                 http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size,
                          displayed_filename=f.path, tqdm_class=_ByteCounter)
-            except _Cancelled:
-                raise
-            except Exception as exc:  # noqa: BLE001
+            finally:
                 raw.flush()
-                if cancel.is_set():
-                    raise _Cancelled() from None
-                if not is_transient(exc):
-                    raise hub_error(repo, exc, what=f"download {f.path}") from None
-                last_exc = exc
-                with stats.lock:
-                    stats.retries += 1
-                time.sleep(min(0.5 * 2 ** attempt, 8.0))
-                continue
-            raw.flush()
+            if cancel.is_set():
+                raise _Cancelled()
             os.fsync(raw.fileno())
         with stats.lock:
             stats.downloaded_bytes += f.size - have
         return sink.digests.hexdigests()
-    assert last_exc is not None
-    raise hub_error(repo, last_exc, what=f"download {f.path} after {TRANSIENT_ATTEMPTS} attempts")
+
+    def count(_retry: int, _exc: BaseException) -> None:
+        with stats.lock:
+            stats.retries += 1
+
+    def transient(exc: BaseException) -> bool:
+        return not cancel.is_set() and is_transient(exc)
+
+    try:
+        return retry(attempt, transient=transient, backoff=Backoff(attempts=TRANSIENT_ATTEMPTS), on_retry=count)
+    except _Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- one sentence for whatever huggingface_hub raised
+        if cancel.is_set():
+            raise _Cancelled() from None
+        what = f"download {f.path}" + (f" after {TRANSIENT_ATTEMPTS} attempts" if is_transient(exc) else "")
+        raise hub_error(repo, exc, what=what) from None
 
 
 def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cancel: threading.Event) -> str:
@@ -565,8 +558,7 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cance
                     f"{'sha256' if f.is_lfs else 'git sha1'} {f.etag}, got {got}; the bad file was deleted")
             with stats.lock:
                 stats.redownloaded.append(f.path)
-        os.chmod(partial, 0o644)
-        os.replace(partial, blob)
+        publish_file(partial, blob)
         _write_stamp(repo, f, blob, digests["sha256"])
         _link_snapshot(repo, commit, f)
         return digests["sha256"]

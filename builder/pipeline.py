@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from builder import __version__
-from builder.atomic import atomic_write_json, fsync_dir, remove_stale_temporaries, staging_dir
+from builder.atomic import atomic_symlink, atomic_write_json, remove_stale_temporaries, staging_dir
 from builder.errors import DiskSpaceError, DsbuildError, RunLockedError, SpecError, StageError
 from builder.specs import RunSpec
 
@@ -254,10 +254,4 @@ def _fault_pause(stage: str) -> None:
 
 def update_latest(run_dir: Path) -> None:
     """Point ``<parent>/latest`` at ``run_dir`` atomically (symlink to a temp name, then rename)."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(run_dir.name, tmp)
-    os.replace(tmp, link)
-    fsync_dir(run_dir.parent)
+    atomic_symlink(run_dir.name, run_dir.parent / "latest")

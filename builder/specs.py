@@ -17,9 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from builder.errors import SpecError
+from builder.layout import Layout
+from quantize import registry as quant_formats
 
-QUANT_MODES = ("fp8", "fp8-tensor", "w4afp8", "int4-awq", "nvfp4", "bf16")
-QuantMode = Literal["fp8", "fp8-tensor", "w4afp8", "int4-awq", "nvfp4", "bf16"]
+QuantMode = Literal[quant_formats.NAMES]  # type: ignore[valid-type]
 SpecMode = Literal["none", "mtp", "draft"]
 STAGES = ("plan", "fetch", "quantize", "build", "package")
 
@@ -68,7 +69,7 @@ class RunSpec(BaseModel):
                                         "(it still records why in plan/plan.json).")
 
     # --- quantization ---
-    quant: QuantMode = opt("fp8", "Weight format: " + ", ".join(QUANT_MODES) + ".",
+    quant: QuantMode = opt("fp8", "Weight format: " + ", ".join(quant_formats.NAMES) + ".",
                            stages=("plan", "quantize", "build", "package"))
     kv_cache_dtype: Literal["auto", "fp8", "bf16"] = opt("fp8", "KV-cache dtype.",
                                                           stages=("plan", "quantize", "build", "package"))
@@ -155,12 +156,13 @@ class RunSpec(BaseModel):
         base = self.model.rstrip("/").split("/")[-1] if self.model != "tiny" else "tiny"
         return re.sub(r"[^A-Za-z0-9._-]+", "-", base).lower()
 
-    def layout_name(self) -> str:
-        return f"tp{self.tp}pp{self.pp}ep{self.ep}" + ("adp" if self.attention_dp else "")
+    @property
+    def layout(self) -> Layout:
+        return Layout(tp=self.tp, pp=self.pp, ep=self.ep, attention_dp=self.attention_dp)
 
     def run_name(self) -> str:
         spec = "" if self.spec == "none" else f"-{self.spec}{self.draft_len}"
-        return f"{self.model_slug()}-{self.quant}-{self.layout_name()}{spec}"
+        return f"{self.model_slug()}-{self.quant}-{self.layout.name}{spec}"
 
     def run_dir(self, root: Path = Path("build")) -> Path:
         return Path(self.out) if self.out else root / self.run_name()

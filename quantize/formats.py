@@ -31,6 +31,7 @@ from pathlib import Path
 from builder.errors import QuantizationError
 from builder.model.catalog import FP8_KINDS, Dtype, Kind, TensorSpec, build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
+from quantize import registry
 
 INT4_GROUP = 128
 NVFP4_BLOCK = 16
@@ -46,10 +47,6 @@ AWQ_PRE_QUANT_KINDS = frozenset({Kind.EXPERT_GATE, Kind.EXPERT_UP, Kind.EXPERT_D
 # TensorRT-LLM's w4afp8 expert naming: gate -> w1, down -> w2, up -> w3.
 W4A8_EXPERT_NAMES = {Kind.EXPERT_GATE: "w1", Kind.EXPERT_DOWN: "w2", Kind.EXPERT_UP: "w3"}
 
-# hf_quant_config.json ``quantization.quant_algo`` of each mode (TensorRT-LLM ``QuantAlgo`` names).
-QUANT_ALGO = {"fp8": "FP8_BLOCK_SCALES", "bf16": None, "fp8-tensor": "FP8", "w4afp8": "MIXED_PRECISION",
-              "int4-awq": "W4A16_AWQ", "nvfp4": "NVFP4"}
-MODE_OF_ALGO = {v: k for k, v in QUANT_ALGO.items()}
 
 
 @dataclass(frozen=True)
@@ -73,9 +70,9 @@ def _scale(base: str, suffix: str, shape: tuple[int, ...], dtype: Dtype, s: Tens
 
 
 def quantized_catalog(cfg: ModelConfig, mode: str, *, include_mtp: bool = True) -> QuantizedCatalog:
-    if mode not in QUANT_ALGO:
+    if mode not in registry.FORMATS:
         raise QuantizationError(f"unknown quantization mode {mode!r}")
-    algo = QUANT_ALGO[mode]
+    algo = registry.FORMATS[mode].quant_algo
     if mode == "fp8":
         return QuantizedCatalog(build_catalog(_with_fp8(cfg), include_mtp=include_mtp), {}, algo)
     out: list[TensorSpec] = []
@@ -138,9 +135,9 @@ def mode_of_quant_config(hf_quant_config: dict | None, cfg: ModelConfig) -> str:
         return "fp8" if cfg.is_fp8_block else "bf16"
     q = hf_quant_config.get("quantization", hf_quant_config)
     algo = q.get("quant_algo") if isinstance(q, dict) else None
-    if algo not in MODE_OF_ALGO:
+    if algo not in registry.FORMAT_OF_ALGO:
         raise QuantizationError(f"hf_quant_config.json names quant_algo {algo!r}, which dsbuild does not write")
-    return MODE_OF_ALGO[algo]
+    return registry.FORMAT_OF_ALGO[algo].name
 
 
 def mode_of_checkpoint(root: str | Path) -> str:

@@ -30,15 +30,15 @@ from builder.errors import QuantizationError
 from builder.model.catalog import build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME, write_index
+from quantize import registry
 from quantize.stream import Planned, TensorReader, computed, passthrough
 
-MODELOPT_CFG = {"fp8-tensor": "FP8_DEFAULT_CFG", "int4-awq": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
 
 
 def modelopt_config(mode: str) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
 
-    cfg = copy.deepcopy(getattr(mtq, MODELOPT_CFG[mode]))
+    cfg = copy.deepcopy(getattr(mtq, registry.get(mode).modelopt_cfg))
     # ModelOpt 0.47's quant_cfg is an ordered list of rules (later ones win).
     cfg["quant_cfg"].append({"quantizer_name": "*weights_proj*", "enable": False})
     return cfg

@@ -21,10 +21,10 @@ import torch
 
 from builder.atomic import atomic_write_json
 from builder.errors import QuantizationError
-from builder.model.catalog import build_catalog, total_bytes
+from builder.model.catalog import build_catalog
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME
-from quantize import formats, report
+from quantize import registry, report
 from quantize.stream import TensorReader, ahead, passthrough, source_shards, write_checkpoint
 
 SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -302,7 +302,7 @@ def run_modelopt(job: QuantJob) -> dict[str, Any]:
     from quantize import modelopt_flow as mf
 
     cfg, _ = _source_config(job.src)
-    _refuse_full_size(job, cfg, f"ModelOpt {mf.MODELOPT_CFG[job.mode]} calibration")
+    _refuse_full_size(job, cfg, f"ModelOpt {registry.get(job.mode).modelopt_cfg} calibration")
     tokens = calibration_tokens(job)
     with mf.export_tmpdir(job.out.parent) as tmp:
         export = Path(tmp)
@@ -342,7 +342,7 @@ def quantize(job: QuantJob) -> dict[str, Any]:
 
 def write_report(job: QuantJob) -> dict[str, Any]:
     cfg, _ = _source_config(job.src)
-    body: dict[str, Any] = {"mode": job.mode, "quant_algo": formats.QUANT_ALGO[job.mode],
+    body: dict[str, Any] = {"mode": job.mode, "quant_algo": registry.get(job.mode).quant_algo,
                             "reference": "source block-FP8 weights dequantized to BF16"}
     body["weights"] = report.weight_sqnr(job.src, job.out, mode=job.mode)
     if body["weights"]["tensors"] and body["weights"]["lossless_tensors"] == body["weights"]["tensors"]:

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator, TypeVar, Union
 
 import torch
 
+from builder.atomic import atomic_path
 from builder.errors import CheckpointError
 from builder.model.catalog import Dtype
 from builder.model.safetensors_io import (DTYPE_OF_TORCH, TORCH_DTYPES, CheckpointLayout, shard_file_name,
@@ -258,9 +259,8 @@ def _write_files(files: list[tuple[Path, list[Planned]]], *, metadata: dict[str,
     sizes = []
     try:
         for fi, (path, entries) in enumerate(files):
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             written = [0] * len(entries)
-            try:
+            with atomic_path(path, fsync=False) as tmp:  # SequentialWriter fsyncs on close
                 with SequentialWriter(tmp) as fh:
                     fh.write(_header(entries, dict(metadata or {"format": "pt"})))
                     while (held := held or next(stream, None)) is not None and held[0][0] == fi:
@@ -279,11 +279,6 @@ def _write_files(files: list[tuple[Path, list[Planned]]], *, metadata: dict[str,
                     for e, n in zip(entries, written):
                         if n != e.nbytes:
                             raise CheckpointError(f"{e.name}: produced {n} bytes, planned {e.nbytes}")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
             sizes.append(path.stat().st_size)
     finally:
         stream.close()  # stops the workers (pending pieces cancelled) before the caller closes its readers

@@ -25,7 +25,6 @@ model in memory; for the full model use ``gpu_commands``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from builder.errors import LayoutError
+from builder.layout import Layout
 
 DEFAULT_GPUS_PER_NODE = 8
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
@@ -35,11 +36,11 @@ class Topology:
         return self.nodes * self.gpus_per_node
 
 
-def topology(*, tp: int, pp: int, nodes: int, node_gpus: int | None) -> Topology:
-    world = tp * pp
+def topology(layout: Layout, *, nodes: int, node_gpus: int | None) -> Topology:
+    world = layout.world_size
     have = node_gpus or DEFAULT_GPUS_PER_NODE
     if world % nodes:
-        raise LayoutError(f"{world} ranks (TP {tp} x PP {pp}) cannot be spread evenly over {nodes} nodes")
+        raise LayoutError(f"{world} ranks (TP {layout.tp} x PP {layout.pp}) cannot be spread evenly over {nodes} nodes")
     per_node = world // nodes
     if per_node > have:
         raise LayoutError(f"{world} ranks over {nodes} node(s) need {per_node} GPUs per node, but nodes have {have}; "

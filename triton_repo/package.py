@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from builder.errors import PackageError
+from builder.layout import Layout
 from triton_repo import interface, launch
 from triton_repo.render import render_text, render_tree, template_dir
 from triton_repo.versions import TrtllmPin
@@ -32,9 +33,7 @@ class PackageInputs:
     flavour: str  # "gpu" | "cpu"
     pin: TrtllmPin
     run_name: str
-    layout: str
-    tp: int
-    pp: int
+    layout: Layout
     nodes: int
     node_gpus: int | None
     llm_api: dict[str, Any]  # LLM() arguments (GPU flavour)
@@ -65,9 +64,9 @@ class PackageInputs:
 def common_values(p: PackageInputs, topo: launch.Topology | None) -> dict[str, Any]:
     return {
         "dsbuild_version": p.dsbuild_version, "trtllm_version": p.pin.version, "triton_image": p.triton_image,
-        "run_name": p.run_name, "layout": p.layout, "model_name": interface.MODEL_NAME,
+        "run_name": p.run_name, "layout": p.layout.name, "model_name": interface.MODEL_NAME,
         "inputs": interface.pbtxt_inputs(), "outputs": interface.pbtxt_outputs(),
-        "world_size": p.tp * p.pp, "deploy_dir": p.deploy_dir, "model_path": p.model_path,
+        "world_size": p.layout.world_size, "deploy_dir": p.deploy_dir, "model_path": p.model_path,
         "nodes": topo.nodes if topo else p.nodes, "gpus_per_node": topo.gpus_per_node if topo else 0,
     }
 
@@ -88,7 +87,7 @@ def render_repository(p: PackageInputs, out: Path) -> list[Path]:
     """Write ``out/tensorrt_llm/...`` for ``p.flavour``."""
     if p.flavour not in ("gpu", "cpu"):
         raise PackageError(f"unknown repository flavour {p.flavour!r}; choose gpu or cpu")
-    topo = launch.topology(tp=p.tp, pp=p.pp, nodes=p.nodes, node_gpus=p.node_gpus) if p.flavour == "gpu" else None
+    topo = launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus) if p.flavour == "gpu" else None
     values = common_values(p, topo)
     if p.flavour == "cpu":
         values.update(engine_dir=p.engine_dir_rel, dsbuild_src=p.dsbuild_src,
@@ -119,7 +118,7 @@ def render_launch(p: PackageInputs, out: Path) -> list[Path]:
     if p.flavour == "cpu":
         emit("serve-cpu.sh.tmpl", "serve.sh", common_values(p, None))
         return written
-    topo = launch.topology(tp=p.tp, pp=p.pp, nodes=p.nodes, node_gpus=p.node_gpus)
+    topo = launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus)
     values = common_values(p, topo)
     values.update(openai_port=p.openai_port or "", openai_missing=launch.OPENAI_MISSING,
                   openai_command=launch.openai_command(repo='"$REPO"', port='"$OPENAI_PORT"',
@@ -131,7 +130,7 @@ def render_launch(p: PackageInputs, out: Path) -> list[Path]:
     docs = launch.lws_manifests(run_name=p.run_name, topo=topo, image=p.triton_image, deploy_dir=p.deploy_dir,
                                 model_path=p.model_path, pvc=p.k8s_pvc, namespace=p.k8s_namespace,
                                 openai_port=p.openai_port)
-    header = (f"dsbuild {p.dsbuild_version}: LeaderWorkerSet for run {p.run_name} (layout {p.layout}): "
+    header = (f"dsbuild {p.dsbuild_version}: LeaderWorkerSet for run {p.run_name} (layout {p.layout.name}): "
               f"{topo.nodes} pod(s) x {topo.gpus_per_node} GPU(s).\n"
               f"Needs the LeaderWorkerSet controller and a ReadWriteMany PVC {p.k8s_pvc!r} holding the run "
               f"directory, mounted at {p.deploy_dir}.")
@@ -143,9 +142,9 @@ def render_launch(p: PackageInputs, out: Path) -> list[Path]:
 
 def describe(p: PackageInputs) -> dict[str, Any]:
     info: dict[str, Any] = {"flavour": p.flavour, "trtllm_version": p.pin.version, "model": interface.MODEL_NAME,
-                            "world_size": p.tp * p.pp}
+                            "world_size": p.layout.world_size}
     if p.flavour == "gpu":
-        topo = launch.topology(tp=p.tp, pp=p.pp, nodes=p.nodes, node_gpus=p.node_gpus)
+        topo = launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus)
         info.update(image=p.triton_image, nodes=topo.nodes, gpus_per_node=topo.gpus_per_node,
                     total_gpus=topo.total_gpus, model_path=p.model_path, deploy_dir=p.deploy_dir,
                     notes=list(p.pin.notes))

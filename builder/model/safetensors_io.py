@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from builder.atomic import atomic_path, atomic_write_text
 from builder.errors import CheckpointError
-from builder.paths import safe_relpath  # noqa: F401  (re-exported: stages import it from here)
+from builder.paths import safe_relpath
 from builder.model.catalog import Dtype
 
 # The real checkpoint's largest header is a few hundred KB; 100 MB is the format's own cap.
@@ -259,17 +259,10 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *, 
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {"format": "pt"}))
         with open(tmp, "r+b") as fh:
             _sort_metadata_in_place(fh)
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path.stat().st_size
 
 
@@ -290,8 +283,6 @@ def _sort_metadata_in_place(fh) -> None:
 
 
 def write_index(root: str | Path, weight_map: Mapping[str, str], *, total_size: int) -> None:
-    from builder.atomic import atomic_write_text
-
     body = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(Path(root) / INDEX_NAME, json.dumps(body, indent=2) + "\n")
 

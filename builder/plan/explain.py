@@ -86,9 +86,7 @@ def rationale(result: "PlanResult") -> str:
         where = "inside the NVLink domain" if rec.links.get("tp") == "nvlink" else f"over {rec.links.get('tp')}"
         lines.append(f"Its TP all-reduces stay {where} ({c.gpus_per_node} GPUs per node).")
     if rec.layout.pp > 1:
-        from builder.shard.rules import stage_layers
-
-        split = "/".join(str(len(s)) for s in stage_layers(result.cfg.num_hidden_layers, rec.layout.pp))
+        split = "/".join(str(len(s)) for s in rec.layout.stage_layers(result.cfg.num_hidden_layers))
         lines.append(f"PP {rec.layout.pp} splits the {result.cfg.num_hidden_layers} layers {split} (MTP on the "
                      f"last stage); stage hand-offs go over {rec.links.get('pp')}.")
     ties = [lp for lp in feasible[1:] if _same_speed(lp, rec)]

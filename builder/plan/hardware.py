@@ -85,7 +85,7 @@ GPUS: dict[str, GPU] = {g.name: g for g in (
     GPU("a100-sxm-80g", "ampere", 81920 * MIB / (1 << 30), 2.0, 312, 0, 0, "nvlink", 300, 8.0, layer_overhead_us=90.0),
     GPU("b200", "blackwell", 183359 * MIB / (1 << 30), 7.7, 2250, 4500, 9000, "nvlink", 900, 5.0, layer_overhead_us=50.0),
     GPU("l40s", "ada", 46068 * MIB / (1 << 30), 0.864, 362, 733, 0, "pcie", 32, 15.0, layer_overhead_us=80.0),
-    # The CPU reference engine (builder/runtime): one process per rank on one host, fp32 math on dequantized
+    # The CPU reference engine (builder/engine): one process per rank on one host, fp32 math on dequantized
     # weights, gloo collectives over shared memory. Sized for a small CI machine so the tiny model's predictions
     # can be compared with measured runs; override it with a hardware YAML for a bigger host.
     GPU("cpu", "cpu", 8.0, 0.02, 0.1, 0, 0, "shm", 5, 100.0, gpus_per_node=4, hbm_efficiency=0.5,
@@ -101,15 +101,6 @@ NETWORKS: dict[str, Network] = {n.name: n for n in (
     Network("eth-100g", 12.5, 30.0, 0.6),
 )}
 
-# Which weight formats each architecture runs (TensorRT-LLM 1.2 PyTorch backend; FACTS §2): NVFP4 needs
-# Blackwell, W4AFP8 is a Hopper kernel, Ampere has no FP8 at all.
-QUANT_SUPPORT: dict[str, frozenset[str]] = {
-    "hopper": frozenset({"fp8", "fp8-tensor", "w4afp8", "int4-awq", "bf16"}),
-    "blackwell": frozenset({"fp8", "fp8-tensor", "nvfp4", "int4-awq", "bf16"}),
-    "ada": frozenset({"fp8-tensor", "int4-awq", "bf16", "fp8"}),
-    "ampere": frozenset({"int4-awq", "bf16"}),
-    "cpu": frozenset({"fp8", "fp8-tensor", "w4afp8", "int4-awq", "nvfp4", "bf16"}),
-}
 FP8_KV_ARCHS = frozenset({"ada", "hopper", "blackwell", "cpu"})
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 
 from builder.model.catalog import Kind, TensorSpec
 from builder.model.config import ModelConfig
-from builder.shard.rules import RULES, Layout, Stage, check_layout, plan_ranks, stage_layers
+from builder.shard.rules import RULES, Stage, check_layout, plan_ranks
+from builder.layout import Layout
 
 GIB = 1 << 30
 EXPERT_KINDS = frozenset({Kind.EXPERT_GATE, Kind.EXPERT_UP, Kind.EXPERT_DOWN})
@@ -156,7 +157,7 @@ def stage_weights(cat: WeightCatalog, layout: Layout) -> list[list[RankWeights]]
     check_layout(cfg, layout)
     shared = _shared_pieces(cat, layout.tp, layout.attention_dp, layout.ep)
     experts = _expert_pieces(cat, layout.tp, layout.ep)
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     out = []
     for s, layers in enumerate(stages):
         n_dense = sum(1 for i in layers if not cfg.is_moe_layer(i))

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from builder.model.config import ModelConfig
 from builder.plan.hardware import GPU, Cluster
 from builder.plan.memory import MAX_NUM_TOKENS, RankWeights
-from builder.shard.rules import Layout, mlp_tp, stage_layers
+from builder.shard.rules import mlp_tp
+from builder.layout import Layout
 
 ACT_BYTES = 2  # bf16 activations on the wire
 
@@ -210,7 +211,7 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
     gpu: GPU = cluster.gpu
     m = max(1, min(batch, layout.pp))
     b = math.ceil(batch / m)
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     hbm = gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency
     peak = gpu.peak_tflops(compute_dtype) * 1e12 * gpu.compute_efficiency
     seqs_per_rank = b / layout.tp if layout.attention_dp else b
@@ -260,7 +261,7 @@ def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement
     gpu = cluster.gpu
     peak = gpu.peak_tflops(compute_dtype) * 1e12 * gpu.compute_efficiency
     hbm = gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     chunks = max(1, math.ceil(isl / MAX_NUM_TOKENS))
     chunk = isl / chunks
     chunk_s: list[float] = []

@@ -16,12 +16,12 @@ from typing import Any
 from builder.errors import LayoutError, SpecError
 from builder.model.config import ModelConfig
 from builder.plan import memory as mem
-from builder.plan.hardware import FP8_KV_ARCHS, QUANT_SUPPORT, Cluster, HardwareTable, load_hardware
+from builder.plan.hardware import FP8_KV_ARCHS, Cluster, HardwareTable, load_hardware
 from builder.plan.perf import DecodeEstimate, Placement, PrefillEstimate, decode_step, prefill
-from builder.shard.rules import Layout, stage_layers
+from builder.layout import Layout
+from quantize import registry as quant_formats
 
 GIB = 1 << 30
-COMPUTE_DTYPE = {"fp8": "fp8", "fp8-tensor": "fp8", "w4afp8": "fp8", "nvfp4": "fp4", "int4-awq": "bf16", "bf16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class LayoutPlan:
 
     @property
     def gpus_per_replica(self) -> int:
-        return self.layout.tp * self.layout.pp
+        return self.layout.world_size
 
     @property
     def gpus(self) -> int:
@@ -80,7 +80,7 @@ class LayoutPlan:
 
     @property
     def name(self) -> str:
-        return self.layout.name() + (f"x{self.replicas}" if self.replicas > 1 else "")
+        return self.layout.name + (f"x{self.replicas}" if self.replicas > 1 else "")
 
     @property
     def tokens_per_s_replica(self) -> float:
@@ -239,13 +239,13 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, *, tp: int | None, pp: int | 
 def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant: str, kv_cache_dtype: str,
                     workload: Workload, catalog: mem.WeightCatalog) -> LayoutPlan:
     gpu = cluster.gpu
-    world = layout.tp * layout.pp
+    world = layout.world_size
     replicas = max(1, cluster.gpus // world)
     lp = LayoutPlan(layout=layout, replicas=replicas, _workload=workload)
     lp.capacity = gpu.memory_bytes
-    if quant not in QUANT_SUPPORT[gpu.arch]:
-        need = {"nvfp4": "Blackwell GPUs (b200)", "w4afp8": "Hopper GPUs (h100/h200)"}.get(quant, "FP8 tensor cores")
-        lp.reasons.append(f"{quant} needs {need}; {gpu.name} is {gpu.arch}")
+    refusal = quant_formats.get(quant).refusal(gpu=gpu.name, arch=gpu.arch)
+    if refusal:
+        lp.reasons.append(refusal)
     if kv_cache_dtype == "fp8" and gpu.arch not in FP8_KV_ARCHS:
         lp.reasons.append(f"an FP8 KV cache needs FP8 support; {gpu.name} ({gpu.arch}) has none (use --kv-cache-dtype bf16)")
     if world > cluster.gpus:
@@ -258,7 +258,7 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
     except LayoutError as exc:
         lp.reasons.append(str(exc))
         return lp
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     lp.stage_layer_counts = [len(s) + (len(cfg.mtp_layers) if i == layout.pp - 1 and catalog.mtp_layers else 0)
                              for i, s in enumerate(stages)]
     lp.weights_per_stage = [max(r.total for r in row) for row in weights]
@@ -311,7 +311,7 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
     if not lp.feasible:
         return lp
 
-    compute = COMPUTE_DTYPE[quant]
+    compute = quant_formats.get(quant).compute_dtype
     context = workload.decode_context
 
     def step(batch: int) -> DecodeEstimate:
@@ -381,8 +381,8 @@ def plan_cluster(*, model: str | ModelConfig, gpu: str | None = None, nodes: int
             raise SpecError(f"{what} must be at least 1, got {v}")
     if kv_cache_dtype not in mem.KV_DTYPE_BYTES:
         raise SpecError(f"unknown KV-cache dtype {kv_cache_dtype!r}; choose one of {sorted(mem.KV_DTYPE_BYTES)}")
-    if quant not in COMPUTE_DTYPE:
-        raise SpecError(f"unknown quantization mode {quant!r}; choose one of {sorted(COMPUTE_DTYPE)}")
+    if quant not in quant_formats.FORMATS:
+        raise SpecError(f"unknown quantization mode {quant!r}; choose one of {', '.join(quant_formats.NAMES)}")
     workload = Workload(isl, osl, concurrency, ttft_ms, tpot_ms, mtp)
     catalog = mem.weight_catalog(cfg, quant, include_mtp=include_mtp)
     layouts = candidate_layouts(cfg, cluster.gpus, tp=tp, pp=pp, ep=ep, attention_dp=attention_dp)

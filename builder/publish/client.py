@@ -29,6 +29,7 @@ import requests
 from builder.errors import RegistryError, VerificationError
 from builder.publish.credentials import Credentials, find_credentials
 from builder.publish.reference import OciReference
+from builder.retry import Backoff, retry
 
 CHUNK_BYTES = 32 << 20  # one PATCH; also the most a transfer holds in memory
 READ_BYTES = 1 << 20
@@ -36,10 +37,6 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 300
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 Progress = Callable[[int], None]
-
-
-class TransientRegistryError(RegistryError):
-    """A dropped connection or a 5xx answer: the operation may succeed when repeated."""
 
 
 @dataclass
@@ -68,7 +65,7 @@ class RegistryClient(oras.provider.Registry):
         self.ref = ref
         self.container = oras.container.Container(ref.oras_target(), registry=ref.registry)
         self.retries = retries
-        self.backoff_s = backoff_s
+        self.backoff = Backoff(attempts=retries + 1, base_s=backoff_s)
         self.chunk_bytes = chunk_bytes
         self.stats = TransferStats()
         self._environ = environ
@@ -87,11 +84,11 @@ class RegistryClient(oras.provider.Registry):
                                 "--insecure") from None
         except requests.exceptions.ConnectionError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else "connection failed or was dropped"
-            raise TransientRegistryError(f"cannot reach registry {self.ref.registry} ({reason}) during "
-                                         f"{method} {_path(url)}") from None
+            raise RegistryError(f"cannot reach registry {self.ref.registry} ({reason}) during "
+                                f"{method} {_path(url)}", transient=True) from None
         except requests.exceptions.Timeout:
-            raise TransientRegistryError(f"registry {self.ref.registry} did not answer {method} {_path(url)} "
-                                         "in time") from None
+            raise RegistryError(f"registry {self.ref.registry} did not answer {method} {_path(url)} "
+                                "in time", transient=True) from None
 
     def do_request(self, url: str, method: str = "GET", data: Any = None, headers: dict | None = None,
                    json: dict | None = None, stream: bool = False) -> requests.Response:  # noqa: A002 (oras' API)
@@ -156,9 +153,7 @@ class RegistryClient(oras.provider.Registry):
             f" ({detail})" if detail else "")
         if resp.status_code == 403:
             msg = f"registry {self.ref.registry} denied {what} (HTTP 403{': ' + detail if detail else ''})"
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise TransientRegistryError(msg)
-        raise RegistryError(msg)
+        raise RegistryError(msg, status=resp.status_code)
 
     # oras' helpers call this; keep its contract (raise on non-2xx) with our errors.
     def _check_200_response(self, response: requests.Response) -> None:
@@ -166,15 +161,16 @@ class RegistryClient(oras.provider.Registry):
 
     def with_retries(self, fn: Callable[[], Any], what: str) -> Any:
         """Run ``fn`` again after a transient failure, up to ``retries`` more times, with a short backoff."""
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except TransientRegistryError as exc:
-                self.stats.upload_attempts_failed += 1
-                if attempt == self.retries:
-                    raise RegistryError(f"{what} failed after {attempt + 1} attempts: {exc}") from None
-                time.sleep(self.backoff_s * (2 ** attempt))
-        raise AssertionError("unreachable")
+        def count(_retry: int, _exc: BaseException) -> None:
+            self.stats.upload_attempts_failed += 1
+        try:
+            return retry(fn, transient=_is_transient, backoff=self.backoff, on_retry=count)
+        except RegistryError as exc:
+            if not exc.transient:
+                raise
+            self.stats.upload_attempts_failed += 1
+            raise RegistryError(f"{what} failed after {self.backoff.attempts} attempts: {exc}",
+                                status=exc.status) from None
 
     # --- API --------------------------------------------------------------------------------------------------
 
@@ -235,15 +231,16 @@ class RegistryClient(oras.provider.Registry):
                 try:
                     resp = self.check(self.do_request(location, "PATCH", data=chunk, headers=headers),
                                       f"uploading {title}")
-                except TransientRegistryError:
-                    if resumes == self.retries:
+                except RegistryError as exc:
+                    if not exc.transient or resumes == self.retries:
                         raise
-                    resumes += 1
                     self.stats.upload_resumes += 1
-                    time.sleep(self.backoff_s * resumes)
+                    time.sleep(self.backoff.delay(resumes))
+                    resumes += 1
                     location, committed = self._upload_status(location, title)
                     if committed > offset + len(chunk):
-                        raise TransientRegistryError(f"the registry reports more of {title} than was sent") from None
+                        raise RegistryError(f"the registry reports more of {title} than was sent",
+                                            transient=True) from None
                     on_bytes(committed - offset)
                     offset = committed
                     fh.seek(offset)
@@ -327,11 +324,15 @@ class RegistryClient(oras.provider.Registry):
                 except requests.exceptions.RequestException:
                     if progress:
                         progress(-got)
-                    raise TransientRegistryError(f"the download of {title} was cut off") from None
+                    raise RegistryError(f"the download of {title} was cut off", transient=True) from None
             if got != size or "sha256:" + h.hexdigest() != digest:
                 raise VerificationError(f"{title}: the registry sent {got} bytes with sha256:{h.hexdigest()[:12]}..., "
                                         f"the artifact manifest records {size} bytes with {digest[:19]}...")
         self.with_retries(attempt, f"downloading {title}")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, RegistryError) and exc.transient
 
 
 def _path(url: str) -> str:

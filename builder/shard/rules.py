@@ -21,41 +21,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from builder.errors import LayoutError
+from builder.layout import Layout
 from builder.model.catalog import Dtype, Kind, TensorSpec
 from builder.model.config import FP8_BLOCK, ModelConfig
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A parallel layout. ``world = tp * pp``; MoE layers use ``ep`` expert-parallel x ``tp // ep`` tensor-parallel
-    ranks inside each TP group (TensorRT-LLM's ``moe_expert_parallel_size`` x ``moe_tensor_parallel_size``)."""
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    attention_dp: bool = False
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp
-
-    @property
-    def moe_tp(self) -> int:
-        return self.tp // self.ep
-
-    def rank(self, *, tp_rank: int, pp_rank: int) -> int:
-        return pp_rank * self.tp + tp_rank
-
-    def coords(self, rank: int) -> tuple[int, int]:
-        """(tp_rank, pp_rank) of a global rank."""
-        return rank % self.tp, rank // self.tp
-
-    def moe_coords(self, tp_rank: int) -> tuple[int, int]:
-        """(moe_ep_rank, moe_tp_rank) inside a TP group, as TensorRT-LLM's Mapping numbers them."""
-        return tp_rank % self.ep, tp_rank // self.ep
-
-    def name(self) -> str:
-        return f"tp{self.tp}pp{self.pp}ep{self.ep}" + ("adp" if self.attention_dp else "")
 
 
 class Split(str, Enum):
@@ -140,17 +108,6 @@ class RankPlan:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.pieces)
-
-
-def stage_layers(num_layers: int, pp: int) -> list[list[int]]:
-    """Contiguous decoder layers per PP stage; leading stages take the remainder (61 layers, PP2 -> 31/30)."""
-    base, extra = divmod(num_layers, pp)
-    out, start = [], 0
-    for s in range(pp):
-        n = base + (1 if s < extra else 0)
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
 
 
 def mlp_tp(intermediate: int, layout: Layout) -> int:
@@ -238,7 +195,7 @@ def plan_ranks(cfg: ModelConfig, layout: Layout, specs: list[TensorSpec], *,
     check_layout(cfg, layout)
     by_name = {s.name: s for s in specs}
     logical = {s.name: tuple((weight_shapes or {}).get(s.name, s.shape)) for s in specs}
-    stages = stage_layers(cfg.num_hidden_layers, layout.pp)
+    stages = layout.stage_layers(cfg.num_hidden_layers)
     experts_per_ep = cfg.n_routed_experts // layout.ep
     plans = []
     for rank in range(layout.world_size):

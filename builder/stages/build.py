@@ -17,10 +17,10 @@ from builder.model.config import ModelConfig
 from builder.model.safetensors_io import validate_checkpoint
 from builder.pipeline import Stage, StageContext
 from builder.shard.fusion import FusionOptions, fuse_rank_tensors
-from builder.shard.rules import Layout, plan_ranks, stage_layers
+from builder.shard.rules import plan_ranks
+from builder.layout import Layout
 from builder.shard.writer import rank_file, write_all_ranks
 from builder.stages.draft import build_draft, key_inputs as draft_key_inputs
-from builder.stages.plan import layout_of
 
 VERSION = "2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -59,7 +59,7 @@ def write_engine_bundle(src: Path, out: Path, *, layout: Layout, fusion: FusionO
     mapping = {
         "world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
         "moe_tp": layout.moe_tp, "attention_dp": layout.attention_dp,
-        "stage_layers": stage_layers(cfg.num_hidden_layers, layout.pp),
+        "stage_layers": layout.stage_layers(cfg.num_hidden_layers),
         "ranks": [{"rank": p.rank, "tp_rank": p.tp_rank, "pp_rank": p.pp_rank, "layers": p.layers,
                    "experts": p.experts, "file": rank_file(p.rank), "weight_bytes": p.nbytes} for p in plans],
     }
@@ -87,7 +87,7 @@ def write_llm_api(spec, src: Path, out: Path, log=print) -> dict[str, Any]:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    info = write_engine_bundle(ctx.inputs["quantize"], ctx.out, layout=layout_of(ctx.spec), fusion=fusion_of(ctx.spec))
+    info = write_engine_bundle(ctx.inputs["quantize"], ctx.out, layout=ctx.spec.layout, fusion=fusion_of(ctx.spec))
     if ctx.spec.spec == "draft":
         info["draft"] = build_draft(ctx, target_src=ctx.inputs["quantize"], fusion=fusion_of(ctx.spec))
     info["llm_api"] = write_llm_api(ctx.spec, ctx.inputs["quantize"], ctx.out, log=ctx.log)
@@ -96,4 +96,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(name="build", version=VERSION, output="engines", upstream=("plan", "quantize"), run=run,
               key_inputs=draft_key_inputs,
-              tools=("torch", "safetensors"), describe=lambda spec, extra: f"write {spec.tp * spec.pp} rank files")
+              tools=("torch", "safetensors"), describe=lambda spec, extra: f"write {spec.layout.world_size} rank files")

@@ -15,7 +15,7 @@ from typing import Any
 from builder.errors import CheckpointError
 from builder.model.config import ModelConfig
 from builder.pipeline import StageContext
-from builder.shard.rules import Layout
+from builder.layout import Layout
 from builder.trtllm.speculative import DRAFT_DIR, DRAFT_HF_DIR
 
 

@@ -18,7 +18,8 @@ from builder.atomic import atomic_write_json, link_or_copy
 from builder.errors import CheckpointError
 from builder.model.catalog import catalog_by_name, is_mtp_tensor
 from builder.model.config import ModelConfig
-from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, safe_relpath, validate_checkpoint
+from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
+from builder.paths import safe_relpath
 from builder.model.selection import path_selected, select_shards
 from builder.model.source import resolve_model
 from builder.pipeline import Stage, StageContext

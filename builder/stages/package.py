@@ -49,8 +49,8 @@ def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
     import builder
 
     return PackageInputs(
-        flavour=flavour_of(spec), pin=pin(PINNED_VERSION), run_name=run_dir.name, layout=spec.layout_name(),
-        tp=spec.tp, pp=spec.pp, nodes=spec.nodes, node_gpus=spec.gpus_per_node, llm_api=llm_api,
+        flavour=flavour_of(spec), pin=pin(PINNED_VERSION), run_name=run_dir.name, layout=spec.layout,
+        nodes=spec.nodes, node_gpus=spec.gpus_per_node, llm_api=llm_api,
         deploy_dir=deploy_dir, model_path=model_path,
         engine_dir_rel=relative_engine_dir(run_dir / "package", engines),
         dsbuild_src=str(Path(builder.__file__).resolve().parent.parent),

@@ -12,14 +12,9 @@ from typing import Any
 from builder.atomic import atomic_write_json
 from builder.errors import LayoutError
 from builder.pipeline import Stage, StageContext
-from builder.shard.rules import Layout
 from builder.specs import RunSpec
 
 VERSION = "2"
-
-
-def layout_of(spec: RunSpec) -> Layout:
-    return Layout(tp=spec.tp, pp=spec.pp, ep=spec.ep, attention_dp=spec.attention_dp)
 
 
 def plan_for_spec(spec: RunSpec, *, fixed: set[str] | None = None, requested: bool = True):
@@ -34,7 +29,7 @@ def plan_for_spec(spec: RunSpec, *, fixed: set[str] | None = None, requested: bo
         osl=spec.osl, concurrency=spec.concurrency, ttft_ms=spec.ttft_ms, tpot_ms=spec.tpot_ms,
         include_mtp=not spec.skip_mtp, mtp=spec.spec == "mtp",
         **{k: getattr(spec, k) for k in ("tp", "pp", "ep", "attention_dp") if k in fixed},
-        requested=layout_of(spec) if requested else None)
+        requested=spec.layout if requested else None)
 
 
 def check_requested(spec: RunSpec, result=None) -> None:
@@ -42,7 +37,7 @@ def check_requested(spec: RunSpec, result=None) -> None:
     result = result or plan_for_spec(spec)
     req = result.requested
     if req is not None and not req.feasible and not spec.allow_infeasible:
-        raise LayoutError(f"layout {spec.layout_name()} is not feasible: {'; '.join(req.reasons)} "
+        raise LayoutError(f"layout {spec.layout.name} is not feasible: {'; '.join(req.reasons)} "
                           "(pass --allow-infeasible to build it anyway)")
 
 
@@ -73,7 +68,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(name="plan", version=VERSION, output="plan", upstream=(), run=run, key_inputs=_key_inputs,
               tools=("matplotlib",),
-              describe=lambda spec, extra: f"plan layout {spec.layout_name()} for {spec.model}")
+              describe=lambda spec, extra: f"plan layout {spec.layout.name} for {spec.model}")
 
 
 def _gib_or_mib(n: int) -> str:

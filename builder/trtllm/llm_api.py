@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
+from builder.layout import Layout
 from builder.model.config import ModelConfig
-from builder.shard.rules import stage_layers
 from builder.trtllm import PINNED_VERSION
 from builder.trtllm.contract import require_conforming
 from builder.trtllm.speculative import speculative_config
@@ -59,13 +59,13 @@ def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(s for s in sizes if s <= max_batch_size)
 
 
-def moe_backend(*, gpu: str | None, quant: str, ep: int, attention_dp: bool) -> str:
+def moe_backend(*, gpu: str | None, quant: str, layout: Layout) -> str:
     if not gpu:
         return "AUTO"
     blackwell = gpu.startswith(BLACKWELL)
     if quant == "nvfp4":
         return "TRTLLM"
-    if attention_dp and ep >= 16:
+    if layout.attention_dp and layout.ep >= 16:
         return "WIDEEP"
     if quant in ("fp8",) and blackwell:
         return "DEEPGEMM"
@@ -75,9 +75,8 @@ def moe_backend(*, gpu: str | None, quant: str, ep: int, attention_dp: bool) -> 
 def render(spec, cfg: ModelConfig) -> LlmApiConfig:
     """The LLM-API options for ``spec`` (a RunSpec) and ``cfg``; checked against the version's allow-list."""
     warnings: list[str] = []
-    tp, pp, ep = spec.tp, spec.pp, spec.ep
-    dp_ranks = tp if spec.attention_dp else 1
-    max_batch = max(1, math.ceil(spec.concurrency / dp_ranks))
+    layout = spec.layout
+    max_batch = max(1, math.ceil(spec.concurrency / layout.attention_dp_ranks))
     spec_block = speculative_config(spec, cfg)
     draft = int(spec_block.get("max_draft_len") or spec_block.get("num_nextn_predict_layers") or 0) if spec_block else 0
     max_seq = min(spec.isl + spec.osl + draft, cfg.max_position_embeddings)
@@ -86,11 +85,11 @@ def render(spec, cfg: ModelConfig) -> LlmApiConfig:
                         "positions; max_seq_len is capped there")
     max_tokens = 64 * math.ceil((spec.isl + max_batch * (1 + draft)) / 64)
     options: dict[str, Any] = {
-        "tensor_parallel_size": tp,
-        "pipeline_parallel_size": pp,
-        "moe_expert_parallel_size": ep,
-        "moe_tensor_parallel_size": tp // ep,
-        "enable_attention_dp": bool(spec.attention_dp),
+        "tensor_parallel_size": layout.tp,
+        "pipeline_parallel_size": layout.pp,
+        "moe_expert_parallel_size": layout.ep,
+        "moe_tensor_parallel_size": layout.moe_tp,
+        "enable_attention_dp": layout.attention_dp,
         "max_batch_size": max_batch,
         "max_num_tokens": max_tokens,
         "max_seq_len": max_seq,
@@ -102,13 +101,12 @@ def render(spec, cfg: ModelConfig) -> LlmApiConfig:
         },
         "cuda_graph_config": {"enable_padding": True, "batch_sizes": cuda_graph_batch_sizes(max_batch),
                               "max_batch_size": max_batch},
-        "moe_config": {"backend": moe_backend(gpu=spec.gpu, quant=spec.quant, ep=ep,
-                                              attention_dp=spec.attention_dp)},
+        "moe_config": {"backend": moe_backend(gpu=spec.gpu, quant=spec.quant, layout=layout)},
     }
     if cfg.model_type == "deepseek_v32":
         options["custom_tokenizer"] = "deepseek_v32"
-    if pp > 1:
-        options["pp_partition"] = [len(s) for s in stage_layers(cfg.num_hidden_layers, pp)]
+    if layout.pp > 1:
+        options["pp_partition"] = [len(s) for s in layout.stage_layers(cfg.num_hidden_layers)]
         warnings.append(PP_WARNING)
     if spec_block:
         options["speculative_config"] = spec_block

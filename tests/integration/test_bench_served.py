@@ -99,8 +99,8 @@ def test_unreachable_server_is_one_clear_error(cpu_run, tmp_path):  # noqa: F811
 
 
 def test_synthetic_prompts_encode_to_exactly_the_requested_lengths(cpu_run):  # noqa: F811
-    from builder.runtime.bundle import EngineBundle
-    from builder.runtime.text import encode_prompt
+    from builder.engine.bundle import EngineBundle
+    from builder.engine.text import encode_prompt
     from triton_repo.bench.prompts import PromptTokenizer
 
     tokenizer = PromptTokenizer(cpu_run / "engines")

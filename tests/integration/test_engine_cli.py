@@ -36,7 +36,7 @@ def test_verify_fails_on_a_tampered_rank(tiny_ckpt, tmp_path):
     """verify_engine itself (the CLI's logic) on a one-rank bundle whose final norm was altered."""
     from safetensors.torch import load_file, save_file
 
-    from builder.runtime.verify import verify_engine
+    from builder.engine.verify import verify_engine
     from tests.support.engines import build_bundle
 
     bad = build_bundle(tiny_ckpt, tmp_path / "engines", tp=1, pp=1, ep=1)

@@ -34,7 +34,7 @@ def _alive(pid: int) -> bool:
 
 def test_close_stops_every_worker_and_refuses_later_requests(bundle_tp2):
     from builder.errors import ServeError
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     svc = EngineService(bundle_tp2, threads_per_rank=1)
     stats = svc.rank_stats()
@@ -51,7 +51,7 @@ def test_a_worker_killed_mid_request_is_named_and_later_calls_fail_at_once(bundl
     import threading
 
     from builder.errors import ServeError
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     svc = EngineService(bundle_tp2, threads_per_rank=1)
     worker = svc._procs[0]
@@ -81,7 +81,7 @@ def test_a_worker_killed_mid_request_is_named_and_later_calls_fail_at_once(bundl
 def test_workers_die_with_a_killed_host_process(bundle_tp2):
     script = (
         "import json, sys, time\n"
-        "from builder.runtime.service import EngineService\n"
+        "from builder.engine.service import EngineService\n"
         f"svc = EngineService({str(bundle_tp2)!r}, threads_per_rank=1)\n"
         "print(json.dumps([p.pid for p in svc._procs]), flush=True)\n"
         "time.sleep(600)\n"
@@ -107,7 +107,7 @@ def test_a_rank_that_cannot_load_is_named_and_nothing_is_left_running(bundle_tp2
     import shutil
 
     from builder.errors import ServeError
-    from builder.runtime.service import EngineService
+    from builder.engine.service import EngineService
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle_tp2, broken)
@@ -121,7 +121,7 @@ def test_a_rank_that_cannot_load_is_named_and_nothing_is_left_running(bundle_tp2
 
 def test_a_missing_python_for_workers_is_a_clear_error(bundle_tp2):
     from builder.errors import ServeError
-    from builder.runtime.service import EngineService
+    from builder.engine.service import EngineService
 
     with pytest.raises(ServeError, match="python executable '/nonexistent/python3' does not exist"):
         EngineService(bundle_tp2, python_executable="/nonexistent/python3")

@@ -416,7 +416,7 @@ def test_real_model_run_plans_then_fails_the_disk_check_before_downloading(dsb, 
     proc = dsb("run", "--model", "deepseek-ai/DeepSeek-V3.2", "--tp", "8", "--pp", "2", "--gpu", "h200-sxm",
                "--nodes", "2", "--out", "build/run", env={"DSBUILD_FREE_SPACE_BYTES": "50000000"})
     assert proc.returncode == 5, proc.stderr
-    assert "quantize, build are left for the GPU host" in proc.stderr and "689.5 GB" in proc.stderr
+    assert "quantize, build, package are left for the GPU host" in proc.stderr and "689.5 GB" in proc.stderr
     assert "not enough disk space" in error_line(proc)
     stages = json.loads((tmp_path / "build/run/manifest.json").read_text())["stages"]
     assert set(stages) == {"plan"}  # planned first, then stopped before any weights came
@@ -431,9 +431,10 @@ def test_run_leaves_big_stages_for_the_gpu_host_with_a_command_that_finishes_the
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert [(s["stage"], s["status"]) for s in out["stages"]] == [
-        ("plan", "built"), ("fetch", "built"), ("quantize", "left for GPU host"), ("build", "left for GPU host")]
+        ("plan", "built"), ("fetch", "built"), ("quantize", "left for GPU host"), ("build", "left for GPU host"),
+        ("package", "left for GPU host")]
     left = out["left_for_gpu_host"]
-    assert left["stages"] == ["quantize", "build"] and "TensorRT-LLM container" in left["where"]
+    assert left["stages"] == ["quantize", "build", "package"] and "TensorRT-LLM container" in left["where"]
     assert f"--revision {repo.commit}" in left["command"] and "--out build/run" in left["command"]
     assert not (tmp_path / "build/latest").exists()  # the run is not complete
 
@@ -442,7 +443,7 @@ def test_run_leaves_big_stages_for_the_gpu_host_with_a_command_that_finishes_the
     done = dsb("run", *args, "--json")
     assert done.returncode == 0, done.stderr
     status = {s["stage"]: s["status"] for s in json.loads(done.stdout)["stages"]}
-    assert status == {"plan": "cached", "fetch": "cached", "quantize": "built", "build": "built"}
+    assert status == {"plan": "cached", "fetch": "cached", "quantize": "built", "build": "built", "package": "built"}
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ import torch
 
 from builder.model.catalog import build_catalog
 from builder.model.tiny import init_tensor, make_tiny, tiny_config
-from builder.runtime.bundle import EngineBundle
-from builder.runtime.distributed import make_comm
-from builder.runtime.generate import Engine
-from builder.runtime.kv_cache import StepPositions
-from builder.runtime.mtp import MTPModule
+from builder.engine.bundle import EngineBundle
+from builder.engine.distributed import make_comm
+from builder.engine.generate import Engine
+from builder.engine.kv_cache import StepPositions
+from builder.engine.mtp import MTPModule
 from tests.support.engines import build_bundle
 
 
@@ -82,7 +82,7 @@ def test_mtp_drafts_from_the_final_normed_hidden_state_as_the_trainer_taught_it(
     do); feeding the pre-norm state instead gives clearly different logits."""
     from builder.model import trained as builtin
     from builder.model.hf_compat import iter_dequantized
-    from builder.runtime.mtp import MTPProposer
+    from builder.engine.mtp import MTPProposer
     from builder.train.model import TinyDeepseekV32, load_weights
 
     bundle = EngineBundle.open(build_bundle(tiny_ckpt, tmp_path / "b", tp=1, pp=1, ep=1))

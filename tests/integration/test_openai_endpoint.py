@@ -57,8 +57,8 @@ def triton_generate(served, prompt: str, **params) -> str:
 
 def prompt_tokens(run, prompt: str) -> int:
     """How many tokens the model itself sees for ``prompt`` (its tokenizer files, BOS as they say)."""
-    from builder.runtime.bundle import EngineBundle
-    from builder.runtime.text import encode_prompt
+    from builder.engine.bundle import EngineBundle
+    from builder.engine.text import encode_prompt
 
     bundle = EngineBundle.open(run / "engines")
     return len(encode_prompt(bundle, bundle.tokenizer(), prompt))

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from builder.runtime.service import EngineService, GenerationRequest
+from builder.engine.service import EngineService, GenerationRequest
 from tests.support.engines import build_bundle
 
 # The last two repeat words that their continuations would use, so counting the prompt matters (asserted below).
@@ -30,8 +30,8 @@ def bundles(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(bundles):
-    from builder.runtime.bundle import EngineBundle
-    from builder.runtime.text import encode_prompt
+    from builder.engine.bundle import EngineBundle
+    from builder.engine.text import encode_prompt
 
     bundle = EngineBundle.open(bundles[1, 1])
     tok = bundle.tokenizer()
@@ -103,7 +103,7 @@ def test_penalized_greedy_speculative_equals_the_transformers_loop(bundles, prom
 
 
 def test_generate_cli_frequency_penalty_changes_a_looping_continuation(bundles, dsbuild, oracle):
-    from builder.runtime.bundle import EngineBundle
+    from builder.engine.bundle import EngineBundle
 
     def run(*extra):
         proc = dsbuild("generate", "--engine", str(bundles[1, 1]), "--prompt", PROMPTS[0], "--max-tokens", str(GEN),

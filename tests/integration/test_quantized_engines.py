@@ -33,7 +33,7 @@ def quantized(tiny_ckpt, tmp_path_factory):
 
 
 def check(quantized, mode: str, bundle, tmp_layout: str) -> None:
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     _, (ref_logits, ref_greedy) = quantized(mode)
     prompts = fixed_prompts()

@@ -53,7 +53,7 @@ def check_against_reference(result, logits, reference):
 
 
 def test_single_process_engine_matches_transformers(bundles, prompts, reference):
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     with EngineService(bundles(1, 1, 1)) as svc:
         logits = svc.prompt_logits(prompts)
@@ -102,7 +102,7 @@ def test_every_attention_dp_layout_matches_transformers(layout, bundles, prompts
 def test_service_multi_rank_generates_with_streaming_and_stops(bundles, prompts, reference):
     """EngineService at TP2/EP2: greedy equals transformers, on_token streams every token in order, a stop token
     ends a sequence (not included) while the others run to max_tokens."""
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     _, ref_greedy = reference
     stop = ref_greedy[1][3]
@@ -123,7 +123,7 @@ def test_service_multi_rank_generates_with_streaming_and_stops(bundles, prompts,
 def test_pp_micro_batches_give_the_same_tokens_as_one_batch(bundles, prompts, reference):
     """PP2 with the requests split into micro-batches that overlap the stages: greedy equals transformers and the
     one-batch schedule, seeded sampling draws the same tokens, and every request streams its tokens in order."""
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     _, ref_greedy = reference
     streamed: dict[int, list[int]] = {}
@@ -145,7 +145,8 @@ def test_gcd_rule_mlp_split_over_fewer_ranks_than_tp(tmp_path_factory, tmp_path)
     two; the engine must count each slice once."""
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import make_tiny
-    from builder.shard.rules import Layout, mlp_tp
+    from builder.shard.rules import mlp_tp
+    from builder.layout import Layout
     from builder.model.tiny import tiny_config
 
     cfg = tiny_config(overrides={"intermediate_size": 256})
@@ -162,7 +163,7 @@ def test_yarn_rope_matches_transformers(tmp_path_factory, tmp_path):
     """The real model's YaRN rope scaling (factor, original length, mscale) on a tiny model."""
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import make_tiny
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     yarn = {"rope_scaling": {"type": "yarn", "factor": 8, "original_max_position_embeddings": 64, "beta_fast": 32,
                              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
@@ -172,7 +173,7 @@ def test_yarn_rope_matches_transformers(tmp_path_factory, tmp_path):
     with EngineService(build_bundle(ckpt, tmp_path / "tp1", tp=1, pp=1, ep=1)) as svc:
         logits = svc.prompt_logits(prompts)
         res = svc.generate([GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts])
-    from builder.runtime.rope import RopeTable
+    from builder.engine.rope import RopeTable
 
     table = RopeTable.from_config(svc.bundle.cfg)
     assert table.softmax_scale != svc.bundle.cfg.qk_head_dim ** -0.5  # mscale really applied
@@ -182,7 +183,7 @@ def test_yarn_rope_matches_transformers(tmp_path_factory, tmp_path):
 
 def test_fused_and_unfused_bundles_agree(bundles, prompts):
     """Every fusion off (and MLA absorption off) against every fusion on: same logits, same greedy tokens."""
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
     from builder.shard.fusion import FusionOptions
 
     outs = {}
@@ -199,8 +200,8 @@ def test_fused_and_unfused_bundles_agree(bundles, prompts):
 def test_packed_and_plain_gemm_weights_agree(bundles, prompts, monkeypatch):
     """The CPU engine's pre-packed GEMM weights (its default) against plain tensors: same logits within fp32
     rounding, same greedy tokens; every 2-D weight of the decoder but the embedding and the small ones is packed, experts included."""
-    from builder.runtime.layers import PACKED_MIN_ELEMENTS
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.layers import PACKED_MIN_ELEMENTS
+    from builder.engine.service import EngineService, GenerationRequest
 
     outs = {}
     for packed in ("1", "0"):
@@ -224,10 +225,10 @@ def test_all_experts_at_once_equals_each_expert_on_its_rows(bundles, layout, mon
     """The CPU MoE's decode path (every row through all local experts in two GEMMs, routing weights as a dense
     matrix) against the per-expert path, on a whole rank and on a TP2/EP2 rank (half the experts, moe-TP slices);
     and it is the path taken for a few rows that reach most experts."""
-    import builder.runtime.layers as layers
-    from builder.runtime.bundle import EngineBundle
-    from builder.runtime.distributed import Comm
-    from builder.runtime.model import StageModel
+    import builder.engine.layers as layers
+    from builder.engine.bundle import EngineBundle
+    from builder.engine.distributed import Comm
+    from builder.engine.model import StageModel
 
     bundle = EngineBundle.open(bundles(*layout))
     comm = Comm(layout=bundle.layout, rank=bundle.layout.world_size - 1)
@@ -247,7 +248,7 @@ def test_all_experts_at_once_equals_each_expert_on_its_rows(bundles, layout, mon
 
 
 def test_seeded_sampling_repeats_and_bf16_stays_close(bundles, prompts):
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     reqs = lambda seed: [GenerationRequest(prompt_ids=p, max_tokens=8, temperature=1.2, top_k=40, top_p=0.9,
                                            seed=seed) for p in prompts]

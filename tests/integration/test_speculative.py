@@ -12,10 +12,10 @@ import torch
 from scipy import stats
 
 from builder.errors import CheckpointError, RequestError
-from builder.runtime.bundle import EngineBundle
-from builder.runtime.distributed import make_comm
-from builder.runtime.generate import Engine, GenerationRequest, probabilities
-from builder.runtime.service import EngineService
+from builder.engine.bundle import EngineBundle
+from builder.engine.distributed import make_comm
+from builder.engine.generate import Engine, GenerationRequest, probabilities
+from builder.engine.service import EngineService
 from tests.support.engines import build_bundle, fixed_prompts
 from tests.support.speculative import noisy_copy, planted_target
 
@@ -177,7 +177,7 @@ def test_sampled_tokens_follow_the_target_distribution(engine, bundles, mode, pe
 
 def test_mtp_on_a_bundle_without_the_module_is_a_clear_error(bundles, engine):
     reqs = _requests(1)
-    from builder.runtime.generate import Driver
+    from builder.engine.generate import Driver
 
     with pytest.raises(CheckpointError, match="no MTP module"):
         Driver(Engine(EngineBundle.open(bundles.draft),
@@ -191,7 +191,7 @@ def test_mtp_on_a_bundle_without_the_module_is_a_clear_error(bundles, engine):
 
 def test_draft_with_another_vocabulary_is_refused(bundles, engine, tmp_path):
     from builder.model.tiny import make_tiny
-    from builder.runtime.generate import Driver
+    from builder.engine.generate import Driver
 
     other = build_bundle(make_tiny(tmp_path / "ckpt", preset_name="tiny-draft", overrides={"vocab_size": 512}),
                          tmp_path / "b", tp=1, pp=1, ep=1)

@@ -22,7 +22,7 @@ from tests.conftest import REPO, run_dsbuild
 from tests.support.served import build_cpu_run, direct_results, serve_repo
 
 try:
-    import builder.runtime.service  # noqa: F401
+    import builder.engine.service  # noqa: F401
 
     HAVE_RUNTIME = True
 except ImportError:
@@ -31,7 +31,7 @@ except ImportError:
 pytestmark = [
     pytest.mark.server,
     pytest.mark.xdist_group("triton-cpu"),
-    pytest.mark.skipif(not HAVE_RUNTIME, reason="builder.runtime.service (the reference engine) is not in this build"),
+    pytest.mark.skipif(not HAVE_RUNTIME, reason="builder.engine.service (the reference engine) is not in this build"),
 ]
 
 EXIT_TIMEOUT_S = 10

@@ -21,8 +21,8 @@ def mtp_run(tmp_path_factory, cache_dir):
 
 
 def test_served_mtp_greedy_equals_plain_greedy_and_counts_drafts(mtp_run, tmp_path):
-    from builder.runtime.service import EngineService, GenerationRequest
-    from builder.runtime.text import encode_prompt
+    from builder.engine.service import EngineService, GenerationRequest
+    from builder.engine.text import encode_prompt
     from triton_repo.client import GenerateOptions, generate
 
     config = (mtp_run / "package" / "triton_repo" / "tensorrt_llm" / "config.pbtxt").read_text()

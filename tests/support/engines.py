@@ -26,7 +26,7 @@ def fixed_prompts(vocab: int = 1024, lengths=PROMPT_LENGTHS, seed: int = 1) -> l
 
 def build_bundle(ckpt: Path, out: Path, *, tp: int, pp: int, ep: int, fusion=None, attention_dp: bool = False) -> Path:
     from builder.shard.fusion import FusionOptions
-    from builder.shard.rules import Layout
+    from builder.layout import Layout
     from builder.stages.build import write_engine_bundle
 
     if not (out / "config.json").is_file():
@@ -57,7 +57,7 @@ def run_torchrun(engine: Path, task: dict, workdir: Path, *, nproc: int, nnodes:
     else:
         launch = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc // nnodes), "--rdzv-backend", "c10d",
                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"dsbuild-{port}", "--local-addr", "127.0.0.1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "builder.runtime.launch",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "builder.engine.torchrun",
            "--engine", str(engine), "--task", str(workdir / "task.json"), "--out", str(out)]
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(nnodes)]

@@ -44,8 +44,8 @@ def direct_results(engine_dir: Path, wanted: dict, *, max_tokens: int) -> dict:
     """What ``EngineService`` itself returns for each ``key -> (prompt text, sampling params)`` of ``wanted``, one
     request at a time and stopping at end-of-sentence as TensorRT-LLM does by default: key -> (decoded text,
     GenerationResult)."""
-    from builder.runtime.service import EngineService, GenerationRequest
-    from builder.runtime.text import encode_prompt
+    from builder.engine.service import EngineService, GenerationRequest
+    from builder.engine.text import encode_prompt
 
     out = {}
     with EngineService(engine_dir) as engine:

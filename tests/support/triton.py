@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from builder.layout import Layout
 from triton_repo.package import PackageInputs
 from triton_repo.versions import pin
 
@@ -31,8 +32,8 @@ def check_repository_layout(repo: Path) -> list:
 def fixed_inputs(flavour: str, version: str, **over) -> PackageInputs:
     """Package inputs with nothing machine-specific, for golden files."""
     base = dict(
-        flavour=flavour, pin=pin(version), run_name="deepseek-v3.2-fp8-tp8pp1ep8", layout="tp8pp1ep8",
-        tp=8, pp=1, nodes=1, node_gpus=8,
+        flavour=flavour, pin=pin(version), run_name="deepseek-v3.2-fp8-tp8pp1ep8", layout=Layout(tp=8, pp=1, ep=8),
+        nodes=1, node_gpus=8,
         llm_api={"tensor_parallel_size": 8, "pipeline_parallel_size": 1,
                  "moe_expert_parallel_size": 8, "enable_attention_dp": False, "max_batch_size": 64,
                  "kv_cache_config": {"free_gpu_memory_fraction": 0.9, "dtype": "fp8"}},

@@ -10,9 +10,10 @@ import torch
 
 from builder.errors import CheckpointError
 from builder.model.config import ModelConfig
-from builder.runtime.bundle import EngineBundle
+from builder.engine.bundle import EngineBundle
 from builder.shard.fusion import FusionOptions
-from builder.shard.rules import Layout, plan_ranks
+from builder.shard.rules import plan_ranks
+from builder.layout import Layout
 from builder.stages.build import catalog_of_checkpoint, write_engine_bundle
 
 LAYOUTS = [(tp, pp, ep) for tp in (1, 2, 4, 8) for pp in (1, 2) for ep in (1, 2, 4) if ep <= tp]

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from builder.errors import CheckpointError, ModelConfigError, SpecError
 from builder.model.catalog import build_catalog
 from builder.model.config import PRESETS, ModelConfig
-from builder.model.safetensors_io import MAX_HEADER_BYTES, parse_header_bytes, parse_index_bytes, safe_relpath
+from builder.model.safetensors_io import MAX_HEADER_BYTES, parse_header_bytes, parse_index_bytes
+from builder.paths import safe_relpath
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from builder.errors import LayoutError
+from builder.layout import Layout
 from tests.support.triton import fixed_inputs
 from triton_repo.launch import topology
 from triton_repo.package import render_launch
@@ -57,8 +58,8 @@ def unknown_fields(obj, schema, path="") -> list[str]:
 
 
 def render(tmp_path, tp, pp, ep, adp, nodes, node_gpus, openai_port=None):
-    p = fixed_inputs("gpu", "1.2.1", tp=tp, pp=pp, nodes=nodes, node_gpus=node_gpus, openai_port=openai_port,
-                     layout=f"tp{tp}pp{pp}ep{ep}" + ("adp" if adp else ""),
+    p = fixed_inputs("gpu", "1.2.1", nodes=nodes, node_gpus=node_gpus, openai_port=openai_port,
+                     layout=Layout(tp=tp, pp=pp, ep=ep, attention_dp=adp),
                      llm_api={"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
                               "moe_expert_parallel_size": ep, "enable_attention_dp": adp})
     out = tmp_path / "launch"
@@ -161,7 +162,7 @@ def test_multi_node_serve_sh_refuses_missing_hosts(tmp_path):
 ])
 def test_impossible_topologies_are_refused(tp, pp, nodes, gpus, msg):
     with pytest.raises(LayoutError, match=re.escape(msg)):
-        topology(tp=tp, pp=pp, nodes=nodes, node_gpus=gpus)
+        topology(Layout(tp=tp, pp=pp), nodes=nodes, node_gpus=gpus)
 
 
 @pytest.mark.parametrize("nodes", [1, 2])

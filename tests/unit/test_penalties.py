@@ -10,9 +10,9 @@ import torch
 
 from builder.errors import RequestError
 from builder.model.tiny import tiny_config
-from builder.runtime.generate import (GenerationRequest, adjusted_logits, penalize, probabilities, sample,
+from builder.engine.generate import (GenerationRequest, adjusted_logits, penalize, probabilities, sample,
                                       validate_request)
-from builder.runtime.speculative import choose_draft
+from builder.engine.speculative import choose_draft
 
 
 def by_hand(logits: list[float], history: list[int], presence: float, frequency: float) -> list[float]:
@@ -89,7 +89,7 @@ def plain_greedy_verdict(logits: torch.Tensor, history: list[int], drafts: list[
 def test_greedy_verification_counts_the_earlier_drafts():
     """Drafts [2, 2]: at the second position token 2 has occurred once more (the first draft), which the frequency
     penalty must count, so the repeated draft is rejected for token 3."""
-    from builder.runtime.speculative import verify_row
+    from builder.engine.speculative import verify_row
 
     logits = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 2.0, 1.8], [0.0, 0.0, 0.0, 1.0]])
     req = GenerationRequest([0], frequency_penalty=0.5)
@@ -99,7 +99,7 @@ def test_greedy_verification_counts_the_earlier_drafts():
 
 @pytest.mark.parametrize("seed", range(30))
 def test_greedy_verification_equals_plain_penalized_greedy(seed):
-    from builder.runtime.speculative import verify_row
+    from builder.engine.speculative import verify_row
 
     g = torch.Generator().manual_seed(seed)
     V, N = 6, 3
@@ -119,7 +119,7 @@ def test_greedy_verification_equals_plain_penalized_greedy(seed):
 def test_sampled_verification_uses_the_penalized_target_distribution(seed):
     """A drafter whose distributions are exactly the target's penalized ones (written out by hand) has every draft
     accepted: acceptance is min(1, p/q) = 1 only if verification penalizes position k with history + drafts[:k]."""
-    from builder.runtime.speculative import verify_row
+    from builder.engine.speculative import verify_row
 
     g = torch.Generator().manual_seed(seed)
     V, N, T = 8, 3, 0.7

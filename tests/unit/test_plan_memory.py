@@ -11,7 +11,8 @@ from builder.model.tiny import tiny_config
 from builder.plan import plan_cluster
 from builder.plan.memory import (FREE_GPU_MEMORY_FRACTION, kv_bytes_per_token_per_layer, stage_weights,
                                  weight_catalog)
-from builder.shard.rules import Layout, plan_ranks
+from builder.shard.rules import plan_ranks
+from builder.layout import Layout
 from quantize.formats import quantized_catalog
 
 GIB = 1 << 30

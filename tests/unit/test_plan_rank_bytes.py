@@ -14,7 +14,8 @@ import pytest
 from builder.errors import LayoutError
 from builder.model.config import ModelConfig
 from builder.plan import plan_cluster
-from builder.shard.rules import Layout, plan_ranks
+from builder.shard.rules import plan_ranks
+from builder.layout import Layout
 from builder.shard.writer import rank_file, write_all_ranks
 from builder.stages.build import catalog_of_checkpoint
 
@@ -43,7 +44,7 @@ def _check(tiny_ckpt: Path, out: Path, layout: Layout) -> None:
     assert lp.to_dict()["memory_per_gpu_gib"]["weights"] == pytest.approx(max(on_disk) / 2**30, abs=1e-3)
 
 
-@pytest.mark.parametrize("layout", FAST, ids=Layout.name)
+@pytest.mark.parametrize("layout", FAST, ids=lambda layout: layout.name)
 def test_predicted_weights_equal_rank_file_bytes(tiny_ckpt, tmp_path, layout):
     _check(tiny_ckpt, tmp_path, layout)
 
@@ -57,7 +58,7 @@ def test_predicted_weights_equal_rank_file_bytes_for_every_valid_tiny_layout(tin
             plan_ranks(cfg, layout, catalog_of_checkpoint(tiny_ckpt, cfg)[1])
         except LayoutError:
             continue
-        out = tmp_path / layout.name()
+        out = tmp_path / layout.name
         out.mkdir()
         _check(tiny_ckpt, out, layout)
         checked += 1

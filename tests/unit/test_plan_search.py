@@ -8,7 +8,7 @@ from builder.errors import SpecError
 from builder.plan import plan_cluster
 from builder.plan.hardware import GPUS, Cluster, NETWORKS, load_hardware
 from builder.plan.perf import Placement, expert_fraction_read
-from builder.shard.rules import Layout
+from builder.layout import Layout
 
 DS = "deepseek-v3.2"
 LAYOUT_KEYS = {"tp", "pp", "ep", "attention_dp", "gpus", "feasible", "reasons", "memory_per_gpu_gib",

@@ -6,11 +6,13 @@ import pytest
 
 from builder.model.config import preset
 from builder.model.tiny import tiny_config
-from builder.shard.rules import Layout, plan_ranks
-from quantize.formats import QUANT_ALGO, quantized_catalog
+from builder.shard.rules import plan_ranks
+from builder.layout import Layout
+from quantize.formats import quantized_catalog
+from quantize.registry import NAMES
 
 
-@pytest.mark.parametrize("mode", sorted(QUANT_ALGO))
+@pytest.mark.parametrize("mode", sorted(NAMES))
 @pytest.mark.parametrize("layout", [Layout(tp=2, pp=2), Layout(tp=8, pp=1, ep=8), Layout(tp=4, pp=2, ep=2)])
 def test_every_format_slices_and_every_rank_gets_all_w4a8_input_scales(mode, layout):
     cfg = tiny_config()

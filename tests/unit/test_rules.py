@@ -3,13 +3,14 @@ import pytest
 from builder.errors import LayoutError
 from builder.model.catalog import build_catalog
 from builder.model.config import preset
-from builder.shard.rules import Layout, mlp_tp, plan_ranks, stage_layers
+from builder.shard.rules import mlp_tp, plan_ranks
+from builder.layout import Layout
 
 
 def test_stage_layers_put_the_remainder_on_leading_stages():
-    assert [len(s) for s in stage_layers(61, 2)] == [31, 30]
-    assert [len(s) for s in stage_layers(61, 4)] == [16, 15, 15, 15]
-    assert sum(stage_layers(61, 8), []) == list(range(61))
+    assert [len(s) for s in Layout(pp=2).stage_layers(61)] == [31, 30]
+    assert [len(s) for s in Layout(pp=4).stage_layers(61)] == [16, 15, 15, 15]
+    assert sum(Layout(pp=8).stage_layers(61), []) == list(range(61))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from builder.runtime.generate import GenerationRequest, probabilities
-from builder.runtime.speculative import greedy_verify, rejection_verify
+from builder.engine.generate import GenerationRequest, probabilities
+from builder.engine.speculative import greedy_verify, rejection_verify
 
 V = 6
 SAMPLES = 8000

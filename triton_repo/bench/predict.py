@@ -35,7 +35,7 @@ def predict(run_dir: Path, *, isl: int, osl: int, concurrency: int) -> dict[str,
     spec = run_spec(run_dir).model_copy(update={"isl": isl, "osl": osl, "concurrency": concurrency})
     plan = plan_for_spec(spec).requested
     if plan is None:
-        raise SpecError(f"the planner did not evaluate the run's layout {spec.layout_name()}")
+        raise SpecError(f"the planner did not evaluate the run's layout {spec.layout.name}")
     d = plan.to_dict()
     out = {k: d.get(k) for k in PREDICTED_KEYS}
     out.update({"layout": plan.name, "hardware": spec.gpu or "cpu", "feasible": plan.feasible})

@@ -1,5 +1,5 @@
 """Benchmark prompts: synthetic ones of exact token lengths made with the served model's own tokenizer, or real
-ones from a dataset file. Lengths count the tokens the model sees (``builder.runtime.text.encode_prompt``: the
+ones from a dataset file. Lengths count the tokens the model sees (``builder.engine.text.encode_prompt``: the
 tokenizer's ids, plus BOS when the tokenizer config says ``add_bos_token``)."""
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ class PromptTokenizer:
     """The served run's tokenizer (its ``engines/`` directory), counting tokens as the model does."""
 
     def __init__(self, engines_dir: Path):
-        from builder.runtime.bundle import EngineBundle
+        from builder.engine.bundle import EngineBundle
 
         self.bundle = EngineBundle.open(engines_dir)
         self.tokenizer = self.bundle.tokenizer()
         self._safe_ids = self._round_trip_ids()
 
     def prompt_ids(self, text: str) -> list[int]:
-        from builder.runtime.text import encode_prompt
+        from builder.engine.text import encode_prompt
 
         return encode_prompt(self.bundle, self.tokenizer, text)
 

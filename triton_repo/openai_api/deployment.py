@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from google.protobuf import text_format
+from tokenizers import Tokenizer
+from tritonclient.grpc import model_config_pb2
+
 from builder.errors import ServeError
 from builder.model.chat_encoding import ChatEncoding
 from triton_repo.interface import MODEL_NAME
@@ -27,9 +32,7 @@ class ServedModel:
     def encoding(self) -> ChatEncoding:
         return ChatEncoding.from_checkpoint(self.checkpoint)
 
-    def tokenizer(self):
-        from tokenizers import Tokenizer
-
+    def tokenizer(self) -> Tokenizer:
         path = self.checkpoint / "tokenizer.json"
         if not path.is_file():
             raise ServeError(f"{path} is missing: the endpoint counts prompt tokens with the checkpoint's tokenizer")
@@ -37,9 +40,6 @@ class ServedModel:
 
 
 def _parameters(config_pbtxt: Path) -> dict[str, str]:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     cfg = text_format.Parse(config_pbtxt.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
     return {k: v.string_value for k, v in cfg.parameters.items()}
 
@@ -75,8 +75,6 @@ def served_model(repo: Path, *, tokenizer_dir: Path | None = None, model: str = 
         checkpoint = Path(os.path.normpath(model_dir / params["engine_dir"]))
         declared = params.get("max_seq_len")
     elif model_yaml.is_file():  # GPU flavour: LLM() arguments
-        import yaml
-
         llm = yaml.safe_load(model_yaml.read_text(encoding="utf-8")) or {}
         checkpoint = Path(llm.get("tokenizer") or llm["model"])
         declared = llm.get("max_seq_len")

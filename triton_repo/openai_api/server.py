@@ -15,8 +15,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import uvicorn
+
 from builder.errors import ServeError
 from triton_repo.interface import MODEL_NAME
+from triton_repo.openai_api.app import Endpoint, build_app
+from triton_repo.openai_api.deployment import served_model
+from triton_repo.openai_api.triton_backend import TritonBackend
 
 READY_LINE = "OpenAI API on"
 
@@ -24,12 +29,6 @@ READY_LINE = "OpenAI API on"
 def run(*, triton_url: str, repo: Path, host: str, port: int, model_name: str = MODEL_NAME,
         tokenizer_dir: Path | None = None, log: Callable[[str], None] = print) -> None:
     """Serve until SIGTERM/SIGINT. Fails before binding when the repository's checkpoint cannot be read."""
-    import uvicorn
-
-    from triton_repo.openai_api.app import Endpoint, build_app
-    from triton_repo.openai_api.deployment import served_model
-    from triton_repo.openai_api.triton_backend import TritonBackend
-
     served = served_model(repo, tokenizer_dir=tokenizer_dir)
     endpoint = Endpoint(served=served, model_name=model_name, created=int(time.time()))
     server: uvicorn.Server | None = None

@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import tritonclient.grpc.aio as grpcclient
+
 from triton_repo.client import GenerateOptions, _first, _grpc_inputs, request_fields
 from triton_repo.interface import MODEL_NAME
 
@@ -32,8 +34,6 @@ class Update:
 
 class TritonBackend:
     def __init__(self, url: str, *, model: str = MODEL_NAME):
-        import tritonclient.grpc.aio as grpcclient
-
         self.url = url
         self.model = model
         self.client = grpcclient.InferenceServerClient(url=url)

@@ -101,8 +101,8 @@ class TritonPythonModel:
                 self.speculative["draft_engine"] = os.path.normpath(
                     os.path.join(model_dir, params.get("draft_engine_dir", "")))
 
-        from builder.runtime.service import EngineService, GenerationRequest
-        from builder.runtime.text import encode_prompt
+        from builder.engine.service import EngineService, GenerationRequest
+        from builder.engine.text import encode_prompt
 
         self.GenerationRequest = GenerationRequest
         self.encode_prompt = encode_prompt

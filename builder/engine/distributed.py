@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from builder.shard.rules import Layout
+from builder.layout import Layout
 
 # Idle serving groups must not hit gloo's 30-minute default (FACTS §3b).
 LONG_TIMEOUT = timedelta(days=7)

@@ -3,7 +3,7 @@
 The draft bundle is an ordinary engine bundle (``engines/draft/`` of a ``--spec draft`` run). In the reference
 engine it runs whole on the sampler rank (a world of one: build it with TP1 PP1), beside the target's last-stage
 shard; its draft tokens reach the other ranks by broadcast. It keeps its own latent and indexer caches; rejected
-columns are simply overwritten (see ``builder.runtime.speculative``).
+columns are simply overwritten (see ``builder.engine.speculative``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from builder.errors import CheckpointError
-from builder.runtime.bundle import EngineBundle
-from builder.runtime.kv_cache import StepPositions
-from builder.shard.rules import Layout
+from builder.engine.bundle import EngineBundle
+from builder.engine.kv_cache import StepPositions
+from builder.layout import Layout
 
 
 def _digest(path: Path) -> str | None:
@@ -43,8 +43,8 @@ def open_draft_bundle(path: str | Path | None, *, target: EngineBundle) -> Engin
 
 def _draft_engine(engine, path: str):
     """The draft model's engine on this (sampler) rank, loaded once per target engine and path."""
-    from builder.runtime.distributed import make_comm
-    from builder.runtime.generate import Engine
+    from builder.engine.distributed import make_comm
+    from builder.engine.generate import Engine
 
     loaded = engine.__dict__.setdefault("_draft_engines", {})
     if path not in loaded:
@@ -83,7 +83,7 @@ class DraftProposer:
         return self.draft.forward(tokens, StepPositions(starts.to(self.draft.comm.device), width), self.cache, last)
 
     def propose(self, state):
-        from builder.runtime.speculative import DraftRound, draft_tokens_collectively
+        from builder.engine.speculative import DraftRound, draft_tokens_collectively
 
         B, N = len(state.requests), state.draft_len
         q = [[] for _ in range(B)]

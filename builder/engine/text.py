@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from builder.errors import RequestError
-from builder.runtime.bundle import EngineBundle
+from builder.engine.bundle import EngineBundle
 
 
 def encode_prompt(bundle: EngineBundle, tokenizer, text: str) -> list[int]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from builder.runtime.bundle import EngineBundle
-from builder.runtime.distributed import Comm
-from builder.runtime.kv_cache import KVCache, StepPositions
-from builder.runtime.layers import MLA, MLP, MoE, Step, Weights, gemm_form, linear, rms_norm
-from builder.runtime.rope import RopeTable
+from builder.engine.bundle import EngineBundle
+from builder.engine.distributed import Comm
+from builder.engine.kv_cache import KVCache, StepPositions
+from builder.engine.layers import MLA, MLP, MoE, Step, Weights, gemm_form, linear, rms_norm
+from builder.engine.rope import RopeTable
 from builder.shard.rules import mlp_tp
 
 

@@ -1,7 +1,7 @@
-"""A rank 1..N-1 of an :class:`builder.runtime.service.EngineService`: joins rank 0's TCPStore, loads its rank
+"""A rank 1..N-1 of an :class:`builder.engine.service.EngineService`: joins rank 0's TCPStore, loads its rank
 file, reports ready (or the error) through the store, then executes rank 0's commands until told to stop.
 
-``python -m builder.runtime.worker --engine DIR --rank R --world N --store-port P [--device cpu] [--dtype float32]``
+``python -m builder.engine.worker --engine DIR --rank R --world N --store-port P [--device cpu] [--dtype float32]``
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from builder.runtime.distributed import LONG_TIMEOUT, backend_for, make_comm
+from builder.engine.distributed import LONG_TIMEOUT, backend_for, make_comm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,7 +25,7 @@ def ready_key(rank: int) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="builder.runtime.worker")
+    ap = argparse.ArgumentParser(prog="builder.engine.worker")
     ap.add_argument("--engine", required=True)
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--world", type=int, required=True)
@@ -43,8 +43,8 @@ def absorb_choice(value: str) -> bool | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from builder.runtime.bundle import EngineBundle
-    from builder.runtime.generate import Engine
+    from builder.engine.bundle import EngineBundle
+    from builder.engine.generate import Engine
 
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

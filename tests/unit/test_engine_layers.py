@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from builder.errors import RequestError
-from builder.runtime.generate import GenerationRequest, sample, validate_request
+from builder.engine.generate import GenerationRequest, sample, validate_request
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +18,15 @@ def hf_model(tiny_float_dir):
 
 
 def _weights(hf_model):
-    from builder.runtime.layers import Weights
+    from builder.engine.layers import Weights
 
     return Weights({k: v.detach() for k, v in hf_model.state_dict().items()})
 
 
 def _step(cfg, B, S):
-    from builder.runtime.kv_cache import StepPositions
-    from builder.runtime.layers import Step
-    from builder.runtime.rope import RopeTable
+    from builder.engine.kv_cache import StepPositions
+    from builder.engine.layers import Step
+    from builder.engine.rope import RopeTable
 
     pos = StepPositions(torch.zeros(B, dtype=torch.long), S)
     cos, sin = RopeTable.from_config(cfg).cos_sin(pos.positions, torch.float32)
@@ -37,7 +37,7 @@ def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
     """Same top-k key sets per query as transformers' DeepseekV32Indexer; a differing set is only accepted where
     the k-th and (k+1)-th scores are a near-tie (< 1e-5 apart), which FACTS §1b says happens."""
     from builder.model.tiny import tiny_config
-    from builder.runtime.layers import Indexer
+    from builder.engine.layers import Indexer
 
     cfg = tiny_config()
     B, S, k = 2, 40, cfg.index_topk
@@ -68,7 +68,7 @@ def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
 
 def test_router_matches_transformers(hf_model):
     from builder.model.tiny import tiny_config
-    from builder.runtime.layers import route
+    from builder.engine.layers import route
 
     cfg = tiny_config()
     x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
@@ -83,7 +83,7 @@ def test_router_matches_transformers(hf_model):
 
 
 def test_rope_variants_rotate_as_defined():
-    from builder.runtime.rope import rotate_half_split, rotate_interleaved
+    from builder.engine.rope import rotate_half_split, rotate_interleaved
 
     x = torch.arange(8, dtype=torch.float32)
     angle = torch.tensor([0.3, 1.1, 0.0, 2.0])
@@ -129,9 +129,9 @@ def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_m
     attention's output; DeepSeek-V3.2's shapes (kv_lora 512 > nope 128) keep the factors."""
     from builder.model.config import preset
     from builder.model.tiny import tiny_config
-    from builder.runtime.kv_cache import KVCache, StepPositions
-    from builder.runtime.layers import MLA, Step, absorbed_compositions
-    from builder.runtime.rope import RopeTable
+    from builder.engine.kv_cache import KVCache, StepPositions
+    from builder.engine.layers import MLA, Step, absorbed_compositions
+    from builder.engine.rope import RopeTable
 
     cfg = tiny_config()
     rope = RopeTable.from_config(cfg)
@@ -160,17 +160,30 @@ def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_m
     assert absorbed_compositions(cfg, q_in=cfg.q_lora_rank, o_out=cfg.hidden_size) == (True, True)
 
 
+def _cpu_packs_bf16() -> bool:
+    """What oneDNN's bf16 weight reorder needs, read from the CPU's own flags (independent of the probe)."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return True
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_gemm_weights_multiply_like_f_linear(dtype, monkeypatch):
     """A pre-packed CPU weight gives F.linear's product for any row count (the pack's row hint is only a hint),
     batched inputs and strided views; small weights and DSBUILD_PACKED_GEMMS=0 keep plain tensors."""
     import torch.nn.functional as F
 
-    from builder.runtime.layers import PACKED_MIN_ELEMENTS, PACKED_ROWS_HINT, gemm_form, linear, packed_gemms_enabled
+    from builder.engine.layers import PACKED_MIN_ELEMENTS, PACKED_ROWS_HINT, gemm_form, linear, packed_gemms_enabled
 
-    assert packed_gemms_enabled(), "this torch build cannot pre-pack CPU GEMM weights: decode runs ~1.3x slower"
     g = torch.Generator().manual_seed(0)
     w = torch.randn(600, 128, generator=g).to(dtype)
+    if dtype == torch.bfloat16 and not _cpu_packs_bf16():
+        assert not packed_gemms_enabled(dtype) and not gemm_form(w).is_mkldnn  # falls back to plain weights
+        assert packed_gemms_enabled(torch.float32)  # and float32 still packs
+        pytest.skip("this CPU has no AVX512-BW/VL/DQ or AVX-NE-CONVERT: oneDNN cannot pack bf16 weights")
+    assert packed_gemms_enabled(dtype), "this torch build cannot pre-pack CPU GEMM weights: decode runs ~1.3x slower"
     assert not gemm_form(w[:PACKED_MIN_ELEMENTS // 128 - 1]).is_mkldnn  # small ones multiply faster unpacked
     packed = gemm_form(w)
     assert packed.is_mkldnn and packed.shape == w.shape and packed.dtype == dtype

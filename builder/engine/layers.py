@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from builder.model.config import ModelConfig
-from builder.runtime import kv_cache
-from builder.runtime.kv_cache import LayerCache, StepPositions
-from builder.runtime.rope import RopeTable, rotate_half_split, rotate_interleaved
+from builder.engine import kv_cache
+from builder.engine.kv_cache import LayerCache, StepPositions
+from builder.engine.rope import RopeTable, rotate_half_split, rotate_interleaved
 from builder.shard.fusion import fused_a_parts
 
 
@@ -61,27 +61,29 @@ ALL_EXPERTS_MAX_ROWS = 16
 ALL_EXPERTS_MIN_ACTIVE = 0.75
 
 
-def packed_gemms_enabled() -> bool:
-    """CPU GEMM weights pre-packed once at load (``DSBUILD_PACKED_GEMMS=0`` turns it off, e.g. to compare)."""
-    return os.environ.get("DSBUILD_PACKED_GEMMS", "1") != "0" and _packed_gemms_work()
+def packed_gemms_enabled(dtype: torch.dtype = torch.float32) -> bool:
+    """CPU GEMM weights of ``dtype`` pre-packed once at load (``DSBUILD_PACKED_GEMMS=0`` turns it off, e.g. to
+    compare)."""
+    return os.environ.get("DSBUILD_PACKED_GEMMS", "1") != "0" and _packed_gemms_work(dtype)
 
 
 @functools.cache
-def _packed_gemms_work() -> bool:
-    """Whether this torch build has oneDNN's weight pre-packing (the ops inductor's weight freezing uses; internal
-    to torch, so checked rather than assumed) and its product agrees with ``F.linear``; once per process."""
+def _packed_gemms_work(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU pre-pack ``dtype`` weights in oneDNN's layout (the ops inductor's weight
+    freezing uses; internal to torch, so checked rather than assumed) and the product agrees with ``F.linear``;
+    once per process and dtype. bf16 packing needs AVX512-BW/VL/DQ or AVX-NE-CONVERT: an AVX2-only CPU keeps
+    plain bf16 weights and still packs float32 ones."""
+    if dtype not in PACKED_DTYPES:
+        return False
     try:
         if not torch.backends.mkldnn.is_available():
             return False
         g = torch.Generator().manual_seed(0)
-        w, x = torch.randn(40, 24, generator=g), torch.randn(3, 5, 24, generator=g)
-        for dtype in PACKED_DTYPES:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), PACKED_ROWS_HINT)
-            got = torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, None, "none", [], "")
-            want = F.linear(x.to(dtype), w.to(dtype))
-            if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
-                return False
-        return True
+        w, x = torch.randn(40, 24, generator=g).to(dtype), torch.randn(3, 5, 24, generator=g).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACKED_ROWS_HINT)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        want = F.linear(x, w)
+        return got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
@@ -99,8 +101,8 @@ def gemm_form(w: torch.Tensor) -> torch.Tensor:
 
 def packs_gemm(w: torch.Tensor) -> bool:
     """Whether ``gemm_form`` pre-packs ``w``."""
-    return (w.device.type == "cpu" and w.ndim == 2 and w.dtype in PACKED_DTYPES and w.numel() >= PACKED_MIN_ELEMENTS
-            and packed_gemms_enabled())
+    return (w.device.type == "cpu" and w.ndim == 2 and w.numel() >= PACKED_MIN_ELEMENTS
+            and packed_gemms_enabled(w.dtype))
 
 
 @dataclass

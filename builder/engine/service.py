@@ -3,7 +3,7 @@ processes), used by ``dsbuild generate/verify``, the Triton CPU model and the be
 
 All ranks join one ``torch.distributed.TCPStore`` created here on 127.0.0.1 (port 0: the OS picks) and passed as
 ``store=`` (FACTS §3b: mixing with ``init_method=tcp://`` breaks). Workers are started with
-``subprocess.Popen([python, "-m", "builder.runtime.worker", ...])`` -- never fork -- with ``PR_SET_PDEATHSIG`` so a
+``subprocess.Popen([python, "-m", "builder.engine.worker", ...])`` -- never fork -- with ``PR_SET_PDEATHSIG`` so a
 killed host never leaves busy orphans, the repository path passed in ``PYTHONPATH`` explicitly (a Triton
 python-backend stub runs isolated and its ``sys.executable`` may be wrong: pass ``python_executable=``), and a
 long gloo timeout so idle groups survive. One multi-rank service per process at a time (torch.distributed has one
@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from builder.errors import ServeError
-from builder.runtime.bundle import EngineBundle
-from builder.runtime.distributed import LONG_TIMEOUT, backend_for, make_comm
-from builder.runtime.generate import Driver, Engine, GenerationRequest, GenerationResult
-from builder.runtime.worker import DTYPES, ready_key
+from builder.engine.bundle import EngineBundle
+from builder.engine.distributed import LONG_TIMEOUT, backend_for, make_comm
+from builder.engine.generate import Driver, Engine, GenerationRequest, GenerationResult
+from builder.engine.worker import DTYPES, ready_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
@@ -103,7 +103,7 @@ class EngineService:
         for rank in range(1, self.world):
             log = Path(self._log_dir.name) / f"rank{rank}.log"
             self._logs.append(log)
-            cmd = [python, "-m", "builder.runtime.worker", "--engine", str(self.bundle.root), "--rank", str(rank),
+            cmd = [python, "-m", "builder.engine.worker", "--engine", str(self.bundle.root), "--rank", str(rank),
                    "--world", str(self.world), "--store-host", "127.0.0.1", "--store-port", str(self._store.port),
                    "--device", self.device, "--dtype", dtype_name, "--absorb-mla", absorb]
             with open(log, "wb") as fh:
@@ -139,7 +139,7 @@ class EngineService:
     def generate(self, requests: list[GenerationRequest], *,
                  on_token: Callable[[int, int], None] | None = None,
                  speculative: dict | None = None, micro_batches: bool = True) -> list[GenerationResult]:
-        """``speculative``: None for plain decoding, or ``builder.runtime.speculative.SpeculativeOptions`` fields
+        """``speculative``: None for plain decoding, or ``builder.engine.speculative.SpeculativeOptions`` fields
         (``mode`` mtp|draft, ``draft_len``, ``draft_engine`` for a draft model's bundle). ``micro_batches``: with
         PP, overlap the stages on micro-batches (False: one batch through the stages in turn)."""
         if not requests:

@@ -2,10 +2,10 @@
 runs a task file and writes the results. Shares all layer code with ``EngineService``.
 
 ``python -m torch.distributed.run --nproc-per-node N [--nnodes 2 --rdzv-backend c10d --rdzv-endpoint
-127.0.0.1:PORT] -m builder.runtime.launch --engine DIR --task task.json --out result.json``
+127.0.0.1:PORT] -m builder.engine.torchrun --engine DIR --task task.json --out result.json``
 
 task.json: ``{"logits": [[ids...], ...], "generate": [{GenerationRequest fields}, ...], "speculative": {...}}``
-(each optional; ``speculative`` as ``builder.runtime.speculative.SpeculativeOptions``).
+(each optional; ``speculative`` as ``builder.engine.speculative.SpeculativeOptions``).
 result.json: ``{"world_size", "generate": [{"token_ids", "finish_reason"}]}``; logits go to ``<out>.logits.safetensors``
 as ``logits.{i}``.
 """
@@ -23,20 +23,20 @@ import torch
 import torch.distributed as dist
 
 from builder.atomic import atomic_write_json
-from builder.runtime.distributed import LONG_TIMEOUT, backend_for, make_comm
-from builder.runtime.worker import DTYPES
+from builder.engine.distributed import LONG_TIMEOUT, backend_for, make_comm
+from builder.engine.worker import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="builder.runtime.launch")
+    ap = argparse.ArgumentParser(prog="builder.engine.torchrun")
     ap.add_argument("--engine", required=True)
     ap.add_argument("--task", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = ap.parse_args(argv)
-    from builder.runtime.bundle import EngineBundle
-    from builder.runtime.generate import Driver, Engine, GenerationRequest
+    from builder.engine.bundle import EngineBundle
+    from builder.engine.generate import Driver, Engine, GenerationRequest
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     bundle = EngineBundle.open(args.engine)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         driver = Driver(engine)
         task = json.loads(Path(args.task).read_text())
-        result: dict = {"world_size": world, "layout": bundle.layout.name(),
+        result: dict = {"world_size": world, "layout": bundle.layout.name,
                         "hosts": os.environ.get("GROUP_WORLD_SIZE"), "local_world": os.environ.get("LOCAL_WORLD_SIZE")}
         try:
             if task.get("logits"):

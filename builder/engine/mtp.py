@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from builder.errors import CheckpointError
-from builder.runtime.kv_cache import KVCache, StepPositions
-from builder.runtime.layers import linear, rms_norm
-from builder.runtime.model import StageModel
+from builder.engine.kv_cache import KVCache, StepPositions
+from builder.engine.layers import linear, rms_norm
+from builder.engine.model import StageModel
 
 
 class MTPModule:
@@ -116,7 +116,7 @@ class MTPProposer:
         self._run(shifted, normed, torch.zeros(B, dtype=torch.long), S, lens - 1, prefill=True)
 
     def propose(self, state):
-        from builder.runtime.speculative import DraftRound, draft_tokens_collectively
+        from builder.engine.speculative import DraftRound, draft_tokens_collectively
 
         B, N = len(state.requests), state.draft_len
         q = [[] for _ in range(B)]

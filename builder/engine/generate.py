@@ -16,10 +16,10 @@ import torch
 
 from builder.errors import RequestError
 from builder.model.config import ModelConfig
-from builder.runtime.bundle import EngineBundle
-from builder.runtime.distributed import Comm
-from builder.runtime.kv_cache import KVCache, StepPositions
-from builder.runtime.model import StageModel
+from builder.engine.bundle import EngineBundle
+from builder.engine.distributed import Comm
+from builder.engine.kv_cache import KVCache, StepPositions
+from builder.engine.model import StageModel
 
 
 @dataclass
@@ -240,7 +240,7 @@ class Engine:
         """``micro_batches``: with PP, overlap the stages on micro-batches of the requests (False: the whole batch
         goes through the stages one after another, for comparison)."""
         if speculative and speculative.get("mode", "none") != "none":
-            from builder.runtime.speculative import SpeculativeDecoder, SpeculativeOptions
+            from builder.engine.speculative import SpeculativeDecoder, SpeculativeOptions
 
             return SpeculativeDecoder(self, SpeculativeOptions.from_dict(speculative)).generate(
                 requests, on_token=on_token)
@@ -435,11 +435,11 @@ class Driver:
     def generate(self, requests: list[GenerationRequest], *,
                  on_token: Callable[[int, int], None] | None = None,
                  speculative: dict[str, Any] | None = None, micro_batches: bool = True) -> list[GenerationResult]:
-        """``speculative``: ``builder.runtime.speculative.SpeculativeOptions`` as a dict (None: plain decoding)."""
+        """``speculative``: ``builder.engine.speculative.SpeculativeOptions`` as a dict (None: plain decoding)."""
         for i, r in enumerate(requests):
             validate_request(r, self.engine.cfg, i)
         if speculative and speculative.get("mode", "none") != "none":
-            from builder.runtime.speculative import SpeculativeOptions, check_options
+            from builder.engine.speculative import SpeculativeOptions, check_options
 
             speculative = SpeculativeOptions.from_dict(speculative).to_dict()
             check_options(self.engine.bundle, SpeculativeOptions.from_dict(speculative), requests)

@@ -7,7 +7,7 @@ Acceptance rules (per request):
 - sampling: standard speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x with
   probability min(1, p(x)/q(x)); on rejection draw from norm(max(0, p - q)); after N acceptances draw a bonus token
   from p. p and q are the target's and the drafter's distributions after the same temperature/penalties/top-k/top-p
-  (``builder.runtime.generate.probabilities``), so the output follows the target's distribution exactly.
+  (``builder.engine.generate.probabilities``), so the output follows the target's distribution exactly.
 
 Presence/frequency penalties: the target's logits at verify position k and the drafter's logits for draft k are both
 penalized with the same history, the emitted tokens (prompt included) plus drafts[:k], which is exactly what plain
@@ -30,9 +30,9 @@ from typing import Any, Callable, Protocol
 import torch
 
 from builder.errors import RequestError
-from builder.runtime.generate import (Bookkeeping, GenerationRequest, GenerationResult, adjusted_logits,
+from builder.engine.generate import (Bookkeeping, GenerationRequest, GenerationResult, adjusted_logits,
                                       probabilities)
-from builder.runtime.kv_cache import StepPositions
+from builder.engine.kv_cache import StepPositions
 
 MODES = ("mtp", "draft")
 MAX_DRAFT_LEN = 16
@@ -66,11 +66,11 @@ class SpeculativeOptions:
 def check_options(bundle, opts: SpeculativeOptions, requests: list[GenerationRequest]) -> None:
     """Rank 0, before anything is broadcast: the drafter exists and fits the target (a clear error, no hang)."""
     if opts.mode == "mtp":
-        from builder.runtime.mtp import bundle_has_mtp
+        from builder.engine.mtp import bundle_has_mtp
 
         bundle_has_mtp(bundle, require=True)
     else:
-        from builder.runtime.draft import open_draft_bundle
+        from builder.engine.draft import open_draft_bundle
 
         open_draft_bundle(opts.draft_engine, target=bundle)
 
@@ -160,10 +160,10 @@ class DecodeState:
 
 def make_proposer(engine, opts: SpeculativeOptions) -> Proposer:
     if opts.mode == "mtp":
-        from builder.runtime.mtp import MTPProposer
+        from builder.engine.mtp import MTPProposer
 
         return MTPProposer(engine)
-    from builder.runtime.draft import DraftProposer
+    from builder.engine.draft import DraftProposer
 
     return DraftProposer(engine, opts.draft_engine)
 

@@ -34,7 +34,7 @@ def verify_engine(engine_dir: str | Path, *, checkpoint: str | Path | None = Non
                   tolerance: float = DEFAULT_TOLERANCE, threads_per_rank: int | None = None,
                   python_executable: str | None = None) -> dict[str, Any]:
     from builder.model.hf_compat import load_hf_model, write_dequantized_checkpoint
-    from builder.runtime.service import EngineService, GenerationRequest
+    from builder.engine.service import EngineService, GenerationRequest
 
     engine_dir = Path(engine_dir)
     checkpoint = Path(checkpoint) if checkpoint else default_checkpoint(engine_dir)
@@ -46,7 +46,7 @@ def verify_engine(engine_dir: str | Path, *, checkpoint: str | Path | None = Non
         logits = svc.prompt_logits(prompts)
         greedy = [r.token_ids for r in svc.generate([GenerationRequest(prompt_ids=p, max_tokens=gen_tokens)
                                                      for p in prompts])]
-        layout = svc.bundle.layout.name()
+        layout = svc.bundle.layout.name
     with tempfile.TemporaryDirectory(prefix="dsbuild-verify-") as tmp:
         model = load_hf_model(write_dequantized_checkpoint(checkpoint, Path(tmp) / "fp32"))
         abs_err = rel_err = 0.0

@@ -11,7 +11,7 @@ from builder.errors import CheckpointError
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import read_header
 from builder.shard.fusion import FusionOptions, unfuse_dequantize
-from builder.shard.rules import Layout
+from builder.layout import Layout
 from quantize.dequant import COMPANION_SUFFIXES, companions_of
 
 ENGINE_CONFIG = "config.json"
