@@ -232,27 +232,63 @@ _stage_command("package", "Render the Triton model repository and launch files i
 @click.option("--exit-timeout", type=int, default=20, show_default=True,
               help="Seconds Triton waits for in-flight requests on SIGTERM.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="Write tritonserver's log here.")
+@click.option("--openai-port", type=click.IntRange(1, 65535),
+              help="Also serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) here.")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
 def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max_restarts, exit_timeout, log_file,
-              verbose):
+              openai_port, verbose):
     """Serve a model repository with a real tritonserver (the container's on GPU hosts, else the nvidia-pytriton
-    wheel's) until SIGTERM or Ctrl-C."""
+    wheel's) until SIGTERM or Ctrl-C; with --openai-port, an OpenAI-compatible endpoint in front of it."""
     from builder.errors import ServeError
     from triton_repo.interface import MODEL_NAME
+    from triton_repo.openai_api.server import EndpointProcess
     from triton_repo.server import Ports, serve_forever
 
     if not (repo / MODEL_NAME / "config.pbtxt").is_file():
         raise ServeError(f"{repo} is not a dsbuild Triton repository (no {MODEL_NAME}/config.pbtxt); "
                          "run `dsbuild package` first")
-    sys.exit(serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    endpoint = None
+    if openai_port:
+        endpoint = EndpointProcess(triton_url=f"{host}:{grpc_port}", repo=repo, host=host, port=openai_port,
+                                   log=log).start()
+    try:
+        rc = serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
                            models=[MODEL_NAME], ready_timeout=ready_timeout, max_restarts=max_restarts,
-                           exit_timeout_s=exit_timeout, log_path=log_file, log=lambda m: click.echo(m, err=True)))
+                           exit_timeout_s=exit_timeout, log_path=log_file, log=log)
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+    sys.exit(rc)
+
+
+@main.command("openai")
+@click.option("--triton-url", default="127.0.0.1:8001", show_default=True, help="The Triton server's gRPC HOST:PORT.")
+@click.option("--repo", type=click.Path(path_type=Path), default=Path("build/latest/package/triton_repo"),
+              show_default=True, help="The Triton repository it serves (the checkpoint's tokenizer files are "
+                                      "found through it).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path),
+              help="Read the tokenizer files here instead (the GPU flavour's checkpoint path as seen from this host).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the endpoint binds.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9000, show_default=True)
+@click.option("--model-name", default="tensorrt_llm", show_default=True, help="The model id clients ask for.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def openai_cmd(triton_url, repo, tokenizer_dir, host, port, model_name, verbose):
+    """An OpenAI-compatible endpoint (/v1/models, /v1/completions, /v1/chat/completions, streaming as server-sent
+    events) in front of a running Triton server, with DeepSeek-V3.2's chat encoding."""
+    from triton_repo.openai_api.server import run
+
+    run(triton_url=triton_url, repo=repo, host=host, port=port, model_name=model_name, tokenizer_dir=tokenizer_dir,
+        log=lambda m: click.echo(m, err=True))
 
 
 @main.command("bench")
-@click.option("--url", required=True, help="Triton server HOST:PORT (gRPC port for --protocol grpc, HTTP port for http).")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--url", required=True, help="Server HOST:PORT: Triton's gRPC port for --protocol grpc, its HTTP port "
+                                         "for http, the OpenAI-compatible endpoint's port for openai.")
+@click.option("--protocol", type=click.Choice(["grpc", "http", "openai"]), default="grpc", show_default=True,
+              help="openai: streamed /v1/completions of `dsbuild serve --openai-port` / `dsbuild openai`.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("build/latest"), show_default=True,
               help="The served run: its engines/ give the tokenizer, its manifest the planner's prediction.")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")

@@ -119,3 +119,8 @@ class StageError(DsbuildError):
 
 class RequestError(SpecError):
     """A generation request is invalid (empty prompt, token id outside the vocabulary, bad sampling value)."""
+
+
+class ChatFormatError(RequestError):
+    """A conversation the model's chat encoding cannot express (tool result without a call, unknown role), or a
+    checkpoint whose tokenizer files do not describe a chat encoding dsbuild implements."""

@@ -105,6 +105,9 @@ class RunSpec(BaseModel):
     k8s_pvc: str = opt("dsbuild-run", "ReadWriteMany PVC holding the run directory, for lws.yaml.",
                        stages=("package",))
     k8s_namespace: str | None = opt(None, "Kubernetes namespace for lws.yaml.", stages=("package",))
+    openai_port: int | None = opt(None, "Port of the OpenAI-compatible endpoint the GPU launch files start beside "
+                                  "Triton (serve.sh/slurm.sbatch also take OPENAI_PORT at launch).",
+                                  stages=("package",), ge=1, le=65535)
     # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py) ---
     fuse_gate_up: bool = opt(True, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj).",
                              stages=("build",))

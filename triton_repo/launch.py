@@ -57,6 +57,17 @@ def slurm_extra(*, partition: str | None, account: str | None) -> str:
     return "\n".join(lines) if lines else "# (no partition/account given: the cluster's defaults apply)"
 
 
+def openai_command(*, repo: str, port: str, triton_url: str) -> str:
+    """The shell command that starts dsbuild's OpenAI-compatible endpoint beside Triton (all launch files use
+    it). It binds every interface, as tritonserver's own ports do in these launch files."""
+    return (f"python3 -m builder.cli openai --repo {repo} --host 0.0.0.0 --port {port} "
+            f"--triton-url {triton_url}")
+
+
+OPENAI_MISSING = ("the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild source> "
+                  "&& pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)")
+
+
 def k8s_name(run_name: str) -> str:
     """A DNS-1035 label from the run name (LWS names become pod and service host names)."""
     name = re.sub(r"[^a-z0-9-]+", "-", f"dsbuild-{run_name}".lower()).strip("-")
@@ -64,20 +75,26 @@ def k8s_name(run_name: str) -> str:
 
 
 def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str, model_path: str, pvc: str,
-                  namespace: str | None = None) -> list[dict[str, Any]]:
+                  namespace: str | None = None, openai_port: int | None = None) -> list[dict[str, Any]]:
     """The LeaderWorkerSet (group size = nodes, one pod per node with its GPUs) and the leader's Service.
 
     The leader pod runs ``mpirun`` over the group (workers wait in ``sshd``) with ``trtllm-llmapi-launch
     tritonserver``; a one-node layout runs ``tritonserver`` directly. The run directory comes from a shared
     ReadWriteMany volume mounted at the same path in every pod, so ``model.yaml``'s paths hold as written.
+    ``openai_port``: the leader also runs dsbuild's OpenAI-compatible endpoint, exposed by the Service.
     """
     name = k8s_name(run_name)
     labels = {"app.kubernetes.io/name": "dsbuild", "app.kubernetes.io/instance": name}
     repo = f"{deploy_dir}/package/triton_repo"
     server = (f"tritonserver --model-repository={repo} --http-port={HTTP_PORT} --grpc-port={GRPC_PORT} "
               f"--metrics-port={METRICS_PORT} --exit-on-error=false")
+    openai = ""
+    if openai_port:
+        command = openai_command(repo=repo, port=str(openai_port), triton_url=f"127.0.0.1:{GRPC_PORT}")
+        openai = (f"python3 -c 'import triton_repo.openai_api.app' || {{ echo \"{OPENAI_MISSING}\" >&2; exit 2; }}\n"
+                  f"{command} &\n")
     if topo.nodes == 1:
-        leader_script = f"exec {server}"
+        leader_script = f"{openai}exec {server}"
     else:
         # Worker pods are <lws>-<group>-<i>.<lws>.<ns>; the leader is <lws>-<group>.<lws>.<ns> (LWS_LEADER_ADDRESS).
         leader_script = "\n".join([
@@ -88,6 +105,7 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str,
             f'  HOSTS="$HOSTS,${{LWS_LEADER_ADDRESS/./-$i.}}:{topo.gpus_per_node}"',
             "  i=$((i + 1))",
             "done",
+            *openai.splitlines(),
             f"exec mpirun --allow-run-as-root -H \"$HOSTS\" -n {topo.world_size} trtllm-llmapi-launch {server}",
         ])
     worker_script = "set -euo pipefail\nmkdir -p /run/sshd\nexec /usr/sbin/sshd -D -e"
@@ -109,6 +127,8 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str,
             container["ports"] = [{"name": "http", "containerPort": HTTP_PORT},
                                   {"name": "grpc", "containerPort": GRPC_PORT},
                                   {"name": "metrics", "containerPort": METRICS_PORT}]
+            if openai_port:
+                container["ports"].append({"name": "openai", "containerPort": openai_port})
             container["readinessProbe"] = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
                                            "periodSeconds": 10, "failureThreshold": 3}
             container["startupProbe"] = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
@@ -134,6 +154,8 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, deploy_dir: str,
                            {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT},
                            {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}]},
     }
+    if openai_port:
+        service["spec"]["ports"].append({"name": "openai", "port": openai_port, "targetPort": openai_port})
     return [lws, service]
 
 

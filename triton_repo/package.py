@@ -54,6 +54,7 @@ class PackageInputs:
     slurm_time: str = "04:00:00"
     k8s_pvc: str = "dsbuild-run"
     k8s_namespace: str | None = None
+    openai_port: int | None = None  # GPU launch files: start dsbuild's OpenAI-compatible endpoint on this port
     dsbuild_version: str = field(default_factory=lambda: __import__("builder").__version__)
 
     @property
@@ -118,12 +119,16 @@ def render_launch(p: PackageInputs, out: Path) -> list[Path]:
         return written
     topo = launch.topology(p.layout, nodes=p.nodes, node_gpus=p.node_gpus)
     values = common_values(p, topo)
+    values.update(openai_port=p.openai_port or "", openai_missing=launch.OPENAI_MISSING,
+                  openai_command=launch.openai_command(repo='"$REPO"', port='"$OPENAI_PORT"',
+                                                       triton_url='"$1:$GRPC_PORT"'))
     emit("serve.sh.tmpl", "serve.sh", values)
     emit("slurm.sbatch.tmpl", "slurm.sbatch", {**values, "slurm_time": p.slurm_time,
                                                "slurm_extra": launch.slurm_extra(partition=p.slurm_partition,
                                                                                  account=p.slurm_account)})
     docs = launch.lws_manifests(run_name=p.run_name, topo=topo, image=p.triton_image, deploy_dir=p.deploy_dir,
-                                model_path=p.model_path, pvc=p.k8s_pvc, namespace=p.k8s_namespace)
+                                model_path=p.model_path, pvc=p.k8s_pvc, namespace=p.k8s_namespace,
+                                openai_port=p.openai_port)
     header = (f"dsbuild {p.dsbuild_version}: LeaderWorkerSet for run {p.run_name} (layout {p.layout.name}): "
               f"{topo.nodes} pod(s) x {topo.gpus_per_node} GPU(s).\n"
               f"Needs the LeaderWorkerSet controller and a ReadWriteMany PVC {p.k8s_pvc!r} holding the run "

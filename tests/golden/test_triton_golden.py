@@ -23,6 +23,7 @@ CASES = {
     "gpu-tp8ep8": ("gpu", {}),
     "gpu-tp8pp2-2nodes": ("gpu", dict(nodes=2, layout=Layout(tp=8, pp=2), run_name="deepseek-v3.2-fp8-tp8pp2ep1",
                                       slurm_partition="gpu", slurm_account="infra", k8s_namespace="llm")),
+    "gpu-tp8ep8-openai": ("gpu", dict(openai_port=9000)),
     "cpu-tp2pp1": ("cpu", dict(layout=Layout(tp=2, pp=1), run_name="tiny-fp8-tp2pp1ep1", max_seq_len=512,
                                engine_dir_rel="../../../engines")),
 }

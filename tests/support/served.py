@@ -20,16 +20,18 @@ class Served:
     grpc: str
     log: Path
     stderr_lines: list[str]
+    openai: str | None = None  # host:port of the OpenAI-compatible endpoint, when started
 
 
 @contextlib.contextmanager
-def serve_repo(repo: Path, log: Path, *, exit_timeout: int = 10, ready_timeout: float = 300) -> Iterator[Served]:
+def serve_repo(repo: Path, log: Path, *, exit_timeout: int = 10, ready_timeout: float = 300,
+               openai: bool = False) -> Iterator[Served]:
     from triton_repo.background import serve_in_background
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with serve_in_background(repo, log_file=log, ready_timeout=ready_timeout, exit_timeout=exit_timeout,
-                             env=env) as server:
-        yield Served(server.proc, server.http, server.grpc, log, server.stderr_lines)
+                             env=env, openai=openai) as server:
+        yield Served(server.proc, server.http, server.grpc, log, server.stderr_lines, server.openai)
 
 
 def build_cpu_run(work: Path, cache_dir: Path, *, concurrency: int) -> Path:

@@ -57,8 +57,8 @@ def unknown_fields(obj, schema, path="") -> list[str]:
     return out
 
 
-def render(tmp_path, tp, pp, ep, adp, nodes, node_gpus):
-    p = fixed_inputs("gpu", "1.2.1", nodes=nodes, node_gpus=node_gpus,
+def render(tmp_path, tp, pp, ep, adp, nodes, node_gpus, openai_port=None):
+    p = fixed_inputs("gpu", "1.2.1", nodes=nodes, node_gpus=node_gpus, openai_port=openai_port,
                      layout=Layout(tp=tp, pp=pp, ep=ep, attention_dp=adp),
                      llm_api={"tensor_parallel_size": tp, "pipeline_parallel_size": pp,
                               "moe_expert_parallel_size": ep, "enable_attention_dp": adp})
@@ -94,12 +94,14 @@ def test_counts_in_every_launch_file(tmp_path, tp, pp, ep, adp, nodes, node_gpus
     assert f"NODES={nodes}\n" in serve and f"WORLD_SIZE={world}\n" in serve and f"GPUS_PER_NODE={per_node}\n" in serve
 
 
+@pytest.mark.parametrize("openai_port", [None, 9000])
 @pytest.mark.parametrize("tp,pp,ep,adp,nodes,node_gpus,per_node", [LAYOUTS[1], LAYOUTS[3], LAYOUTS[4]])
-def test_manifests_validate_against_kubernetes_schemas(tmp_path, tp, pp, ep, adp, nodes, node_gpus, per_node):
+def test_manifests_validate_against_kubernetes_schemas(tmp_path, tp, pp, ep, adp, nodes, node_gpus, per_node,
+                                                       openai_port):
     import jsonschema
     import kubernetes_validate
 
-    out = render(tmp_path, tp, pp, ep, adp, nodes, node_gpus)
+    out = render(tmp_path, tp, pp, ep, adp, nodes, node_gpus, openai_port)
     lws, svc = list(yaml.safe_load_all((out / "lws.yaml").read_text()))
     kubernetes_validate.validate(svc, K8S_VERSION, strict=True)
     schema = lws_schema()
@@ -132,9 +134,10 @@ def test_schema_checks_can_fail(tmp_path):
                                       "template": tmpl}, K8S_VERSION, strict=True)
 
 
+@pytest.mark.parametrize("openai_port", [None, 9000])
 @pytest.mark.parametrize("tp,pp,nodes", [(8, 1, 1), (8, 2, 2)])
-def test_scripts_pass_bash_syntax_check(tmp_path, tp, pp, nodes):
-    out = render(tmp_path, tp, pp, 1, False, nodes, 8)
+def test_scripts_pass_bash_syntax_check(tmp_path, tp, pp, nodes, openai_port):
+    out = render(tmp_path, tp, pp, 1, False, nodes, 8, openai_port)
     for name in ("slurm.sbatch", "serve.sh"):
         proc = subprocess.run(["bash", "-n", str(out / name)], capture_output=True, text=True)
         assert proc.returncode == 0, (name, proc.stderr)
@@ -160,3 +163,47 @@ def test_multi_node_serve_sh_refuses_missing_hosts(tmp_path):
 def test_impossible_topologies_are_refused(tp, pp, nodes, gpus, msg):
     with pytest.raises(LayoutError, match=re.escape(msg)):
         topology(Layout(tp=tp, pp=pp), nodes=nodes, node_gpus=gpus)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_openai_endpoint_beside_triton_in_every_launch_file(tmp_path, nodes):
+    out = render(tmp_path, 8, nodes, 1, False, nodes, 8, openai_port=9000)
+    command = "python3 -m builder.cli openai --repo"
+    lws, svc = list(yaml.safe_load_all((out / "lws.yaml").read_text()))
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    leader = (lwt.get("leaderTemplate") or lwt["workerTemplate"])["spec"]["containers"][0]
+    script = leader["command"][-1]
+    # Started in the background before Triton (rank 0 runs on the leader), on the port the Service exposes.
+    assert script.index(f"{command} /shared/") < script.index("exec ")
+    assert "--port 9000 --triton-url 127.0.0.1:8001 &" in script
+    assert {"name": "openai", "containerPort": 9000} in leader["ports"]
+    assert {"name": "openai", "port": 9000, "targetPort": 9000} in svc["spec"]["ports"]
+    if nodes > 1:
+        (worker,) = lwt["workerTemplate"]["spec"]["containers"]
+        assert command not in worker["command"][-1]
+    sbatch = (out / "slurm.sbatch").read_text()
+    assert 'OPENAI_PORT="${OPENAI_PORT:-9000}"' in sbatch
+    assert sbatch.index("srun --overlap --nodes=1 --ntasks=1") < sbatch.index("trtllm-llmapi-launch tritonserver")
+    serve = (out / "serve.sh").read_text()
+    assert 'OPENAI_PORT="${OPENAI_PORT:-9000}"' in serve and command in serve
+
+
+def test_launch_files_without_openai_port_start_no_endpoint(tmp_path):
+    out = render(tmp_path, 8, 1, 1, False, 1, 8)
+    lws, svc = list(yaml.safe_load_all((out / "lws.yaml").read_text()))
+    assert "openai" not in yaml.safe_dump(lws) and [p["name"] for p in svc["spec"]["ports"]] == [
+        "http", "grpc", "metrics"]
+    assert 'OPENAI_PORT="${OPENAI_PORT:-}"' in (out / "serve.sh").read_text()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--colour", "red"], "unknown argument --colour"),
+    (["--openai-port", "9000"], "needs dsbuild in this container"),
+    (["--openai-port=9000"], "needs dsbuild in this container"),
+])
+def test_serve_sh_arguments(tmp_path, args, words):
+    """A python3 without dsbuild (the system one, run away from this checkout) stops serve.sh before Triton."""
+    out = render(tmp_path, 8, 1, 1, False, 1, 8)
+    proc = subprocess.run(["bash", str(out / "serve.sh"), *args], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr

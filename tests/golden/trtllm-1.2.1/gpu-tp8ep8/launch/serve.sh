@@ -18,7 +18,23 @@ METRICS_PORT="${METRICS_PORT:-8002}"
 SERVER_ARGS=(--model-repository="$REPO" --http-port="$HTTP_PORT" --grpc-port="$GRPC_PORT"
              --metrics-port="$METRICS_PORT" --exit-on-error=false)
 
+# Optional: dsbuild's OpenAI-compatible endpoint beside Triton (serve.sh --openai-port N, or OPENAI_PORT=N).
+OPENAI_PORT="${OPENAI_PORT:-}"
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --openai-port) OPENAI_PORT="${2:?--openai-port needs a port}"; shift 2 ;;
+    --openai-port=*) OPENAI_PORT="${1#*=}"; shift ;;
+    *) echo "serve.sh: unknown argument $1 (usage: serve.sh [--openai-port N])" >&2; exit 2 ;;
+  esac
+done
+start_openai() {  # $1: the host of Triton's rank 0
+  [ -n "$OPENAI_PORT" ] || return 0
+  python3 -c 'import triton_repo.openai_api.app' || { echo "serve.sh: the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild source> && pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)" >&2; exit 2; }
+  python3 -m builder.cli openai --repo "$REPO" --host 0.0.0.0 --port "$OPENAI_PORT" --triton-url "$1:$GRPC_PORT" &
+}
+
 if [ "$NODES" -eq 1 ]; then
+  start_openai 127.0.0.1
   exec tritonserver "${SERVER_ARGS[@]}"
 fi
 
@@ -37,5 +53,6 @@ if [ "$COUNT" -ne "$NODES" ]; then
   echo "serve.sh: HOSTS lists $COUNT hosts, this layout needs $NODES" >&2
   exit 2
 fi
+start_openai "${HOST_ARRAY[0]}"
 exec mpirun --allow-run-as-root -H "$HOSTLIST" -n "$WORLD_SIZE" \
   trtllm-llmapi-launch tritonserver "${SERVER_ARGS[@]}"

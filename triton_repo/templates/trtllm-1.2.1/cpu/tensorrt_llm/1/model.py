@@ -302,6 +302,8 @@ class TritonPythonModel:
             pb_utils.Tensor("first_scheduled_time_ns", np.array([job.first_scheduled_ns], dtype=np.int64)),
             pb_utils.Tensor("first_token_time_ns", np.array([job.first_token_ns], dtype=np.int64)),
             pb_utils.Tensor("last_token_time_ns", np.array([job.last_token_ns], dtype=np.int64)),
+            pb_utils.Tensor("num_input_tokens", np.array([len(job.prompt_ids)], dtype=np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([len(job.tokens)], dtype=np.int32)),
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
