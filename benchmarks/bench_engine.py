@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from builder.sampling_params import SamplingParams
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -68,7 +70,7 @@ def engine_generate(bundle_dir: Path, *, device: str, dtype: torch.dtype = torch
     svc = EngineService(bundle_dir, device=device, dtype=dtype)
 
     def run(prompts, n: int):
-        return svc.generate([GenerationRequest(prompt_ids=p, max_tokens=n) for p in prompts])
+        return svc.generate([GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=n)) for p in prompts])
     return svc, run
 
 
@@ -123,7 +125,7 @@ def rss_child(bundle_dir: str, threads: int) -> None:
     from builder.engine.service import EngineService, GenerationRequest
 
     with EngineService(bundle_dir, threads_per_rank=threads) as svc:
-        svc.generate([GenerationRequest(prompt_ids=list(range(2, 34)), max_tokens=8)])
+        svc.generate([GenerationRequest(prompt_ids=list(range(2, 34)), sampling=SamplingParams(max_tokens=8))])
         print(json.dumps(svc.rank_stats()))
 
 
@@ -171,13 +173,13 @@ def measure(args, tmp: Path) -> dict:
     from functools import partial
     from unittest import mock
 
-    from builder.model.hf_compat import write_dequantized_checkpoint
-    from builder.model.tiny import ensure_tiny
     from builder.engine.service import EngineService, GenerationRequest
-    from builder.shard.fusion import FusionOptions
     from builder.layout import Layout
-    from builder.specs import RunSpec
+    from builder.model.generated import ensure_tiny
+    from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.shard.bundle import write_engine_bundle
+    from builder.shard.fusion import FusionOptions
+    from builder.specs import RunSpec
 
     ckpt = ensure_tiny(RunSpec().cache_root / "models")
     float_dir = write_dequantized_checkpoint(ckpt, tmp / "fp32")
@@ -246,7 +248,7 @@ def measure(args, tmp: Path) -> dict:
     pp_bundle.mkdir()
     write_engine_bundle(ckpt, pp_bundle, layout=Layout(1, 2, 1), fusion=FusionOptions())
     with EngineService(pp_bundle, device=args.device, dtype=dtype, threads_per_rank=1) as svc:
-        reqs = lambda n: [GenerationRequest(prompt_ids=p, max_tokens=n) for p in prompts_of(batch)]
+        reqs = lambda n: [GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=n)) for p in prompts_of(batch)]
         pp_paths = {"micro-batches": lambda n: svc.generate(reqs(n)),
                     "one batch": lambda n: svc.generate(reqs(n), micro_batches=False)}
         results["pp2_decode_tokens_per_s"] = decode_rates(pp_paths, batch=batch, n1=args.n1, n2=args.n2,

@@ -87,9 +87,8 @@ def write_synthetic_checkpoint(out: Path, cfg) -> int:
 
 
 def run_baseline(endpoint: str, cache: Path, workers: int) -> None:
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
-    constants.DOWNLOAD_CHUNK_SIZE = DEFAULT_CHUNK  # the library's own default, not dsbuild's
     snapshot_download(REPO_ID, cache_dir=str(cache), max_workers=workers, endpoint=endpoint)
 
 
@@ -124,10 +123,6 @@ def main() -> None:
     os.environ["HF_HUB_CACHE"] = str(work / "hf-config-cache")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.pop("HF_HUB_OFFLINE", None)
-    global DEFAULT_CHUNK
-    from huggingface_hub import constants
-
-    DEFAULT_CHUNK = constants.DOWNLOAD_CHUNK_SIZE
     try:
         ckpt = work / "checkpoint"
         cfg = synthetic_config(args.size_gb)
@@ -198,7 +193,6 @@ def plot(result: dict, png: Path) -> None:
     plt.close(fig)
 
 
-DEFAULT_CHUNK = 10 * 1024 * 1024
 
 if __name__ == "__main__":
     main()

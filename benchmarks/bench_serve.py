@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from builder.sampling_params import SamplingParams
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -41,7 +43,7 @@ def direct(engines: Path, levels: list[int], max_tokens: int) -> dict[str, float
     out = {}
     with EngineService(engines) as engine:
         tok = engine.tokenizer()
-        reqs = [GenerationRequest(prompt_ids=tok.encode(PROMPT.format(i=i)).ids, max_tokens=max_tokens)
+        reqs = [GenerationRequest(prompt_ids=tok.encode(PROMPT.format(i=i)).ids, sampling=SamplingParams(max_tokens=max_tokens))
                 for i in range(max(levels))]
         for r in reqs[:2]:  # warm-up: first calls pay for allocations and thread-pool start
             engine.generate([r])
@@ -64,14 +66,13 @@ def served(repo: Path, levels: list[int], max_tokens: int, rounds: int) -> dict[
         t_start = time.perf_counter()
         server.wait_ready(models=["tensorrt_llm"], timeout=600)
         ready_s = time.perf_counter() - t_start
-        generate(server.grpc_url, GenerateOptions(prompt="warm-up", max_tokens=2))
+        generate(server.grpc_url, GenerateOptions(prompt="warm-up", sampling=SamplingParams(max_tokens=2)))
         for c in levels:
             results = []
 
             def worker(i: int) -> None:
                 for r in range(rounds):
-                    results.append(generate(server.grpc_url, GenerateOptions(
-                        prompt=PROMPT.format(i=i + r * c), max_tokens=max_tokens, stream=True)))
+                    results.append(generate(server.grpc_url, GenerateOptions(prompt=PROMPT.format(i=i + r * c), stream=True, sampling=SamplingParams(max_tokens=max_tokens))))
 
             threads = [threading.Thread(target=worker, args=(i,)) for i in range(c)]
             t0 = time.perf_counter()

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from builder.sampling_params import SamplingParams
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -80,10 +82,13 @@ def timed(fn, repeats: int):
 def bench_set(name: str, root: Path, args) -> list[dict]:
     from builder.engine.bundle import EngineBundle
     from builder.engine.distributed import make_comm
-    from builder.engine.generate import Engine, GenerationRequest
-    from builder.shard.fusion import FusionOptions
+    from builder.engine.driver import decode
+    from builder.engine.generate import Engine
+    from builder.engine.sampling import GenerationRequest
+    from builder.engine.speculative import SpeculativeOptions
     from builder.layout import Layout
     from builder.shard.bundle import write_engine_bundle
+    from builder.shard.fusion import FusionOptions
 
     target_ckpt, draft_ckpt = checkpoints(name, root, args)
     bundles = {}
@@ -98,7 +103,7 @@ def bench_set(name: str, root: Path, args) -> list[dict]:
     prompts = prompts_for(bundle, args.prompts, args.prompt_len)
 
     def run(spec):
-        return [engine.generate([GenerationRequest(prompt_ids=p, max_tokens=args.tokens)], speculative=spec)[0]
+        return [decode(engine, [GenerationRequest(p, SamplingParams(max_tokens=args.tokens))], speculative=spec)[0]
                 for p in prompts]
 
     run(None)  # warm-up
@@ -106,7 +111,7 @@ def bench_set(name: str, root: Path, args) -> list[dict]:
     rows = []
     for mode in ("mtp", "draft"):
         for n in DRAFT_LENGTHS:
-            spec = {"mode": mode, "draft_len": n, "draft_engine": str(bundles["draft"])}
+            spec = SpeculativeOptions(mode=mode, draft_len=n, draft_engine=str(bundles["draft"]))
             wall, res = timed(lambda: run(spec), args.repeats)
             if [r.token_ids for r in res] != [r.token_ids for r in base]:
                 raise SystemExit(f"{name}/{mode}/{n}: speculative greedy output differs from plain greedy")

@@ -59,6 +59,25 @@ def aic_results(py: Path) -> list[dict]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def aic_throughput(py: Path, cases: list[dict]) -> dict[str, dict]:
+    """aiconfigurator's decode step (static_gen TPOT at each case's batch per rank) for calibration rows: returns
+    ``{id: {"tpot_ms": ...}}`` or ``{id: {"error": ...}}``."""
+    # Weight formats as NVIDIA's checkpoints store them: block-FP8 GEMMs, MoE in block FP8 or NVFP4.
+    probe = [{"model": c["model"], "system": c["system"], "tp": c["tp"], "pp": c["pp"], "ep": c["ep"],
+              "adp": c["adp"], "batch": c["batch"], "isl": c["isl"], "osl": c["osl"], "skip_memory": True,
+              "kv": "fp8" if c["kv"] == "fp8" else "bfloat16", "gemm": "fp8_block",
+              "moe": "nvfp4" if c["quant"] == "nvfp4" else "fp8_block",
+              "fmha": "fp8" if c["kv"] == "fp8" else "bfloat16"}
+             for c in cases]
+    res = subprocess.run([str(py), str(ROOT / "benchmarks" / "_aic_probe.py"), json.dumps(probe)],
+                         capture_output=True, text=True, timeout=7200)
+    if res.returncode != 0:
+        raise SystemExit(f"aiconfigurator probe failed:\n{res.stderr[-2000:]}")
+    results = json.loads(res.stdout.strip().splitlines()[-1])
+    return {c["id"]: ({"tpot_ms": r["tpot_ms"]} if "tpot_ms" in r else {"error": r.get("tpot_error")})
+            for c, r in zip(cases, results)}
+
+
 def dsbuild_results() -> tuple[list[dict], float]:
     out, t0 = [], time.perf_counter()
     for label, model, _, gpu, _, nodes, tp, pp, ep in CASES:

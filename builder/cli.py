@@ -7,15 +7,20 @@ import json
 import sys
 import time
 import typing
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from builder import __version__
 from builder.errors import DsbuildError
 from builder.rundir import RunDir
+from builder.sampling_params import SamplingParams
 from builder.specs import RunSpec, resolve_spec
+
+if TYPE_CHECKING:  # torch-free start-up: the engine is imported by the commands that run it
+    from builder.engine.speculative import SpeculativeOptions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,27 +232,63 @@ _stage_command("package", "Render the Triton model repository and launch files i
 @click.option("--exit-timeout", type=int, default=20, show_default=True,
               help="Seconds Triton waits for in-flight requests on SIGTERM.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="Write tritonserver's log here.")
+@click.option("--openai-port", type=click.IntRange(1, 65535),
+              help="Also serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) here.")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
 def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max_restarts, exit_timeout, log_file,
-              verbose):
+              openai_port, verbose):
     """Serve a model repository with a real tritonserver (the container's on GPU hosts, else the nvidia-pytriton
-    wheel's) until SIGTERM or Ctrl-C."""
+    wheel's) until SIGTERM or Ctrl-C; with --openai-port, an OpenAI-compatible endpoint in front of it."""
     from builder.errors import ServeError
     from triton_repo.interface import MODEL_NAME
+    from triton_repo.openai_api.server import EndpointProcess
     from triton_repo.server import Ports, serve_forever
 
     if not (repo / MODEL_NAME / "config.pbtxt").is_file():
         raise ServeError(f"{repo} is not a dsbuild Triton repository (no {MODEL_NAME}/config.pbtxt); "
                          "run `dsbuild package` first")
-    sys.exit(serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    endpoint = None
+    if openai_port:
+        endpoint = EndpointProcess(triton_url=f"{host}:{grpc_port}", repo=repo, host=host, port=openai_port,
+                                   log=log).start()
+    try:
+        rc = serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
                            models=[MODEL_NAME], ready_timeout=ready_timeout, max_restarts=max_restarts,
-                           exit_timeout_s=exit_timeout, log_path=log_file, log=lambda m: click.echo(m, err=True)))
+                           exit_timeout_s=exit_timeout, log_path=log_file, log=log)
+    finally:
+        if endpoint is not None:
+            endpoint.stop()
+    sys.exit(rc)
+
+
+@main.command("openai")
+@click.option("--triton-url", default="127.0.0.1:8001", show_default=True, help="The Triton server's gRPC HOST:PORT.")
+@click.option("--repo", type=click.Path(path_type=Path), default=Path("build/latest/package/triton_repo"),
+              show_default=True, help="The Triton repository it serves (the checkpoint's tokenizer files are "
+                                      "found through it).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path),
+              help="Read the tokenizer files here instead (the GPU flavour's checkpoint path as seen from this host).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the endpoint binds.")
+@click.option("--port", type=click.IntRange(1, 65535), default=9000, show_default=True)
+@click.option("--model-name", default="tensorrt_llm", show_default=True, help="The model id clients ask for.")
+@click.option("-v", "--verbose", is_flag=True)
+@handle_errors
+def openai_cmd(triton_url, repo, tokenizer_dir, host, port, model_name, verbose):
+    """An OpenAI-compatible endpoint (/v1/models, /v1/completions, /v1/chat/completions, streaming as server-sent
+    events) in front of a running Triton server, with DeepSeek-V3.2's chat encoding."""
+    from triton_repo.openai_api.server import run
+
+    run(triton_url=triton_url, repo=repo, host=host, port=port, model_name=model_name, tokenizer_dir=tokenizer_dir,
+        log=lambda m: click.echo(m, err=True))
 
 
 @main.command("bench")
-@click.option("--url", required=True, help="Triton server HOST:PORT (gRPC port for --protocol grpc, HTTP port for http).")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--url", required=True, help="Server HOST:PORT: Triton's gRPC port for --protocol grpc, its HTTP port "
+                                         "for http, the OpenAI-compatible endpoint's port for openai.")
+@click.option("--protocol", type=click.Choice(["grpc", "http", "openai"]), default="grpc", show_default=True,
+              help="openai: streamed /v1/completions of `dsbuild serve --openai-port` / `dsbuild openai`.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("build/latest"), show_default=True,
               help="The served run: its engines/ give the tokenizer, its manifest the planner's prediction.")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
@@ -407,26 +448,34 @@ def _engine_options(fn: Callable) -> Callable:
     return fn
 
 
+# CLI defaults that differ from the record's (a served request without max_tokens gets 16, as TensorRT-LLM's model).
+GENERATE_DEFAULTS = {"max_tokens": 32}
+
+
+def sampling_options(fn: Callable) -> Callable:
+    """Flags for every ``SamplingParams`` field (help from the record; values checked by its ``validate``)."""
+    for f in reversed(fields(SamplingParams)):
+        flag = "--" + f.name.replace("_", "-")
+        default = GENERATE_DEFAULTS.get(f.name, f.default)
+        if f.name == "stop":
+            fn = click.option(flag, "stop", multiple=True, help=f.metadata["help"] + " Repeatable; with --url.")(fn)
+            continue
+        kind = {"INT32": int, "UINT64": int, "FP32": float}[f.metadata["dtype"]]
+        shown = "" if default is None else f"  [default: {default}]"
+        fn = click.option(flag, f.name, type=kind, default=default, help=f.metadata["help"] + shown)(fn)
+    return fn
+
+
 @main.command("generate")
 @click.option("--url", help="A Triton server's HOST:PORT (its gRPC port, or its HTTP port with --protocol http).")
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path),
               help="Engine bundle directory (a run's engines/): run the reference engine here, no server.")
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=click.IntRange(0, (1 << 64) - 1), default=None,
-              help="Sampling seed (same seed, same tokens).")
-@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
-              help="Subtracted from the logit of every token already in the prompt or output (negative: favour them).")
-@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
-              help="Subtracted from a token's logit once per occurrence in the prompt and output.")
+@sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, finish_reason, ...).")
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
               help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).")
 @click.option("--stream/--no-stream", default=False, help="With --url: print text as the server streams it.")
-@click.option("--stop", multiple=True, help="With --url: stop string (repeatable).")
 @click.option("--model-name", default="tensorrt_llm", show_default=True, help="With --url: the served model.")
 @click.option("--timeout", type=float, default=300, show_default=True, help="With --url: seconds to wait.")
 @click.option("--threads-per-rank", type=int, default=None,
@@ -440,9 +489,8 @@ def _engine_options(fn: Callable) -> Callable:
                    "--spec draft` writes it).")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
-def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p, seed, presence_penalty,
-                 frequency_penalty, as_json, protocol, stream, stop, model_name, timeout, threads_per_rank,
-                 python_executable, ignore_eos, spec, draft_len, draft_engine, verbose):
+def generate_cmd(url, engine_dir, prompt, as_json, protocol, stream, model_name, timeout, threads_per_rank,
+                 python_executable, ignore_eos, spec, draft_len, draft_engine, verbose, stop, **sampling):
     """Generate text from a served model (--url) or with the reference engine on this host (--engine)."""
     from builder.errors import SpecError
 
@@ -450,32 +498,32 @@ def generate_cmd(url, engine_dir, prompt, max_tokens, temperature, top_k, top_p,
         raise SpecError("pass exactly one of --url (a Triton server) or --engine (a run's engines/ directory)")
     if url and spec not in (None, "none"):
         raise SpecError("--spec applies to --engine; a served model's speculative decoding is fixed at build time")
+    if engine_dir and stop:
+        raise SpecError("--stop applies to --url (the served model matches stop strings); with --engine, "
+                        "generation ends at the model's end-of-sentence token or --max-tokens")
+    params = SamplingParams(stop=tuple(stop), **sampling).validate()
     if url:
-        _generate_remote(url=url, prompt=prompt, protocol=protocol, stream=stream, max_tokens=max_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        _generate_remote(url=url, prompt=prompt, params=params, protocol=protocol, stream=stream,
                          model_name=model_name, timeout=timeout, as_json=as_json)
     else:
         _generate_direct(engine_dir=engine_dir, threads_per_rank=threads_per_rank,
-                         python_executable=python_executable, prompt=prompt, max_tokens=max_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                         python_executable=python_executable, prompt=prompt, params=params, ignore_eos=ignore_eos,
                          as_json=as_json, speculative=_speculative_options(engine_dir, spec, draft_len, draft_engine))
 
 
 def _speculative_options(engine_dir: Path, spec: str | None, draft_len: int | None,
-                         draft_engine: Path | None) -> dict[str, Any] | None:
+                         draft_engine: Path | None) -> SpeculativeOptions | None:
+    from builder.engine.speculative import SpeculativeOptions
+
     if spec in (None, "none"):
         return None
     n = RunSpec.model_fields["draft_len"].default if draft_len is None else draft_len
-    return {"mode": spec, "draft_len": n,
-            "draft_engine": str(draft_engine or RunDir.of_engines(engine_dir).draft_bundle) if spec == "draft" else None}
+    return SpeculativeOptions(mode=spec, draft_len=n, draft_engine=str(
+        draft_engine or RunDir.of_engines(engine_dir).draft_bundle) if spec == "draft" else None)
 
 
-def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_tokens: int, temperature: float,
-                     top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], model_name: str,
-                     timeout: float, as_json: bool, presence_penalty: float = 0.0,
-                     frequency_penalty: float = 0.0) -> None:
+def _generate_remote(*, url: str, prompt: str, params: SamplingParams, protocol: str, stream: bool,
+                     model_name: str, timeout: float, as_json: bool) -> None:
     from triton_repo.client import GenerateOptions, generate
 
     shown = [""]
@@ -486,11 +534,8 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
             click.echo(text[len(shown[0]):], nl=False)
             shown[0] = text
 
-    opts = GenerateOptions(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
-                           stop=tuple(stop), stream=stream)
-    result = generate(url, opts, protocol=protocol, model=model_name, timeout=timeout,
-                      on_text=show if stream and not as_json else None)
+    result = generate(url, GenerateOptions(prompt=prompt, sampling=params, stream=stream), protocol=protocol,
+                      model=model_name, timeout=timeout, on_text=show if stream and not as_json else None)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     elif stream:
@@ -501,9 +546,8 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
 
 
 def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_executable: str | None, prompt: str,
-                     max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-                     ignore_eos: bool, as_json: bool, speculative: dict[str, Any] | None = None,
-                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
+                     params: SamplingParams, ignore_eos: bool, as_json: bool,
+                     speculative: SpeculativeOptions | None = None) -> None:
     from builder.engine.service import EngineService, GenerationRequest
     from builder.engine.text import encode_prompt
 
@@ -512,9 +556,7 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
         ids = encode_prompt(svc.bundle, tok, prompt)
         eos = svc.bundle.cfg.raw.get("eos_token_id")
         stops = [] if ignore_eos else [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
-        req = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, stop_token_ids=stops, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
+        req = GenerationRequest(prompt_ids=ids, sampling=params, stop_token_ids=stops)
         t0 = time.perf_counter()
         streamed: list[int] = []
         shown = [""]
@@ -552,8 +594,8 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
 @handle_errors
 def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tolerance, gen_tokens, verbose):
     """Compare the reference engine with transformers on fixed prompts; JSON out, non-zero exit beyond tolerance."""
-    from builder.errors import VerificationError
     from builder.engine.verify import verify_engine
+    from builder.errors import VerificationError
 
     report = verify_engine(engine_dir, checkpoint=checkpoint, gen_tokens=gen_tokens, tolerance=tolerance,
                            threads_per_rank=threads_per_rank, python_executable=python_executable)

@@ -121,6 +121,11 @@ class RequestError(SpecError):
     """A generation request is invalid (empty prompt, token id outside the vocabulary, bad sampling value)."""
 
 
+class ChatFormatError(RequestError):
+    """A conversation the model's chat encoding cannot express (tool result without a call, unknown role), or a
+    checkpoint whose tokenizer files do not describe a chat encoding dsbuild implements."""
+
+
 class ConformanceError(PackageError):
     """Generated files disagree with each other, with the plan or with the pinned TensorRT-LLM contract
     (``dsbuild check``)."""

@@ -13,6 +13,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from builder.hub import human_bytes
+from builder.model.catalog import build_catalog, total_bytes
+from builder.model.source import resolve_model
 from builder.specs import RunSpec
 
 CPU_STAGES = ("plan", "fetch", "draft-fetch")
@@ -33,8 +36,6 @@ class HostFit:
 
     @property
     def reason(self) -> str:
-        from builder.hub import human_bytes
-
         return (f"the checkpoint is {human_bytes(self.checkpoint_bytes)} and this host ({self.cores} CPU cores, "
                 f"{human_bytes(self.ram_bytes)} RAM, {'a' if self.gpu else 'no'} GPU) handles at most "
                 f"{human_bytes(self.limit_bytes)} in those stages (set {LIMIT_ENV} to change that)")
@@ -52,9 +53,6 @@ def _has_gpu() -> bool:
 def host_fit(spec: RunSpec, stage_names: list[str]) -> HostFit:
     """What of ``stage_names`` this host leaves for a GPU host (nothing when the model is small or a GPU is here)."""
     import psutil
-
-    from builder.model.catalog import build_catalog, total_bytes
-    from builder.model.source import resolve_model
 
     size = total_bytes(build_catalog(resolve_model(spec.model).config, include_mtp=not spec.skip_mtp))
     cores = os.cpu_count() or 1

@@ -33,8 +33,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
+from filelock import FileLock
+from huggingface_hub import HfApi, constants, get_session, hf_hub_url
+from huggingface_hub import errors as hf
+from huggingface_hub.hf_api import RepoFile as HfRepoFile
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+from tqdm.auto import tqdm
+
 from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
 from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
+from builder.model.selection import path_selected
 from builder.paths import safe_relpath
 from builder.retry import Backoff, retry
 
@@ -46,8 +55,7 @@ DISK_RESERVE_BYTES = 256 << 20
 # Transient failures (HTTP 5xx, dropped connections that outlived huggingface_hub's own resume retries) are retried
 # this many times per file, resuming each time from what is already on disk.
 TRANSIENT_ATTEMPTS = 5
-# huggingface_hub's http_get hands data over in chunks of constants.DOWNLOAD_CHUNK_SIZE (10 MiB): a dropped
-# connection or a kill loses what arrived since the last whole chunk. 1 MiB keeps that small at no measurable cost.
+# What a dropped connection or a kill can lose of a file being downloaded (the stream is written in these pieces).
 STREAM_CHUNK_BYTES = 1 << 20
 # Testing hook: pretend every volume has this many free bytes (the probe is otherwise os.statvfs).
 FREE_SPACE_ENV = "DSBUILD_FREE_SPACE_BYTES"
@@ -85,8 +93,6 @@ class HubRepo:
 
 def hub_repo(repo_id: str, *, cache_dir: Path | None = None) -> HubRepo:
     """``repo_id`` on ``HF_ENDPOINT`` (default huggingface.co), cached in ``cache_dir`` or ``HF_HUB_CACHE``."""
-    from huggingface_hub import constants
-
     cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
     return HubRepo(repo_id=repo_id, cache_dir=cache.expanduser(), endpoint=constants.ENDPOINT.rstrip("/"),
                    offline=bool(constants.HF_HUB_OFFLINE))
@@ -123,9 +129,6 @@ class RepoFile:
 # Errors from huggingface_hub, as one sentence each
 
 def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
-    import httpx
-    from huggingface_hub import errors as hf
-
     where = shown_endpoint(repo.endpoint)
     name = f"{repo.repo_id} on {where}"
     if isinstance(exc, hf.GatedRepoError):
@@ -155,14 +158,9 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
 
 
 def is_transient(exc: BaseException) -> bool:
-    import httpx
-    from huggingface_hub import errors as hf
-
     if isinstance(exc, hf.HfHubHTTPError) and exc.response is not None:
         return exc.response.status_code >= 500 or exc.response.status_code in (408, 429)
-    # huggingface_hub raises a bare OSError when a stream ends short of the announced size.
-    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)) or (
-        type(exc) is OSError and "Consistency check failed" in str(exc))
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, _ShortRead))
 
 
 def call_with_retries(fn: Callable[[], Any], *, attempts: int = 4) -> Any:
@@ -185,8 +183,6 @@ def resolve_commit(repo: HubRepo, revision: str) -> str:
                 return sha
         raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} does not know which commit "
                        f"{repo.repo_id}@{revision} is; fetch it once online or pass --revision <commit sha>")
-    from huggingface_hub import HfApi
-
     try:
         info = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence
@@ -224,9 +220,6 @@ def list_files(repo: HubRepo, commit: str) -> list[RepoFile]:
     if repo.offline:
         raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} has no file list for "
                        f"{repo.repo_id}@{commit}; fetch it once online")
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile as HfRepoFile
-
     try:
         api = HfApi(endpoint=repo.endpoint)
         entries = call_with_retries(lambda: list(api.list_repo_tree(repo.repo_id, revision=commit, recursive=True)))
@@ -284,8 +277,6 @@ def remote_tensors(repo: HubRepo, commit: str) -> dict[str, RemoteTensor]:
 
 
 def select_files(files: Iterable[RepoFile], *, include: list[str], exclude: list[str]) -> list[RepoFile]:
-    from builder.model.selection import path_selected
-
     return [f for f in files if path_selected(f.path, include=include, exclude=exclude)]
 
 
@@ -419,9 +410,9 @@ class _Cancelled(Exception):
 
 
 class _HashingFile:
-    """The file-like object handed to ``huggingface_hub.file_download.http_get``: every chunk written is hashed
-    on the way, so verification costs no second read. ``seek``/``truncate`` (the client's reaction to a server that
-    ignored ``Range``) re-derive the hashes from what is left on disk."""
+    """The file ``_http_get`` writes into: every piece written is hashed on the way, so verification costs no second
+    read. ``seek``/``truncate`` (the reaction to a server that ignored ``Range``) re-derive the hashes from what is
+    left on disk."""
 
     def __init__(self, fh, f: RepoFile, cancel: threading.Event):
         self.fh, self.file, self.cancel = fh, f, cancel
@@ -446,31 +437,35 @@ class _HashingFile:
         return n
 
 
-class _ByteCounter:
-    """A tqdm-compatible sink for huggingface_hub's per-file progress, summed into one bar for the whole fetch."""
+class _ShortRead(OSError):
+    """The server ended a file's stream before its announced size (transient: the next attempt resumes)."""
 
-    bar: Any = None
-    lock = threading.Lock()
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def update(self, n: int | float | None = 1) -> None:
-        if self.bar is not None and n:
-            with self.lock:
-                self.bar.update(int(n))
-
-    def close(self) -> None:
-        pass
-
-    def set_postfix_str(self, *a: Any, **k: Any) -> None:
-        pass
+def _http_get(url: str, sink: Any, *, resume_size: int, headers: dict[str, str], expected_size: int,
+              on_bytes: Callable[[int], None]) -> None:
+    """GET ``url`` from byte ``resume_size`` into ``sink`` on huggingface_hub's public HTTP client (its proxies, TLS
+    settings and user agent), in pieces of ``STREAM_CHUNK_BYTES``: what a dropped connection or a kill loses of a
+    file is at most one piece. A server that ignores ``Range`` (answers 200) restarts the file; a stream that ends
+    short of ``expected_size`` raises ``_ShortRead``."""
+    request_headers = dict(headers)
+    if resume_size:
+        request_headers["Range"] = f"bytes={resume_size}-"
+    with get_session().stream("GET", url, headers=request_headers, follow_redirects=True,
+                              timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as resp:
+        if resp.status_code >= 400:
+            resp.read()  # the error body names the problem (gated, missing, ...)
+            hf_raise_for_status(resp)
+        if resume_size and resp.status_code != 206:
+            sink.seek(0)
+            sink.truncate(0)
+            resume_size = 0
+        got = resume_size
+        for piece in resp.iter_bytes(STREAM_CHUNK_BYTES):
+            sink.write(piece)
+            got += len(piece)
+            on_bytes(len(piece))
+    if got != expected_size:
+        raise _ShortRead(f"{url} ended after {got} of {expected_size} bytes")
 
 
 @dataclass
@@ -506,12 +501,8 @@ def _link_snapshot(repo: HubRepo, commit: str, f: RepoFile) -> None:
 
 
 def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: FetchStats,
-              cancel: threading.Event) -> dict[str, str]:
+              cancel: threading.Event, on_bytes: Callable[[int], None]) -> dict[str, str]:
     """Stream ``f`` into ``partial`` (continuing what is there), retrying transient failures; its digests."""
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
     url = hf_hub_url(repo.repo_id, f.path, revision=commit, endpoint=repo.endpoint)
     headers = build_hf_headers()  # token from HF_TOKEN or the stored login; never read or shown here
     headers["Accept-Encoding"] = "identity"  # byte ranges must address the file itself
@@ -532,8 +523,7 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
             raw.seek(have)
             sink = _HashingFile(raw, f, cancel)
             try:
-                http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size,
-                         displayed_filename=f.path, tqdm_class=_ByteCounter)
+                _http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size, on_bytes=on_bytes)
             finally:
                 raw.flush()
             if cancel.is_set():
@@ -561,10 +551,9 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
         raise hub_error(repo, exc, what=what) from None
 
 
-def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cancel: threading.Event) -> str:
+def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cancel: threading.Event,
+               on_bytes: Callable[[int], None]) -> str:
     """Make ``blobs/<etag>`` hold exactly ``f``; return its sha256."""
-    from filelock import FileLock
-
     blob = repo.blobs / f.etag
     partial = blob.with_name(blob.name + PARTIAL_SUFFIX)
     repo.blobs.mkdir(parents=True, exist_ok=True)
@@ -592,7 +581,7 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cance
             raise HubError(f"HF_HUB_OFFLINE is set and {f.path} of {repo.repo_id}@{commit[:12]} is not complete in "
                            f"the cache at {repo.cache_dir}")
         for attempt in (1, 2):
-            digests = _transfer(repo, commit, f, partial, stats, cancel)
+            digests = _transfer(repo, commit, f, partial, stats, cancel, on_bytes)
             if _digest_ok(f, digests):
                 break
             got = digests["sha256"] if f.is_lfs else digests["sha1"]
@@ -612,24 +601,23 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cance
 def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
              log: Callable[[str], None] = print, stats: FetchStats | None = None) -> dict[str, str]:
     """Fetch ``files`` with ``workers`` parallel transfers; returns path -> sha256 (all verified)."""
-    from tqdm.auto import tqdm
-
-    from huggingface_hub import constants
-
     stats = stats or FetchStats()
     if not files:
         return {}
-    constants.DOWNLOAD_CHUNK_SIZE = STREAM_CHUNK_BYTES
     states = file_states(repo, files)
     total, have = sum(f.size for f in files), sum(s.have_bytes for s in states)
     digests: dict[str, str] = {}
     with tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=f"fetch {repo.repo_id}", leave=False,
               disable=None) as bar:
-        _ByteCounter.bar = bar
+        bar_lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with bar_lock:
+                bar.update(n)
         cancel = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(files))), thread_name_prefix="fetch")
         try:
-            futures = {pool.submit(_fetch_one, repo, commit, f, stats, cancel): f for f in files}
+            futures = {pool.submit(_fetch_one, repo, commit, f, stats, cancel, on_bytes): f for f in files}
             for fut in as_completed(futures):
                 digests[futures[fut].path] = fut.result()
         except BaseException:
@@ -639,7 +627,6 @@ def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            _ByteCounter.bar = None
     stats.files += len(files)
     return digests
 

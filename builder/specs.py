@@ -22,7 +22,6 @@ from quantize import registry as quant_formats
 
 QuantMode = Literal[quant_formats.NAMES]  # type: ignore[valid-type]
 SpecMode = Literal["none", "mtp", "draft"]
-STAGES = ("plan", "fetch", "quantize", "build", "package")
 
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
@@ -153,6 +152,9 @@ class RunSpec(BaseModel):
     k8s_namespace: str | None = opt(None, "Kubernetes namespace for lws.yaml.", stages=("package",))
     k8s_kubectl_image: str = opt(DEFAULT_KUBECTL_IMAGE, "Image the multi-node lws.yaml copies kubectl from (its "
                                  "launcher starts remote ranks with kubectl exec).", stages=("package",))
+    openai_port: int | None = opt(None, "Port of the OpenAI-compatible endpoint the GPU launch files start beside "
+                                  "Triton (serve.sh/slurm.sbatch also take OPENAI_PORT at launch).",
+                                  stages=("package",), ge=1, le=65535)
     # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py) ---
     fuse_gate_up: bool = opt(True, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj).",
                              stages=("build",))
@@ -229,10 +231,6 @@ class RunSpec(BaseModel):
                 value = getattr(self, name)
                 out[name] = str(value) if isinstance(value, Path) else value
         return out
-
-
-def field_stages(name: str) -> list[str]:
-    return list((RunSpec.model_fields[name].json_schema_extra or {}).get("stages", []))
 
 
 def env_values(environ: dict[str, str] | None = None) -> dict[str, Any]:

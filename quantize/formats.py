@@ -30,7 +30,7 @@ from pathlib import Path
 
 from builder.errors import QuantizationError
 from builder.model.catalog import FP8_KINDS, Dtype, Kind, TensorSpec, build_catalog, is_mtp_tensor
-from builder.model.config import ModelConfig
+from builder.model.config import ModelConfig, QuantizationConfig
 from quantize import registry
 
 INT4_GROUP = 128
@@ -124,8 +124,6 @@ def quantized_catalog(cfg: ModelConfig, mode: str, *, include_mtp: bool = True) 
 
 
 def _with_fp8(cfg: ModelConfig) -> ModelConfig:
-    from builder.model.config import QuantizationConfig
-
     return cfg if cfg.is_fp8_block else replace(cfg, quantization=QuantizationConfig())
 
 

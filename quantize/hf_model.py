@@ -16,6 +16,7 @@ import torch
 
 from builder.model.catalog import is_mtp_tensor
 from builder.model.config import ModelConfig
+from builder.model.hf_compat import load_hf_model
 from builder.model.safetensors_io import write_index, write_safetensors
 from quantize.fp8_tensor import FP8_MAX
 from quantize.hf_experts import unfuse_experts
@@ -23,7 +24,6 @@ from quantize.hf_experts import unfuse_experts
 
 def float_model(tensors: Iterable[tuple[str, torch.Tensor]], config_json: str | Path, *,
                 dtype: torch.dtype = torch.float32, unfuse: bool = True):
-    from builder.model.hf_compat import load_hf_model
 
     raw = json.loads(Path(config_json).read_text())
     cfg = ModelConfig.from_dict(raw, source=str(config_json))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,12 +26,13 @@ from typing import Any, Callable
 import torch
 
 from builder.errors import QuantizationError
-from builder.model.catalog import build_catalog, is_mtp_tensor
+from builder.model.catalog import Dtype, build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
-from builder.model.safetensors_io import INDEX_NAME, write_index
+from builder.model.safetensors_io import INDEX_NAME, TORCH_DTYPES, read_header, write_index
 from quantize import registry
+from quantize.hf_model import float_model
+from quantize.report import reference_float
 from quantize.stream import Planned, TensorReader, computed, passthrough
-
 
 
 def modelopt_config(mode: str) -> dict[str, Any]:
@@ -48,9 +48,6 @@ def quantize_and_export(src: Path, export_dir: Path, *, mode: str, tokens: torch
                         progress: Callable[[str], None] = print) -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-
-    from quantize.hf_model import float_model
-    from quantize.report import reference_float
 
     with TensorReader(src) as ref:
         model = float_model(((n, reference_float(ref, n)) for n in ref.names if not n.endswith("weight_scale_inv")),
@@ -74,7 +71,6 @@ def plan_output(export_dir: Path, src: Path, cfg: ModelConfig) -> tuple[list[lis
     if not (export_dir / INDEX_NAME).is_file():
         if len(exported) != 1:
             raise QuantizationError(f"ModelOpt export in {export_dir} has {len(exported)} files and no index")
-        from builder.model.safetensors_io import read_header
 
         names = read_header(export_dir / exported[0]).tensors
         write_index(export_dir, {n: exported[0] for n in names}, total_size=0)
@@ -115,7 +111,6 @@ def unquantized_consumer_fixes(ex: TensorReader, source: TensorReader, cfg: Mode
     (``g' = g / s``); the norm's unquantized consumers then see ``x / s`` too, and ModelOpt 0.47 does not compensate
     them. Rescale their input columns by ``g / g'`` so every consumer computes what it did before export. A no-op
     where the norm is unchanged (FP8, NVFP4)."""
-    from quantize.report import reference_float
 
     fixes: dict[str, Planned] = {}
     names = set(ex.names)
@@ -139,14 +134,10 @@ def unquantized_consumer_fixes(ex: TensorReader, source: TensorReader, cfg: Mode
 
 
 def _torch_dtype(dt):
-    from builder.model.safetensors_io import TORCH_DTYPES
-
     return TORCH_DTYPES[dt]
 
 
 def _bf16():
-    from builder.model.catalog import Dtype
-
     return Dtype.BF16
 
 
@@ -249,12 +240,6 @@ def gpu_script(*, mode: str, model_dir: str, run_dir: str, gpus: int = 8) -> str
                   "printf 'then run: dsbuild quantize --model %q --quant w4afp8 --gpu h200-sxm --act-scales %q\\n' "
                   '"$MODEL" "$WORK/input_scales.safetensors"']
     return "\n".join(lines) + "\n"
-
-
-def copy_small(src: Path, out: Path, names: tuple[str, ...]) -> None:
-    for n in names:
-        if (src / n).is_file():
-            shutil.copy2(src / n, out / n)
 
 
 def export_tmpdir(parent: Path) -> tempfile.TemporaryDirectory:

@@ -19,13 +19,18 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from builder.atomic import atomic_write_json
+from builder import __version__
+from builder.atomic import atomic_write_json, atomic_write_text, link_or_copy
 from builder.errors import QuantizationError
-from builder.model.catalog import build_catalog
+from builder.model.catalog import Dtype, build_catalog
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME
-from quantize import registry, report
-from quantize.stream import TensorReader, ahead, passthrough, source_shards, write_checkpoint
+from quantize import modelopt_flow as mf
+from quantize import registry, report, w4afp8
+from quantize.calib import calibration_tokens as tokens
+from quantize.hf_model import float_model
+from quantize.modelopt_flow import gpu_script
+from quantize.stream import TensorReader, ahead, computed, passthrough, source_shards, write_checkpoint
 
 SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
 BLACKWELL = ("b100", "b200", "b300", "gb200", "gb300")
@@ -69,7 +74,6 @@ def check_gpu(mode: str, gpu: str | None) -> None:
 
 def hf_quant_config(quant_algo: str | None, kv_cache_quant_algo: str | None, **extra: Any) -> dict[str, Any]:
     """The shape TensorRT-LLM's ``read_modelopt_quant_config`` reads: ``{"producer", "quantization": {...}}``."""
-    from builder import __version__
 
     return {"producer": {"name": "dsbuild", "version": __version__},
             "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_cache_quant_algo, **extra}}
@@ -195,8 +199,6 @@ def _nan_code(codes: torch.Tensor, name: str) -> str | None:
 
 
 def run_fp8(job: QuantJob) -> dict[str, Any]:
-    from builder.atomic import link_or_copy
-
     cfg, raw = _source_config(job.src)
     if not cfg.is_fp8_block:
         raise QuantizationError("--quant fp8 keeps DeepSeek's native block FP8, but this checkpoint is not block FP8")
@@ -221,9 +223,6 @@ def run_fp8(job: QuantJob) -> dict[str, Any]:
 # bf16: streaming dequantization
 
 def run_bf16(job: QuantJob) -> dict[str, Any]:
-    from quantize.stream import computed
-    from builder.model.catalog import Dtype
-
     cfg, raw = _source_config(job.src)
     with TensorReader(job.src) as reader:
         shards = []
@@ -252,8 +251,6 @@ def run_bf16(job: QuantJob) -> dict[str, Any]:
 # w4afp8
 
 def calibration_tokens(job: QuantJob) -> torch.Tensor:
-    from quantize.calib import calibration_tokens as tokens
-
     return tokens(job.src / "tokenizer.json", count=job.calib_size, seq_len=job.calib_seq_len, corpus=job.corpus)
 
 
@@ -262,8 +259,6 @@ def _refuse_full_size(job: QuantJob, cfg: ModelConfig, what: str) -> None:
     script (``quantize.modelopt_flow.gpu_script``) next to the run and name it."""
     if _fits_in_memory(cfg):
         return
-    from builder.atomic import atomic_write_text
-    from quantize.modelopt_flow import gpu_script
 
     params = sum(s.numel for s in build_catalog(cfg) if not s.is_scale) / 1e9
     if job.mode not in ("nvfp4", "w4afp8"):
@@ -284,9 +279,6 @@ def _refuse_full_size(job: QuantJob, cfg: ModelConfig, what: str) -> None:
 
 
 def run_w4afp8(job: QuantJob) -> dict[str, Any]:
-    from quantize import w4afp8
-    from quantize.hf_model import float_model
-
     cfg, raw = _source_config(job.src)
     if not cfg.is_fp8_block:
         raise QuantizationError("--quant w4afp8 converts DeepSeek's block-FP8 checkpoint, but this one is not block FP8")
@@ -319,8 +311,6 @@ def run_w4afp8(job: QuantJob) -> dict[str, Any]:
 # ModelOpt modes
 
 def run_modelopt(job: QuantJob) -> dict[str, Any]:
-    from quantize import modelopt_flow as mf
-
     cfg, _ = _source_config(job.src)
     _refuse_full_size(job, cfg, f"ModelOpt {registry.get(job.mode).modelopt_cfg} calibration")
     tokens = calibration_tokens(job)

@@ -23,6 +23,7 @@ import torch
 from builder.model.catalog import build_catalog
 from builder.model.config import ModelConfig
 from quantize import dequant
+from quantize.hf_model import fake_quant_fp8_inputs, float_model, logits
 from quantize.stream import TensorReader
 
 
@@ -71,8 +72,6 @@ def _db(v: float) -> float | str:
 
 
 def logits_quality(src: Path, quant: Path, *, mode: str, tokens: torch.Tensor) -> dict[str, Any]:
-    from quantize.hf_model import fake_quant_fp8_inputs, float_model, logits
-
     with TensorReader(src) as ref:
         ref_model = float_model(((n, reference_float(ref, n)) for n in ref.names
                                  if not n.endswith("weight_scale_inv")), src / "config.json")

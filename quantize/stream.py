@@ -226,12 +226,6 @@ def _header(entries: list[Planned], metadata: dict[str, str]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write_streamed(path: Path, entries: list[Planned], *, metadata: dict[str, str] | None = None,
-                   on_bytes: Callable[[int], None] | None = None) -> int:
-    """Write one safetensors file from planned entries; each producer must yield exactly its tensor's bytes."""
-    return _write_files([(path, entries)], metadata=metadata, on_bytes=on_bytes)[0]
-
-
 def write_checkpoint(out: Path, shards: list[list[Planned]], *, on_bytes: Callable[[int], None] | None = None) -> dict[str, str]:
     """Write planned shards (empty ones dropped) with DeepSeek's shard names and the index; returns the weight map."""
     shards = [s for s in shards if s]

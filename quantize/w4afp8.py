@@ -34,13 +34,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
 
 from builder.errors import QuantizationError
-from builder.model.catalog import Kind, build_catalog, is_mtp_tensor
+from builder.model.catalog import Dtype, Kind, build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
+from builder.model.safetensors_io import read_header
 from quantize import int4
-from quantize.formats import EXPERT_KINDS, W4A8_EXPERT_NAMES
+from quantize.formats import EXPERT_KINDS, W4A8_EXPERT_NAMES, quantized_catalog
 from quantize.fp8_tensor import FP8_MAX
+from quantize.hf_experts import PerExpertExperts
 from quantize.stream import Planned, TensorReader, computed, passthrough, source_shards
 
 # TensorRT-LLM module names (the fused q_a/kv_a projection is named kv_a_proj_with_mqa; ``fused_a`` is its legacy key).
@@ -71,18 +74,12 @@ def quant_cfg(cfg: ModelConfig, kv_cache_quant_algo: str | None) -> dict[str, An
 
 def expected_act_scales(cfg: ModelConfig) -> list[str]:
     """The ``w{1,2,3}.input_scale`` names the W4A8 loader reads: every routed expert of every main layer."""
-    from quantize.formats import quantized_catalog
-
     return [s.name for s in quantized_catalog(cfg, "w4afp8").specs if s.kind is Kind.EXPERT_ACT_SCALE]
 
 
 def read_act_scales(path: str | Path, cfg: ModelConfig) -> dict[str, float]:
     """Precomputed expert input scales (the GPU-node script's safetensors file): exactly the expected names, each
     float32 ``[1]``, finite and positive. Header checked before any value is read."""
-    from safetensors import safe_open
-
-    from builder.model.safetensors_io import read_header
-
     path = Path(path)
     header = read_header(path)
     want = expected_act_scales(cfg)
@@ -149,8 +146,6 @@ def plan_shards(reader: TensorReader, cfg: ModelConfig, act_scales: dict[str, fl
 
 
 def _dt(name: str):
-    from builder.model.catalog import Dtype
-
     return Dtype(name)
 
 
@@ -159,7 +154,6 @@ def calibrate_expert_inputs(model, tokens: torch.Tensor, cfg: ModelConfig, *,
                             progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """``w{1,2,3}.input_scale`` of every routed expert of the main model: input amax / 448 over the prompts, each
     expert seeing every token of its layer (an expert no prompt routes to still gets a representative scale)."""
-    from quantize.hf_experts import PerExpertExperts
 
     amax: dict[str, float] = {}
     handles = []

@@ -22,7 +22,7 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny_ckpt(cache_dir) -> Path:
     """The default tiny DeepSeek-V3.2 checkpoint (block FP8): the committed trained weights, exported once per
     test session. ``ensure_tiny(..., preset_name="tiny-random")`` gives the seeded random init."""
-    from builder.model.tiny import ensure_tiny
+    from builder.model.generated import ensure_tiny
 
     return ensure_tiny(cache_dir / "models", seed=0)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from builder.errors import ServeError
+from triton_repo.server import free_port, free_ports
 
 READY_LINE = "serving on"
 
@@ -25,18 +26,24 @@ class BackgroundServer:
     http: str  # host:port
     grpc: str
     stderr_lines: list[str]  # everything the server has written to stderr so far (it keeps growing)
+    openai: str | None = None  # host:port of the OpenAI-compatible endpoint, when asked for
 
 
 @contextlib.contextmanager
 def serve_in_background(repo: Path, *, log_file: Path, ready_timeout: float, exit_timeout: int | None = None,
                         env: dict[str, str] | None = None, on_line: Callable[[str], None] | None = None,
-                        ) -> Iterator[BackgroundServer]:
-    """``env``: the server's environment (default: this process's); ``on_line``: called with every stderr line."""
-    from triton_repo.server import free_ports
+                        openai: bool = False) -> Iterator[BackgroundServer]:
+    """``env``: the server's environment (default: this process's); ``on_line``: called with every stderr line;
+    ``openai``: also the OpenAI-compatible endpoint, on another free port."""
 
     ports = free_ports()
     cmd = [sys.executable, "-m", "builder.cli", "serve", "--repo", str(repo), "--http-port", str(ports.http),
            "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log-file", str(log_file)]
+    openai_url = None
+    if openai:
+        port = free_port()
+        cmd += ["--openai-port", str(port)]
+        openai_url = f"127.0.0.1:{port}"
     if exit_timeout is not None:
         cmd += ["--exit-timeout", str(exit_timeout)]
     proc = subprocess.Popen(cmd, env=env if env is not None else dict(os.environ), stderr=subprocess.PIPE, text=True)
@@ -60,7 +67,7 @@ def serve_in_background(repo: Path, *, log_file: Path, ready_timeout: float, exi
             if time.monotonic() > deadline:
                 raise ServeError(f"dsbuild serve did not get {repo} ready within {ready_timeout:.0f} s: "
                                  + "".join(lines[-20:]))
-        yield BackgroundServer(proc, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", lines)
+        yield BackgroundServer(proc, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", lines, openai_url)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

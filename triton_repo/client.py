@@ -14,20 +14,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from builder.errors import ServeError
-from triton_repo.interface import MODEL_NAME
+from builder.sampling_params import SamplingParams
+from triton_repo.interface import INPUTS, MODEL_NAME
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
+    """One request to the served model: the prompt, its sampling parameters, and whether to stream."""
+
     prompt: str
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
 
 
@@ -47,39 +43,25 @@ class GenerateResult:
 
 
 def request_fields(opts: GenerateOptions) -> dict[str, Any]:
-    """The model's inputs for ``opts`` (names and types of TensorRT-LLM's llmapi model)."""
-    fields: dict[str, Any] = {
-        "text_input": opts.prompt, "streaming": opts.stream, "sampling_param_max_tokens": opts.max_tokens,
-        "sampling_param_temperature": opts.temperature, "sampling_param_top_k": opts.top_k,
-        "sampling_param_top_p": opts.top_p, "return_finish_reason": True,
-    }
-    # Sent only when set, like the seed: a server whose model lacks these optional inputs still takes plain requests,
-    # and one that ignores them shows up as unchanged output (the tests compare against the engine's own result).
-    if opts.presence_penalty:
-        fields["sampling_param_presence_penalty"] = opts.presence_penalty
-    if opts.frequency_penalty:
-        fields["sampling_param_frequency_penalty"] = opts.frequency_penalty
-    if opts.seed is not None:
-        fields["sampling_param_seed"] = opts.seed
-    if opts.stop:
-        fields["sampling_param_stop"] = list(opts.stop)
-    return fields
+    """The model's inputs for ``opts`` (names of TensorRT-LLM's llmapi model; the sampling ones from the record)."""
+    return {"text_input": opts.prompt, "streaming": opts.stream, **opts.sampling.triton_inputs(),
+            "return_finish_reason": True}
+
+
+# Triton wire type and numpy dtype of each model input, from the one interface definition.
+_WIRE = {"STRING": ("BYTES", "object_"), "BOOL": ("BOOL", "bool_"), "INT32": ("INT32", "int32"),
+         "FP32": ("FP32", "float32"), "UINT64": ("UINT64", "uint64")}
+INPUT_TYPES = {t.name: _WIRE[t.dtype] for t in INPUTS}
 
 
 def _grpc_inputs(fields: dict[str, Any]):
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    types = {"text_input": ("BYTES", np.object_), "streaming": ("BOOL", np.bool_),
-             "sampling_param_max_tokens": ("INT32", np.int32), "sampling_param_temperature": ("FP32", np.float32),
-             "sampling_param_top_k": ("INT32", np.int32), "sampling_param_top_p": ("FP32", np.float32),
-             "sampling_param_presence_penalty": ("FP32", np.float32),
-             "sampling_param_frequency_penalty": ("FP32", np.float32),
-             "sampling_param_seed": ("UINT64", np.uint64), "sampling_param_stop": ("BYTES", np.object_),
-             "return_finish_reason": ("BOOL", np.bool_)}
     inputs = []
     for name, value in fields.items():
-        dtype, np_dtype = types[name]
+        dtype, np_name = INPUT_TYPES[name]
+        np_dtype = getattr(np, np_name)
         values = value if isinstance(value, list) else [value]
         if dtype == "BYTES":
             values = [v.encode("utf-8") for v in values]

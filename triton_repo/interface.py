@@ -1,6 +1,6 @@
 """The tensor interface of the ``tensorrt_llm`` model, shared by both flavours (TensorRT-LLM 1.2.x ``llmapi``:
-``triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt``; docs/tensorrt-llm-contract.md#C-TRITON-7). Clients written for
-NVIDIA's model work unchanged against the CPU flavour."""
+``triton_backend/all_models/llmapi/tensorrt_llm/config.pbtxt``; docs/tensorrt-llm-contract.md#C-TRITON-7), plus two
+token-count outputs. Clients written for NVIDIA's model work unchanged against either flavour."""
 
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ OUTPUTS: tuple[TensorDef, ...] = (
     TensorDef("acceptance_rate", "FP32", (1,)),
     TensorDef("total_accepted_draft_tokens", "INT32", (1,)),
     TensorDef("total_draft_tokens", "INT32", (1,)),
+    # dsbuild's additions (both flavours' model.py fill them): prompt and generated token counts, named as Triton's
+    # OpenAI frontend reads them for `usage` (docs/serving-openai.md).
+    TensorDef("num_input_tokens", "INT32", (1,)),
+    TensorDef("num_output_tokens", "INT32", (1,)),
 )
 
 

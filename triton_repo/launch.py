@@ -98,6 +98,17 @@ def slurm_extra(*, partition: str | None, account: str | None) -> str:
     return "\n".join(lines) if lines else "# (no partition/account given: the cluster's defaults apply)"
 
 
+def openai_command(*, repo: str, port: str, triton_url: str) -> str:
+    """The shell command that starts dsbuild's OpenAI-compatible endpoint beside Triton (all launch files use
+    it). It binds every interface, as tritonserver's own ports do in these launch files."""
+    return (f"python3 -m builder.cli openai --repo {repo} --host 0.0.0.0 --port {port} "
+            f"--triton-url {triton_url}")
+
+
+OPENAI_MISSING = ("the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild source> "
+                  "&& pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)")
+
+
 def k8s_name(run_name: str) -> str:
     """A DNS-1035 label from the run name (LWS names become pod and service host names)."""
     name = re.sub(r"[^a-z0-9-]+", "-", f"dsbuild-{run_name}".lower()).strip("-")
@@ -105,7 +116,7 @@ def k8s_name(run_name: str) -> str:
 
 
 def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namespace: str | None = None,
-                  kubectl_image: str) -> list[dict[str, Any]]:
+                  kubectl_image: str, openai_port: int | None = None) -> list[dict[str, Any]]:
     """The LeaderWorkerSet (``replicas`` groups of ``nodes_per_replica`` pods, one pod per node with that replica's
     GPUs), the Service in front of every group's leader and, when a replica spans several pods, the ServiceAccount,
     Role and RoleBinding of its launcher.
@@ -115,6 +126,7 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
     ``plm_rsh_agent`` = ``package/launch/kubexec.sh``, which starts each remote rank with ``kubectl exec`` into the
     worker pod (kubectl copied in by an init container from ``kubectl_image``; the Role allows ``pods`` get/list and
     ``pods/exec`` create); workers only wait. One pod per replica runs ``tritonserver`` directly.
+    ``openai_port``: every leader also runs dsbuild's OpenAI-compatible endpoint, exposed by the Service.
     """
     name = k8s_name(run_name)
     check_value("k8s_pvc", pvc)
@@ -126,8 +138,13 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
     repo = f"{DEPLOY_MOUNT}/package/triton_repo"
     server = (f"tritonserver --model-repository={repo} --http-port={HTTP_PORT} --grpc-port={GRPC_PORT} "
               f"--metrics-port={METRICS_PORT} --exit-on-error=false")
+    openai: list[str] = []
+    if openai_port:
+        command = openai_command(repo=repo, port=str(openai_port), triton_url=f"127.0.0.1:{GRPC_PORT}")
+        openai = [f"python3 -c 'import triton_repo.openai_api.app' || {{ echo \"{OPENAI_MISSING}\" >&2; exit 2; }}",
+                  f"{command} &"]
     if not multi:
-        leader_script = f"exec {server}"
+        leader_script = "\n".join([*openai, f"exec {server}"])
     else:
         gpus = topo.gpus_per_node
         leader_script = "\n".join([
@@ -145,6 +162,7 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
             f'  HOSTS="$HOSTS,${{LWS_LEADER_ADDRESS/./-$i.}}:{gpus}"  # worker i: <leader>-<i>.<subdomain>.<ns>',
             "  i=$((i + 1))",
             "done",
+            *openai,
             f"exec mpirun --allow-run-as-root -mca plm_rsh_agent {DEPLOY_MOUNT}/package/launch/{KUBEXEC} "
             f'-np {topo.world_size} --host "$HOSTS" -x DSBUILD_DEPLOY_DIR trtllm-llmapi-launch {server}',
         ])
@@ -173,6 +191,8 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
             container["ports"] = [{"name": "http", "containerPort": HTTP_PORT},
                                   {"name": "grpc", "containerPort": GRPC_PORT},
                                   {"name": "metrics", "containerPort": METRICS_PORT}]
+            if openai_port:
+                container["ports"].append({"name": "openai", "containerPort": openai_port})
             container["readinessProbe"] = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
                                            "periodSeconds": 10, "failureThreshold": 3}
             container["startupProbe"] = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
@@ -206,6 +226,8 @@ def lws_manifests(*, run_name: str, topo: Topology, image: str, pvc: str, namesp
                            {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT},
                            {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}]},
     }
+    if openai_port:
+        service["spec"]["ports"].append({"name": "openai", "port": openai_port, "targetPort": openai_port})
     docs = [lws, service]
     if multi:
         docs += [

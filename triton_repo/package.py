@@ -19,8 +19,10 @@ import yaml
 
 from builder.errors import PackageError
 from builder.layout import Layout
-from triton_repo import interface, launch
 from builder.specs import DEFAULT_KUBECTL_IMAGE, check_value
+from builder.trtllm.contract import require_conforming
+from builder.trtllm.speculative import DEPLOY_RELATIVE_PATHS
+from triton_repo import interface, launch
 from triton_repo.render import render_text, render_tree, template_dir
 from triton_repo.versions import TrtllmPin
 
@@ -56,6 +58,7 @@ class PackageInputs:
     k8s_namespace: str | None = None
     k8s_kubectl_image: str = DEFAULT_KUBECTL_IMAGE
     replicas: int | None = None  # None: as many as the cluster holds (the plan's count)
+    openai_port: int | None = None  # GPU launch files: start dsbuild's OpenAI-compatible endpoint on this port
     dsbuild_version: str = field(default_factory=lambda: __import__("builder").__version__)
 
     @property
@@ -85,9 +88,6 @@ def common_values(p: PackageInputs, topo: launch.Topology | None) -> dict[str, A
 
 
 def model_yaml(p: PackageInputs) -> str:
-    from builder.trtllm.contract import require_conforming
-    from builder.trtllm.speculative import DEPLOY_RELATIVE_PATHS
-
     config = {"model": p.model_path}
     config.update((k, v) for k, v in p.llm_api.items() if k not in ("model", "triton_config"))
     require_conforming(config, version=p.pin.version)  # every LLM() key known to the pinned TensorRT-LLM
@@ -147,6 +147,10 @@ def render_launch(p: PackageInputs, out: Path) -> list[Path]:
     values = common_values(p, topo)
     for name in ("slurm_time", "slurm_partition", "slurm_account", "k8s_pvc", "k8s_namespace", "k8s_kubectl_image"):
         check_value(name, getattr(p, name))  # before any file is written (the CLI's spec already checked them)
+    # The endpoint's command in the scripts' start_openai OFFSET: replica slot s uses ports + OFFSET (10 s).
+    values.update(openai_port=p.openai_port or "", openai_missing=launch.OPENAI_MISSING,
+                  openai_command=launch.openai_command(repo='"$REPO"', port='"$(( OPENAI_PORT + $1 ))"',
+                                                       triton_url='"127.0.0.1:$(( 8001 + $1 ))"'))
     emit("serve.sh.tmpl", "serve.sh", values)
     model = p.model_path
     extra_mounts = (f'MOUNTS="$MOUNTS",{shlex.quote(f"{model}:{model}")}  # the checkpoint, outside the deploy directory'
@@ -163,7 +167,8 @@ def render_launch(p: PackageInputs, out: Path) -> list[Path]:
     agent.chmod(0o755)
     written.append(agent)
     docs = launch.lws_manifests(run_name=p.run_name, topo=topo, image=p.triton_image, pvc=p.k8s_pvc,
-                                namespace=p.k8s_namespace, kubectl_image=p.k8s_kubectl_image)
+                                namespace=p.k8s_namespace, kubectl_image=p.k8s_kubectl_image,
+                                openai_port=p.openai_port)
     header = (f"dsbuild {p.dsbuild_version}: LeaderWorkerSet for run {p.run_name} (layout {p.layout.name}): "
               f"{topo.replicas} replica group(s) of {topo.nodes_per_replica} pod(s) x {topo.gpus_per_node} GPU(s).\n"
               f"Needs the LeaderWorkerSet controller and a ReadWriteMany PVC {p.k8s_pvc!r} whose root is the deploy "

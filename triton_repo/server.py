@@ -33,7 +33,6 @@ from builder.errors import ServeError
 
 CONTAINER_ROOT = Path("/opt/tritonserver")
 DEFAULT_EXIT_TIMEOUT_S = 20
-UNHEALTHY_MARKERS = ("is not healthy", "Stub process", "Failed to initialize stub")
 LOOPBACK = "127.0.0.1"
 
 

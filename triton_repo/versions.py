@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from builder.errors import PackageError
+from builder.trtllm.contract import allow_list
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,6 @@ _RELEASES = {
 
 
 def pin(version: str) -> TrtllmPin:
-    from builder.trtllm.contract import allow_list
-
     if version not in _RELEASES:
         raise PackageError(f"no Triton templates for TensorRT-LLM {version}; pinned: {', '.join(sorted(_RELEASES))}")
     return TrtllmPin(version=version, triton_image=allow_list(version)["container"], **_RELEASES[version])

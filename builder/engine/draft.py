@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 
-from builder.errors import CheckpointError
 from builder.engine.bundle import EngineBundle
+from builder.engine.distributed import make_comm
+from builder.engine.generate import Engine
 from builder.engine.kv_cache import StepPositions
+from builder.engine.proposer import DecodeState, DraftRound, draft_tokens_collectively
+from builder.errors import CheckpointError
 from builder.layout import Layout
 
 
@@ -41,11 +44,8 @@ def open_draft_bundle(path: str | Path | None, *, target: EngineBundle) -> Engin
     return draft
 
 
-def _draft_engine(engine, path: str):
+def _draft_engine(engine: Engine, path: str) -> Engine:
     """The draft model's engine on this (sampler) rank, loaded once per target engine and path."""
-    from builder.engine.distributed import make_comm
-    from builder.engine.generate import Engine
-
     loaded = engine.__dict__.setdefault("_draft_engines", {})
     if path not in loaded:
         bundle = open_draft_bundle(path, target=engine.bundle)
@@ -55,7 +55,7 @@ def _draft_engine(engine, path: str):
 
 
 class DraftProposer:
-    def __init__(self, engine, path: str):
+    def __init__(self, engine: Engine, path: str):
         self.comm = engine.comm
         self.sampler = engine.comm.rank == engine.comm.sampler_rank
         self.draft = _draft_engine(engine, path) if self.sampler else None
@@ -82,9 +82,7 @@ class DraftProposer:
         last = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)
         return self.draft.forward(tokens, StepPositions(starts.to(self.draft.comm.device), width), self.cache, last)
 
-    def propose(self, state):
-        from builder.engine.speculative import DraftRound, draft_tokens_collectively
-
+    def propose(self, state: DecodeState) -> DraftRound:
         B, N = len(state.requests), state.draft_len
         q = [[] for _ in range(B)]
         drafts: list[torch.Tensor] = []

@@ -7,126 +7,18 @@ without further messages; only the sampled tokens travel each step.
 
 from __future__ import annotations
 
-import math
-import secrets
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+import resource
+from typing import Callable
 
+import psutil
 import torch
+import torch.distributed as dist
 
-from builder.errors import RequestError
-from builder.model.config import ModelConfig
 from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import Comm
 from builder.engine.kv_cache import KVCache, StepPositions
 from builder.engine.model import StageModel
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
-    # TensorRT-LLM's SamplingParams: subtracted from a token's logit once it occurs at all (presence) and per
-    # occurrence (frequency), counting the prompt and the generated tokens (prompt_ignore_length 0). See penalize.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
-
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # generated tokens; a stop token ends generation and is not included
-    finish_reason: str  # "length" | "stop"
-    total_draft_tokens: int = 0
-    total_accepted_draft_tokens: int = 0
-    target_forwards: int = 0  # forward passes of the target model that served this request (prefill included)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
-
-
-def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int = 0) -> None:
-    what = f"request {index}"
-    if not req.prompt_ids:
-        raise RequestError(f"{what} has an empty prompt")
-    bad = [t for t in list(req.prompt_ids) + list(req.stop_token_ids) if not 0 <= int(t) < cfg.vocab_size]
-    if bad:
-        raise RequestError(f"{what} has token id {bad[0]} outside the vocabulary of {cfg.vocab_size}")
-    if req.max_tokens < 1:
-        raise RequestError(f"{what} asks for max_tokens {req.max_tokens}; it must be at least 1")
-    if len(req.prompt_ids) + req.max_tokens > cfg.max_position_embeddings:
-        raise RequestError(f"{what} needs {len(req.prompt_ids) + req.max_tokens} positions, more than the model's "
-                           f"{cfg.max_position_embeddings}")
-    if not req.temperature >= 0:
-        raise RequestError(f"{what} has temperature {req.temperature}; it must be >= 0")
-    if req.top_k < 0:
-        raise RequestError(f"{what} has top_k {req.top_k}; it must be >= 0 (0 = off)")
-    if not 0 < req.top_p <= 1:
-        raise RequestError(f"{what} has top_p {req.top_p}; it must be in (0, 1]")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RequestError(f"{what} has {name} {value!r}; it must be a finite number")
-
-
-def penalize(logits: torch.Tensor, history: Sequence[int], *, presence_penalty: float,
-             frequency_penalty: float) -> torch.Tensor:
-    """A row of logits minus ``frequency_penalty * count[t] + presence_penalty * (count[t] > 0)``, where
-    ``count[t]`` is how often token t occurs in ``history`` (the prompt and the tokens generated so far)."""
-    if presence_penalty == 0 and frequency_penalty == 0:
-        return logits
-    counts = torch.bincount(torch.as_tensor(list(history), dtype=torch.long), minlength=logits.shape[-1])
-    counts = counts[: logits.shape[-1]].to(logits.dtype)
-    return logits - frequency_penalty * counts - presence_penalty * (counts > 0).to(logits.dtype)
-
-
-def adjusted_logits(logits: torch.Tensor, req: GenerationRequest, history: Sequence[int] = ()) -> torch.Tensor:
-    """A row of logits as float32 on the host, divided by the temperature (when sampling) and then penalized:
-    TensorRT-LLM's order (cpp/tensorrt_llm/kernels/penaltyKernels.cu, batchApplyPenalty: the logit is multiplied
-    by 1/temperature, then the presence and frequency penalties are subtracted). Greedy requests penalize the raw
-    logits and take the argmax. ``history``: the request's prompt and generated tokens (unused without
-    penalties)."""
-    logits = logits.to(torch.float32).cpu()
-    if req.temperature > 0:
-        logits = logits / req.temperature
-    return penalize(logits, history, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
-
-
-def sample(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None,
-           history: Sequence[int] = ()) -> int:
-    """One token from a row of logits: greedy at temperature 0, else temperature, penalties, top-k, top-p, a seeded
-    draw (sampling and its seeded generator on the host)."""
-    if req.temperature == 0:
-        return int(torch.argmax(adjusted_logits(logits, req, history)))
-    return int(torch.multinomial(probabilities(logits, req, history), 1, generator=gen))
-
-
-def probabilities(logits: torch.Tensor, req: GenerationRequest, history: Sequence[int] = ()) -> torch.Tensor:
-    """The sampling distribution of a row of logits (temperature > 0): temperature, penalties, then top-k, then
-    top-p. Speculative sampling applies this same function to the target's and the draft's logits (with the same
-    history, so that both distributions are the penalized ones)."""
-    logits = adjusted_logits(logits, req, history)
-    if 0 < req.top_k < logits.numel():
-        kth = torch.topk(logits, req.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if req.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = torch.cumsum(probs, dim=-1) - probs > req.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return torch.softmax(logits, dim=-1)
+from builder.engine.sampling import Bookkeeping, GenerationRequest, GenerationResult, max_new_tokens
 
 
 def peak_rss_bytes() -> int:
@@ -138,8 +30,6 @@ def peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -234,22 +124,17 @@ class Engine:
             return self.comm.recv(shape, self.dtype, src=src)
         return x
 
-    def generate(self, requests: list[GenerationRequest], *,
-                 on_token: Callable[[int, int], None] | None = None,
-                 speculative: dict[str, Any] | None = None, micro_batches: bool = True) -> list[GenerationResult]:
-        """``micro_batches``: with PP, overlap the stages on micro-batches of the requests (False: the whole batch
-        goes through the stages one after another, for comparison)."""
-        if speculative and speculative.get("mode", "none") != "none":
-            from builder.engine.speculative import SpeculativeDecoder, SpeculativeOptions
-
-            return SpeculativeDecoder(self, SpeculativeOptions.from_dict(speculative)).generate(
-                requests, on_token=on_token)
+    def generate(self, requests: list[GenerationRequest], *, on_token: Callable[[int, int], None] | None = None,
+                 micro_batches: bool = True) -> list[GenerationResult]:
+        """Plain decoding (``builder.engine.speculative`` decodes speculatively on top of this engine).
+        ``micro_batches``: with PP, overlap the stages on micro-batches of the requests (False: the whole batch goes
+        through the stages one after another, for comparison)."""
         if micro_batches and self.comm.layout.pp > 1 and len(requests) > 1:
             return self._generate_pipelined(requests, on_token)
         comm = self.comm
         B = len(requests)
         tokens, lens = self._batch([r.prompt_ids for r in requests])
-        capacity = int(lens.max()) + max(r.max_tokens for r in requests)
+        capacity = int(lens.max()) + max_new_tokens(requests)
         cache = self.model.new_cache(batch=B, capacity=capacity)
         book = Bookkeeping(requests, comm, on_token)
         zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
@@ -302,8 +187,6 @@ class Engine:
 
     def rank_stats(self) -> list[dict[str, int]] | None:
         """Per rank (on rank 0): peak and current RSS, bytes of loaded weights, tensor bytes of its rank file."""
-        import psutil
-
         weights = sum(t.numel() * t.element_size() for t in self.model.w.t.values())
         rss = psutil.Process().memory_info().rss
         mine = torch.tensor([max(peak_rss_bytes(), rss),  # the kernel's high-water mark can lag the current RSS
@@ -311,93 +194,12 @@ class Engine:
                              self.bundle.tensor_bytes(self.comm.rank)], dtype=torch.int64, device=self.comm.device)
         rows = [mine]
         if self.comm.distributed:
-            import torch.distributed as dist
-
             rows = [torch.empty_like(mine) for _ in range(self.bundle.world_size)]
             dist.all_gather(rows, mine)
         if self.comm.rank != 0:
             return None
         keys = ("peak_rss_bytes", "rss_bytes", "loaded_weight_bytes", "shard_bytes")
         return [dict(zip(keys, map(int, r.cpu().tolist()))) for r in rows]
-
-    # ----- the command loop of ranks other than 0 -----
-    def run_command(self, cmd: dict[str, Any]) -> Any:
-        op = cmd.get("op")
-        if op == "stats":
-            return self.rank_stats()
-        if op == "generate":
-            return self.generate([GenerationRequest(**r) for r in cmd["requests"]], speculative=cmd.get("speculative"),
-                                 micro_batches=cmd.get("micro_batches", True))
-        if op == "logits":
-            return self.prompt_logits(cmd["prompts"])
-        raise ValueError(f"unknown engine command {op!r}")
-
-    def serve(self) -> None:
-        """Ranks 1..N-1: execute rank 0's commands until it broadcasts a stop."""
-        while True:
-            cmd = self.comm.broadcast_json(src=0)
-            if cmd.get("op") == "stop":
-                return
-            self.run_command(cmd)
-
-
-class Bookkeeping:
-    """Per-request sampling state and results, the same on every rank: the sampler rank draws each request's
-    token with the request's own seeded generator, broadcasts the chosen tokens, and every rank records them (stop
-    tokens, length limits, streaming). Plain, pipelined and speculative decoding share it."""
-
-    def __init__(self, requests: list[GenerationRequest], comm: Comm, on_token: Callable[[int, int], None] | None):
-        self.requests, self.comm, self.on_token = requests, comm, on_token
-        self.sampler = comm.rank == comm.sampler_rank
-        self.gens = []
-        if self.sampler:
-            for r in requests:
-                g = torch.Generator()
-                g.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
-                self.gens.append(g)
-        self.out: list[list[int]] = [[] for _ in requests]
-        self.reasons: list[str | None] = [None] * len(requests)
-        self.stops = [set(r.stop_token_ids) for r in requests]
-
-    def choose(self, rows, logits: torch.Tensor | None) -> torch.Tensor:
-        """Sample the next token of requests ``rows`` (row i of ``logits`` belongs to ``rows[i]``) on the sampler
-        rank, broadcast them, record them everywhere; returns them (0 for requests already finished)."""
-        rows = list(rows)
-        chosen = torch.zeros(len(rows), dtype=torch.long, device=self.comm.device)
-        if self.sampler:
-            chosen = torch.tensor([sample(logits[i], self.requests[b], self.gens[b], self.history(b))
-                                   if self.reasons[b] is None else 0 for i, b in enumerate(rows)],
-                                  dtype=torch.long, device=self.comm.device)
-        self.comm.broadcast(chosen, src=self.comm.sampler_rank)
-        for b, t in zip(rows, chosen.cpu().tolist()):
-            self.record(b, [t])
-        return chosen
-
-    def history(self, b: int) -> list[int]:
-        """Request ``b``'s prompt and generated tokens, which its penalties count (empty when it has none)."""
-        req = self.requests[b]
-        return list(req.prompt_ids) + self.out[b] if req.penalized else []
-
-    def record(self, b: int, tokens: list[int]) -> None:
-        """Append request ``b``'s new tokens until a stop token (not kept) or its ``max_tokens`` ends it."""
-        for t in tokens:
-            if self.reasons[b] is not None:
-                return
-            if t in self.stops[b]:
-                self.reasons[b] = "stop"
-                return
-            self.out[b].append(t)
-            if self.on_token is not None and self.comm.rank == 0:
-                self.on_token(b, t)
-            if len(self.out[b]) >= self.requests[b].max_tokens:
-                self.reasons[b] = "length"
-
-    def all_done(self) -> bool:
-        return all(r is not None for r in self.reasons)
-
-    def results(self) -> list[GenerationResult]:
-        return [GenerationResult(token_ids=o, finish_reason=r, target_forwards=len(o) + (r == "stop"))
-                for o, r in zip(self.out, self.reasons)]
 
 
 class _MicroBatch:
@@ -407,7 +209,7 @@ class _MicroBatch:
     def __init__(self, engine: Engine, rows: list[int], requests: list[GenerationRequest]):
         self.engine, self.rows, self.done = engine, rows, False
         self.tokens, self.lens = engine._batch([requests[b].prompt_ids for b in rows])
-        capacity = int(self.lens.max()) + max(requests[b].max_tokens for b in rows)
+        capacity = int(self.lens.max()) + max_new_tokens([requests[b] for b in rows])
         self.cache = engine.model.new_cache(batch=len(rows), capacity=capacity)
         self.step = -1  # -1: the prompt (prefill) is next
 
@@ -424,39 +226,3 @@ class _MicroBatch:
     def advance(self, chosen: torch.Tensor) -> None:
         self.tokens = chosen[:, None].cpu()
         self.step += 1
-
-
-class Driver:
-    """Rank 0's side: broadcast a command, then take part in it."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    def generate(self, requests: list[GenerationRequest], *,
-                 on_token: Callable[[int, int], None] | None = None,
-                 speculative: dict[str, Any] | None = None, micro_batches: bool = True) -> list[GenerationResult]:
-        """``speculative``: ``builder.engine.speculative.SpeculativeOptions`` as a dict (None: plain decoding)."""
-        for i, r in enumerate(requests):
-            validate_request(r, self.engine.cfg, i)
-        if speculative and speculative.get("mode", "none") != "none":
-            from builder.engine.speculative import SpeculativeOptions, check_options
-
-            speculative = SpeculativeOptions.from_dict(speculative).to_dict()
-            check_options(self.engine.bundle, SpeculativeOptions.from_dict(speculative), requests)
-        self.engine.comm.broadcast_json({"op": "generate", "requests": [r.to_dict() for r in requests],
-                                         "speculative": speculative, "micro_batches": micro_batches}, src=0)
-        return self.engine.generate(requests, on_token=on_token, speculative=speculative,
-                                    micro_batches=micro_batches)
-
-    def prompt_logits(self, prompts: list[list[int]]) -> list[torch.Tensor]:
-        for i, p in enumerate(prompts):
-            validate_request(GenerationRequest(prompt_ids=list(p), max_tokens=1), self.engine.cfg, i)
-        self.engine.comm.broadcast_json({"op": "logits", "prompts": [list(map(int, p)) for p in prompts]}, src=0)
-        return self.engine.prompt_logits(prompts)
-
-    def rank_stats(self) -> list[dict[str, int]]:
-        self.engine.comm.broadcast_json({"op": "stats"}, src=0)
-        return self.engine.rank_stats()
-
-    def stop(self) -> None:
-        self.engine.comm.broadcast_json({"op": "stop"}, src=0)

@@ -16,15 +16,8 @@ import torch.nn.functional as F
 from builder.model.config import ModelConfig
 from builder.engine import kv_cache
 from builder.engine.kv_cache import LayerCache, StepPositions
-from builder.engine.rope import RopeTable, rotate_half_split, rotate_interleaved
+from builder.model.functional import RopeTable, noaux_tc_route, rms_norm, rotate_half_split, rotate_interleaved
 from builder.shard.fusion import fused_a_parts
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -116,11 +109,8 @@ class Step:
     decode: bool  # one new token per row: absorbed MLA (when enabled) attends in the latent space
 
     def __post_init__(self) -> None:
-        # The forms every layer needs, made once per step: [cos, cos] / [sin, sin] for the half-split RoPE of the
-        # indexer, and head-broadcast views for the queries.
-        self.cos2, self.sin2 = torch.cat([self.cos, self.cos], dim=-1), torch.cat([self.sin, self.sin], dim=-1)
+        # Head-broadcast views for the queries, made once per step.
         self.cos_h, self.sin_h = self.cos[:, :, None], self.sin[:, :, None]
-        self.cos2_h, self.sin2_h = self.cos2[:, :, None], self.sin2[:, :, None]
 
 
 class Weights:
@@ -150,7 +140,7 @@ class Indexer:
         k = F.layer_norm(k_pre, (self.head_dim,), self.w("k_norm.weight").to(k_pre.dtype),
                          self.w("k_norm.bias").to(k_pre.dtype), eps=1e-6)
         r = self.cfg.qk_rope_head_dim
-        return torch.cat([rotate_half_split(k[..., :r], step.cos2, step.sin2), k[..., r:]], dim=-1)
+        return torch.cat([rotate_half_split(k[..., :r], step.cos, step.sin), k[..., r:]], dim=-1)
 
     def select(self, x: torch.Tensor, q_resid: torch.Tensor, keys: torch.Tensor, step: Step) -> torch.Tensor | None:
         """[B, S, T] bool of the selected keys, or None when every visible key is selected."""
@@ -164,7 +154,7 @@ class Indexer:
         B, S, _ = x.shape
         r = self.cfg.qk_rope_head_dim
         q = linear(q_resid, self.w("wq_b.weight")).view(B, S, self.n_heads, self.head_dim)
-        q = torch.cat([rotate_half_split(q[..., :r], step.cos2_h, step.sin2_h), q[..., r:]], dim=-1)
+        q = torch.cat([rotate_half_split(q[..., :r], step.cos_h, step.sin_h), q[..., r:]], dim=-1)
         # Plain batched matmuls rather than einsum: at decode these are tiny and einsum's planning costs more than
         # the product.
         scores = torch.matmul(q.float().reshape(B, S * self.n_heads, -1), keys.float().transpose(1, 2))
@@ -293,20 +283,9 @@ class MLP:
 
 
 def route(cfg: ModelConfig, x: torch.Tensor, w: Weights) -> tuple[torch.Tensor, torch.Tensor]:
-    """noaux_tc: sigmoid scores; choose by scores + bias within the best ``topk_group`` groups (group score = sum
-    of its top-2 biased scores); weight by the unbiased scores, normalised, times ``routed_scaling_factor``."""
-    n, g = cfg.n_routed_experts, cfg.n_group
+    """The router's sigmoid scores in float32, then ``noaux_tc`` selection (``builder.model.functional``)."""
     scores = linear(x.to(torch.float32), w("gate.weight")).sigmoid()
-    choice = scores + w("gate.e_score_correction_bias")
-    group_scores = choice.view(-1, g, n // g).topk(2, dim=-1)[0].sum(dim=-1)
-    groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-    keep = torch.zeros_like(group_scores).scatter_(1, groups, 1).bool()
-    choice = choice.masked_fill(~keep[:, :, None].expand(-1, g, n // g).reshape(-1, n), float("-inf"))
-    idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
-    weights = scores.gather(1, idx)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return idx, weights * cfg.routed_scaling_factor
+    return noaux_tc_route(cfg, scores, w("gate.e_score_correction_bias"))
 
 
 class MoE:

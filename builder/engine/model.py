@@ -9,8 +9,8 @@ import torch
 from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import Comm
 from builder.engine.kv_cache import KVCache, StepPositions
-from builder.engine.layers import MLA, MLP, MoE, Step, Weights, gemm_form, linear, rms_norm
-from builder.engine.rope import RopeTable
+from builder.engine.layers import MLA, MLP, MoE, Step, Weights, gemm_form, linear
+from builder.model.functional import RopeTable, rms_norm
 from builder.shard.rules import mlp_tp
 
 

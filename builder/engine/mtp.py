@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from builder.errors import CheckpointError
+from builder.engine.generate import Engine
 from builder.engine.kv_cache import KVCache, StepPositions
-from builder.engine.layers import linear, rms_norm
+from builder.engine.layers import linear
+from builder.model.functional import rms_norm
 from builder.engine.model import StageModel
+from builder.engine.proposer import DecodeState, DraftRound, draft_tokens_collectively
+from builder.errors import CheckpointError
+from builder.model.safetensors_io import read_header
 
 
 class MTPModule:
@@ -68,8 +72,6 @@ class MTPModule:
 
 def bundle_has_mtp(bundle, *, require: bool = False) -> bool:
     """Whether the bundle's last stage holds the MTP module (read from the rank files' headers, nothing loaded)."""
-    from builder.model.safetensors_io import read_header
-
     cfg = bundle.cfg
     name = f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"
     has = bool(cfg.mtp_layers) and all(
@@ -85,7 +87,7 @@ class MTPProposer:
     """Drafts with the MTP module. State on the last stage: the module's cache and, per row, its logits for the
     token after the pending one and its hidden state there (computed when the previous round was accepted)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: Engine):
         self.engine, self.comm = engine, engine.comm
         self.module = MTPModule(engine.model) if engine.comm.last_stage else None
 
@@ -115,9 +117,7 @@ class MTPProposer:
         shifted[torch.arange(B), lens - 1] = first.cpu()
         self._run(shifted, normed, torch.zeros(B, dtype=torch.long), S, lens - 1, prefill=True)
 
-    def propose(self, state):
-        from builder.engine.speculative import DraftRound, draft_tokens_collectively
-
+    def propose(self, state: DecodeState) -> DraftRound:
         B, N = len(state.requests), state.draft_len
         q = [[] for _ in range(B)]
         drafts = []

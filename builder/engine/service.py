@@ -27,16 +27,19 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from builder.errors import ServeError
 from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import LONG_TIMEOUT, backend_for, make_comm
-from builder.engine.generate import Driver, Engine, GenerationRequest, GenerationResult
+from builder.engine.driver import Driver
+from builder.engine.generate import Engine
+from builder.engine.sampling import GenerationRequest, GenerationResult
+from builder.engine.speculative import SpeculativeOptions
 from builder.engine.worker import DTYPES, ready_key
+from builder.errors import ServeError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
 
-__all__ = ["EngineService", "GenerationRequest", "GenerationResult"]
+__all__ = ["EngineService", "GenerationRequest", "GenerationResult", "SpeculativeOptions"]
 
 
 def _die_with_parent() -> None:
@@ -138,10 +141,10 @@ class EngineService:
     # ----- the contract -----
     def generate(self, requests: list[GenerationRequest], *,
                  on_token: Callable[[int, int], None] | None = None,
-                 speculative: dict | None = None, micro_batches: bool = True) -> list[GenerationResult]:
-        """``speculative``: None for plain decoding, or ``builder.engine.speculative.SpeculativeOptions`` fields
-        (``mode`` mtp|draft, ``draft_len``, ``draft_engine`` for a draft model's bundle). ``micro_batches``: with
-        PP, overlap the stages on micro-batches (False: one batch through the stages in turn)."""
+                 speculative: SpeculativeOptions | None = None, micro_batches: bool = True) -> list[GenerationResult]:
+        """``speculative``: None for plain decoding, or how to decode speculatively (MTP or a draft model's
+        bundle). ``micro_batches``: with PP, overlap the stages on micro-batches (False: one batch through the
+        stages in turn)."""
         if not requests:
             self._check_open()
             return []

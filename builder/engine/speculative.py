@@ -7,7 +7,7 @@ Acceptance rules (per request):
 - sampling: standard speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023): accept draft x with
   probability min(1, p(x)/q(x)); on rejection draw from norm(max(0, p - q)); after N acceptances draw a bonus token
   from p. p and q are the target's and the drafter's distributions after the same temperature/penalties/top-k/top-p
-  (``builder.engine.generate.probabilities``), so the output follows the target's distribution exactly.
+  (``builder.engine.sampling.probabilities``), so the output follows the target's distribution exactly.
 
 Presence/frequency penalties: the target's logits at verify position k and the drafter's logits for draft k are both
 penalized with the same history, the emitted tokens (prompt included) plus drafts[:k], which is exactly what plain
@@ -23,16 +23,27 @@ outcomes travel from the sampler rank (TP rank 0 of the last stage) by broadcast
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
-from builder.errors import RequestError
-from builder.engine.generate import (Bookkeeping, GenerationRequest, GenerationResult, adjusted_logits,
-                                      probabilities)
+from builder.engine.bundle import EngineBundle
+from builder.engine.draft import DraftProposer, open_draft_bundle
+from builder.engine.generate import Engine
 from builder.engine.kv_cache import StepPositions
+from builder.engine.mtp import MTPProposer, bundle_has_mtp
+from builder.engine.proposer import DecodeState, Proposer
+from builder.engine.sampling import (
+    Bookkeeping,
+    GenerationRequest,
+    GenerationResult,
+    adjusted_logits,
+    max_new_tokens,
+    probabilities,
+)
+from builder.errors import RequestError
 
 MODES = ("mtp", "draft")
 MAX_DRAFT_LEN = 16
@@ -40,38 +51,40 @@ MAX_DRAFT_LEN = 16
 
 @dataclass(frozen=True)
 class SpeculativeOptions:
+    """How to decode speculatively; made once (CLI, Triton model, torchrun task) and checked when made. Crosses to
+    the other ranks as JSON (``to_dict``/``from_dict``) inside the engine's broadcast command."""
+
     mode: str  # "mtp" | "draft"
     draft_len: int = 3
-    draft_engine: str | None = None  # the draft model's engine bundle (mode "draft")
+    draft_engine: str | None = None  # the draft model's engine bundle (mode "draft"), an absolute path
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RequestError(f"speculative mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or \
+                not 1 <= self.draft_len <= MAX_DRAFT_LEN:
+            raise RequestError(f"draft length {self.draft_len} is outside 1..{MAX_DRAFT_LEN}")
+        if self.mode == "draft" and not self.draft_engine:
+            raise RequestError("speculative mode 'draft' needs a draft model's engine bundle (draft_engine)")
+        if self.draft_engine:
+            object.__setattr__(self, "draft_engine", str(Path(self.draft_engine).resolve()))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SpeculativeOptions":
         unknown = set(data) - {"mode", "draft_len", "draft_engine"}
         if unknown:
             raise RequestError(f"unknown speculative option {sorted(unknown)[0]!r}")
-        opts = cls(mode=str(data.get("mode")), draft_len=int(data.get("draft_len", 3)),
-                   draft_engine=str(Path(data["draft_engine"]).resolve()) if data.get("draft_engine") else None)
-        if opts.mode not in MODES:
-            raise RequestError(f"speculative mode {opts.mode!r} is not one of {', '.join(MODES)}")
-        if not 1 <= opts.draft_len <= MAX_DRAFT_LEN:
-            raise RequestError(f"draft length {opts.draft_len} is outside 1..{MAX_DRAFT_LEN}")
-        if opts.mode == "draft" and not opts.draft_engine:
-            raise RequestError("speculative mode 'draft' needs a draft model's engine bundle (draft_engine)")
-        return opts
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def check_options(bundle, opts: SpeculativeOptions, requests: list[GenerationRequest]) -> None:
+def check_options(bundle: EngineBundle, opts: SpeculativeOptions) -> None:
     """Rank 0, before anything is broadcast: the drafter exists and fits the target (a clear error, no hang)."""
     if opts.mode == "mtp":
-        from builder.engine.mtp import bundle_has_mtp
-
         bundle_has_mtp(bundle, require=True)
     else:
-        from builder.engine.draft import open_draft_bundle
-
         open_draft_bundle(opts.draft_engine, target=bundle)
 
 
@@ -109,62 +122,9 @@ def rejection_verify(drafts: list[int], q: torch.Tensor, p: torch.Tensor, gen: t
     return len(drafts), list(drafts) + [int(torch.multinomial(p[len(drafts)], 1, generator=gen))]
 
 
-def choose_draft(logits: torch.Tensor, req: GenerationRequest, gen: torch.Generator | None,
-                 history: list[int] | None = None) -> tuple[int, torch.Tensor | None]:
-    """A draft token from one row of drafter logits: argmax for greedy requests, else a draw from q (returned).
-    ``history``: the tokens the request's penalties count at this draft (emitted tokens plus earlier drafts)."""
-    history = history or []
-    if req.temperature == 0:
-        return int(torch.argmax(adjusted_logits(logits, req, history))), None
-    q = probabilities(logits, req, history)
-    return int(torch.multinomial(q, 1, generator=gen)), q
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Drafters
-
-@dataclass
-class DraftRound:
-    """What the sampler rank needs from one round of drafting (drafts are known on every rank)."""
-
-    drafts: torch.Tensor  # [B, N] long
-    q: list[list[torch.Tensor | None]] | None  # sampler rank: per row, per draft, the draft distribution
-
-
-class Proposer(Protocol):
-    def start(self, *, batch: int, capacity: int) -> None: ...
-
-    def prefill(self, tokens: torch.Tensor, lens: torch.Tensor, normed: torch.Tensor | None,
-                first: torch.Tensor) -> None: ...
-
-    def propose(self, state: "DecodeState") -> DraftRound: ...
-
-    def accept(self, state: "DecodeState", accepted: torch.Tensor, new_tokens: torch.Tensor, drafts: torch.Tensor,
-               normed: torch.Tensor | None, old_positions: torch.Tensor) -> None: ...
-
-
-@dataclass
-class DecodeState:
-    """Per-row state every rank keeps identical: the pending token (emitted, not yet in the target's cache) and its
-    position, the whole token history, which rows are still generating."""
-
-    requests: list[GenerationRequest]
-    draft_len: int
-    pending: torch.Tensor  # [B] long
-    positions: torch.Tensor  # [B] long: position of the pending token
-    history: list[list[int]]
-    active: list[bool]
-    gens: list[torch.Generator] = field(default_factory=list)  # sampler rank only
-    sampler: bool = False
-
-
-def make_proposer(engine, opts: SpeculativeOptions) -> Proposer:
+def make_proposer(engine: Engine, opts: SpeculativeOptions) -> Proposer:
     if opts.mode == "mtp":
-        from builder.engine.mtp import MTPProposer
-
         return MTPProposer(engine)
-    from builder.engine.draft import DraftProposer
-
     return DraftProposer(engine, opts.draft_engine)
 
 
@@ -175,7 +135,7 @@ class SpeculativeDecoder:
     """Collective: every rank constructs it with the same options and calls :meth:`generate` with the same
     requests."""
 
-    def __init__(self, engine, opts: SpeculativeOptions):
+    def __init__(self, engine: Engine, opts: SpeculativeOptions):
         self.engine, self.opts = engine, opts
         self.comm = engine.comm
         self.proposer = make_proposer(engine, opts)
@@ -187,7 +147,7 @@ class SpeculativeDecoder:
         tokens, lens = engine._batch([r.prompt_ids for r in requests])
         # A row can finish with its pending token up to N + 1 positions past its last emitted token, and finished
         # rows keep being verified (at a fixed position) until the batch ends: room for 2N + 2 beyond the longest.
-        capacity = int(lens.max()) + max(r.max_tokens for r in requests) + 2 * N + 2
+        capacity = int(lens.max()) + max_new_tokens(requests) + 2 * N + 2
         cache = engine.model.new_cache(batch=B, capacity=capacity)
         self.proposer.start(batch=B, capacity=capacity)
         book = Bookkeeping(requests, comm, on_token)
@@ -258,7 +218,7 @@ class SpeculativeDecoder:
             if not state.active[b]:
                 continue
             a, new = verify_row(req, state.history[b], drafts[b].tolist(), logits[b],
-                                q[b] if req.temperature > 0 else None, state.gens[b])
+                                None if req.sampling.greedy else q[b], state.gens[b])
             out[b, 0] = a
             out[b, 1:a + 2] = torch.tensor(new, dtype=torch.long)
         return out
@@ -270,29 +230,11 @@ def verify_row(req: GenerationRequest, history: list[int], drafts: list[int], lo
     ``history`` the request's emitted tokens (prompt and pending token included). Position k is penalized as plain
     decoding would at that point: its history is ``history + drafts[:k]``. ``q``: the drafter's distributions
     (sampling only). Returns (accepted count, tokens to emit)."""
-    positions = range(len(drafts) + 1)
-    if req.temperature == 0:
-        if req.penalized:
-            logits = torch.stack([adjusted_logits(logits[k], req, history + drafts[:k]) for k in positions])
+    positions, params = range(len(drafts) + 1), req.sampling
+    if params.greedy:
+        if params.penalized:
+            logits = torch.stack([adjusted_logits(logits[k], params, history + drafts[:k]) for k in positions])
         return greedy_verify(drafts, logits)
-    past = history if req.penalized else []
-    p = torch.stack([probabilities(logits[k], req, past + drafts[:k]) for k in positions])
+    past = history if params.penalized else []
+    p = torch.stack([probabilities(logits[k], params, past + drafts[:k]) for k in positions])
     return rejection_verify(drafts, torch.stack(q), p, gen)
-
-
-def draft_tokens_collectively(comm, logits_rows: torch.Tensor | None, state: DecodeState,
-                              q: list[list[torch.Tensor | None]], previous: list[torch.Tensor]) -> torch.Tensor:
-    """One draft token per row: chosen on the sampler rank from ``logits_rows`` [B, V], broadcast to every rank.
-    ``previous``: this round's drafts so far ([B] each), which a penalized request's history includes."""
-    B = len(state.requests)
-    chosen = torch.zeros(B, dtype=torch.long, device=comm.device)
-    if state.sampler:
-        picks = []
-        for b, req in enumerate(state.requests):
-            history = state.history[b] + [int(d[b]) for d in previous] if req.penalized else None
-            t, dist = choose_draft(logits_rows[b], req, state.gens[b] if state.gens else None, history)
-            picks.append(t)
-            q[b].append(dist)
-        chosen = torch.tensor(picks, dtype=torch.long, device=comm.device)
-    comm.broadcast(chosen, src=comm.sampler_rank)
-    return chosen.cpu()

@@ -4,8 +4,8 @@ runs a task file and writes the results. Shares all layer code with ``EngineServ
 ``python -m torch.distributed.run --nproc-per-node N [--nnodes 2 --rdzv-backend c10d --rdzv-endpoint
 127.0.0.1:PORT] -m builder.engine.torchrun --engine DIR --task task.json --out result.json``
 
-task.json: ``{"logits": [[ids...], ...], "generate": [{GenerationRequest fields}, ...], "speculative": {...}}``
-(each optional; ``speculative`` as ``builder.engine.speculative.SpeculativeOptions``).
+task.json: ``{"logits": [[ids...], ...], "generate": [GenerationRequest.to_dict(), ...], "speculative": {...}}``
+(each optional; ``speculative`` as ``SpeculativeOptions.to_dict()``).
 result.json: ``{"world_size", "generate": [{"token_ids", "finish_reason"}]}``; logits go to ``<out>.logits.safetensors``
 as ``logits.{i}``.
 """
@@ -21,9 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from builder.atomic import atomic_write_json
+from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import LONG_TIMEOUT, backend_for, make_comm
+from builder.engine.driver import Driver, serve
+from builder.engine.generate import Engine
+from builder.engine.sampling import GenerationRequest
+from builder.engine.speculative import SpeculativeOptions
 from builder.engine.worker import DTYPES
 
 
@@ -35,9 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     args = ap.parse_args(argv)
-    from builder.engine.bundle import EngineBundle
-    from builder.engine.generate import Driver, Engine, GenerationRequest
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     bundle = EngineBundle.open(args.engine)
     if bundle.world_size != world:
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(bundle, comm, dtype=DTYPES[args.dtype])
     try:
         if rank != 0:
-            engine.serve()
+            serve(engine)
             return 0
         driver = Driver(engine)
         task = json.loads(Path(args.task).read_text())
@@ -60,15 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                         "hosts": os.environ.get("GROUP_WORLD_SIZE"), "local_world": os.environ.get("LOCAL_WORLD_SIZE")}
         try:
             if task.get("logits"):
-                from safetensors.torch import save_file
-
                 logits = driver.prompt_logits(task["logits"])
                 save_file({f"logits.{i}": t.contiguous() for i, t in enumerate(logits)},
                           str(Path(args.out).with_suffix(".logits.safetensors")))
             if task.get("generate"):
                 t0 = time.perf_counter()
-                res = driver.generate([GenerationRequest(**r) for r in task["generate"]],
-                                      speculative=task.get("speculative"))
+                spec = task.get("speculative")
+                res = driver.generate([GenerationRequest.from_dict(r) for r in task["generate"]],
+                                      speculative=SpeculativeOptions.from_dict(spec) if spec else None)
                 result["generate_s"] = time.perf_counter() - t0
                 result["generate"] = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason,
                                        "total_draft_tokens": r.total_draft_tokens,

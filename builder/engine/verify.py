@@ -10,8 +10,12 @@ from typing import Any
 
 import torch
 
+from builder.engine.sampling import GenerationRequest
+from builder.engine.service import EngineService
 from builder.errors import CheckpointError
+from builder.model.hf_compat import load_hf_model, write_dequantized_checkpoint
 from builder.rundir import RunDir
+from builder.sampling_params import SamplingParams
 
 FIXED_TEXTS = (
     "The river kept its own counsel, and the town below it learned to listen in the evenings.",
@@ -34,9 +38,6 @@ def default_checkpoint(engine_dir: Path) -> Path:
 def verify_engine(engine_dir: str | Path, *, checkpoint: str | Path | None = None, gen_tokens: int = 8,
                   tolerance: float = DEFAULT_TOLERANCE, threads_per_rank: int | None = None,
                   python_executable: str | None = None) -> dict[str, Any]:
-    from builder.model.hf_compat import load_hf_model, write_dequantized_checkpoint
-    from builder.engine.service import EngineService, GenerationRequest
-
     engine_dir = Path(engine_dir)
     checkpoint = Path(checkpoint) if checkpoint else default_checkpoint(engine_dir)
     if not (checkpoint / "config.json").is_file():
@@ -45,7 +46,7 @@ def verify_engine(engine_dir: str | Path, *, checkpoint: str | Path | None = Non
         cfg = svc.bundle.cfg
         prompts = fixed_prompts(svc.tokenizer(), cfg.raw.get("bos_token_id"))
         logits = svc.prompt_logits(prompts)
-        greedy = [r.token_ids for r in svc.generate([GenerationRequest(prompt_ids=p, max_tokens=gen_tokens)
+        greedy = [r.token_ids for r in svc.generate([GenerationRequest(p, SamplingParams(max_tokens=gen_tokens))
                                                      for p in prompts])]
         layout = svc.bundle.layout.name
     with tempfile.TemporaryDirectory(prefix="dsbuild-verify-") as tmp:

@@ -15,7 +15,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import LONG_TIMEOUT, backend_for, make_comm
+from builder.engine.driver import serve
+from builder.engine.generate import Engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,9 +46,6 @@ def absorb_choice(value: str) -> bool | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from builder.engine.bundle import EngineBundle
-    from builder.engine.generate import Engine
-
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     store = dist.TCPStore(args.store_host, args.store_port, args.world, is_master=False,
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(bundle, comm, dtype=DTYPES[args.dtype], absorb_mla=absorb_choice(args.absorb_mla),
                     tensors=tensors)
     try:
-        engine.serve()
+        serve(engine)
     finally:
         dist.destroy_process_group()
     return 0

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from builder.model.safetensors_io import write_index, write_safetensors
+from quantize.dequant import iter_float
 
 
 def iter_dequantized(root: str | Path, *, dtype: torch.dtype = torch.float32):
     """Yield ``(name, tensor)`` of a checkpoint in any format dsbuild writes, every weight dequantized (scale
     tensors consumed; AWQ's pre_quant_scale folded in)."""
-    from quantize.dequant import iter_float
 
     for name, t in iter_float(root):  # validates the checkpoint first
         yield name, t.to(dtype)

@@ -7,8 +7,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+
 from builder.errors import ModelConfigError, SpecError
+from builder.hub import call_with_retries, hub_error, hub_repo
 from builder.model.config import PRESETS, ModelConfig, preset
+from builder.model.tiny import GENERATED, tiny_config
 
 # Hub ids whose config.json is known without a download (the planner must work before anything is fetched).
 KNOWN_HUB_CONFIGS = {
@@ -19,12 +23,6 @@ KNOWN_HUB_CONFIGS = {
     "deepseek-ai/deepseek-r1": "deepseek-v3",
 }
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-# Generated models: name -> (preset, trained). The trained ones are committed under builder/data/trained/
-# (``dsbuild make-tiny --train`` reproduces them); the ``-random`` ones are the seeded random init.
-GENERATED: dict[str, tuple[str, bool]] = {
-    "tiny": ("tiny", True), "tiny-draft": ("tiny-draft", True),
-    "tiny-random": ("tiny", False), "tiny-draft-random": ("tiny-draft", False),
-}
 
 
 @dataclass(frozen=True)
@@ -37,8 +35,6 @@ class ModelSource:
 def resolve_model(model: str) -> ModelSource:
     """Identify ``model`` and load its config without downloading weights."""
     if model in GENERATED:
-        from builder.model.tiny import tiny_config
-
         return ModelSource("generated", model, tiny_config(model))
     if model in PRESETS:
         return ModelSource("preset", model, preset(model))
@@ -60,10 +56,6 @@ def resolve_model(model: str) -> ModelSource:
 @functools.lru_cache(maxsize=16)
 def _cached_hub_config(repo_id: str) -> ModelConfig:
     """A hub model's config.json from the local HF cache, fetched (config only) if the hub is reachable."""
-    from huggingface_hub import hf_hub_download
-
-    from builder.hub import call_with_retries, hub_error, hub_repo
-
     try:
         path = call_with_retries(lambda: hf_hub_download(repo_id, "config.json"))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence naming the repo

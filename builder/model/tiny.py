@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from builder.atomic import atomic_write_json, staging_dir
-from builder.model.catalog import Dtype, Kind, TensorSpec, build_catalog
 from builder.errors import ModelConfigError
+from builder.model.catalog import Dtype, Kind, TensorSpec, build_catalog
 from builder.model.config import PRESETS, ModelConfig
 from builder.model.safetensors_io import TORCH_DTYPES, shard_file_name, write_index, write_safetensors
 from builder.model.tokenizer import train_tokenizer, write_tokenizer_files
@@ -24,6 +24,12 @@ from quantize import fp8_block
 
 # Bump when the bytes make-tiny writes for a given seed change: it is part of every cache key of a tiny model.
 TINY_FORMAT_VERSION = 3  # 3: the real checkpoint's dtypes (weights_proj BF16)
+# Generated models: name -> (preset, trained). The trained ones are committed under builder/data/trained/
+# (``dsbuild make-tiny --train`` reproduces them); the ``-random`` ones are the seeded random init.
+GENERATED: dict[str, tuple[str, bool]] = {
+    "tiny": ("tiny", True), "tiny-draft": ("tiny-draft", True),
+    "tiny-random": ("tiny", False), "tiny-draft-random": ("tiny-draft", False),
+}
 
 
 def tiny_config(name: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
@@ -114,47 +120,11 @@ def _shard_groups(specs: list[TensorSpec], cfg: ModelConfig) -> list[list[str]]:
     return [groups[k] for k in order if k in groups]
 
 
-def tiny_cache_key(*, seed: int, preset_name: str = "tiny") -> str:
-    """Everything that decides the bytes of a generated model: for a trained one the committed weights and
-    tokenizer, for a random one the preset, seed and corpus (the tokenizer is trained on it)."""
-    from builder.model.tokenizer import corpus_sha256
-
-    preset, trained = generated_model(preset_name)
-    if trained:
-        from builder.model import trained as trained_mod
-
-        ident = {"trained": trained_mod.builtin_sha256(preset)}
-    else:
-        ident = {"seed": seed, "corpus": corpus_sha256(), "torch": torch.__version__.split("+")[0]}
-    h = hashlib.sha256(json.dumps({"preset": PRESETS[preset], "format": TINY_FORMAT_VERSION, **ident},
-                                  sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
 def generated_model(name: str) -> tuple[str, bool]:
     """``(preset, trained)`` of a generated model name: 'tiny'/'tiny-draft' are the committed trained weights,
     'tiny-random'/'tiny-draft-random' the seeded random init (a bare preset name with ``-random``)."""
-    from builder.model.source import GENERATED
-
     if name in GENERATED:
         return GENERATED[name]
     if name in PRESETS:
         return name, False
     raise ModelConfigError(f"unknown generated model {name!r}; choose one of {sorted(GENERATED)}")
-
-
-def ensure_tiny(cache_root: str | Path, *, seed: int = 0, preset_name: str = "tiny") -> Path:
-    """The generated model, made once and reused (keyed by everything that decides its bytes). The trained
-    flavours ignore ``seed``: their weights are the committed ones (trained from the seed in their report)."""
-    key = tiny_cache_key(seed=seed, preset_name=preset_name)
-    preset, trained = generated_model(preset_name)
-    label = f"{preset}-trained" if trained else f"{preset}-seed{seed}"
-    path = Path(cache_root) / f"{label}-{key}"
-    if not (path / "config.json").is_file():
-        if trained:
-            from builder.model import trained as trained_mod
-
-            trained_mod.export_builtin(path, preset)
-        else:
-            make_tiny(path, seed=seed, preset_name=preset)
-    return path

@@ -14,10 +14,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
+from builder.atomic import atomic_write_json, atomic_write_text
 from builder.errors import CheckpointError
 from builder.model.catalog import build_catalog
 from builder.model.safetensors_io import write_safetensors
+from builder.model.tiny import make_tiny, stored_tensors, tiny_config
 from quantize import fp8_block
 
 TRAINED_DIR = Path(__file__).resolve().parent.parent / "data" / "trained"
@@ -54,8 +58,6 @@ def _is_mtp_copy(name: str, num_hidden_layers: int) -> bool:
 
 def pack(weights: dict[str, torch.Tensor], preset: str) -> dict[str, torch.Tensor]:
     """Float weights -> the tensors the checkpoint stores, MTP copies of the shared embedding/head left out."""
-    from builder.model.tiny import stored_tensors, tiny_config
-
     cfg = tiny_config(preset)
     out: dict[str, torch.Tensor] = {}
     for spec in build_catalog(cfg):
@@ -67,8 +69,6 @@ def pack(weights: dict[str, torch.Tensor], preset: str) -> dict[str, torch.Tenso
 
 def unpack(stored: dict[str, torch.Tensor], preset: str) -> dict[str, torch.Tensor]:
     """The inverse of ``pack``: name -> float32 tensor for every non-scale tensor of the catalogue."""
-    from builder.model.tiny import tiny_config
-
     cfg = tiny_config(preset)
     out: dict[str, torch.Tensor] = {}
     for name, t in stored.items():
@@ -89,22 +89,16 @@ def unpack(stored: dict[str, torch.Tensor], preset: str) -> dict[str, torch.Tens
 
 
 def load_builtin(preset: str, root: Path = TRAINED_DIR) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return unpack(load_file(str(_require(weights_file(preset, root)))), preset)
 
 
 def load_tokenizer(root: Path = TRAINED_DIR):
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_file(str(_require(root / TOKENIZER_FILE)))
 
 
 def write_builtin(root: Path, preset: str, weights: dict[str, torch.Tensor], tokenizer, report: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
     write_safetensors(weights_file(preset, root), pack(weights, preset))
-    from builder.atomic import atomic_write_json, atomic_write_text
-
     atomic_write_text(root / TOKENIZER_FILE, tokenizer.to_str(pretty=True))
     atomic_write_json(report_file(preset, root), report)
 
@@ -115,6 +109,4 @@ def builtin_report(preset: str, root: Path = TRAINED_DIR) -> dict:
 
 def export_builtin(out: str | Path, preset: str, root: Path = TRAINED_DIR) -> Path:
     """The committed trained model as a checkpoint in DeepSeek-V3.2's layout (through ``make_tiny``)."""
-    from builder.model.tiny import make_tiny
-
     return make_tiny(out, preset_name=preset, weights=load_builtin(preset, root), tokenizer=load_tokenizer(root))

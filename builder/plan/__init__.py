@@ -3,6 +3,7 @@
 ``plan_cluster(...)`` is the API; ``builder.stages.plan`` and ``dsbuild plan`` are thin callers.
 """
 
-from builder.plan.search import LayoutPlan, PlanResult, Workload, plan_cluster
+from builder.plan.result import LayoutPlan, PlanResult, Workload
+from builder.plan.search import plan_cluster
 
 __all__ = ["LayoutPlan", "PlanResult", "Workload", "plan_cluster"]

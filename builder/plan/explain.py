@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from builder.plan.search import LayoutPlan, PlanResult
+from builder.plan.result import LayoutPlan, PlanResult
 
 GIB = 1 << 30
 
 
-def _describe(lp: "LayoutPlan") -> str:
+def _describe(lp: LayoutPlan) -> str:
     lay = lp.layout
     parts = [f"TP {lay.tp}"]
     if lay.pp > 1:
@@ -25,7 +23,7 @@ def _describe(lp: "LayoutPlan") -> str:
     return " x ".join(parts[:1]) + ("" if len(parts) == 1 else ", " + ", ".join(parts[1:]))
 
 
-def _why_better(a: "LayoutPlan", b: "LayoutPlan") -> str:
+def _why_better(a: LayoutPlan, b: LayoutPlan) -> str:
     """The term of the decode step (or the capacity) that separates ``a`` from ``b``."""
     if not b.feasible:
         return f"{b.name} is not feasible ({b.reasons[0]})"
@@ -34,6 +32,10 @@ def _why_better(a: "LayoutPlan", b: "LayoutPlan") -> str:
     if any("fewer than the" in w for w in b.warnings) and b.batch * b.replicas < a.batch * a.replicas:
         return (f"{b.name}'s KV cache holds only {b.max_seqs_replica * b.replicas} sequences "
                 f"(vs {a.max_seqs_replica * a.replicas}), which caps its batch")
+    if any("to meet TPOT" in w for w in b.warnings) and b.batch * b.replicas < 0.9 * a.batch * a.replicas:
+        return (f"at the TPOT limit {b.name} runs {b.batch * b.replicas} sequences at a time where "
+                f"{a.name} runs {a.batch * a.replicas} (its step grows faster with the batch)")
+
     def per_step(lp, attr):  # the slowest stage's term, times the micro-batches it runs per decode step
         worst = max(lp.decode.stages, key=lambda s: s.ms)
         value = worst.comm.ms if attr == "comm" else getattr(worst, attr)
@@ -56,12 +58,12 @@ def _why_better(a: "LayoutPlan", b: "LayoutPlan") -> str:
     return why
 
 
-def _same_speed(a: "LayoutPlan", b: "LayoutPlan") -> bool:
+def _same_speed(a: LayoutPlan, b: LayoutPlan) -> bool:
     return abs(a.tokens_per_s_per_gpu - b.tokens_per_s_per_gpu) <= 0.005 * max(a.tokens_per_s_per_gpu, 1e-9) \
         and abs(a.tokens_per_s_per_user - b.tokens_per_s_per_user) <= 0.005 * max(a.tokens_per_s_per_user, 1e-9)
 
 
-def rationale(result: "PlanResult") -> str:
+def rationale(result: PlanResult) -> str:
     rec = result.recommended
     feasible = [lp for lp in result.layouts if lp.feasible]
     if rec is None:
@@ -72,10 +74,11 @@ def rationale(result: "PlanResult") -> str:
             if result.cluster.gpu.arch == "cpu" else ""
         return f"No layout fits {result.cluster.gpus} x {result.cluster.gpu.name}{hint} ({top}). First: {first}."
     c = result.cluster
+    held = "as TensorRT-LLM holds them" if rec.runtime == "tensorrt-llm" else "in the rank files"
     lines = [
         f"Recommended {rec.name} ({_describe(rec)}): {rec.tokens_per_s_per_gpu:.1f} output tok/s/GPU, "
         f"{rec.tokens_per_s_per_user:.1f} tok/s/user at {rec.batch} sequences per replica; "
-        f"{rec.weights_per_stage[0] / GIB:.1f} GiB of weights per GPU leaves room for "
+        f"{max(rec.weights_per_stage) / GIB:.1f} GiB of weights per GPU ({held}) leaves room for "
         f"{rec.max_seqs_replica * rec.replicas} sequences of {result.workload.seq_len} tokens.",
     ]
     if rec.layout.tp > 1 and rec.layout.attention_dp:
@@ -122,7 +125,7 @@ class _Distinct(list):
     twins: dict
 
 
-def distinct_layouts(result: "PlanResult") -> list:
+def distinct_layouts(result: PlanResult) -> list:
     """Feasible layouts in rank order, EP variants that predict the same numbers as a better-ranked layout with
     the same TP, PP, attention-DP and replicas folded into it (``.twins[layout] = [their EPs]``)."""
     out = _Distinct()
@@ -144,7 +147,7 @@ def _gib(x: float) -> str:
     return f"{x:.1f}" if x >= 0.1 or x == 0 else f"{x * 1024:.1f}M"
 
 
-def render_table(result: "PlanResult", *, limit: int = 15) -> None:
+def render_table(result: PlanResult, *, limit: int = 15) -> None:
     """The ranked layouts as a rich table on stderr-free stdout, then the rationale."""
     from rich.console import Console
     from rich.table import Table

@@ -1,13 +1,23 @@
 """GPUs, networks and clusters the planner knows, and user YAML files that override them.
 
-Peak numbers are vendor datasheet values (dense, no sparsity; ../shared/FACTS.md §5). Memory is what
-``nvidia-smi`` reports as total (a little under the marketing GB: H200 "141 GB" is 143771 MiB). The efficiency
-fractions say how much of a peak real kernels reach (memory-bound GEMV/attention ~80 % of HBM bandwidth, large FP8
-GEMMs ~60 % of peak, NCCL bus bandwidth ~80 % of the link); they and ``layer_overhead_us`` are the planner's only tuning knobs
-and a hardware YAML may override them per GPU. ``layer_overhead_us`` (65 us on Hopper) is calibrated on
-aiconfigurator 0.12's silicon measurements of TensorRT-LLM 1.3: DeepSeek-V3's MLA block on 8xH200 at decode
-batch 64 takes 78 us per layer where its bytes and FLOPs account for 13 us; other architectures are scaled
-from it by their kernel-launch/latency generation, not measured.
+Peak numbers are vendor datasheet values (dense, no sparsity; docs/choosing-a-layout.md, Sources). Memory is what
+``nvidia-smi`` reports as total (a little under the marketing GB: H200 "141 GB" is 143771 MiB). GB200 is one GPU of
+an NVL72 rack: its "node" here is the NVLink domain (72 GPUs), so a layout inside the rack uses NVLink.
+
+How close TensorRT-LLM gets to those peaks is a small set of efficiency parameters per GPU generation, fitted to
+published TensorRT-LLM results (``builder/data/calibration/trtllm_deepseek_published.yaml``) by
+``benchmarks/fit_planner.py``, which writes ``builder/data/calibration/efficiency.yaml``; every built-in GPU of a
+generation takes them (Ampere and Ada, with no published DeepSeek results, take Hopper's: unverified). The
+parameters, their values and where each comes from are in docs/choosing-a-layout.md; a hardware YAML may override
+any of them per GPU:
+
+* ``hbm_efficiency``: achieved share of HBM bandwidth when a kernel streams weights or KV cache;
+* ``compute_efficiency``: achieved share of peak tensor FLOPs in GEMMs (dense and grouped MoE) and in R1/V3
+  prefill attention (a dense FMHA that runs like one); a GEMM's padded last tile runs at the peak;
+* ``attention_efficiency``: achieved share of peak tensor FLOPs in the MLA/DSA decode attention kernels;
+* ``layer_overhead_us``: time per decoder layer and forward that its many small kernels take beyond their bytes
+  and FLOPs (norms, RoPE, routing, quantize, launch gaps);
+* ``draft_overhead_us``: the same for one MTP draft step (sampling, input preparation) beyond its layer's kernels.
 
 A hardware YAML looks like::
 
@@ -34,6 +44,9 @@ Arch = Literal["ampere", "ada", "hopper", "blackwell", "cpu"]
 ScaleUp = Literal["nvlink", "pcie", "shm"]
 
 MIB = 1 << 20
+EFFICIENCY_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration" / "efficiency.yaml"
+EFFICIENCY_FIELDS = ("hbm_efficiency", "compute_efficiency", "attention_efficiency", "layer_overhead_us",
+                     "draft_overhead_us")
 
 
 @dataclass(frozen=True)
@@ -51,15 +64,19 @@ class GPU:
     gpus_per_node: int = 8
     hbm_efficiency: float = 0.8
     compute_efficiency: float = 0.6
+    attention_efficiency: float = 0.5
     link_efficiency: float = 0.8
     runtime_reserve_gib: float = 2.0  # CUDA context, cuBLAS/DeepGEMM workspaces, NCCL buffers, CUDA-graph pool
-    # Per decoder layer and decode step, the time its many small kernels (norms, RoPE, MLA's batched GEMMs, the
-    # router, quantize/dequantize) take beyond their bytes and FLOPs: latency-bound at decode batch sizes.
     layer_overhead_us: float = 0.0
+    draft_overhead_us: float = 0.0
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * (1 << 30))
+
+    @property
+    def blackwell(self) -> bool:
+        return self.arch == "blackwell"
 
     def peak_tflops(self, compute_dtype: str) -> float:
         """Peak for the GEMM dtype; falls back to the widest available (an FP8 model on Ampere runs in BF16)."""
@@ -78,18 +95,38 @@ class Network:
     efficiency: float = 0.8
 
 
+def load_efficiency(path: Path = EFFICIENCY_FILE) -> dict[str, dict[str, float]]:
+    """Fitted efficiency parameters per GPU generation (``benchmarks/fit_planner.py`` writes the file)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    out = {arch: {k: float(v[k]) for k in EFFICIENCY_FIELDS} for arch, v in data["generations"].items()}
+    for arch, like in (("ampere", "hopper"), ("ada", "hopper")):
+        out.setdefault(arch, out[like])
+    return out
+
+
+FITTED = load_efficiency()
+
+
+def _gpu(name: str, arch: Arch, memory_mib: int, hbm_tb_s: float, bf16: float, fp8: float, fp4: float,
+         scale_up: ScaleUp, scale_up_gb_s: float, latency_us: float, **kw: Any) -> GPU:
+    return GPU(name, arch, memory_mib * MIB / (1 << 30), hbm_tb_s, bf16, fp8, fp4, scale_up, scale_up_gb_s,
+               latency_us, **(FITTED[arch] | kw))
+
+
 GPUS: dict[str, GPU] = {g.name: g for g in (
-    GPU("h100-sxm", "hopper", 81559 * MIB / (1 << 30), 3.35, 989, 1979, 0, "nvlink", 450, 6.0, layer_overhead_us=65.0),
-    GPU("h200-sxm", "hopper", 143771 * MIB / (1 << 30), 4.8, 989, 1979, 0, "nvlink", 450, 6.0, layer_overhead_us=65.0),
-    GPU("h100-pcie", "hopper", 81559 * MIB / (1 << 30), 2.0, 756, 1513, 0, "pcie", 64, 15.0, layer_overhead_us=70.0),
-    GPU("a100-sxm-80g", "ampere", 81920 * MIB / (1 << 30), 2.0, 312, 0, 0, "nvlink", 300, 8.0, layer_overhead_us=90.0),
-    GPU("b200", "blackwell", 183359 * MIB / (1 << 30), 7.7, 2250, 4500, 9000, "nvlink", 900, 5.0, layer_overhead_us=50.0),
-    GPU("l40s", "ada", 46068 * MIB / (1 << 30), 0.864, 362, 733, 0, "pcie", 32, 15.0, layer_overhead_us=80.0),
+    _gpu("h100-sxm", "hopper", 81559, 3.35, 989, 1979, 0, "nvlink", 450, 6.0),
+    _gpu("h200-sxm", "hopper", 143771, 4.8, 989, 1979, 0, "nvlink", 450, 6.0),
+    _gpu("h100-pcie", "hopper", 81559, 2.0, 756, 1513, 0, "pcie", 64, 15.0),
+    _gpu("a100-sxm-80g", "ampere", 81920, 2.0, 312, 0, 0, "nvlink", 300, 8.0),
+    _gpu("b200", "blackwell", 183359, 7.7, 2250, 4500, 9000, "nvlink", 900, 5.0),
+    # One GPU of a GB200 NVL72 rack (186 GB HBM3e as MLPerf lists it): the 72-GPU NVLink domain is its "node".
+    _gpu("gb200", "blackwell", 189471, 8.0, 2500, 5000, 10000, "nvlink", 900, 5.0, gpus_per_node=72),
+    _gpu("l40s", "ada", 46068, 0.864, 362, 733, 0, "pcie", 32, 15.0),
     # The CPU reference engine (builder/engine): one process per rank on one host, fp32 math on dequantized
     # weights, gloo collectives over shared memory. Sized for a small CI machine so the tiny model's predictions
     # can be compared with measured runs; override it with a hardware YAML for a bigger host.
     GPU("cpu", "cpu", 8.0, 0.02, 0.1, 0, 0, "shm", 5, 100.0, gpus_per_node=4, hbm_efficiency=0.5,
-        compute_efficiency=0.3, link_efficiency=0.5, runtime_reserve_gib=0.5),
+        compute_efficiency=0.3, attention_efficiency=0.3, link_efficiency=0.5, runtime_reserve_gib=0.5),
 )}
 
 NETWORKS: dict[str, Network] = {n.name: n for n in (
@@ -118,9 +155,11 @@ class _GPUOverride(BaseModel):
     gpus_per_node: int | None = None
     hbm_efficiency: float | None = None
     compute_efficiency: float | None = None
+    attention_efficiency: float | None = None
     link_efficiency: float | None = None
     runtime_reserve_gib: float | None = None
     layer_overhead_us: float | None = None
+    draft_overhead_us: float | None = None
 
 
 class _NetworkOverride(BaseModel):
@@ -183,7 +222,7 @@ def load_hardware(path: str | Path | None = None) -> HardwareTable:
             values.setdefault("fp8_tflops", 0.0)
             values.setdefault("fp4_tflops", 0.0)
             values.setdefault("scale_up_latency_us", 10.0)
-            gpus[name] = GPU(name=name, **values)
+            gpus[name] = GPU(name=name, **(FITTED.get(values["arch"], {}) | values))
     for name, over in data.networks.items():
         values = over.model_dump(exclude_none=True)
         _check_positive(path, name, values)

@@ -1,15 +1,31 @@
-"""Communication and roofline time of one layout: decode step, prefill throughput, pipeline bubble.
+"""Time of one layout's decode step, prefill and MTP drafts, kernel by kernel, as TensorRT-LLM runs DeepSeek.
 
-Decode is modelled per pipeline stage and micro-batch: the bytes a rank reads from HBM (weights it holds that the
-step touches — every routed expert only if some token selects it — plus the KV cache its attention reads) over
-HBM bandwidth, against the FLOPs it does over peak; whichever is larger, plus the collectives it waits for, which
-TensorRT-LLM does not overlap with compute in decode. Prefill is FLOP-bound (a chunk of up to 8192 tokens reuses
-each weight thousands of times) plus its collectives' bandwidth term.
+Every decoder layer of a step is a short list of kernels; each kernel takes the longer of its bytes over the GPU's
+achieved HBM bandwidth and its FLOPs over its achieved tensor throughput (``hbm_efficiency``,
+``compute_efficiency``, ``attention_efficiency`` of the GPU generation, fitted to published TensorRT-LLM results):
 
-Collectives (FACTS §5): ring all-reduce ``S/B · 2(n-1)/n``, all-gather and all-to-all ``S/B · (n-1)/n``, each plus
-the link's latency; a group inside one node uses the scale-up link (NVLink, or PCIe where there is none), a group
-spanning nodes the network NIC of each GPU. EP dispatch per token per selected expert ``H + 4H/128 + 16`` bytes
-(FP8 values, scales, routing metadata), combine ``2H`` (bf16).
+* attention projections (``q_a``/``kv_a`` and the DSA indexer's replicated everywhere, ``q_b``/``kv_b``/``o`` split
+  by heads unless attention-DP) on the rank's query tokens;
+* MLA attention over the KV cache: absorbed MQA in the 512+64 latent for decode (and for DSA prefill), the latent
+  of every attended key read once per sequence; DSA attends ``index_topk`` keys, its indexer scores every key;
+  R1/V3 prefill runs MHA over the up-projected keys;
+* the MoE: the routed experts of the rank (each read only when a token of the step selects it, FLOPs for the
+  tokens routed to it, i.e. grouped GEMMs whose size per expert grows with the batch), the shared expert, the
+  router; the dense MLP in the first layers;
+* collectives on the link they cross: two all-reduces per layer under attention-TP, the MoE dispatch/combine
+  under attention-DP, the PP hand-off; each a latency plus its bytes at the link's bandwidth;
+* ``layer_overhead_us`` per layer and forward for everything latency-bound (norms, RoPE, routing, quantize and
+  launch gaps); the LM head at the end.
+
+Speculative decoding (MTP): a step verifies ``draft_len + 1`` tokens per sequence through the main model, then
+runs the MTP layer ``draft_len`` times (one token per sequence each, plus the LM head and ``draft_overhead_us``),
+and yields ``acceptance`` tokens per sequence on average (published defaults per draft length below), so
+TPOT = step / acceptance.
+
+Collectives (docs/choosing-a-layout.md, Sources): ring all-reduce ``S/B · 2(n-1)/n``, all-gather and all-to-all
+``S/B · (n-1)/n``, each plus the link's latency; a group inside one node uses the scale-up link (NVLink, or PCIe
+where there is none), a group spanning nodes the network NIC of each GPU. EP dispatch per token per selected expert
+``H + 4H/128 + 16`` bytes (FP8 values, scales, routing metadata), combine ``2H`` (bf16).
 """
 
 from __future__ import annotations
@@ -17,13 +33,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from builder.layout import Layout
 from builder.model.config import ModelConfig
 from builder.plan.hardware import GPU, Cluster
-from builder.plan.memory import MAX_NUM_TOKENS, RankWeights
+from builder.plan.memory import PlaceBytes, RankWeights
 from builder.shard.rules import mlp_tp
-from builder.layout import Layout
 
 ACT_BYTES = 2  # bf16 activations on the wire
+# Mean tokens accepted per step for each MTP draft length: DeepSeek-R1 on a real dataset (tech blog 1, strict
+# acceptance; docs/choosing-a-layout.md, Sources). Longer drafts accept no more than 5 did.
+DEFAULT_ACCEPTANCE = {0: 1.0, 1: 1.92, 2: 2.58, 3: 2.82, 4: 2.99, 5: 3.01}
+# DSA's top-k selection is a radix select per query row, not FLOPs: 64 rows of 9295 scores each in 14.3 us on a B200
+# (tech blog 15, TopKPerRow average) -> scores selected per second (no Hopper figure published: the same assumed).
+TOPK_SCORES_PER_S = 64 * 9295 / 14.327e-6
+# Rows of a GEMM tile along the token dimension: the last tile of every GEMM is on average half padding.
+# TensorRT-LLM's CUTLASS / TRTLLM-gen MoE GEMMs tile M by 64 to 128 rows; 64 taken.
+GEMM_TILE_ROWS = 64
+
+
+def default_acceptance(draft_len: int) -> float:
+    return DEFAULT_ACCEPTANCE[min(draft_len, max(DEFAULT_ACCEPTANCE))]
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """MTP speculative decoding: ``draft_len`` draft tokens per step (0: off), ``acceptance`` mean tokens accepted
+    per step (None: the published default for that draft length)."""
+
+    draft_len: int = 0
+    acceptance: float | None = None
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.acceptance if self.acceptance is not None else default_acceptance(self.draft_len)
 
 
 @dataclass(frozen=True)
@@ -62,14 +104,18 @@ class CommItem:
     ms: float = 0.0
     link: str = "none"
 
-    def add(self, nbytes: float, seconds: float, link: Link) -> None:
+    def add(self, nbytes: float, seconds: float, link: Link | str) -> None:
         self.bytes += nbytes
         self.ms += seconds * 1e3
-        if link.kind != "none":
-            self.link = link.kind
+        kind = link if isinstance(link, str) else link.kind
+        if kind != "none":
+            self.link = kind
 
     def as_dict(self) -> dict:
         return {"bytes": round(self.bytes), "ms": round(self.ms, 4), "link": self.link}
+
+
+COMM_ITEMS = ("tp_allreduce", "ep_dispatch_combine", "pp_p2p", "vocab")
 
 
 @dataclass
@@ -81,11 +127,16 @@ class Comm:
 
     @property
     def ms(self) -> float:
-        return self.tp_allreduce.ms + self.ep_dispatch_combine.ms + self.pp_p2p.ms + self.vocab.ms
+        return sum(getattr(self, name).ms for name in COMM_ITEMS)
+
+    def accumulate(self, other: "Comm", times: float = 1.0) -> None:
+        for name in COMM_ITEMS:
+            c = getattr(other, name)
+            if c.bytes or c.ms:
+                getattr(self, name).add(c.bytes * times, c.ms * times / 1e3, c.link)
 
     def as_dict(self) -> dict:
-        return {"tp_allreduce": self.tp_allreduce.as_dict(), "ep_dispatch_combine": self.ep_dispatch_combine.as_dict(),
-                "pp_p2p": self.pp_p2p.as_dict(), "vocab": self.vocab.as_dict(), "total_ms": round(self.ms, 4)}
+        return {name: getattr(self, name).as_dict() for name in COMM_ITEMS} | {"total_ms": round(self.ms, 4)}
 
 
 @dataclass(frozen=True)
@@ -103,6 +154,32 @@ class Placement:
         return cls(worst, pp)
 
 
+@dataclass(frozen=True)
+class Rates:
+    """What one GPU achieves on this model: bytes/s, GEMM and attention FLOP/s, fixed latencies (seconds)."""
+
+    hbm: float
+    gemm: float  # a large GEMM (and prefill attention, which runs like one)
+    peak: float  # the GEMM dtype's datasheet peak: padding rows cost tensor-core time at full rate
+    attention: float  # MLA decode attention
+    layer_s: float
+    draft_s: float
+
+    @classmethod
+    def of(cls, gpu: GPU, *, compute_dtype: str, kv_cache_dtype: str) -> "Rates":
+        attn_dtype = "fp8" if kv_cache_dtype == "fp8" else "bf16"  # FP8 KV runs FP8 MLA kernels (tech blog 3)
+        peak = gpu.peak_tflops(compute_dtype) * 1e12
+        return cls(gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency, peak * gpu.compute_efficiency, peak,
+                   gpu.peak_tflops(attn_dtype) * 1e12 * gpu.attention_efficiency,
+                   gpu.layer_overhead_us * 1e-6, gpu.draft_overhead_us * 1e-6)
+
+    def gemm_seconds(self, params: float, rows: float, gemms: float = 1.0) -> float:
+        """Tensor-core time of ``gemms`` GEMMs of ``params`` weights each with ``rows`` token rows in all: the rows
+        at the achieved rate, plus each GEMM's last tile padded to ``GEMM_TILE_ROWS`` rows at the peak rate (a
+        grouped MoE GEMM with a few tokens per expert is mostly padding)."""
+        return 2 * params * (rows / self.gemm + GEMM_TILE_ROWS / 2 * gemms / self.peak)
+
+
 def expert_fraction_read(cfg: ModelConfig, tokens: float) -> float:
     """Expected share of a rank's routed experts that at least one of ``tokens`` selects (uniform routing)."""
     if not cfg.n_routed_experts or tokens <= 0:
@@ -115,47 +192,34 @@ def attended_keys(cfg: ModelConfig, context: float) -> float:
     return min(context, cfg.index_topk) if cfg.has_indexer else context
 
 
-def _layer_flops(cfg: ModelConfig, layout: Layout, *, tokens: float, context: float, moe: bool,
-                 prefill: bool) -> float:
-    """FLOPs one rank does for one layer on ``tokens`` tokens of its TP group (all of them are the rank's own
-    under attention-TP; under attention-DP ``tokens`` are the rank's own requests')."""
-    h, nh = cfg.hidden_size, cfg.num_attention_heads
-    split = 1 if layout.attention_dp else layout.tp
-    heads = nh / split
-    rep = h * cfg.q_lora_rank + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    if cfg.has_indexer:
-        rep += cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim + h * cfg.index_head_dim + h * cfg.index_n_heads
-    sharded = (cfg.q_lora_rank * nh * cfg.qk_head_dim + cfg.kv_lora_rank * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-               + nh * cfg.v_head_dim * h) / split
-    if prefill:  # a query at position p sees p keys: mean over the prompt
-        keys = context / 2 if not cfg.has_indexer or context <= cfg.index_topk else \
-            cfg.index_topk - cfg.index_topk ** 2 / (2 * context)
-        index_keys = context / 2
-    else:
-        keys, index_keys = attended_keys(cfg, context), context
-    lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    core = heads * keys * (lat + cfg.kv_lora_rank)
-    if cfg.has_indexer:
-        core += cfg.index_n_heads * cfg.index_head_dim * index_keys
-    if not moe:
-        mlp = 3 * h * cfg.intermediate_size / mlp_tp(cfg.intermediate_size, layout)
-        group_mlp = 0.0
-    else:
-        shared = cfg.moe_intermediate_size * cfg.n_shared_experts
-        mlp = h * cfg.n_routed_experts + (3 * h * shared / mlp_tp(shared, layout) if shared else 0)
-        # Routed experts: the TP group's tokens (all ranks' under attention-DP) spread over its tp ranks.
-        group_mlp = cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size / layout.tp
-    group_tokens = tokens * (layout.tp if layout.attention_dp else 1)
-    return 2 * (tokens * (rep + sharded + core + mlp) + group_tokens * group_mlp)
+def indexed_keys(cfg: ModelConfig, context: float) -> float:
+    """Keys the DSA indexer scores per query: none up to ``index_topk`` (TensorRT-LLM's short-sequence fast path
+    takes every key without scoring), all of them beyond."""
+    return context if cfg.has_indexer and context > cfg.index_topk else 0.0
+
+
+def mean_prefill_keys(cfg: ModelConfig, start: float, stop: float) -> tuple[float, float]:
+    """Mean keys a prompt token at positions [start, stop) attends, and the indexer scores (causal)."""
+    mean = (start + stop) / 2
+    if not cfg.has_indexer:
+        return mean, mean
+    k = cfg.index_topk
+    if stop <= k:
+        return mean, 0.0
+    if start >= k:
+        return float(k), mean
+    below = (start + k) / 2 * (k - start)  # tokens before position k attend their whole prefix, unscored
+    return (below + k * (stop - k)) / (stop - start), (k + stop) / 2 * (stop - k) / (stop - start)
 
 
 @dataclass
 class StageTime:
-    weights_ms: float
-    kv_ms: float
-    compute_ms: float
-    comm: Comm
-    overhead_ms: float = 0.0  # latency-bound small kernels (GPU.layer_overhead_us per layer)
+    weights_ms: float = 0.0  # kernels bound by reading weights
+    kv_ms: float = 0.0  # attention bound by reading the KV cache
+    compute_ms: float = 0.0  # kernels bound by tensor-core throughput
+    overhead_ms: float = 0.0  # latency-bound small kernels (layer / draft overheads)
+    comm: Comm = field(default_factory=Comm)
+    draft_ms: float = 0.0  # of the above, the MTP draft steps
 
     @property
     def memory_ms(self) -> float:
@@ -163,23 +227,60 @@ class StageTime:
 
     @property
     def ms(self) -> float:
-        return max(self.memory_ms, self.compute_ms) + self.overhead_ms + self.comm.ms - self.comm.pp_p2p.ms
+        return self.weights_ms + self.kv_ms + self.compute_ms + self.overhead_ms + self.comm.ms - self.comm.pp_p2p.ms
+
+    def kernel(self, nbytes: float, compute_s: float, *, bw: float, reads: str = "weights") -> None:
+        """A kernel: its bytes over bandwidth or its tensor-core time, whichever is longer."""
+        mem, comp = nbytes / bw * 1e3, compute_s * 1e3
+        if mem >= comp:
+            if reads == "kv":
+                self.kv_ms += mem
+            else:
+                self.weights_ms += mem
+        else:
+            self.compute_ms += comp
 
 
-@dataclass
-class DecodeEstimate:
-    step_ms: float  # time for every sequence in flight to gain one token (TPOT)
-    stages: list[StageTime]
-    microbatches: int
-    bubble: float  # share of the step a stage waits (PP with fewer micro-batches than stages)
-    comm: Comm  # summed over stages, per step
+@dataclass(frozen=True)
+class ModelShapes:
+    """Parameters per rank of each kernel's weight (for FLOPs; bytes come from the rank's stored pieces)."""
+
+    cfg: ModelConfig
+    layout: Layout
 
     @property
-    def bound(self) -> str:
-        worst = max(self.stages, key=lambda s: s.ms)
-        parts = {"memory": worst.memory_ms, "compute": worst.compute_ms,
-                 "communication": worst.comm.ms, "kernel latency": worst.overhead_ms}
-        return max(parts, key=parts.get)
+    def heads(self) -> float:
+        return self.cfg.num_attention_heads / (1 if self.layout.attention_dp else self.layout.tp)
+
+    @property
+    def attention_params(self) -> float:
+        c = self.cfg
+        rep = c.hidden_size * (c.q_lora_rank + c.kv_lora_rank + c.qk_rope_head_dim)
+        if c.has_indexer:
+            rep += c.q_lora_rank * c.index_n_heads * c.index_head_dim + c.hidden_size * (c.index_head_dim
+                                                                                         + c.index_n_heads)
+        per_head = c.q_lora_rank * c.qk_head_dim + c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim) \
+            + c.v_head_dim * c.hidden_size
+        return rep + self.heads * per_head
+
+    def dense_mlp_params(self) -> float:
+        c = self.cfg
+        return 3 * c.hidden_size * c.intermediate_size / mlp_tp(c.intermediate_size, self.layout)
+
+    def shared_params(self) -> float:
+        c = self.cfg
+        shared = c.moe_intermediate_size * c.n_shared_experts
+        return (3 * c.hidden_size * shared / mlp_tp(shared, self.layout) if shared else 0) \
+            + c.hidden_size * c.n_routed_experts
+
+    def expert_params(self) -> float:
+        """One routed expert's parameters on the rank it lives on (split over MoE-TP)."""
+        c = self.cfg
+        return 3 * c.hidden_size * c.moe_intermediate_size / self.layout.moe_tp
+
+    @property
+    def vocab(self) -> float:
+        return self.cfg.vocab_size / (1 if self.layout.attention_dp else self.layout.tp)
 
 
 def _stage_comm(cfg: ModelConfig, layout: Layout, place: Placement, *, tokens: float, n_layers: int, n_moe: int,
@@ -205,45 +306,130 @@ def _stage_comm(cfg: ModelConfig, layout: Layout, place: Placement, *, tokens: f
     return comm
 
 
+def _layer(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *, moe: bool, tokens: float,
+           own: float, seqs: float, keys: float, scored: float, kv_token_bytes: float, idx_token_bytes: float,
+           prefill: bool) -> None:
+    """One decoder layer on one rank. ``tokens``: query tokens of the TP group this step (every sequence's verified
+    tokens, or prefill chunks), which meet in the MoE; ``own``: those through this rank's attention and MLPs (all
+    of them under attention-TP); ``seqs``: sequences whose KV the rank reads (decode); ``keys``/``scored``: keys
+    attended / scored by the indexer per query token."""
+    cfg = shapes.cfg
+    layout = shapes.layout
+    bw = rates.hbm
+    # R1/V3 prefill attention is a dense FMHA (runs like a GEMM); decode, and DSA in both phases, an MLA kernel.
+    attn = rates.gemm if prefill and not cfg.has_indexer else rates.attention
+    t.kernel(place.attention, rates.gemm_seconds(shapes.attention_params, own), bw=bw)
+    if prefill and not cfg.has_indexer:  # MHA over up-projected keys (absorbed MQA only in decode)
+        core_flops = 2 * own * shapes.heads * keys * (cfg.qk_head_dim + cfg.v_head_dim)
+        kv_read = 0.0
+    else:
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        core_flops = 2 * own * shapes.heads * keys * (latent + cfg.kv_lora_rank)
+        kv_read = 0.0 if prefill else seqs * keys * kv_token_bytes
+    if scored:  # the indexer: FP8 MQA logits over every scored key, then top-k selection per query
+        core_flops += 2 * own * cfg.index_n_heads * cfg.index_head_dim * scored
+        kv_read += 0.0 if prefill else seqs * scored * idx_token_bytes
+    t.kernel(kv_read, core_flops / attn, bw=bw, reads="kv")
+    if scored:
+        t.compute_ms += own * scored / TOPK_SCORES_PER_S * 1e3
+    if moe:
+        t.kernel(place.mlp, rates.gemm_seconds(shapes.shared_params(), own), bw=bw)
+        touched = expert_fraction_read(cfg, tokens)
+        # The rank's experts (an EP share, each split over MoE-TP) see the group's tokens times top-k over EP.
+        pairs = tokens * cfg.num_experts_per_tok / layout.ep
+        experts = cfg.n_routed_experts / layout.ep * touched
+        t.kernel(place.experts * touched, rates.gemm_seconds(shapes.expert_params(), pairs, experts), bw=bw)
+    else:
+        t.kernel(place.mlp, rates.gemm_seconds(shapes.dense_mlp_params(), own), bw=bw)
+    t.overhead_ms += rates.layer_s * 1e3
+
+
+def _head(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *, own: float) -> None:
+    t.kernel(place.head, rates.gemm_seconds(shapes.vocab * shapes.cfg.hidden_size, own), bw=rates.hbm)
+
+
+@dataclass
+class DecodeEstimate:
+    step_ms: float  # one step: every sequence in flight verifies its tokens and drafts the next ones
+    stages: list[StageTime]
+    microbatches: int
+    bubble: float  # share of the step a stage waits (PP with fewer micro-batches than stages)
+    comm: Comm  # summed over stages, per step
+    tokens_per_step: float = 1.0  # accepted tokens per sequence per step (MTP acceptance; 1 without drafts)
+
+    @property
+    def tpot_ms(self) -> float:
+        return self.step_ms / self.tokens_per_step
+
+    @property
+    def bound(self) -> str:
+        worst = max(self.stages, key=lambda s: s.ms)
+        parts = {"memory": worst.memory_ms, "compute": worst.compute_ms,
+                 "communication": worst.comm.ms, "kernel latency": worst.overhead_ms}
+        return max(parts, key=parts.get)
+
+
 def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement,
                 weights: list[list[RankWeights]], *, batch: int, context: float, kv_bytes_per_token_layer: int,
-                compute_dtype: str) -> DecodeEstimate:
-    gpu: GPU = cluster.gpu
+                rates: Rates, speculation: Speculation = Speculation()) -> DecodeEstimate:
+    """One decode step of a replica holding ``batch`` sequences at mean ``context`` (PP: ``pp`` micro-batches)."""
     m = max(1, min(batch, layout.pp))
     b = math.ceil(batch / m)
+    k = speculation.draft_len
+    shapes = ModelShapes(cfg, layout)
     stages = layout.stage_layers(cfg.num_hidden_layers)
-    hbm = gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency
-    peak = gpu.peak_tflops(compute_dtype) * 1e12 * gpu.compute_efficiency
-    seqs_per_rank = b / layout.tp if layout.attention_dp else b
-    kv_per_seq_layer = attended_keys(cfg, context) * (kv_bytes_per_token_layer - cfg.indexer_cache_bytes_per_token_per_layer) \
-        + context * cfg.indexer_cache_bytes_per_token_per_layer
+    seqs_rank = b / layout.tp if layout.attention_dp else b  # sequences through one rank's attention
+    idx_bytes = cfg.indexer_cache_bytes_per_token_per_layer
+    latent_bytes = kv_bytes_per_token_layer - idx_bytes
+    keys, scored = attended_keys(cfg, context), indexed_keys(cfg, context)
     out: list[StageTime] = []
     total = Comm()
-    frac = expert_fraction_read(cfg, b)
     for s, layers in enumerate(stages):
         w = max(weights[s], key=lambda r: r.total)
-        n_moe = sum(1 for i in layers if cfg.is_moe_layer(i))
-        read = w.dense + w.routed_experts * frac
-        kv = seqs_per_rank * len(layers) * kv_per_seq_layer
-        flops = sum(n * _layer_flops(cfg, layout, tokens=seqs_per_rank, context=context, moe=moe, prefill=False)
-                    for moe, n in ((False, len(layers) - n_moe), (True, n_moe)) if n)
-        if s == layout.pp - 1:
-            flops += 2 * seqs_per_rank * cfg.hidden_size * cfg.vocab_size / (1 if layout.attention_dp else layout.tp)
-        comm = _stage_comm(cfg, layout, place, tokens=b, n_layers=len(layers), n_moe=n_moe, first=s == 0,
-                           last=s == layout.pp - 1, per_token=False)
-        if s < layout.pp - 1:
-            p2p = b * cfg.hidden_size * ACT_BYTES * 2  # hidden states and residual
-            comm.pp_p2p.add(p2p, place.pp[s].seconds(p2p), place.pp[s])
-        out.append(StageTime(read / hbm * 1e3, kv / hbm * 1e3, flops / peak * 1e3, comm,
-                             len(layers) * gpu.layer_overhead_us / 1e3))
-        for name in ("tp_allreduce", "ep_dispatch_combine", "pp_p2p", "vocab"):
-            a, c = getattr(total, name), getattr(comm, name)
-            a.add(c.bytes * m, c.ms * m / 1e3, Link(c.link, 1, 0, 1))
+        t = StageTime()
+        for moe, n, placed in ((False, w.n_dense, w.dense_layer), (True, w.n_moe, w.moe_layer)):
+            one = StageTime()
+            if n:
+                _layer(one, shapes, rates, placed, moe=moe, tokens=b * (k + 1), own=seqs_rank * (k + 1),
+                       seqs=seqs_rank, keys=keys, scored=scored, kv_token_bytes=latent_bytes,
+                       idx_token_bytes=idx_bytes, prefill=False)
+            _add(t, one, n)
+        last = s == layout.pp - 1
+        if last:
+            _head(t, shapes, rates, w.last, own=seqs_rank * (k + 1))
+            if k:
+                draft = StageTime()
+                _layer(draft, shapes, rates, w.mtp_layer, moe=True, tokens=b, own=seqs_rank, seqs=seqs_rank,
+                       keys=keys, scored=scored, kv_token_bytes=latent_bytes, idx_token_bytes=idx_bytes,
+                       prefill=False)
+                draft.kernel(w.mtp_layer.mtp_eh_proj, rates.gemm_seconds(2 * cfg.hidden_size ** 2, seqs_rank),
+                             bw=rates.hbm)
+                _head(draft, shapes, rates, w.last, own=seqs_rank)
+                draft.overhead_ms += rates.draft_s * 1e3
+                draft.comm = _stage_comm(cfg, layout, place, tokens=b, n_layers=1, n_moe=1, first=False, last=True,
+                                         per_token=False)
+                _add(t, draft, k)
+                t.draft_ms = draft.ms * k
+        t.comm.accumulate(_stage_comm(cfg, layout, place, tokens=b * (k + 1), n_layers=len(layers),
+                                      n_moe=w.n_moe, first=s == 0, last=last, per_token=False))
+        if not last:
+            p2p = b * (k + 1) * cfg.hidden_size * ACT_BYTES * 2  # hidden states and residual
+            t.comm.pp_p2p.add(p2p, place.pp[s].seconds(p2p), place.pp[s])
+        out.append(t)
+        total.accumulate(t.comm, m)
     t_max = max(st.ms for st in out)
     chain = sum(st.ms for st in out) + sum(st.comm.pp_p2p.ms for st in out)
     step = max(m * t_max, chain)
     bubble = 1 - (m * sum(st.ms for st in out) / layout.pp) / step if layout.pp > 1 else 0.0
-    return DecodeEstimate(step, out, m, max(0.0, bubble), total)
+    return DecodeEstimate(step, out, m, max(0.0, bubble), total, speculation.tokens_per_step)
+
+
+def _add(total: StageTime, part: StageTime, times: float) -> None:
+    total.weights_ms += part.weights_ms * times
+    total.kv_ms += part.kv_ms * times
+    total.compute_ms += part.compute_ms * times
+    total.overhead_ms += part.overhead_ms * times
+    total.comm.accumulate(part.comm, times)
 
 
 @dataclass
@@ -255,35 +441,45 @@ class PrefillEstimate:
 
 
 def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement,
-            weights: list[list[RankWeights]], *, isl: int, compute_dtype: str) -> PrefillEstimate:
-    """Chunks of up to ``MAX_NUM_TOKENS`` tokens: each stage's chunk time is its FLOPs over peak or its weights
-    over HBM bandwidth (short prompts touch every expert but reuse each only a few times), plus collectives."""
-    gpu = cluster.gpu
-    peak = gpu.peak_tflops(compute_dtype) * 1e12 * gpu.compute_efficiency
-    hbm = gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency
+            weights: list[list[RankWeights]], *, isl: int, max_num_tokens: int, rates: Rates) -> PrefillEstimate:
+    """Prompts in chunks of up to ``max_num_tokens`` tokens. Throughput: each rank's chunks (every attention-DP
+    rank prefills its own requests) as a steady stream; TTFT: one prompt's chunks in order on an idle replica."""
+    shapes = ModelShapes(cfg, layout)
     stages = layout.stage_layers(cfg.num_hidden_layers)
-    chunks = max(1, math.ceil(isl / MAX_NUM_TOKENS))
+    chunks = max(1, math.ceil(isl / max_num_tokens))
     chunk = isl / chunks
-    chunk_s: list[float] = []
-    total = Comm()
-    # Under attention-DP each rank prefills its own requests; the group works on tp chunks at once.
-    share = layout.tp if layout.attention_dp else 1
-    frac = expert_fraction_read(cfg, chunk * share)
-    for s, layers in enumerate(stages):
-        n_moe = sum(1 for i in layers if cfg.is_moe_layer(i))
-        flops = sum(n * _layer_flops(cfg, layout, tokens=1, context=isl, moe=moe, prefill=True)
-                    for moe, n in ((False, len(layers) - n_moe), (True, n_moe)) if n)
-        comm = _stage_comm(cfg, layout, place, tokens=1, n_layers=len(layers), n_moe=n_moe, first=s == 0, last=False,
-                           per_token=True)
-        if s < layout.pp - 1:
-            p2p = cfg.hidden_size * ACT_BYTES * 2
-            comm.pp_p2p.add(p2p, place.pp[s].seconds(p2p, steps=0), place.pp[s])
-        w = max(weights[s], key=lambda r: r.total)
-        read = (w.dense + w.routed_experts * frac) / hbm
-        chunk_s.append(max(chunk * flops / peak, read) + chunk * comm.ms / 1e3 + len(layers) * gpu.layer_overhead_us / 1e6)
-        for name in ("tp_allreduce", "ep_dispatch_combine", "pp_p2p", "vocab"):
-            a, c = getattr(total, name), getattr(comm, name)
-            a.add(c.bytes, c.ms / 1e3, Link(c.link, 1, 0, 1))
-    ttft = (sum(chunk_s) + (chunks - 1) * max(chunk_s)) * 1e3
+    share = layout.tp if layout.attention_dp else 1  # chunks in flight per TP group
+
+    def chunk_times(start: float, group: float, own: float) -> list[StageTime]:
+        """Per stage, one chunk position's forward: ``group`` tokens meet in the MoE, ``own`` per rank."""
+        keys, scored = mean_prefill_keys(cfg, start, start + chunk)
+        out = []
+        for s, layers in enumerate(stages):
+            w = max(weights[s], key=lambda r: r.total)
+            t = StageTime()
+            for moe, n, placed in ((False, w.n_dense, w.dense_layer), (True, w.n_moe, w.moe_layer)):
+                one = StageTime()
+                if n:
+                    _layer(one, shapes, rates, placed, moe=moe, tokens=group, own=own, seqs=0, keys=keys,
+                           scored=scored, kv_token_bytes=0, idx_token_bytes=0, prefill=True)
+                _add(t, one, n)
+            t.comm.accumulate(_stage_comm(cfg, layout, place, tokens=group, n_layers=len(layers),
+                                          n_moe=w.n_moe, first=s == 0, last=False, per_token=True))
+            if s < layout.pp - 1:
+                p2p = own * cfg.hidden_size * ACT_BYTES * 2
+                t.comm.pp_p2p.add(p2p, place.pp[s].seconds(p2p, steps=0), place.pp[s])
+            out.append(t)
+        return out
+
+    # Throughput: every rank of the group works on its own chunks; TTFT: one prompt, alone on the replica.
+    busy = [chunk_times(i * chunk, chunk * share, chunk) for i in range(chunks)]
+    alone = busy if share == 1 else [chunk_times(i * chunk, chunk, chunk) for i in range(chunks)]
+    stage_ms = [max(st.ms for st in c) for c in busy]
+    ttft = sum(st.ms for st in alone[0]) + sum(max(st.ms for st in c) for c in alone[1:])
+    per_token = Comm()
+    for c in busy:
+        for st in c:
+            per_token.accumulate(st.comm, 1 / (isl * share))
+    tokens_per_s = isl * share / (sum(stage_ms) / 1e3)
     bubble = (layout.pp - 1) / (chunks + layout.pp - 1)
-    return PrefillEstimate(share * chunk / max(chunk_s), ttft, bubble, total)
+    return PrefillEstimate(tokens_per_s, ttft, bubble, per_token)

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from builder.atomic import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from builder.plan.search import PlanResult
+from builder.plan.explain import distinct_layouts
+from builder.plan.result import PlanResult
 
 GIB = 1 << 30
 
 
-def plot_plan(result: "PlanResult", path: str | Path, *, label_top: int = 8) -> Path:
+def plot_plan(result: PlanResult, path: str | Path, *, label_top: int = 8) -> Path:
     """Left: tok/s/user vs tok/s/GPU of every feasible layout, the Pareto front drawn, the recommendation and
     the requested layout marked. Right: memory per GPU of the top layouts, broken down."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from builder.plan.explain import distinct_layouts
 
     feasible = distinct_layouts(result)  # EP variants with identical predictions drawn once
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
@@ -42,9 +37,8 @@ def plot_plan(result: "PlanResult", path: str | Path, *, label_top: int = 8) -> 
                 best = lp.tokens_per_s_per_gpu
         ax.plot([p.tokens_per_s_per_user for p in front], [p.tokens_per_s_per_gpu for p in front], "k--", lw=1,
                 label="Pareto front")
-        for lp in feasible[:label_top] + [p for p in feasible if p.requested]:
-            ax.annotate(lp.name, (lp.tokens_per_s_per_user, lp.tokens_per_s_per_gpu), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
+        _label(ax, fig, [(lp.name, lp.tokens_per_s_per_user, lp.tokens_per_s_per_gpu)
+                         for lp in feasible[:label_top] + [p for p in feasible if p.requested]])
         rec = result.recommended
         if rec is not None:
             ax.scatter([rec.tokens_per_s_per_user], [rec.tokens_per_s_per_gpu], marker="*", s=250, c="tab:red",
@@ -58,7 +52,7 @@ def plot_plan(result: "PlanResult", path: str | Path, *, label_top: int = 8) -> 
         ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no feasible layout", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("output tokens/s per user (1 / decode step)")
+    ax.set_xlabel("output tokens/s per user (1 / TPOT)")
     ax.set_ylabel("output tokens/s per GPU")
     ax.grid(alpha=0.3)
 
@@ -81,3 +75,19 @@ def plot_plan(result: "PlanResult", path: str | Path, *, label_top: int = 8) -> 
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def _label(ax, fig, points: list[tuple[str, float, float]], *, line_pt: float = 9.0) -> None:
+    """Name points without overlapping labels: each label goes right of its point, and moves down a line at a time
+    while it would cover one already placed (compared in points, after the axes are laid out)."""
+    fig.canvas.draw()
+    scale = 72.0 / fig.dpi
+    placed: list[tuple[float, float, float]] = []  # x0, x1, y of labels drawn
+    for name, x, y in sorted(dict.fromkeys(points), key=lambda p: -p[2]):
+        px, py = (v * scale for v in ax.transData.transform((x, y)))
+        width = 4.2 * len(name)
+        dy = 3.0
+        while any(abs(py + dy - ly) < line_pt and px + 4 < lx1 and lx0 < px + 4 + width for lx0, lx1, ly in placed):
+            dy -= line_pt
+        placed.append((px + 4, px + 4 + width, py + dy))
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, dy), textcoords="offset points")

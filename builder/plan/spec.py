@@ -16,6 +16,6 @@ def plan_for_spec(spec: RunSpec, *, fixed: set[str] | None = None, requested: bo
         model=spec.model, gpu=spec.gpu, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node, network=spec.network,
         hardware_file=spec.hardware_file, quant=spec.quant, kv_cache_dtype=spec.kv_cache_dtype, isl=spec.isl,
         osl=spec.osl, concurrency=spec.concurrency, ttft_ms=spec.ttft_ms, tpot_ms=spec.tpot_ms,
-        include_mtp=not spec.skip_mtp, mtp=spec.spec == "mtp",
+        include_mtp=not spec.skip_mtp, draft_len=spec.draft_len if spec.spec == "mtp" else 0,
         **{k: getattr(spec, k) for k in LAYOUT_FIELDS if k in fixed},
         requested=spec.layout if requested else None)

@@ -34,7 +34,9 @@ class Split(str, Enum):
     MOE = "moe"  # routed expert: owned by one EP rank, split over moe_tp inside it
 
 
-class Stage(str, Enum):
+class PPStage(str, Enum):
+    """Which pipeline-parallel stage holds a tensor."""
+
     LAYER = "layer"  # the stage that holds the tensor's layer (MTP layers: the last stage)
     FIRST = "first"
     LAST = "last"
@@ -44,13 +46,13 @@ class Stage(str, Enum):
 class Rule:
     split: Split
     dim: int | None  # dimension of the (logical) weight that splits
-    stage: Stage = Stage.LAYER
+    stage: PPStage = PPStage.LAYER
 
 
 RULES: dict[Kind, Rule] = {
-    Kind.EMBED: Rule(Split.VOCAB, 0, Stage.FIRST),
-    Kind.LM_HEAD: Rule(Split.VOCAB, 0, Stage.LAST),
-    Kind.FINAL_NORM: Rule(Split.REPLICATED, None, Stage.LAST),
+    Kind.EMBED: Rule(Split.VOCAB, 0, PPStage.FIRST),
+    Kind.LM_HEAD: Rule(Split.VOCAB, 0, PPStage.LAST),
+    Kind.FINAL_NORM: Rule(Split.REPLICATED, None, PPStage.LAST),
     Kind.NORM: Rule(Split.REPLICATED, None),
     Kind.Q_A: Rule(Split.REPLICATED, None),
     Kind.KV_A: Rule(Split.REPLICATED, None),
@@ -228,12 +230,8 @@ def plan_ranks(cfg: ModelConfig, layout: Layout, specs: list[TensorSpec], *,
 
 
 def _on_stage(spec: TensorSpec, rule: Rule, pp_rank: int, pp: int, layers: set[int]) -> bool:
-    if rule.stage is Stage.FIRST:
+    if rule.stage is PPStage.FIRST:
         return pp_rank == 0
-    if rule.stage is Stage.LAST:
+    if rule.stage is PPStage.LAST:
         return pp_rank == pp - 1
     return spec.layer in layers
-
-
-def bytes_per_rank(cfg: ModelConfig, layout: Layout, specs: list[TensorSpec], **kw) -> list[int]:
-    return [p.nbytes for p in plan_ranks(cfg, layout, specs, **kw)]

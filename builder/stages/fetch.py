@@ -18,15 +18,16 @@ from typing import Any, Callable
 from builder import hub
 from builder.atomic import atomic_write_json, link_or_copy
 from builder.errors import CheckpointError
-from builder.rundir import WEIGHTS
 from builder.model.catalog import catalog_by_name, is_mtp_tensor, policy_dtypes_found
 from builder.model.config import ModelConfig
 from builder.model.conformance import Conformance, compare
+from builder.model.generated import ensure_tiny, tiny_cache_key
 from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
-from builder.paths import safe_relpath
 from builder.model.selection import path_selected, select_shards
 from builder.model.source import resolve_model
+from builder.paths import safe_relpath
 from builder.pipeline import Stage, StageContext
+from builder.rundir import WEIGHTS
 from builder.specs import RunSpec
 
 VERSION = "2"
@@ -54,7 +55,6 @@ def hub_repo_of(spec: RunSpec) -> hub.HubRepo:
 def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
     src = resolve_model(spec.model)
     if src.kind == "generated":
-        from builder.model.tiny import tiny_cache_key
 
         return {"source": "generated", "tiny_key": tiny_cache_key(seed=spec.seed, preset_name=src.ref)}
     if src.kind == "local":
@@ -267,7 +267,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.known_digests.update(got["digests"])
         return got["info"]
     if src.kind == "generated":
-        from builder.model.tiny import ensure_tiny
 
         root = ensure_tiny(spec.cache_root / "models", seed=spec.seed, preset_name=src.ref)
     else:

@@ -13,10 +13,16 @@ from typing import Any
 
 import yaml
 
+import builder
+from builder.check import check_run, require_conformance
 from builder.errors import PackageError
 from builder.pipeline import Stage, StageContext
 from builder.rundir import LLM_API_FILE, PACKAGE, QUANTIZED, RunDir
 from builder.specs import RunSpec
+from builder.trtllm import PINNED_VERSION
+from triton_repo.package import PackageInputs, relative_engine_dir, write_package
+from triton_repo.render import template_dir
+from triton_repo.versions import pin
 
 VERSION = "1"
 
@@ -38,14 +44,9 @@ def llm_api_config(engines: Path) -> dict[str, Any]:
 
 
 def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
-    from builder.trtllm import PINNED_VERSION
-    from triton_repo.package import PackageInputs, relative_engine_dir
-    from triton_repo.versions import pin
-
     model_path = spec.model_path or QUANTIZED  # relative to the deploy directory (model.py resolves it)
     llm_api = llm_api_config(engines)
     max_seq_len = _max_positions(engines)
-    import builder
 
     return PackageInputs(
         flavour=flavour_of(spec), pin=pin(PINNED_VERSION), run_name=run_dir.name, layout=spec.layout,
@@ -56,7 +57,7 @@ def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
         engine_max_batch_size=min(spec.concurrency, 64), max_seq_len=max_seq_len, image=spec.image,
         speculative_mode=spec.spec, draft_len=spec.draft_len if spec.spec != "none" else 0,
         slurm_partition=spec.slurm_partition, slurm_account=spec.slurm_account, slurm_time=spec.slurm_time,
-        k8s_pvc=spec.k8s_pvc, k8s_namespace=spec.k8s_namespace,
+        k8s_pvc=spec.k8s_pvc, k8s_namespace=spec.k8s_namespace, openai_port=spec.openai_port,
     )
 
 
@@ -69,9 +70,6 @@ def _max_positions(engines: Path) -> int:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from builder.check import check_run, require_conformance
-    from triton_repo.package import write_package
-
     p = package_inputs(ctx.spec, ctx.run_dir, ctx.inputs["build"])
     info = write_package(p, ctx.out)
     # The whole deployment against the plan and TensorRT-LLM's contract before it is published (dsbuild check).
@@ -85,11 +83,7 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
     """The templates' content (an edited template re-renders) and, for the CPU flavour, where dsbuild lives."""
     import hashlib
 
-    import builder
-    from triton_repo.render import template_dir
-
     h = hashlib.sha256()
-    from builder.trtllm import PINNED_VERSION
 
     root = template_dir(PINNED_VERSION)
     for p in sorted(root.rglob("*")):
@@ -99,8 +93,6 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(spec: RunSpec, extra: dict[str, Any]) -> str:
-    from builder.trtllm import PINNED_VERSION
-
     return f"render the {flavour_of(spec)} Triton repository (TensorRT-LLM {PINNED_VERSION}) and launch files"
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+from builder.errors import SpecError
+from builder.model.tokenizer import corpus_sha256
 from builder.pipeline import Stage, StageContext
 from builder.rundir import QUANTIZED
+from quantize.modes import QuantJob, quantize
 
 VERSION = "2"
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from quantize.modes import QuantJob, quantize
-
     spec = ctx.spec
     return quantize(QuantJob(src=ctx.inputs["fetch"], out=ctx.out, mode=spec.quant, kv_cache_dtype=spec.kv_cache_dtype,
                              gpu=spec.gpu, calib_size=spec.calib_size, calib_seq_len=spec.calib_seq_len,
@@ -22,10 +24,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 def key_inputs(spec, upstream: dict[str, Any]) -> dict[str, Any]:
     """Every mode's report, and the calibrating modes' output, depend on the calibration corpus's text; w4afp8 with
     --act-scales on that file's bytes (the path alone would not notice a new file at the same place)."""
-    import hashlib
-
-    from builder.errors import SpecError
-    from builder.model.tokenizer import corpus_sha256
 
     out = {"corpus": corpus_sha256()}
     if spec.act_scales is not None:

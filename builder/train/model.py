@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from builder.model.config import ModelConfig
+from builder.model.functional import RopeTable, noaux_tc_route, rms_norm, rotate_half_split, rotate_interleaved
 
 
 class RMSNorm(nn.Module):
@@ -27,35 +28,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def linear(n_in: int, n_out: int) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=False)
-
-
-def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, dim/2] for pair frequencies ``theta ** (-2i/dim)`` (transformers' default RoPE)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    return freqs.cos(), freqs.sin()
-
-
-def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """MLA's RoPE: pairs (x0,x1),(x2,x3)... rotated; output laid out de-interleaved, as transformers does (q and k
-    get the same permutation, so their dot products are those of the interleaved rotation)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The indexer's RoPE: the first half of the rotated dims pairs with the second half."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class Indexer(nn.Module):
@@ -73,9 +50,9 @@ class Indexer(nn.Module):
         b, s, _ = x.shape
         r = self.rope_dim
         q = self.wq_b(q_resid).view(b, s, self.n_heads, self.head_dim)
-        q = torch.cat([rope_half(q[..., :r], cos[:, None], sin[:, None]), q[..., r:]], dim=-1)
+        q = torch.cat([rotate_half_split(q[..., :r], cos[:, None], sin[:, None]), q[..., r:]], dim=-1)
         k = self.k_norm(self.wk(x))
-        k = torch.cat([rope_half(k[..., :r], cos, sin), k[..., r:]], dim=-1)
+        k = torch.cat([rotate_half_split(k[..., :r], cos, sin), k[..., r:]], dim=-1)
         per_head = F.relu(torch.einsum("bshd,btd->bhst", q.float(), k.float()) * self.head_dim ** -0.5)
         w = self.weights_proj(x.float()).float() * self.n_heads ** -0.5
         return torch.einsum("bsh,bhst->bst", w, per_head)
@@ -106,8 +83,8 @@ class Attention(nn.Module):
         ckv = self.kv_a_proj_with_mqa(x)
         kv = self.kv_b_proj(self.kv_a_layernorm(ckv[..., : c.kv_lora_rank])).view(b, t, nh, nope + c.v_head_dim)
         kv = kv.transpose(1, 2)
-        k_rot = rope_interleaved(ckv[..., c.kv_lora_rank:], cos, sin)[:, None].expand(b, nh, t, rope)
-        q = torch.cat([q[..., :nope], rope_interleaved(q[..., nope:], cos, sin)], dim=-1)
+        k_rot = rotate_interleaved(ckv[..., c.kv_lora_rank:], cos, sin)[:, None].expand(b, nh, t, rope)
+        q = torch.cat([q[..., :nope], rotate_interleaved(q[..., nope:], cos, sin)], dim=-1)
         k = torch.cat([kv[..., :nope], k_rot], dim=-1)
         v = kv[..., nope:]
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scaling  # [B, H, S, T]
@@ -153,19 +130,8 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores.detach() + self.e_score_correction_bias
-        per_group = c.n_routed_experts // c.n_group
-        group_scores = choice.view(-1, c.n_group, per_group).topk(2, dim=-1).values.sum(-1)
-        groups = group_scores.topk(c.topk_group, dim=-1, sorted=False).indices
-        group_mask = torch.zeros_like(group_scores).scatter(1, groups, 1.0).bool()
-        expert_mask = group_mask[:, :, None].expand(-1, -1, per_group).reshape(-1, c.n_routed_experts)
-        idx = choice.masked_fill(~expert_mask, float("-inf")).topk(c.num_experts_per_tok, dim=-1, sorted=False).indices
-        w = scores.gather(1, idx)
-        if c.norm_topk_prob:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, w * c.routed_scaling_factor
+        return noaux_tc_route(self.cfg, scores, self.e_score_correction_bias)
 
 
 class MoE(nn.Module):
@@ -249,7 +215,7 @@ class TinyDeepseekV32(nn.Module):
         self.cfg = cfg
         self.model = Body(cfg)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size)
-        self.rope_theta = float(cfg.raw.get("rope_theta", 10000))
+        self.rope = RopeTable.from_config(cfg)
         if cfg.raw.get("rope_scaling"):
             raise ValueError("the trainer implements plain RoPE only (the tiny presets have no rope_scaling)")
 
@@ -260,7 +226,7 @@ class TinyDeepseekV32(nn.Module):
                 mtp: bool = True) -> ForwardOut:
         c = self.cfg
         t = ids.shape[1]
-        cos, sin = rope_tables(torch.arange(t), c.qk_rope_head_dim, self.rope_theta)
+        cos, sin = self.rope.cos_sin(torch.arange(t), torch.float32)
         x = self.model.embed_tokens(ids)
         idx_losses = []
         main = self.model.layers[: c.num_hidden_layers]

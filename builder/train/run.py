@@ -17,8 +17,11 @@ import torch
 
 from builder.atomic import atomic_write_json
 from builder.model import trained as builtin
+from builder.model.hf_compat import iter_dequantized
+from builder.model.tiny import make_tiny, tiny_config
 from builder.model.tokenizer import corpus_sha256, train_tokenizer
 from builder.train.data import TokenData
+from builder.train.model import TinyDeepseekV32, load_weights
 from builder.train.trainer import RECIPES, SMALL_EVAL_SEQUENCES, TrainConfig, evaluate, train, with_steps
 
 
@@ -78,9 +81,6 @@ def _train_all(configs: list[TrainConfig], tokenizer, jobs: int) -> dict[str, tu
 
 def checkpoint_eval(ckpt: Path, preset: str, data: TokenData, cfg: TrainConfig, max_sequences: int) -> dict:
     """Held-out figures of an exported checkpoint (its FP8/BF16 values dequantized), by the training model."""
-    from builder.model.hf_compat import iter_dequantized
-    from builder.model.tiny import tiny_config
-    from builder.train.model import TinyDeepseekV32, load_weights
 
     model = TinyDeepseekV32(tiny_config(preset))
     load_weights(model, dict(iter_dequantized(ckpt)))
@@ -105,7 +105,6 @@ def export_and_report(results: dict[str, tuple[dict, dict]], configs: list[Train
                       write_builtin: bool, started: float | None = None) -> dict[str, dict]:
     """Export and evaluate every model, then write the reports (each with the whole command's wall time so far,
     ``total_wall_s``: tokenizer, training of all models, evaluation and export) and optionally the built-in copy."""
-    from builder.model.tiny import make_tiny
 
     data = TokenData.from_tokenizer(tokenizer)
     out.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,17 @@ def is_blackwell(gpu: str | None) -> bool:
     return bool(gpu) and gpu.lower().startswith(BLACKWELL)
 
 
+def max_num_tokens_for(*, isl: int, max_batch_size: int, draft_len: int, max_seq_len: int | None = None,
+                       chunked_prefill: bool = True) -> int:
+    """Room for one mean prompt plus a decode step of the whole batch (each with its draft tokens), in 64s; without
+    chunked prefill at least ``max_seq_len``: TensorRT-LLM refuses every prompt longer than max_num_tokens then
+    (docs/tensorrt-llm-contract.md#C-LLM-1)."""
+    step = isl + max_batch_size * (1 + draft_len)
+    if not chunked_prefill and max_seq_len is not None:
+        step = max(step, max_seq_len)
+    return 64 * math.ceil(step / 64)
+
+
 def moe_backend(*, gpu: str | None, quant: str, layout: Layout) -> str:
     """The MoE backend for the build (C-MOE-4's support matrix; CUTLASS, the 1.2.1 default, when no GPU is named)."""
     if is_blackwell(gpu) and layout.ep > 8:
@@ -141,8 +152,8 @@ def render(spec, cfg: ModelConfig) -> LlmApiConfig:
     if spec.isl + spec.osl + draft > cfg.max_position_embeddings:
         warnings.append(f"isl + osl = {spec.isl + spec.osl} exceeds the model's {cfg.max_position_embeddings} "
                         "positions; max_seq_len is capped there")
-    step = spec.isl + max_batch * (1 + draft)  # one mean prompt next to a decode step of the whole batch
-    max_tokens = 64 * math.ceil((step if spec.chunked_prefill else max(step, max_seq)) / 64)
+    max_tokens = max_num_tokens_for(isl=spec.isl, max_batch_size=max_batch, draft_len=draft, max_seq_len=max_seq,
+                                    chunked_prefill=bool(spec.chunked_prefill))
     backend = moe_backend(gpu=spec.gpu, quant=spec.quant, layout=layout)
     options: dict[str, Any] = {
         "tensor_parallel_size": layout.tp,

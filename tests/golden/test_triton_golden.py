@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
+from builder.check import check_run
 from builder.layout import Layout
 from tests.support.triton import check_repository_layout, fixed_inputs
 from triton_repo import interface
@@ -26,6 +28,7 @@ CASES = {
     # The planner's recommendation on 2 x 8 H200: two replicas of TP8 (each inside one node's NVLink).
     "gpu-tp8ep8-2nodes-x2": ("gpu", dict(nodes=2, layout=Layout(tp=8, pp=1, ep=8, attention_dp=True),
                                          run_name="deepseek-v3.2-fp8-tp8pp1ep8adp")),
+    "gpu-tp8ep8-openai": ("gpu", dict(openai_port=9000)),
     "cpu-tp2pp1": ("cpu", dict(layout=Layout(tp=2, pp=1), run_name="tiny-fp8-tp2pp1ep1", max_seq_len=512,
                                engine_dir_rel="../../../engines")),
 }
@@ -93,10 +96,6 @@ def test_gpu_model_py_passes_streaming_by_keyword():
 def test_golden_gpu_package_agrees_with_itself(tmp_path, case):
     """Issue 17 item 14: model.yaml's TP x PP is the world every launch file starts per replica (dsbuild check on the
     golden package), and a golden package that said otherwise would be caught."""
-    import yaml
-
-    from builder.check import check_run
-
     run = tmp_path / "run"
     shutil.copytree(GOLDEN / "trtllm-1.2.1" / case, run / "package")
     model_yaml = yaml.safe_load((run / "package/triton_repo/tensorrt_llm/1/model.yaml").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.sampling_params import SamplingParams
 from tests.hardening import record
 
 pytestmark = [pytest.mark.slow, pytest.mark.server, pytest.mark.xdist_group("triton-cpu")]
@@ -78,7 +79,7 @@ def test_32_streams_and_malformed_requests_for_a_fixed_time(cpu_run, expected, t
                 i += STREAMS
                 t0 = time.perf_counter()
                 try:
-                    res = generate(served.grpc, GenerateOptions(prompt=prompt, max_tokens=MAX_TOKENS, stream=True),
+                    res = generate(served.grpc, GenerateOptions(prompt=prompt, stream=True, sampling=SamplingParams(max_tokens=MAX_TOKENS)),
                                    protocol="grpc", timeout=300)
                 except Exception as exc:  # counted and reported below
                     with lock:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from builder.sampling_params import SamplingParams
 from tests.conftest import REPO
 from tests.support.engines import build_bundle
 
@@ -33,8 +34,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_close_stops_every_worker_and_refuses_later_requests(bundle_tp2):
-    from builder.errors import ServeError
     from builder.engine.service import EngineService, GenerationRequest
+    from builder.errors import ServeError
 
     svc = EngineService(bundle_tp2, threads_per_rank=1)
     stats = svc.rank_stats()
@@ -50,8 +51,8 @@ def test_close_stops_every_worker_and_refuses_later_requests(bundle_tp2):
 def test_a_worker_killed_mid_request_is_named_and_later_calls_fail_at_once(bundle_tp2):
     import threading
 
-    from builder.errors import ServeError
     from builder.engine.service import EngineService, GenerationRequest
+    from builder.errors import ServeError
 
     svc = EngineService(bundle_tp2, threads_per_rank=1)
     worker = svc._procs[0]
@@ -67,11 +68,11 @@ def test_a_worker_killed_mid_request_is_named_and_later_calls_fail_at_once(bundl
     threading.Thread(target=kill_when_decoding, daemon=True).start()
     t0 = time.monotonic()
     with pytest.raises(ServeError, match=r"engine rank 1 exited with code -9 during a request.*start a new one"):
-        svc.generate([GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=400)], on_token=first_token)
+        svc.generate([GenerationRequest(prompt_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=400))], on_token=first_token)
     assert time.monotonic() - t0 < 30
     t0 = time.monotonic()
     with pytest.raises(ServeError, match="engine rank 1 exited"):
-        svc.generate([GenerationRequest(prompt_ids=[5, 6], max_tokens=2)])
+        svc.generate([GenerationRequest(prompt_ids=[5, 6], sampling=SamplingParams(max_tokens=2))])
     assert time.monotonic() - t0 < 1
     svc.close()
     with pytest.raises(ServeError, match="closed"):
@@ -106,8 +107,8 @@ def test_workers_die_with_a_killed_host_process(bundle_tp2):
 def test_a_rank_that_cannot_load_is_named_and_nothing_is_left_running(bundle_tp2, tmp_path):
     import shutil
 
-    from builder.errors import ServeError
     from builder.engine.service import EngineService
+    from builder.errors import ServeError
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle_tp2, broken)
@@ -120,8 +121,8 @@ def test_a_rank_that_cannot_load_is_named_and_nothing_is_left_running(bundle_tp2
 
 
 def test_a_missing_python_for_workers_is_a_clear_error(bundle_tp2):
-    from builder.errors import ServeError
     from builder.engine.service import EngineService
+    from builder.errors import ServeError
 
     with pytest.raises(ServeError, match="python executable '/nonexistent/python3' does not exist"):
         EngineService(bundle_tp2, python_executable="/nonexistent/python3")

@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 import torch
 
-from builder.engine.service import EngineService, GenerationRequest
+from builder.engine.service import EngineService, GenerationRequest, SpeculativeOptions
+from builder.sampling_params import SamplingParams
 from tests.support.engines import build_bundle
 
 # The last two repeat words that their continuations would use, so counting the prompt matters (asserted below).
@@ -65,7 +66,7 @@ def oracle(tiny_float_dir, prompts):
 
 
 def _requests(prompts, penalties):
-    return [GenerationRequest(prompt_ids=p, max_tokens=GEN, presence_penalty=pres, frequency_penalty=freq)
+    return [GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN, presence_penalty=pres, frequency_penalty=freq))
             for p, (pres, freq) in zip(prompts, penalties)]
 
 
@@ -89,17 +90,18 @@ def test_penalized_greedy_batch_equals_the_transformers_loop(bundles, prompts, o
 def test_penalized_greedy_speculative_equals_the_transformers_loop(bundles, prompts, oracle, cache_dir, tmp_path):
     """The trained MTP module and the trained tiny draft model, drafts penalized like the target's positions:
     greedy speculative output is the oracle's penalized greedy output, with drafts partly accepted."""
-    from builder.model.tiny import ensure_tiny
+    from builder.model.generated import ensure_tiny
 
     draft = build_bundle(ensure_tiny(cache_dir / "models", preset_name="tiny-draft"), tmp_path / "draft", tp=1,
                          pp=1, ep=1)
     _, penalized = oracle
     with EngineService(bundles[1, 1], threads_per_rank=1) as svc:
-        for spec in ({"mode": "mtp", "draft_len": 3}, {"mode": "draft", "draft_len": 3, "draft_engine": str(draft)}):
+        for spec in (SpeculativeOptions(mode="mtp", draft_len=3),
+                     SpeculativeOptions(mode="draft", draft_len=3, draft_engine=str(draft))):
             got = svc.generate(_requests(prompts, PENALTIES), speculative=spec)
-            assert [r.token_ids for r in got] == penalized, spec["mode"]
+            assert [r.token_ids for r in got] == penalized, spec.mode
             accepted = sum(r.total_accepted_draft_tokens for r in got)
-            assert 0 < accepted < sum(r.total_draft_tokens for r in got), spec["mode"]
+            assert 0 < accepted < sum(r.total_draft_tokens for r in got), spec.mode
 
 
 def test_generate_cli_frequency_penalty_changes_a_looping_continuation(bundles, dsbuild, oracle):

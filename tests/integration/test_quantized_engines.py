@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from builder.sampling_params import SamplingParams
 from tests.support.engines import GEN_TOKENS, REL_TOL, build_bundle, fixed_prompts, hf_reference, max_rel_err
 
 MODES = ["w4afp8", "int4-awq", "fp8-tensor", "nvfp4"]
@@ -39,7 +40,7 @@ def check(quantized, mode: str, bundle, tmp_layout: str) -> None:
     prompts = fixed_prompts()
     with EngineService(bundle, threads_per_rank=1) as svc:
         logits = svc.prompt_logits(prompts)
-        res = svc.generate([GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts])
+        res = svc.generate([GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN_TOKENS)) for p in prompts])
     err = max_rel_err(logits, ref_logits)
     assert err < REL_TOL, f"{mode} {tmp_layout}: max relative logit error {err:.2e}"
     assert [r.token_ids for r in res] == ref_greedy, f"{mode} {tmp_layout}"

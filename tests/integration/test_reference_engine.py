@@ -8,8 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.engines import (GEN_TOKENS, REL_TOL, build_bundle, fixed_prompts, hf_reference, max_rel_err,
-                                   run_torchrun)
+from builder.sampling_params import SamplingParams
+from tests.support.engines import (
+    GEN_TOKENS,
+    REL_TOL,
+    build_bundle,
+    fixed_prompts,
+    hf_reference,
+    max_rel_err,
+    run_torchrun,
+)
 
 ALL_LAYOUTS = [(tp, pp, ep) for tp in (1, 2, 4, 8) for pp in (1, 2) for ep in (1, 2, 4) if ep <= tp]
 # Unmarked: TP1 in-process, TP2/PP2/EP2 here (and with attention-DP), TP2/PP2 as two nodes, TP2/EP2 through
@@ -57,7 +65,7 @@ def test_single_process_engine_matches_transformers(bundles, prompts, reference)
 
     with EngineService(bundles(1, 1, 1)) as svc:
         logits = svc.prompt_logits(prompts)
-        res = svc.generate([GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts])
+        res = svc.generate([GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN_TOKENS)) for p in prompts])
     check_against_reference({"generate": [{"token_ids": r.token_ids, "finish_reason": r.finish_reason}
                                           for r in res]}, logits, reference)
 
@@ -108,8 +116,7 @@ def test_service_multi_rank_generates_with_streaming_and_stops(bundles, prompts,
     stop = ref_greedy[1][3]
     seen: dict[int, list[int]] = {}
     with EngineService(bundles(2, 1, 2), threads_per_rank=1) as svc:
-        res = svc.generate([GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS,
-                                              stop_token_ids=[stop] if i == 1 else [])
+        res = svc.generate([GenerationRequest(prompt_ids=p, stop_token_ids=[stop] if i == 1 else [], sampling=SamplingParams(max_tokens=GEN_TOKENS))
                             for i, p in enumerate(prompts)],
                            on_token=lambda i, t: seen.setdefault(i, []).append(t))
         tok = svc.tokenizer()
@@ -128,10 +135,10 @@ def test_pp_micro_batches_give_the_same_tokens_as_one_batch(bundles, prompts, re
     _, ref_greedy = reference
     streamed: dict[int, list[int]] = {}
     with EngineService(bundles(1, 2, 1), threads_per_rank=1) as svc:
-        greedy = [GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts]
+        greedy = [GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN_TOKENS)) for p in prompts]
         piped = svc.generate(greedy, on_token=lambda b, t: streamed.setdefault(b, []).append(t))
         whole = svc.generate(greedy, micro_batches=False)
-        sampled = [GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS, temperature=0.9, seed=7 + i)
+        sampled = [GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN_TOKENS, temperature=0.9, seed=7 + i))
                    for i, p in enumerate(prompts + prompts[:1])]
         piped_s, whole_s = svc.generate(sampled), svc.generate(sampled, micro_batches=False)
     assert [r.token_ids for r in piped] == [r.token_ids for r in whole] == ref_greedy
@@ -143,11 +150,10 @@ def test_pp_micro_batches_give_the_same_tokens_as_one_batch(bundles, prompts, re
 def test_gcd_rule_mlp_split_over_fewer_ranks_than_tp(tmp_path_factory, tmp_path):
     """A dense MLP of 256 (two 128-blocks) at TP4 is split over gcd(2, 4) = 2 ranks and replicated on the other
     two; the engine must count each slice once."""
-    from builder.model.hf_compat import write_dequantized_checkpoint
-    from builder.model.tiny import make_tiny
-    from builder.shard.rules import mlp_tp
     from builder.layout import Layout
-    from builder.model.tiny import tiny_config
+    from builder.model.hf_compat import write_dequantized_checkpoint
+    from builder.model.tiny import make_tiny, tiny_config
+    from builder.shard.rules import mlp_tp
 
     cfg = tiny_config(overrides={"intermediate_size": 256})
     assert mlp_tp(cfg.intermediate_size, Layout(4, 1, 1)) == 2
@@ -161,9 +167,9 @@ def test_gcd_rule_mlp_split_over_fewer_ranks_than_tp(tmp_path_factory, tmp_path)
 
 def test_yarn_rope_matches_transformers(tmp_path_factory, tmp_path):
     """The real model's YaRN rope scaling (factor, original length, mscale) on a tiny model."""
+    from builder.engine.service import EngineService, GenerationRequest
     from builder.model.hf_compat import write_dequantized_checkpoint
     from builder.model.tiny import make_tiny
-    from builder.engine.service import EngineService, GenerationRequest
 
     yarn = {"rope_scaling": {"type": "yarn", "factor": 8, "original_max_position_embeddings": 64, "beta_fast": 32,
                              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
@@ -172,8 +178,8 @@ def test_yarn_rope_matches_transformers(tmp_path_factory, tmp_path):
     ref_logits, ref_greedy = hf_reference(write_dequantized_checkpoint(ckpt, tmp_path / "fp32"), prompts)
     with EngineService(build_bundle(ckpt, tmp_path / "tp1", tp=1, pp=1, ep=1)) as svc:
         logits = svc.prompt_logits(prompts)
-        res = svc.generate([GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts])
-    from builder.engine.rope import RopeTable
+        res = svc.generate([GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN_TOKENS)) for p in prompts])
+    from builder.model.functional import RopeTable
 
     table = RopeTable.from_config(svc.bundle.cfg)
     assert table.softmax_scale != svc.bundle.cfg.qk_head_dim ** -0.5  # mscale really applied
@@ -191,7 +197,7 @@ def test_fused_and_unfused_bundles_agree(bundles, prompts):
         with EngineService(bundles(1, 1, 1, fusion=fusion, tag=tag)) as svc:
             assert svc.engine.model.attn[0].fused_a == (tag == "fused")
             assert svc.engine.model.mlp[1].stacked == (tag == "fused")
-            reqs = [GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts]
+            reqs = [GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN_TOKENS)) for p in prompts]
             outs[tag] = (svc.prompt_logits(prompts), [r.token_ids for r in svc.generate(reqs)])
     assert max_rel_err(outs["fused"][0], outs["unfused"][0]) < 1e-5
     assert outs["fused"][1] == outs["unfused"][1]
@@ -214,7 +220,7 @@ def test_packed_and_plain_gemm_weights_agree(bundles, prompts, monkeypatch):
             big = [n for n in gemm_weights if model.w.t[n].numel() >= PACKED_MIN_ELEMENTS]
             assert big and all(model.w.t[n].is_mkldnn == (packed == "1" and n in big) for n in gemm_weights)
             assert bool(model.mlp[1].expert_gemms) == (packed == "1")
-            reqs = [GenerationRequest(prompt_ids=p, max_tokens=GEN_TOKENS) for p in prompts]
+            reqs = [GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=GEN_TOKENS)) for p in prompts]
             outs[packed] = (svc.prompt_logits(prompts), [r.token_ids for r in svc.generate(reqs)])
     assert max_rel_err(outs["1"][0], outs["0"][0]) < 1e-5
     assert outs["1"][1] == outs["0"][1]
@@ -250,8 +256,7 @@ def test_all_experts_at_once_equals_each_expert_on_its_rows(bundles, layout, mon
 def test_seeded_sampling_repeats_and_bf16_stays_close(bundles, prompts):
     from builder.engine.service import EngineService, GenerationRequest
 
-    reqs = lambda seed: [GenerationRequest(prompt_ids=p, max_tokens=8, temperature=1.2, top_k=40, top_p=0.9,
-                                           seed=seed) for p in prompts]
+    reqs = lambda seed: [GenerationRequest(prompt_ids=p, sampling=SamplingParams(max_tokens=8, temperature=1.2, top_k=40, top_p=0.9, seed=seed)) for p in prompts]
     with EngineService(bundles(1, 1, 1)) as svc:
         a, b, c = ([r.token_ids for r in svc.generate(reqs(s))] for s in (5, 5, 6))
         fp32 = svc.prompt_logits(prompts)

@@ -11,11 +11,15 @@ import pytest
 import torch
 from scipy import stats
 
-from builder.errors import CheckpointError, RequestError
 from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import make_comm
-from builder.engine.generate import Engine, GenerationRequest, probabilities
+from builder.engine.driver import decode
+from builder.engine.generate import Engine
+from builder.engine.sampling import GenerationRequest, probabilities
 from builder.engine.service import EngineService
+from builder.engine.speculative import SpeculativeOptions
+from builder.errors import CheckpointError, RequestError
+from builder.sampling_params import SamplingParams
 from tests.support.engines import build_bundle, fixed_prompts
 from tests.support.speculative import noisy_copy, planted_target
 
@@ -50,13 +54,13 @@ def engine(bundles):
     return Engine(b, make_comm(b.layout, rank=0))
 
 
-def _spec(mode: str, n: int, bundles) -> dict:
-    return {"mode": mode, "draft_len": n, "draft_engine": str(bundles.draft) if mode == "draft" else None}
+def _spec(mode: str, n: int, bundles) -> SpeculativeOptions:
+    return SpeculativeOptions(mode=mode, draft_len=n, draft_engine=str(bundles.draft) if mode == "draft" else None)
 
 
 def _requests(batch: int, **kw) -> list[GenerationRequest]:
     prompts = fixed_prompts(lengths=(24, 5, 13, 9)[:batch])
-    return [GenerationRequest(prompt_ids=p, max_tokens=GEN, **kw) for p in prompts]
+    return [GenerationRequest(p, SamplingParams(max_tokens=GEN), **kw) for p in prompts]
 
 
 def _check_equal_and_exercised(plain, spec, n: int) -> None:
@@ -78,7 +82,7 @@ def _check_equal_and_exercised(plain, spec, n: int) -> None:
 def test_greedy_speculative_equals_plain_greedy(engine, bundles, mode, n):
     reqs = _requests(3)
     plain = engine.generate(reqs)
-    _check_equal_and_exercised(plain, engine.generate(reqs, speculative=_spec(mode, n, bundles)), n)
+    _check_equal_and_exercised(plain, decode(engine, reqs, speculative=_spec(mode, n, bundles)), n)
 
 
 @pytest.mark.parametrize("mode", ["mtp", "draft"])
@@ -88,12 +92,12 @@ def test_penalized_greedy_speculative_equals_penalized_plain_greedy(engine, bund
     a token by itself, so the penalties are mostly negative (they pull tokens back; the last one pushes a token
     away again from its third occurrence on)."""
     penalties = [(0.0, -1.5), (-3.0, 0.0), (-2.0, 1.0)]
-    reqs = [GenerationRequest(prompt_ids=r.prompt_ids, max_tokens=GEN, presence_penalty=pres, frequency_penalty=freq)
+    reqs = [GenerationRequest(r.prompt_ids, SamplingParams(max_tokens=GEN, presence_penalty=pres, frequency_penalty=freq))
             for r, (pres, freq) in zip(_requests(3), penalties)]
     plain = engine.generate(reqs)
     unpenalized = engine.generate(_requests(3))
     assert all(a.token_ids != b.token_ids for a, b in zip(plain, unpenalized)), "the penalties must matter here"
-    _check_equal_and_exercised(plain, engine.generate(reqs, speculative=_spec(mode, 3, bundles)), 3)
+    _check_equal_and_exercised(plain, decode(engine, reqs, speculative=_spec(mode, 3, bundles)), 3)
 
 
 @pytest.mark.parametrize("mode", ["mtp", "draft"])
@@ -103,7 +107,7 @@ def test_stop_tokens_end_speculative_output_where_plain_decoding_ends(engine, bu
     stop = plain[0].token_ids[6]  # a token the first request emits mid-way
     reqs = _requests(2, stop_token_ids=[stop])
     plain = engine.generate(reqs)
-    spec = engine.generate(reqs, speculative=_spec(mode, 3, bundles))
+    spec = decode(engine, reqs, speculative=_spec(mode, 3, bundles))
     assert plain[0].finish_reason == "stop"
     assert [(r.token_ids, r.finish_reason) for r in spec] == [(r.token_ids, r.finish_reason) for r in plain]
 
@@ -154,11 +158,11 @@ def test_sampled_tokens_follow_the_target_distribution(engine, bundles, mode, pe
     the first token)."""
     prompt = fixed_prompts(lengths=(11,), seed=5)[0]
     kw = dict(temperature=1.0, top_k=3, presence_penalty=penalties[0], frequency_penalty=penalties[1])
-    reqs = [GenerationRequest(prompt_ids=prompt, max_tokens=2, seed=s, **kw) for s in range(600)]
-    res = engine.generate(reqs, speculative=_spec(mode, 2, bundles))
+    reqs = [GenerationRequest(prompt, SamplingParams(max_tokens=2, seed=s, **kw)) for s in range(600)]
+    res = decode(engine, reqs, speculative=_spec(mode, 2, bundles))
     accepted = sum(r.total_accepted_draft_tokens for r in res)
     assert 0 < accepted < sum(r.total_draft_tokens for r in res)
-    ref = GenerationRequest(prompt_ids=prompt, **kw)
+    ref = SamplingParams(**kw)
     p1 = probabilities(engine.prompt_logits([prompt])[0][-1], ref, prompt)
     firsts = torch.nonzero(p1).flatten().tolist()
     rows = engine.prompt_logits([prompt + [t] for t in firsts])
@@ -177,27 +181,27 @@ def test_sampled_tokens_follow_the_target_distribution(engine, bundles, mode, pe
 
 def test_mtp_on_a_bundle_without_the_module_is_a_clear_error(bundles, engine):
     reqs = _requests(1)
-    from builder.engine.generate import Driver
+    from builder.engine.driver import Driver
 
     with pytest.raises(CheckpointError, match="no MTP module"):
         Driver(Engine(EngineBundle.open(bundles.draft),
                       make_comm(EngineBundle.open(bundles.draft).layout, rank=0))).generate(
-            reqs, speculative={"mode": "mtp", "draft_len": 2})
+            reqs, speculative=SpeculativeOptions(mode="mtp", draft_len=2))
     with pytest.raises(RequestError, match="draft length 0"):
-        Driver(engine).generate(reqs, speculative={"mode": "mtp", "draft_len": 0})
+        Driver(engine).generate(reqs, speculative=SpeculativeOptions(mode="mtp", draft_len=0))
     with pytest.raises(RequestError, match="needs a draft model"):
-        Driver(engine).generate(reqs, speculative={"mode": "draft", "draft_len": 2})
+        Driver(engine).generate(reqs, speculative=SpeculativeOptions(mode="draft", draft_len=2))
 
 
 def test_draft_with_another_vocabulary_is_refused(bundles, engine, tmp_path):
+    from builder.engine.driver import Driver
     from builder.model.tiny import make_tiny
-    from builder.engine.generate import Driver
 
     other = build_bundle(make_tiny(tmp_path / "ckpt", preset_name="tiny-draft", overrides={"vocab_size": 512}),
                          tmp_path / "b", tp=1, pp=1, ep=1)
     with pytest.raises(CheckpointError, match="vocabulary 512 differs"):
-        Driver(engine).generate(_requests(1), speculative={"mode": "draft", "draft_len": 2,
-                                                           "draft_engine": str(other)})
+        Driver(engine).generate(_requests(1), speculative=SpeculativeOptions(mode="draft", draft_len=2,
+                                                                             draft_engine=str(other)))
 
 
 @pytest.mark.slow

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builder.sampling_params import SamplingParams
 from tests.conftest import REPO, run_dsbuild
 from tests.support.served import build_cpu_run, direct_results, serve_repo
 
 try:
-    import builder.engine.service  # noqa: F401
+    import builder.engine.service  # noqa: F401 -- whether this build has the reference engine
 
     HAVE_RUNTIME = True
 except ImportError:
@@ -68,11 +69,11 @@ def served(cpu_run, tmp_path_factory):
         yield server
 
 
-def opts(prompt, name="greedy", **kw):
+def opts(prompt, name="greedy", *, stream=False, **kw):
     from triton_repo.client import GenerateOptions
 
     params = {"sampled": SAMPLED, "penalized": PENALIZED}.get(name, {})
-    return GenerateOptions(prompt=prompt, max_tokens=8, **params, **kw)
+    return GenerateOptions(prompt=prompt, sampling=SamplingParams(max_tokens=8, **params, **kw), stream=stream)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -254,7 +255,7 @@ def corpus_word_share(texts: list[str]) -> float:
 
 
 def test_served_demo_text_is_english_like_and_random_weights_are_not(served, cache_dir, tmp_path):
-    from builder.model.tiny import ensure_tiny
+    from builder.model.generated import ensure_tiny
     from tests.support.engines import build_bundle
 
     texts = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from builder.sampling_params import SamplingParams
 from tests.conftest import run_dsbuild
 from tests.support.served import serve_repo
 
@@ -32,14 +33,13 @@ def test_served_mtp_greedy_equals_plain_greedy_and_counts_drafts(mtp_run, tmp_pa
         eos = [int(engine.bundle.cfg.raw["eos_token_id"])]
         plain = {}
         for p in PROMPTS:
-            (res,) = engine.generate([GenerationRequest(prompt_ids=encode_prompt(engine.bundle, tok, p),
-                                                        max_tokens=12, stop_token_ids=eos)])
+            (res,) = engine.generate([GenerationRequest(prompt_ids=encode_prompt(engine.bundle, tok, p), stop_token_ids=eos, sampling=SamplingParams(max_tokens=12))])
             plain[p] = tok.decode(res.token_ids)
     with serve_repo(mtp_run / "package" / "triton_repo", tmp_path / "triton.log") as server:
         drafted = accepted = 0
         for protocol, url in (("grpc", server.grpc), ("http", server.http)):
             for p in PROMPTS:
-                res = generate(url, GenerateOptions(prompt=p, max_tokens=12), protocol=protocol)
+                res = generate(url, GenerateOptions(prompt=p, sampling=SamplingParams(max_tokens=12)), protocol=protocol)
                 assert res.text == plain[p], (protocol, p)
                 assert 0 <= res.total_accepted_draft_tokens <= res.total_draft_tokens
                 drafted += res.total_draft_tokens

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from builder.sampling_params import SamplingParams
 from tests.conftest import REPO, run_dsbuild
 
 
@@ -19,16 +20,18 @@ class Served:
     grpc: str
     log: Path
     stderr_lines: list[str]
+    openai: str | None = None  # host:port of the OpenAI-compatible endpoint, when started
 
 
 @contextlib.contextmanager
-def serve_repo(repo: Path, log: Path, *, exit_timeout: int = 10, ready_timeout: float = 300) -> Iterator[Served]:
+def serve_repo(repo: Path, log: Path, *, exit_timeout: int = 10, ready_timeout: float = 300,
+               openai: bool = False) -> Iterator[Served]:
     from triton_repo.background import serve_in_background
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with serve_in_background(repo, log_file=log, ready_timeout=ready_timeout, exit_timeout=exit_timeout,
-                             env=env) as server:
-        yield Served(server.proc, server.http, server.grpc, log, server.stderr_lines)
+                             env=env, openai=openai) as server:
+        yield Served(server.proc, server.http, server.grpc, log, server.stderr_lines, server.openai)
 
 
 def build_cpu_run(work: Path, cache_dir: Path, *, concurrency: int) -> Path:
@@ -50,7 +53,7 @@ def direct_results(engine_dir: Path, wanted: dict, *, max_tokens: int) -> dict:
         tok = engine.tokenizer()
         eos = [int(engine.bundle.cfg.raw["eos_token_id"])]
         for key, (prompt, params) in wanted.items():
-            (res,) = engine.generate([GenerationRequest(prompt_ids=encode_prompt(engine.bundle, tok, prompt),
-                                                        max_tokens=max_tokens, stop_token_ids=eos, **params)])
+            ids = encode_prompt(engine.bundle, tok, prompt)
+            (res,) = engine.generate([GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, **params), eos)])
             out[key] = (tok.decode(res.token_ids), res)
     return out

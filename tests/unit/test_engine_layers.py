@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from builder.engine.sampling import GenerationRequest, sample, validate_request
 from builder.errors import RequestError
-from builder.engine.generate import GenerationRequest, sample, validate_request
+from builder.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def _weights(hf_model):
 def _step(cfg, B, S):
     from builder.engine.kv_cache import StepPositions
     from builder.engine.layers import Step
-    from builder.engine.rope import RopeTable
+    from builder.model.functional import RopeTable
 
     pos = StepPositions(torch.zeros(B, dtype=torch.long), S)
     cos, sin = RopeTable.from_config(cfg).cos_sin(pos.positions, torch.float32)
@@ -36,8 +37,8 @@ def _step(cfg, B, S):
 def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
     """Same top-k key sets per query as transformers' DeepseekV32Indexer; a differing set is only accepted where
     the k-th and (k+1)-th scores are a near-tie (< 1e-5 apart), which docs/upstream-facts.md#U-HF-4 says happens."""
-    from builder.model.tiny import tiny_config
     from builder.engine.layers import Indexer
+    from builder.model.tiny import tiny_config
 
     cfg = tiny_config()
     B, S, k = 2, 40, cfg.index_topk
@@ -67,8 +68,8 @@ def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
 
 
 def test_router_matches_transformers(hf_model):
-    from builder.model.tiny import tiny_config
     from builder.engine.layers import route
+    from builder.model.tiny import tiny_config
 
     cfg = tiny_config()
     x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
@@ -83,39 +84,39 @@ def test_router_matches_transformers(hf_model):
 
 
 def test_rope_variants_rotate_as_defined():
-    from builder.engine.rope import rotate_half_split, rotate_interleaved
+    from builder.model.functional import rotate_half_split, rotate_interleaved
 
     x = torch.arange(8, dtype=torch.float32)
     angle = torch.tensor([0.3, 1.1, 0.0, 2.0])
     cos, sin = angle.cos(), angle.sin()
     inter = rotate_interleaved(x, cos, sin)  # pair (x0, x1) rotated by angle 0, output [evens..., odds...]
     assert torch.allclose(inter[0], x[0] * cos[0] - x[1] * sin[0]) and torch.allclose(inter[4], x[1] * cos[0] + x[0] * sin[0])
-    half = rotate_half_split(x, torch.cat([cos, cos]), torch.cat([sin, sin]))  # pair (x0, x4) rotated by angle 0
+    half = rotate_half_split(x, cos, sin)  # pair (x0, x4) rotated by angle 0
     assert torch.allclose(half[0], x[0] * cos[0] - x[4] * sin[0]) and torch.allclose(half[4], x[4] * cos[0] + x[0] * sin[0])
 
 
 def test_sampling_greedy_top_k_top_p_and_seed():
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
-    assert sample(logits, GenerationRequest([1], temperature=0.0), None) == 1
+    assert sample(logits, SamplingParams(temperature=0.0), None) == 1
     draws = lambda req, n=300, seed=0: [sample(logits, req, torch.Generator().manual_seed(seed + i)) for i in range(n)]
-    assert set(draws(GenerationRequest([1], temperature=1.0, top_k=2))) == {1, 2}
-    assert set(draws(GenerationRequest([1], temperature=1.0, top_p=0.3))) == {1}  # p(1) alone exceeds 0.3
-    free = draws(GenerationRequest([1], temperature=1.0))
+    assert set(draws(SamplingParams(temperature=1.0, top_k=2))) == {1, 2}
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.3))) == {1}  # p(1) alone exceeds 0.3
+    free = draws(SamplingParams(temperature=1.0))
     assert set(free) >= {0, 1, 2, 4}
-    assert draws(GenerationRequest([1], temperature=0.7), seed=5) == draws(GenerationRequest([1], temperature=0.7), seed=5)
-    hot = draws(GenerationRequest([1], temperature=5.0), n=400)
-    cold = draws(GenerationRequest([1], temperature=0.2), n=400)
+    assert draws(SamplingParams(temperature=0.7), seed=5) == draws(SamplingParams(temperature=0.7), seed=5)
+    hot = draws(SamplingParams(temperature=5.0), n=400)
+    cold = draws(SamplingParams(temperature=0.2), n=400)
     assert hot.count(1) < cold.count(1)
 
 
 @pytest.mark.parametrize("req,message", [
     (GenerationRequest([]), "empty prompt"),
     (GenerationRequest([5000]), "outside the vocabulary"),
-    (GenerationRequest([1], max_tokens=0), "at least 1"),
-    (GenerationRequest([1], temperature=-1), "temperature"),
-    (GenerationRequest([1], top_p=0), "top_p"),
-    (GenerationRequest([1], top_k=-2), "top_k"),
-    (GenerationRequest([1], max_tokens=600), "positions"),
+    (GenerationRequest([1], SamplingParams(max_tokens=0)), "at least 1"),
+    (GenerationRequest([1], SamplingParams(temperature=-1)), "temperature"),
+    (GenerationRequest([1], SamplingParams(top_p=0)), "top_p"),
+    (GenerationRequest([1], SamplingParams(top_k=-2)), "top_k"),
+    (GenerationRequest([1], SamplingParams(max_tokens=600)), "positions"),
 ])
 def test_bad_requests_are_refused_with_one_sentence(req, message):
     from builder.model.tiny import tiny_config
@@ -127,11 +128,11 @@ def test_bad_requests_are_refused_with_one_sentence(req, message):
 def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_model):
     """Decode with the absorbed factors pre-multiplied (what the tiny model reads) gives the factored absorbed
     attention's output; DeepSeek-V3.2's shapes (kv_lora 512 > nope 128) keep the factors."""
-    from builder.model.config import preset
-    from builder.model.tiny import tiny_config
     from builder.engine.kv_cache import KVCache, StepPositions
     from builder.engine.layers import MLA, Step, absorbed_compositions
-    from builder.engine.rope import RopeTable
+    from builder.model.functional import RopeTable
+    from builder.model.config import preset
+    from builder.model.tiny import tiny_config
 
     cfg = tiny_config()
     rope = RopeTable.from_config(cfg)

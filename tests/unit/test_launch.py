@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,78 @@ def test_values_that_reach_a_shell_are_quoted(tmp_path):
     with pytest.raises(SpecError, match="invalid run-name"):
         write_package(inputs(8, 1, 8, False, 1, 8, run_name="r\n#SBATCH --uid=0"), tmp_path / "y")
     os.environ.pop("PWNED", None)
+
+
+# --- dsbuild's OpenAI-compatible endpoint beside Triton --------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", [(8, 1, 8, False, 1, 8), (8, 2, 1, False, 2, 8)])
+def test_openai_endpoint_beside_every_replicas_triton(tmp_path, layout):
+    out = render(tmp_path, *layout, openai_port=9000)
+    command = "python3 -m builder.cli openai --repo"
+    by_kind = docs(out)
+    lwt = by_kind["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]
+    leader = (lwt.get("leaderTemplate") or lwt["workerTemplate"])["spec"]["containers"][0]
+    script = leader["command"][-1]
+    # Started in the background before Triton (rank 0 runs on the leader), on the port the Service exposes.
+    assert script.index(f"{command} /deploy/package/triton_repo") < script.index("exec ")
+    assert "--port 9000 --triton-url 127.0.0.1:8001 &" in script
+    assert {"name": "openai", "containerPort": 9000} in leader["ports"]
+    assert {"name": "openai", "port": 9000, "targetPort": 9000} in by_kind["Service"]["spec"]["ports"]
+    if "leaderTemplate" in lwt:
+        assert command not in lwt["workerTemplate"]["spec"]["containers"][0]["command"][-1]
+    sbatch = (out / "slurm.sbatch").read_text()
+    assert 'OPENAI_PORT="${OPENAI_PORT:-9000}"' in sbatch
+    assert sbatch.index("srun --overlap --nodes=1 --ntasks=1") < sbatch.index("trtllm-llmapi-launch tritonserver")
+    serve = (out / "serve.sh").read_text()
+    assert 'OPENAI_PORT="${OPENAI_PORT:-9000}"' in serve and command in serve
+    for name in ("slurm.sbatch", "serve.sh"):
+        assert subprocess.run(["bash", "-n", str(out / name)], capture_output=True).returncode == 0, name
+
+
+def test_launch_files_without_openai_port_start_no_endpoint(tmp_path):
+    out = render(tmp_path, 8, 1, 1, False, 1, 8)
+    by_kind = docs(out)
+    assert "openai" not in yaml.safe_dump(by_kind["LeaderWorkerSet"])
+    assert [p["name"] for p in by_kind["Service"]["spec"]["ports"]] == ["http", "grpc", "metrics"]
+    assert 'OPENAI_PORT="${OPENAI_PORT:-}"' in (out / "serve.sh").read_text()
+
+
+def test_each_replica_sharing_a_node_gets_its_own_openai_endpoint(tmp_path):
+    """Two TP4 replicas on one node: endpoint i on 9000+10i talks to Triton i's gRPC port 8001+10i, every step of
+    slurm.sbatch too (stand-in python3/tritonserver/srun)."""
+    deploy = _package(tmp_path, 4, 1, 1, False, 1, 8, openai_port=9000)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_bin(bin_dir, "python3", '[ "$1" = -c ] && exit 0\necho "$*" >> "$LOG.openai"; sleep 1\n')
+    _fake_bin(bin_dir, "tritonserver", 'sleep 1\n')
+    proc = subprocess.run(["bash", str(deploy / "package/launch/serve.sh")], capture_output=True, text=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(tmp_path / "log")}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(0.5)
+    lines = sorted((tmp_path / "log.openai").read_text().splitlines())
+    assert [re.search(r"--port (\d+) --triton-url (\S+)", l).groups() for l in lines] == [
+        ("9000", "127.0.0.1:8001"), ("9010", "127.0.0.1:8011")]
+    assert all(f"--repo {deploy}/package/triton_repo" in l for l in lines)
+    _fake_bin(bin_dir, "srun", 'echo "$*" >> "$LOG.srun"\n')
+    proc = subprocess.run(["bash", str(deploy / "package/launch/slurm.sbatch"), str(deploy)], capture_output=True,
+                          text=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "LOG": str(tmp_path / "log")},
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = (tmp_path / "log.srun").read_text().splitlines()
+    openai = sorted(s for s in steps if "--overlap" in s)
+    assert len(openai) == 2 and all("--relative=0" in s for s in openai)
+    assert {re.search(r"--port (\d+)", s).group(1) for s in openai} == {"9000", "9010"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--colour", "red"], "unknown argument --colour"),
+    (["--openai-port", "90x"], "--openai-port must be a port number"),
+    (["--openai-port", "9000"], "needs dsbuild in this container"),
+    (["--openai-port=9000"], "needs dsbuild in this container"),
+])
+def test_serve_sh_arguments(tmp_path, args, words):
+    """A python3 without dsbuild (the system one, run away from this checkout) stops serve.sh before Triton."""
+    deploy = _package(tmp_path, 8, 1, 1, False, 1, 8)
+    proc = subprocess.run(["bash", str(deploy / "package/launch/serve.sh"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr

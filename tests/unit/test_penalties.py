@@ -8,11 +8,18 @@ import math
 import pytest
 import torch
 
+from builder.engine.proposer import choose_draft
+from builder.engine.sampling import (
+    GenerationRequest,
+    adjusted_logits,
+    penalize,
+    probabilities,
+    sample,
+    validate_request,
+)
 from builder.errors import RequestError
 from builder.model.tiny import tiny_config
-from builder.engine.generate import (GenerationRequest, adjusted_logits, penalize, probabilities, sample,
-                                      validate_request)
-from builder.engine.speculative import choose_draft
+from builder.sampling_params import SamplingParams
 
 
 def by_hand(logits: list[float], history: list[int], presence: float, frequency: float) -> list[float]:
@@ -40,39 +47,39 @@ def test_penalize_matches_the_formula(presence, frequency):
 def test_zero_penalties_are_the_identity_without_counting():
     logits = torch.randn(10)
     assert penalize(logits, [1, 1, 2], presence_penalty=0.0, frequency_penalty=0.0) is logits
-    req = GenerationRequest([1])
-    assert not req.penalized
+    params = SamplingParams()
+    assert not params.penalized
     # With no penalties the history is never looked at (a bincount of these would fail on the negative id).
-    torch.testing.assert_close(adjusted_logits(logits, req, [-5]), logits)
+    torch.testing.assert_close(adjusted_logits(logits, params, [-5]), logits)
 
 
 def test_temperature_scales_before_the_penalties_are_subtracted():
     """penaltyKernels.cu batchApplyPenalty: logit * (1 / temperature), then - presence - frequency * count."""
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
-    req = GenerationRequest([1], temperature=0.5, presence_penalty=0.25, frequency_penalty=0.5)
+    params = SamplingParams(temperature=0.5, presence_penalty=0.25, frequency_penalty=0.5)
     want = torch.tensor([4.0, 2.0 - 0.25 - 0.5 * 2, 1.0 - 0.25 - 0.5, -2.0])
-    torch.testing.assert_close(adjusted_logits(logits, req, [1, 2, 1]), want)
-    torch.testing.assert_close(probabilities(logits, req, [1, 2, 1]), torch.softmax(want, dim=-1))
+    torch.testing.assert_close(adjusted_logits(logits, params, [1, 2, 1]), want)
+    torch.testing.assert_close(probabilities(logits, params, [1, 2, 1]), torch.softmax(want, dim=-1))
 
 
 def test_greedy_takes_the_argmax_of_the_penalized_logits():
     logits = torch.tensor([0.0, 3.0, 2.6, -1.0])
     history = [1, 1]  # token 1 twice
-    assert sample(logits, GenerationRequest([1]), None, history) == 1
-    assert sample(logits, GenerationRequest([1], frequency_penalty=0.3), None, history) == 2  # 3.0 - 0.6 < 2.6
-    assert sample(logits, GenerationRequest([1], presence_penalty=0.3), None, history) == 1  # 3.0 - 0.3 > 2.6
-    assert sample(logits, GenerationRequest([1], presence_penalty=-1.0), None, [2]) == 2  # negative: encourage
+    assert sample(logits, SamplingParams(), None, history) == 1
+    assert sample(logits, SamplingParams(frequency_penalty=0.3), None, history) == 2  # 3.0 - 0.6 < 2.6
+    assert sample(logits, SamplingParams(presence_penalty=0.3), None, history) == 1  # 3.0 - 0.3 > 2.6
+    assert sample(logits, SamplingParams(presence_penalty=-1.0), None, [2]) == 2  # negative: encourage
     # The drafter's choice uses the same rule, so greedy speculative decoding can equal plain decoding.
-    assert choose_draft(logits, GenerationRequest([1], frequency_penalty=0.3), None, history) == (2, None)
+    assert choose_draft(logits, SamplingParams(frequency_penalty=0.3), None, history) == (2, None)
 
 
 @pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "0.5"])
 def test_non_finite_penalties_are_refused_naming_the_request_and_field(field, value):
-    req = GenerationRequest([1, 2], **{field: value})
-    with pytest.raises(RequestError, match=rf"request 3 has {field} .*finite number"):
+    req = GenerationRequest([1, 2], SamplingParams(**{field: value}))
+    with pytest.raises(RequestError, match=rf"request 3: {field} must be a (finite )?number"):
         validate_request(req, tiny_config("tiny"), 3)
-    validate_request(GenerationRequest([1, 2], **{field: -2.5}), tiny_config("tiny"), 3)  # negative is fine
+    validate_request(GenerationRequest([1, 2], SamplingParams(**{field: -2.5})), tiny_config("tiny"), 3)  # negative is fine
 
 
 def plain_greedy_verdict(logits: torch.Tensor, history: list[int], drafts: list[int], presence: float,
@@ -92,7 +99,7 @@ def test_greedy_verification_counts_the_earlier_drafts():
     from builder.engine.speculative import verify_row
 
     logits = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 2.0, 1.8], [0.0, 0.0, 0.0, 1.0]])
-    req = GenerationRequest([0], frequency_penalty=0.5)
+    req = GenerationRequest([0], SamplingParams(frequency_penalty=0.5))
     assert verify_row(req, [0, 1], [2, 2], logits, None, None) == (1, [2, 3])
     assert verify_row(GenerationRequest([0]), [0, 1], [2, 2], logits, None, None) == (2, [2, 2, 3])
 
@@ -110,7 +117,7 @@ def test_greedy_verification_equals_plain_penalized_greedy(seed):
     for k in range(N):  # mostly the plain path itself, sometimes a wrong draft
         agreed = plain_greedy_verdict(logits, history, drafts + [-1], presence, frequency)[1][-1]
         drafts.append(agreed if torch.rand((), generator=g) < 0.7 else int(torch.randint(0, V, (), generator=g)))
-    req = GenerationRequest([0], presence_penalty=presence, frequency_penalty=frequency)
+    req = GenerationRequest([0], SamplingParams(presence_penalty=presence, frequency_penalty=frequency))
     assert verify_row(req, history, drafts, logits, None, None) == \
         plain_greedy_verdict(logits, history, drafts, presence, frequency)
 
@@ -126,7 +133,7 @@ def test_sampled_verification_uses_the_penalized_target_distribution(seed):
     logits = torch.randn(N + 1, V, generator=g) * 2
     history = torch.randint(0, V, (6,), generator=g).tolist()
     drafts = torch.randint(0, V, (N,), generator=g).tolist()
-    req = GenerationRequest([0], temperature=T, presence_penalty=0.9, frequency_penalty=1.3)
+    req = GenerationRequest([0], SamplingParams(temperature=T, presence_penalty=0.9, frequency_penalty=1.3))
     q = [torch.softmax(torch.tensor(by_hand((logits[k] / T).tolist(), history + drafts[:k], 0.9, 1.3)), dim=-1)
          for k in range(N)]
     accepted, tokens = verify_row(req, history, drafts, logits, q, torch.Generator().manual_seed(seed))

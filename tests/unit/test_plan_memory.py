@@ -74,8 +74,9 @@ def test_kv_capacity_is_the_memory_left_after_weights_activations_and_reserve():
     d = lp.to_dict()
     assert d["feasible"] and d["gpus"] == 8
     full = _full(preset("deepseek-v3.2"), "fp8", Layout(8, 1, 8))
-    weights = max(full)
-    assert d["weights_per_rank_bytes"] == full
+    assert d["weights_per_rank_bytes"] == full  # the rank files, exactly
+    weights = max(d["runtime_weights_per_rank_bytes"])  # what TensorRT-LLM holds decides the pool
+    assert d["memory_per_gpu_gib"]["rank_files"] == pytest.approx(max(full) / GIB, abs=1e-3)
     free = 143771 * (1 << 20) - weights - lp.activations - 2 * GIB
     per_token = 61 * (576 + 132)  # every layer's latent is replicated on each attention-TP rank
     assert d["kv_bytes_per_token_per_gpu"] == per_token
@@ -90,8 +91,12 @@ def test_attention_dp_splits_sequences_and_pp_splits_layers():
     base = dict(model="deepseek-v3.2", gpu="h200-sxm", nodes=2, ep=8)
     tp = plan_cluster(**base, tp=8, pp=2, attention_dp=False).layouts[0]
     adp = plan_cluster(**base, tp=8, pp=2, attention_dp=True).layouts[0]
-    # PP2: 31 + 30 layers; the last stage also holds the MTP module's weights, so it is the fullest GPU, and its
-    # KV cache holds 30 layers (the MTP layer's cache counts only with MTP decoding).
+    # PP2: 31 + 30 layers. The first stage holds the 3 dense layers (much lighter than MoE layers) and, as
+    # TensorRT-LLM loads it, the whole embedding; the last 30 MoE layers and the LM head. Without MTP decoding the
+    # MTP module stays out (the rank files carry it on the last stage). The last stage is the fullest GPU either
+    # way, and its KV cache holds 30 layers.
+    per_rank, held = tp.weights_per_rank, tp.runtime_weights_per_rank
+    assert max(per_rank[8:]) - max(per_rank[:8]) > max(held[8:]) - max(held[:8]) > 0
     assert len(tp.weights_per_stage) == 2 and tp.weights_per_stage[1] > tp.weights_per_stage[0]
     assert tp.kv_bytes_per_token == 30 * 708
     assert tp.max_seqs_replica <= tp.kv_pool // (30 * 708 * 2048)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy import stats
 
-from builder.engine.generate import GenerationRequest, probabilities
+from builder.engine.sampling import probabilities
 from builder.engine.speculative import greedy_verify, rejection_verify
+from builder.sampling_params import SamplingParams
 
 V = 6
 SAMPLES = 8000
@@ -84,8 +85,8 @@ def test_greedy_verification_accepts_the_longest_matching_prefix():
 
 def test_temperature_top_k_top_p_shape_p_and_q_alike():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
-    req = GenerationRequest(prompt_ids=[1], temperature=0.7, top_k=4, top_p=0.9)
-    p = probabilities(logits, req)
+    params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
+    p = probabilities(logits, params)
     assert torch.isclose(p.sum(), torch.tensor(1.0))
     assert (p[4:] == 0).all()  # top-k
     kept = torch.softmax(logits[:4] / 0.7, -1)

@@ -50,7 +50,7 @@ def test_tokenizer_is_byte_level_and_encodes_anything(tiny_ckpt):
 
 
 def test_generation_is_deterministic_and_seed_dependent(tmp_path, cache_dir):
-    from builder.model.tiny import ensure_tiny
+    from builder.model.generated import ensure_tiny
 
     random_ckpt = ensure_tiny(cache_dir / "models", seed=0, preset_name="tiny-random")
     a = make_tiny(tmp_path / "a", seed=0)

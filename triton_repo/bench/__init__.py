@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import DsbuildError
+from triton_repo.bench.predict import predict
 from triton_repo.bench.prompts import Length, PromptTokenizer
 from triton_repo.bench.report import build_result, count_tokens, plot, print_tables, validate
 from triton_repo.bench.runner import BenchConfig, run_levels
@@ -17,7 +18,6 @@ __all__ = ["BenchConfig", "Length", "run_bench", "print_tables", "plot", "valida
 def run_bench(cfg: BenchConfig, *, run_dir: Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Benchmark every concurrency level of ``cfg``; ``run_dir`` (the served run) gives the planner's prediction.
     Returns the result document (validated against the schema)."""
-    from triton_repo.bench.predict import predict
 
     tokenizer = PromptTokenizer(cfg.engines_dir)
     levels = run_levels(cfg, tokenizer, show_progress=show_progress)

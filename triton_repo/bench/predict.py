@@ -13,7 +13,7 @@ from builder.plan.spec import plan_for_spec
 from builder.rundir import MANIFEST, RunDir
 from builder.specs import RunSpec
 
-PREDICTED_KEYS = ("decode_step_ms", "ttft_ms", "tokens_per_s_per_user", "tokens_per_s", "tokens_per_s_per_gpu",
+PREDICTED_KEYS = ("decode_step_ms", "tpot_ms", "ttft_ms", "tokens_per_s_per_user", "tokens_per_s", "tokens_per_s_per_gpu",
                   "batch_per_replica", "gpus_per_replica", "bound")
 
 

@@ -9,6 +9,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.engine.bundle import EngineBundle
+from builder.engine.text import encode_prompt
 from builder.errors import SpecError
 
 MAX_WORD_TOKENS = 4096  # enough variety; scanning a 129k vocabulary whole would cost seconds
@@ -46,15 +48,11 @@ class PromptTokenizer:
     """The served run's tokenizer (its ``engines/`` directory), counting tokens as the model does."""
 
     def __init__(self, engines_dir: Path):
-        from builder.engine.bundle import EngineBundle
-
         self.bundle = EngineBundle.open(engines_dir)
         self.tokenizer = self.bundle.tokenizer()
         self._safe_ids = self._round_trip_ids()
 
     def prompt_ids(self, text: str) -> list[int]:
-        from builder.engine.text import encode_prompt
-
         return encode_prompt(self.bundle, self.tokenizer, text)
 
     def count_prompt(self, text: str) -> int:

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from builder.atomic import atomic_write_bytes
 from triton_repo.bench.prompts import PromptTokenizer
 from triton_repo.bench.runner import BenchConfig, LevelRun
 from triton_repo.bench.stats import distribution
@@ -97,7 +98,7 @@ def build_result(cfg: BenchConfig, levels: list[LevelRun], *, run_dir: Path | No
 def compare(summary: dict[str, Any], pred: dict[str, Any]) -> dict[str, Any]:
     """Measured / predicted ratios of the figures both sides have (1.0 = as planned; above 1 for a time means
     slower than planned, above 1 for a rate faster)."""
-    pairs = {"tpot_ms": (summary["tpot_ms"]["p50"], pred.get("decode_step_ms")),
+    pairs = {"tpot_ms": (summary["tpot_ms"]["p50"], pred.get("tpot_ms", pred.get("decode_step_ms"))),
              "ttft_ms": (summary["ttft_ms"]["p50"], pred.get("ttft_ms")),
              "tokens_per_s_per_user": (summary["output_tokens_per_s_per_user"]["p50"],
                                        pred.get("tokens_per_s_per_user")),
@@ -170,8 +171,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from builder.atomic import atomic_write_bytes
 
     levels = result["levels"]
     conc = [s["concurrency"] for s in levels]

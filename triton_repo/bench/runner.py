@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import ServeError, SpecError
+from builder.sampling_params import SamplingParams
 from triton_repo.bench.prompts import Length, Prompt, PromptTokenizer, load_dataset
-from triton_repo.bench.stream import RequestRecord, stream_grpc, stream_http
+from triton_repo.bench.stream import RequestRecord, stream_grpc, stream_http, stream_openai
 from triton_repo.client import GenerateOptions
 from triton_repo.interface import MODEL_NAME
+
+
+PROTOCOLS = ("grpc", "http", "openai")  # openai: the OpenAI-compatible endpoint's streamed /v1/completions
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,8 @@ class BenchConfig:
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("grpc", "http"):
-            raise SpecError(f"unknown protocol {self.protocol!r}; choose grpc or http")
+        if self.protocol not in PROTOCOLS:
+            raise SpecError(f"unknown protocol {self.protocol!r}; choose {', '.join(PROTOCOLS)}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise SpecError(f"every concurrency must be at least 1, got {list(self.concurrency)}")
         if self.num_requests < 1 or self.warmup < 0:
@@ -104,9 +108,12 @@ class _Sender:
     async def send(self, index: int, req: PlannedRequest, level_t0: float) -> RequestRecord:
         record = RequestRecord(index=index, prompt_tokens=req.prompt.tokens, max_tokens=req.max_tokens)
         record.start_s = time.perf_counter() - level_t0
-        opts = GenerateOptions(prompt=req.prompt.text, max_tokens=req.max_tokens, stream=True)
+        opts = GenerateOptions(prompt=req.prompt.text, sampling=SamplingParams(max_tokens=req.max_tokens), stream=True)
         if self.cfg.protocol == "grpc":
             return await stream_grpc(self.client, record, opts, model=self.cfg.model, timeout=self.cfg.timeout_s)
+        if self.cfg.protocol == "openai":
+            return await stream_openai(self.client, self.cfg.url, record, opts, model=self.cfg.model,
+                                       timeout=self.cfg.timeout_s)
         return await stream_http(self.client, self.cfg.url, record, opts, model=self.cfg.model,
                                  timeout=self.cfg.timeout_s)
 
@@ -143,6 +150,8 @@ async def _run_level(cfg: BenchConfig, concurrency: int, requests: list[PlannedR
 
 def check_server(cfg: BenchConfig) -> None:
     """Fail early, in one sentence, when nothing serves the model at ``cfg.url``."""
+    if cfg.protocol == "openai":
+        return check_openai_endpoint(cfg)
     try:
         if cfg.protocol == "grpc":
             import tritonclient.grpc as grpcclient
@@ -160,6 +169,25 @@ def check_server(cfg: BenchConfig) -> None:
         raise ServeError(f"cannot reach a Triton server at {cfg.url} over {cfg.protocol}: {exc}") from None
     if not ready:
         raise ServeError(f"the server at {cfg.url} does not have model {cfg.model} ready")
+
+
+def check_openai_endpoint(cfg: BenchConfig) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{cfg.url}/v1/models", timeout=10) as resp:
+            ids = [m.get("id") for m in json.loads(resp.read()).get("data", [])]
+        with urllib.request.urlopen(f"http://{cfg.url}/health", timeout=10) as resp:
+            ready = resp.status == 200
+    except urllib.error.HTTPError as exc:
+        raise ServeError(f"the OpenAI endpoint at {cfg.url} is up but its Triton model is not ready "
+                         f"(HTTP {exc.code})") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ServeError(f"cannot reach an OpenAI-compatible endpoint at {cfg.url}: {exc}") from None
+    if cfg.model not in ids or not ready:
+        raise ServeError(f"the OpenAI endpoint at {cfg.url} serves {ids}, not a ready {cfg.model}")
 
 
 def run_levels(cfg: BenchConfig, tokenizer: PromptTokenizer, *, show_progress: bool = True) -> list[LevelRun]:

@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 from builder.errors import ServeError
+from triton_repo.background import serve_in_background
 
 READY_TIMEOUT_S = 600
 
 
 def serve_and_bench(run_dir: Path, bench_args: list[str]) -> int:
-    from triton_repo.background import serve_in_background
-
     run_dir = run_dir.resolve()  # build/latest is a link: results go into the run it names
     repo = run_dir / "package" / "triton_repo"
     if not repo.is_dir():

@@ -1,5 +1,6 @@
 """One streamed request to the ``tensorrt_llm`` model, timed: gRPC (tritonclient's asyncio client, one
-bidirectional stream per request) or HTTP (Triton's ``generate_stream`` server-sent events with aiohttp).
+bidirectional stream per request), HTTP (Triton's ``generate_stream`` server-sent events with aiohttp) or the
+OpenAI-compatible endpoint (``/v1/completions`` streamed, with aiohttp; tokens counted from its ``usage``).
 
 Every response's arrival is recorded; ``text_output`` is cumulative in each streamed response (interface.py), so
 the last response holds the whole output. A failure of any kind ends in ``RequestRecord.error`` with its message:
@@ -14,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from triton_repo.client import GenerateOptions, request_fields
+from triton_repo.client import GenerateOptions, _first, _grpc_inputs, request_fields
 from triton_repo.interface import MODEL_NAME
 
 
@@ -84,8 +85,6 @@ async def stream_grpc(client, record: RequestRecord, opts: GenerateOptions, *, m
     """``client``: a ``tritonclient.grpc.aio.InferenceServerClient`` (shared by all requests of a run)."""
     import numpy as np
     import tritonclient.grpc.aio as grpcclient
-
-    from triton_repo.client import _first, _grpc_inputs
 
     fields = _fields(opts)
     exclude = fields.pop("sampling_param_exclude_input_from_output")
@@ -158,4 +157,53 @@ async def stream_http(session, url: str, record: RequestRecord, opts: GenerateOp
     except Exception as exc:  # a transport failure is a failed request, reported as such
         record.error = f"{type(exc).__name__}: {exc}"
     line.done()
+    return record
+
+
+async def stream_openai(session, url: str, record: RequestRecord, opts: GenerateOptions, *,
+                        model: str = MODEL_NAME, timeout: float = 600) -> RequestRecord:
+    """``url``: HOST:PORT of the OpenAI-compatible endpoint. Each chunk with text is a response; the output token
+    count is the endpoint's ``usage.completion_tokens`` (a chunk can carry more than one token's text)."""
+    import aiohttp
+
+    body = {"model": model, "prompt": opts.prompt, "max_tokens": opts.sampling.max_tokens,
+            "temperature": opts.sampling.temperature,
+            "stream": True, "stream_options": {"include_usage": True}}
+    line = _Timeline(record)
+    text = ""
+    completion_tokens = None
+    try:
+        async with session.post(f"http://{url}/v1/completions", json=body,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status != 200:
+                raw = await resp.text()
+                try:
+                    raw = json.loads(raw)["error"]["message"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+                record.error = f"HTTP {resp.status}: {raw}"
+            else:
+                async for chunk in resp.content:
+                    data = chunk.decode("utf-8").strip()
+                    if not data.startswith("data:") or data == "data: [DONE]":
+                        continue
+                    event = json.loads(data[5:].strip())
+                    if "error" in event:
+                        record.error = str(event["error"].get("message", event["error"]))
+                        break
+                    if event.get("usage"):
+                        completion_tokens = int(event["usage"]["completion_tokens"])
+                    for choice in event.get("choices", []):
+                        if choice.get("text"):
+                            text += choice["text"]
+                            line.response(text, choice.get("finish_reason") or "")
+                        elif choice.get("finish_reason"):
+                            record.finish_reason = choice["finish_reason"]
+    except TimeoutError:
+        record.error = f"no final response within {timeout:.0f} s"
+    except Exception as exc:  # a transport failure is a failed request, reported as such
+        record.error = f"{type(exc).__name__}: {exc}"
+    line.done()
+    if record.error is None and completion_tokens is not None:
+        record.output_tokens = completion_tokens
     return record

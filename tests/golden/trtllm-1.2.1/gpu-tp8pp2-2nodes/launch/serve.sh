@@ -18,16 +18,26 @@ GPUS_PER_NODE=8
 SLOTS_PER_NODE=1
 WORLD_SIZE=16
 
-usage() { echo "usage: serve.sh [--deploy-dir DIR] [--hosts HOST1,HOST2,...]" >&2; exit 2; }
+USAGE="usage: serve.sh [--deploy-dir DIR] [--hosts HOST1,HOST2,...] [--openai-port N]"
+usage() { echo "serve.sh: $1 ($USAGE)" >&2; exit 2; }
 DEPLOY_DIR="${DSBUILD_DEPLOY_DIR:-}"
 HOSTS="${HOSTS:-}"
+# Optional: dsbuild's OpenAI-compatible endpoint beside each replica's Triton (--openai-port N, or OPENAI_PORT=N;
+# replica slot s serves it on N+10s).
+OPENAI_PORT="${OPENAI_PORT:-}"
 while [ "$#" -gt 0 ]; do
   case "$1" in
-    --deploy-dir) [ "$#" -ge 2 ] || usage; DEPLOY_DIR="$2"; shift 2 ;;
-    --hosts) [ "$#" -ge 2 ] || usage; HOSTS="$2"; shift 2 ;;
-    *) usage ;;
+    --deploy-dir) [ "$#" -ge 2 ] || usage "--deploy-dir needs a directory"; DEPLOY_DIR="$2"; shift 2 ;;
+    --hosts) [ "$#" -ge 2 ] || usage "--hosts needs a host list"; HOSTS="$2"; shift 2 ;;
+    --openai-port) [ "$#" -ge 2 ] || usage "--openai-port needs a port"; OPENAI_PORT="$2"; shift 2 ;;
+    --openai-port=*) OPENAI_PORT="${1#*=}"; shift ;;
+    *) usage "unknown argument $1" ;;
   esac
 done
+case "$OPENAI_PORT" in
+  ''|[0-9]|[0-9][0-9]|[0-9][0-9][0-9]|[0-9][0-9][0-9][0-9]|[0-9][0-9][0-9][0-9][0-9]) ;;
+  *) usage "--openai-port must be a port number" ;;
+esac
 if [ -z "$DEPLOY_DIR" ]; then
   DEPLOY_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd)"
 fi
@@ -39,6 +49,12 @@ if [ ! -d "$REPO" ]; then
 fi
 export DSBUILD_DEPLOY_DIR="$DEPLOY_DIR"  # model.py resolves model.yaml's paths under it
 
+start_openai() {  # start_openai OFFSET: the endpoint for the replica whose Triton serves on ports + OFFSET
+  [ -n "$OPENAI_PORT" ] || return 0
+  python3 -c 'import triton_repo.openai_api.app' || { echo "serve.sh: the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild source> && pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)" >&2; exit 2; }
+  python3 -m builder.cli openai --repo "$REPO" --host 0.0.0.0 --port "$(( OPENAI_PORT + $1 ))" --triton-url "127.0.0.1:$(( 8001 + $1 ))" &
+}
+
 server_args() {  # server_args SLOT: tritonserver's arguments for replica slot SLOT, in ARGS (one word each)
   local offset=$(( $1 * 10 ))
   ARGS=(--model-repository="$REPO" --http-port=$(( 8000 + offset )) --grpc-port=$(( 8001 + offset ))
@@ -47,12 +63,14 @@ server_args() {  # server_args SLOT: tritonserver's arguments for replica slot S
 
 if [ "$NODES_PER_REPLICA" -eq 1 ]; then
   if [ "$SLOTS_PER_NODE" -eq 1 ]; then
+    start_openai 0
     server_args 0
     exec tritonserver "${ARGS[@]}"
   fi
   pids=()
   for slot in $(seq 0 $(( SLOTS_PER_NODE - 1 ))); do
     first=$(( slot * GPUS_PER_NODE ))
+    start_openai $(( slot * 10 ))
     server_args "$slot"
     CUDA_VISIBLE_DEVICES="$(seq -s, "$first" $(( first + GPUS_PER_NODE - 1 )))" tritonserver "${ARGS[@]}" &
     pids+=("$!")
@@ -79,6 +97,7 @@ if [ "$COUNT" -ne "$NODES_PER_REPLICA" ]; then
   echo "serve.sh: --hosts lists $COUNT hosts, a replica needs $NODES_PER_REPLICA" >&2
   exit 2
 fi
+start_openai 0  # rank 0 (tritonserver) runs on this host, the first of --hosts
 server_args 0
 exec mpirun --allow-run-as-root -H "$HOSTLIST" -n "$WORLD_SIZE" -x DSBUILD_DEPLOY_DIR \
   trtllm-llmapi-launch tritonserver "${ARGS[@]}"

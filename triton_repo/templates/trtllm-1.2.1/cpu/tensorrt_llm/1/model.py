@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-DEFAULT_MAX_TOKENS = 16
-UINT64_MAX = (1 << 64) - 1
-
 
 class BadRequest(Exception):
     """A request the model refuses; the message goes back to the client."""
@@ -33,14 +30,7 @@ class Job:
     sender: object
     request_id: str
     prompt_ids: list
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    presence_penalty: float
-    frequency_penalty: float
-    seed: object
-    stop_strings: list
+    sampling: object  # builder.sampling_params.SamplingParams
     streaming: bool
     exclude_input: bool
     prompt_text: str
@@ -93,19 +83,20 @@ class TritonPythonModel:
         self.window_s = max(0.0, float(params.get("batch_window_ms") or 0)) / 1000.0
         self.max_seq_len = int(params.get("max_seq_len") or 0)
         threads = int(params.get("threads_per_rank") or 0) or None
+        # dsbuild is importable only now (dsbuild_src above): its modules are bound here, not at module level.
+        from builder.engine.service import EngineService, GenerationRequest, SpeculativeOptions
+        from builder.engine.text import encode_prompt
+        from builder.errors import RequestError
+        from builder.sampling_params import SamplingParams
+
+        self.GenerationRequest, self.SamplingParams, self.RequestError = GenerationRequest, SamplingParams, RequestError
+        self.encode_prompt = encode_prompt
         mode = params.get("speculative_mode") or "none"
         self.speculative = None
         if mode != "none":
-            self.speculative = {"mode": mode, "draft_len": int(params.get("draft_len") or 1)}
-            if mode == "draft":
-                self.speculative["draft_engine"] = os.path.normpath(
-                    os.path.join(model_dir, params.get("draft_engine_dir", "")))
-
-        from builder.engine.service import EngineService, GenerationRequest
-        from builder.engine.text import encode_prompt
-
-        self.GenerationRequest = GenerationRequest
-        self.encode_prompt = encode_prompt
+            draft = os.path.join(model_dir, params.get("draft_engine_dir", "")) if mode == "draft" else None
+            self.speculative = SpeculativeOptions(mode=mode, draft_len=int(params.get("draft_len") or 1),
+                                                  draft_engine=draft)
         # The stub's sys.executable is the python3 found on PATH; engine workers must use the same interpreter.
         python = sys.executable or shutil.which("python3")
         self.engine = EngineService(engine_dir, device="cpu", threads_per_rank=threads, python_executable=python)
@@ -160,39 +151,19 @@ class TritonPythonModel:
             prompt_ids = self.encode_prompt(self.engine.bundle, self.tokenizer, prompt)
         except Exception as exc:
             raise BadRequest(str(exc)) from None
-        max_tokens = int(_scalar(request, "sampling_param_max_tokens", DEFAULT_MAX_TOKENS))
-        if max_tokens < 1:
-            raise BadRequest(f"sampling_param_max_tokens must be at least 1, got {max_tokens}")
-        if self.max_seq_len and len(prompt_ids) + max_tokens > self.max_seq_len:
-            raise BadRequest(f"prompt ({len(prompt_ids)} tokens) plus sampling_param_max_tokens ({max_tokens}) "
-                             f"exceeds the model's max_seq_len {self.max_seq_len}")
-        temperature = float(_scalar(request, "sampling_param_temperature", 0.0))
-        if not np.isfinite(temperature) or temperature < 0:
-            raise BadRequest(f"sampling_param_temperature must be >= 0, got {temperature}")
-        top_k = int(_scalar(request, "sampling_param_top_k", 0))
-        if top_k < 0:
-            raise BadRequest(f"sampling_param_top_k must be >= 0, got {top_k}")
-        top_p = float(_scalar(request, "sampling_param_top_p", 1.0))
-        if not (0.0 < top_p <= 1.0):
-            raise BadRequest(f"sampling_param_top_p must be in (0, 1], got {top_p}")
-        seed = _scalar(request, "sampling_param_seed", None)
-        if seed is not None and not (0 <= int(seed) <= UINT64_MAX):
-            raise BadRequest(f"sampling_param_seed out of range: {seed}")
-        best_of = int(_scalar(request, "sampling_param_best_of", 1))
-        if best_of != 1:
+        try:  # the one validation of sampling parameters (builder.sampling_params)
+            sampling = self.SamplingParams.from_triton(lambda name, default: _scalar(request, name, default),
+                                                       lambda name: _strings(request, name))
+        except self.RequestError as exc:
+            raise BadRequest(str(exc)) from None
+        if self.max_seq_len and len(prompt_ids) + sampling.max_tokens > self.max_seq_len:
+            raise BadRequest(f"prompt ({len(prompt_ids)} tokens) plus sampling_param_max_tokens "
+                             f"({sampling.max_tokens}) exceeds the model's max_seq_len {self.max_seq_len}")
+        if int(_scalar(request, "sampling_param_best_of", 1)) != 1:
             raise BadRequest("sampling_param_best_of other than 1 is not supported by the CPU flavour")
-        # Any finite value, as TensorRT-LLM's SamplingParams (negative ones encourage repetition).
-        presence_penalty, frequency_penalty = (
-            float(_scalar(request, f"sampling_param_{name}_penalty", 0.0)) for name in ("presence", "frequency"))
-        for name, value in (("presence", presence_penalty), ("frequency", frequency_penalty)):
-            if not np.isfinite(value):
-                raise BadRequest(f"sampling_param_{name}_penalty must be a finite number, got {value}")
-        streaming = bool(_scalar(request, "streaming", False))
-        return Job(sender=sender, request_id=request.request_id() or "", prompt_ids=prompt_ids,
-                   max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                   seed=None if seed is None else int(seed), stop_strings=[s for s in _strings(request, "sampling_param_stop") if s],
-                   streaming=streaming, exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True)),
+        return Job(sender=sender, request_id=request.request_id() or "", prompt_ids=prompt_ids, sampling=sampling,
+                   streaming=bool(_scalar(request, "streaming", False)),
+                   exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True)),
                    prompt_text=prompt, arrival_ns=arrival)
 
     def _cancel(self, request_id, sender):
@@ -241,10 +212,8 @@ class TritonPythonModel:
             self._run(batch)
 
     def _run(self, batch):
-        requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, max_tokens=j.max_tokens,
-                                           temperature=j.temperature, top_k=j.top_k, top_p=j.top_p,
-                                           presence_penalty=j.presence_penalty, frequency_penalty=j.frequency_penalty,
-                                           seed=j.seed, stop_token_ids=list(self.stop_token_ids)) for j in batch]
+        requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, sampling=j.sampling,
+                                           stop_token_ids=list(self.stop_token_ids)) for j in batch]
         try:
             results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok),
                                            speculative=self.speculative)
@@ -275,7 +244,7 @@ class TritonPythonModel:
         job.last_token_ns = now
         job.tokens.append(token)
         job.text = self.tokenizer.decode(job.tokens)
-        for s in job.stop_strings:
+        for s in job.sampling.stop:
             at = job.text.find(s)
             if at >= 0:
                 job.text = job.text[:at]
@@ -333,6 +302,8 @@ class TritonPythonModel:
             pb_utils.Tensor("first_scheduled_time_ns", np.array([job.first_scheduled_ns], dtype=np.int64)),
             pb_utils.Tensor("first_token_time_ns", np.array([job.first_token_ns], dtype=np.int64)),
             pb_utils.Tensor("last_token_time_ns", np.array([job.last_token_ns], dtype=np.int64)),
+            pb_utils.Tensor("num_input_tokens", np.array([len(job.prompt_ids)], dtype=np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([len(job.tokens)], dtype=np.int32)),
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 

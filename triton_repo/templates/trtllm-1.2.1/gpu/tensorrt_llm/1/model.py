@@ -5,7 +5,8 @@ It replaces the release's ``llmapi`` model.py, which passes ``streaming`` positi
 ``lora_request`` slot (so streaming requests do not stream); here every argument is passed by keyword. The tensor
 interface is the release's: ``text_input`` and ``sampling_param_*`` in; ``text_output`` (cumulative text in every
 streamed response, the final one flagged and carrying the whole text), ``finish_reason``, ``stop_reason``, timing and
-speculative-decoding counters out. ``model.yaml`` holds the LLM() arguments and ``triton_config``.
+speculative-decoding counters out, and dsbuild's ``num_input_tokens``/``num_output_tokens`` (prompt and generated
+token counts, for the OpenAI endpoint's ``usage``). ``model.yaml`` holds the LLM() arguments and ``triton_config``.
 
 Cancellation as in the release's model (docs/tensorrt-llm-contract.md#C-TRITON-4): every request, streaming or not,
 is tracked from the moment ``generate_async`` returns; a poller checks ``is_cancelled()`` every
@@ -291,6 +292,9 @@ class TritonPythonModel:
             pb_utils.Tensor("total_accepted_draft_tokens", np.array([accepted], dtype=np.int32)),
             pb_utils.Tensor("total_draft_tokens", np.array([drafted], dtype=np.int32)),
             pb_utils.Tensor("arrival_time_ns", np.array([arrival_ns], dtype=np.int64)),
+            pb_utils.Tensor("num_input_tokens",
+                            np.array([len(getattr(out, "prompt_token_ids", None) or [])], dtype=np.int32)),
+            pb_utils.Tensor("num_output_tokens", np.array([len(seq.token_ids)], dtype=np.int32)),
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 

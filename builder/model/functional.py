@@ -1,9 +1,11 @@
-"""Rotary position embeddings as DeepSeek-V3.2 uses them, matching transformers 5.14.1 bit for bit in fp32.
+"""DeepSeek-V3.2's math that the reference engine (``builder.engine``) and the trainable tiny model
+(``builder.train.model``) share, one definition each, matching transformers 5.14.1 ``DeepseekV32ForCausalLM`` bit
+for bit in fp32: RMSNorm, the rotary embeddings and the ``noaux_tc`` router.
 
-One frequency table over ``qk_rope_head_dim`` (default RoPE, or YaRN from ``rope_scaling``/``rope_parameters``)
-serves both MLA, which rotates **interleaved** pairs of the last 64 dims, and the DSA indexer, which rotates the
-**first** 64 dims **half-split** (FACTS §1b). YaRN also scales cos/sin by its attention factor and the softmax
-scale by ``mscale(factor, mscale_all_dim)**2``.
+RoPE: one frequency table over ``qk_rope_head_dim`` (default RoPE, or YaRN from ``rope_scaling``/
+``rope_parameters``) serves both MLA, which rotates **interleaved** pairs of the last 64 dims, and the DSA indexer,
+which rotates the **first** 64 dims **half-split** (docs/upstream-facts.md, transformers as the oracle). YaRN also
+scales cos/sin by its attention factor and the softmax scale by ``mscale(factor, mscale_all_dim)**2``.
 """
 
 from __future__ import annotations
@@ -86,9 +88,35 @@ def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def rotate_half_split(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
-    """Indexer: non-interleaved RoPE on the whole of ``x`` (the caller passes the first rope_dim dims);
-    ``cos2``/``sin2`` are the per-pair values repeated for both halves, ``[cos, cos]``, as transformers builds them."""
+def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Indexer: non-interleaved RoPE on the whole of ``x`` (the caller passes the first rope_dim dims): the first
+    half of the dims pairs with the second half, each pair turned by its angle (``cos``/``sin`` per pair)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos2 + rotated * sin2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def noaux_tc_route(cfg: ModelConfig, scores: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's ``noaux_tc`` selection from sigmoid ``scores`` [tokens, experts] (float32): choose by scores +
+    ``bias`` within the best ``topk_group`` groups (group score = sum of its top-2 biased scores); weight by the
+    unbiased scores, normalised, times ``routed_scaling_factor``. Returns (expert ids, weights), each [tokens, k].
+    The bias steers the choice only: it is added to detached scores, so training's gradients reach the chosen
+    experts' weights and never the bias (which the trainer updates from load counts)."""
+    n, g = cfg.n_routed_experts, cfg.n_group
+    choice = scores.detach() + bias
+    group_scores = choice.view(-1, g, n // g).topk(2, dim=-1).values.sum(dim=-1)
+    groups = group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_scores).scatter(1, groups, 1.0).bool()
+    choice = choice.masked_fill(~keep[:, :, None].expand(-1, g, n // g).reshape(-1, n), float("-inf"))
+    idx = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+    weights = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, weights * cfg.routed_scaling_factor

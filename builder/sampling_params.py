@@ -1,0 +1,151 @@
+"""The sampling parameters of one generation request: the one record used by ``dsbuild generate`` (its flags are
+derived from the fields), the Triton clients (the inputs they send), the CPU Triton model (the inputs it parses)
+and the reference engine (``builder.engine.sampling``).
+
+Each field carries its Triton input name (TensorRT-LLM's ``llmapi`` model: ``sampling_param_*``, see
+``triton_repo.interface``), its type there and its help text; :meth:`SamplingParams.validate` is the one place
+that checks the values. Torch-free, so clients import it without paying for torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from builder.errors import RequestError
+
+UINT64_MAX = (1 << 64) - 1
+DEFAULT_MAX_TOKENS = 16  # what a request that names no max_tokens gets (TensorRT-LLM's llmapi model likewise)
+
+
+def _param(default: Any, *, triton: str, dtype: str, help: str, always_sent: bool = False) -> Any:
+    """A field: ``triton`` is its input name and ``dtype`` its Triton type; ``always_sent``: clients send it even
+    at its default (the others only when set, so a server whose model lacks them still takes plain requests)."""
+    return field(default=default, metadata={"triton": triton, "dtype": dtype, "help": help,
+                                            "always_sent": always_sent})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    max_tokens: int = _param(DEFAULT_MAX_TOKENS, triton="sampling_param_max_tokens", dtype="INT32",
+                             help="Tokens to generate at most.", always_sent=True)
+    temperature: float = _param(0.0, triton="sampling_param_temperature", dtype="FP32",
+                                help="Sampling temperature; 0 = greedy.", always_sent=True)
+    top_k: int = _param(0, triton="sampling_param_top_k", dtype="INT32",
+                        help="Sample among the k most likely tokens; 0 = off.", always_sent=True)
+    top_p: float = _param(1.0, triton="sampling_param_top_p", dtype="FP32",
+                          help="Sample among the most likely tokens whose probabilities reach p (0 < p <= 1).",
+                          always_sent=True)
+    seed: int | None = _param(None, triton="sampling_param_seed", dtype="UINT64",
+                              help="Sampling seed (same seed, same tokens).")
+    # TensorRT-LLM's SamplingParams: subtracted from a token's logit once it occurs at all (presence) and per
+    # occurrence (frequency), counting the prompt and the generated tokens (prompt_ignore_length 0).
+    presence_penalty: float = _param(0.0, triton="sampling_param_presence_penalty", dtype="FP32",
+                                     help="Subtracted from the logit of every token already in the prompt or output "
+                                          "(negative: favour them).")
+    frequency_penalty: float = _param(0.0, triton="sampling_param_frequency_penalty", dtype="FP32",
+                                      help="Subtracted from a token's logit once per occurrence in the prompt and "
+                                           "output.")
+    stop: tuple[str, ...] = _param((), triton="sampling_param_stop", dtype="BYTES",
+                                   help="Stop strings: the output ends before the first one it contains.")
+
+    # ----- the one validation point -----
+    def validate(self) -> "SamplingParams":
+        """Raise RequestError naming the first bad field; returns self."""
+        def bad(name: str, rule: str) -> RequestError:
+            return RequestError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and not _is_int(value) or f.type == "float" and not _is_number(value):
+                raise bad(f.name, f"a{'n integer' if f.type == 'int' else ' number'}")
+        if self.max_tokens < 1:
+            raise bad("max_tokens", "at least 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", ">= 0")
+        if self.top_k < 0:
+            raise bad("top_k", ">= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= UINT64_MAX):
+            raise bad("seed", f"an integer in [0, {UINT64_MAX}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "a finite number")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a list of non-empty strings")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    # ----- JSON (the engine's broadcast to its ranks) -----
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        data = dict(data)
+        if "stop" in data:
+            data["stop"] = tuple(data["stop"])
+        return cls(**data)
+
+    # ----- Triton inputs -----
+    def triton_inputs(self) -> dict[str, Any]:
+        """The model inputs for these parameters (name -> value; lists for ``-1`` dims)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["always_sent"] or value != f.default:
+                out[f.metadata["triton"]] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_triton(cls, scalar: Callable[[str, Any], Any], strings: Callable[[str], list[str]]) -> "SamplingParams":
+        """Parse a request's inputs: ``scalar(name, default)`` reads a one-value input, ``strings(name)`` a string
+        list. Types are checked here (an FP32 max_tokens is refused, not truncated); then :meth:`validate`."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name, dtype = f.metadata["triton"], f.metadata["dtype"]
+            if dtype == "BYTES":
+                values[f.name] = tuple(s for s in strings(name) if s)
+                continue
+            value = scalar(name, f.default)
+            if value is None or value is f.default:
+                values[f.name] = f.default
+            elif dtype.startswith(("INT", "UINT")):
+                if isinstance(value, bool) or not float(value).is_integer():
+                    raise RequestError(f"{name} must be an integer, got {value!r}")
+                values[f.name] = int(value)
+            else:
+                values[f.name] = float(value)
+        try:
+            return cls(**values).validate()
+        except RequestError as exc:  # name the input the client sent
+            raise RequestError(_triton_names(str(exc))) from None
+
+
+def triton_input_types() -> dict[str, str]:
+    """Triton type of every sampling input (the clients' encoders read it)."""
+    return {f.metadata["triton"]: f.metadata["dtype"] for f in fields(SamplingParams)}
+
+
+def _triton_names(message: str) -> str:
+    for f in fields(SamplingParams):
+        if message.startswith(f.name + " "):
+            return f.metadata["triton"] + message[len(f.name):]
+    return message
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
