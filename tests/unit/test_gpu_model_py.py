@@ -95,7 +95,8 @@ class Output:
             if self.aborted.is_set():
                 return
             await asyncio.sleep(0.02)
-            seq = types.SimpleNamespace(text="x" * (i + 1), finish_reason="length" if i == self.steps - 1 else None,
+            seq = types.SimpleNamespace(text="x" * (i + 1), token_ids=list(range(i + 1)),
+                                        finish_reason="length" if i == self.steps - 1 else None,
                                         stop_reason=None, cumulative_logprob=0.0)
             yield types.SimpleNamespace(outputs=[seq], finished=i == self.steps - 1)
 
