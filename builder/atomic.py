@@ -9,12 +9,13 @@ leaves is a dot-name with ``.tmp-`` or ``.old-`` that :func:`remove_stale_tempor
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+
+from builder.safeio import dumps_json
 
 
 def _umask() -> int:
@@ -79,7 +80,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (no NaN/Infinity: see :func:`builder.safeio.dumps_json`), written atomically."""
+    atomic_write_text(path, dumps_json(obj) + "\n")
 
 
 def atomic_symlink(target: str | Path, link: str | Path) -> None:

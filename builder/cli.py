@@ -15,6 +15,7 @@ import click
 from builder import __version__
 from builder.errors import DsbuildError
 from builder.rundir import RunDir
+from builder.safeio import dumps_json
 from builder.specs import RunSpec, resolve_spec
 
 
@@ -118,7 +119,7 @@ def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float,
         if gpu_host:
             out["stages"] += [{"stage": s, "status": "left for GPU host"} for s in gpu_host["stages"]]
             out["left_for_gpu_host"] = gpu_host
-        click.echo(json.dumps(out, indent=2))
+        click.echo(dumps_json(out, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -293,7 +294,7 @@ def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, reque
     if plot_path:
         plot(result, plot_path)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(dumps_json(result, indent=2))
     else:
         print_tables(result)
 
@@ -322,7 +323,7 @@ def plan_cmd(config_file, verbose, as_json, plot_file, top, **kwargs):
     if plot_file:
         plot_plan(result, plot_file)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=1))
+        click.echo(dumps_json(result.to_dict(), indent=1))
     else:
         render_table(result, limit=top)
     if result.recommended is None:
@@ -483,7 +484,7 @@ def _generate_remote(*, url: str, prompt: str, protocol: str, stream: bool, max_
     result = generate(url, opts, protocol=protocol, model=model_name, timeout=timeout,
                       on_text=show if stream and not as_json else None)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(dumps_json(result.to_json(), indent=2))
     elif stream:
         rest = result.text[len(shown[0]):] if result.text.startswith(shown[0]) else "\n" + result.text
         click.echo(rest)
@@ -548,7 +549,7 @@ def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tole
 
     report = verify_engine(engine_dir, checkpoint=checkpoint, gen_tokens=gen_tokens, tolerance=tolerance,
                            threads_per_rank=threads_per_rank, python_executable=python_executable)
-    click.echo(json.dumps(report, indent=2))
+    click.echo(dumps_json(report, indent=2))
     if not report["ok"]:
         why = "greedy tokens differ" if not report["greedy_match"] else \
             f"max relative logit error {report['max_rel_err']:.2e} exceeds {tolerance:.0e}"
@@ -613,7 +614,7 @@ def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: boo
     finally:
         stop()
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(dumps_json(result.to_json(), indent=2))
         return
     s = result.stats
     click.echo(f"pushed {result.reference}@{result.digest}", err=True)
@@ -645,7 +646,7 @@ def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: 
     finally:
         stop()
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+        click.echo(dumps_json(asdict(result), indent=2))
 
 
 @main.command("dockerfile")

@@ -12,7 +12,6 @@ them (Basic or Bearer-token challenge), a bounded retry of a whole blob upload o
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from builder.errors import RegistryError, VerificationError
 from builder.publish.credentials import Credentials, find_credentials
 from builder.publish.reference import OciReference
 from builder.retry import Backoff, retry
+from builder.safeio import dumps_json
 
 CHUNK_BYTES = 32 << 20  # one PATCH; also the most a transfer holds in memory
 READ_BYTES = 1 << 20
@@ -270,7 +270,7 @@ class RegistryClient(oras.provider.Registry):
     def put_manifest(self, manifest: dict[str, Any], *, tag: str) -> str:
         """Upload an image manifest under ``tag``; returns its digest (``sha256:...``)."""
         jsonschema.validate(manifest, schema=oras.schemas.manifest)  # oras' OCI image-manifest schema
-        body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+        body = dumps_json(manifest, compact=True, sort_keys=True).encode()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         url = f"{self.prefix}://{self.container.manifest_url(tag)}"
 

@@ -18,6 +18,7 @@ from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, DEFAULT_
 from builder.publish.client import CHUNK_BYTES, OCI_MANIFEST, Progress, RegistryClient, TransferStats
 from builder.publish.dockerfile import TENSORRT_LLM_VERSION, TRITON_IMAGE, dockerfile_values, render_dockerfile
 from builder.publish.reference import OciReference
+from builder.safeio import dumps_json
 
 # Where a fetch stage records the hub commit it resolved (first key present wins).
 COMMIT_KEYS = ("commit", "commit_sha", "sha", "revision_sha")
@@ -150,8 +151,8 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
                                 digest="sha256:" + sha256_file(run_dir / MANIFEST),
                                 size=(run_dir / MANIFEST).stat().st_size))
             config_path = work / "config.json"
-            config_path.write_text(json.dumps(_config(manifest, entries, annotations), sort_keys=True,
-                                              separators=(",", ":")))
+            config_path.write_text(dumps_json(_config(manifest, entries, annotations), compact=True,
+                                              sort_keys=True))
             config = Layer(title="config", media_type=CONFIG_MEDIA_TYPE, source=config_path,
                            digest="sha256:" + sha256_file(config_path), size=config_path.stat().st_size)
             total = sum(layer.size for layer in layers) + config.size

@@ -18,6 +18,7 @@ import torch
 from builder.atomic import atomic_write_json
 from builder.model import trained as builtin
 from builder.model.tokenizer import corpus_sha256, train_tokenizer
+from builder.safeio import dumps_json
 from builder.train.data import TokenData
 from builder.train.trainer import RECIPES, SMALL_EVAL_SEQUENCES, TrainConfig, evaluate, train, with_steps
 
@@ -30,7 +31,7 @@ def _worker(cfg_dict: dict, tokenizer_json: str, out_dir: str, progress_q) -> No
     data = TokenData.from_tokenizer(Tokenizer.from_str(tokenizer_json))
     result = train(cfg, data, progress=lambda step, loss: progress_q.put((cfg.preset, step, loss)))
     save_file({k: v.contiguous() for k, v in result.weights.items()}, str(Path(out_dir) / "weights.safetensors"))
-    (Path(out_dir) / "metrics.json").write_text(json.dumps(result.metrics))
+    (Path(out_dir) / "metrics.json").write_text(dumps_json(result.metrics))
     progress_q.put((cfg.preset, None, None))
 
 
