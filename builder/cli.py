@@ -151,7 +151,7 @@ def _human(n: int) -> str:
 def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], dry_run: bool, as_json: bool,
                 wait: bool) -> None:
     from builder.hostfit import gpu_host_instructions, host_fit
-    from builder.pipeline import run_pipeline, update_latest
+    from builder.pipeline import check_latest, run_pipeline, update_latest
     from builder.stages import all_stages, stages_through
 
     stages = stages_through(spec, through) if through else all_stages(spec)
@@ -172,8 +172,11 @@ def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], d
         log(f"this host runs {', '.join(s.name for s in stages if s.name not in fit.deferred)}; "
             f"{', '.join(fit.deferred)} are left for the GPU host: {fit.reason}")
         stages = [s for s in stages if s.name not in fit.deferred]
+    updates_latest = not dry_run and through is None and not fit.deferred
+    if updates_latest:
+        check_latest(run_dir)  # before hours of stages, not after them
     results = run_pipeline(spec, stages, run_dir=run_dir, force=forced, dry_run=dry_run, wait=wait, log=log)
-    if not dry_run and through is None and not fit.deferred:
+    if updates_latest:
         update_latest(run_dir)
     gpu_host = None
     if fit.deferred:
