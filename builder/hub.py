@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+from builder import redact
 from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
 from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
 from builder.paths import safe_relpath
@@ -87,6 +88,7 @@ def hub_repo(repo_id: str, *, cache_dir: Path | None = None) -> HubRepo:
     """``repo_id`` on ``HF_ENDPOINT`` (default huggingface.co), cached in ``cache_dir`` or ``HF_HUB_CACHE``."""
     from huggingface_hub import constants
 
+    redact.install()  # huggingface_hub's handler exists now: its retry lines must not show HF_ENDPOINT's user-info
     cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
     return HubRepo(repo_id=repo_id, cache_dir=cache.expanduser(), endpoint=constants.ENDPOINT.rstrip("/"),
                    offline=bool(constants.HF_HUB_OFFLINE))

@@ -9,6 +9,8 @@ The one place for:
   most :data:`MAX_INT_DIGITS` digits and no NaN/Infinity, every failure one sentence in the caller's error class;
 - :func:`dumps_json`: the one JSON writer. Strict JSON (``allow_nan=False``): a NaN or infinity anywhere is a
   ``ValueError`` naming where it is, never a bare ``NaN`` in a file another tool must parse.
+
+What Python's json and PyYAML do on their own, and so why the hooks: docs/hardening-facts.md JSON-1, YAML-1.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def parse_header_bytes(raw: bytes, *, file_size: int, source: str = "<bytes>") -
     for name, entry in header.items():
         tensors[name] = _parse_entry(name, entry, source)
     # The data section must be covered exactly, as the safetensors library itself requires when it opens the file
-    # (build does): tensors back to back from byte 0, no overlap, no gap, nothing after the last one.
+    # (build does; docs/hardening-facts.md ST-1): tensors back to back from byte 0, no gap, nothing after the last.
     spans = sorted(tensors.values(), key=lambda t: (t.begin, t.end))
     cursor = 0
     for t in spans:
