@@ -228,23 +228,33 @@ COMMIT_POINTS = ("before-rename", "after-rename", "after-manifest")
 FAST_COMMIT = {("quantize", "after-rename", True)}
 
 
+@pytest.fixture(scope="module")
+def shared_clean(tmp_path_factory, cache_dir, tiny_ckpt) -> Harness:
+    """One clean run for all the commit-step kills (each works in a directory of its own, hard-linked from it)."""
+    root = tmp_path_factory.mktemp("commit-kills")
+    model = root / "model"
+    shutil.copytree(tiny_ckpt, model)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
+    h = Harness(root, {**base, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(cache_dir), "OMP_NUM_THREADS": "1"},
+                str(model))
+    h.clean_run()
+    return h
+
+
 @pytest.mark.parametrize("stage,point,rebuilt", [
     pytest.param(stage, point, rebuilt, id=f"{stage}-{point}-{'rebuilt' if rebuilt else 'first'}",
                  marks=() if (stage, point, rebuilt) in FAST_COMMIT else pytest.mark.slow)
     for stage in ("fetch", "quantize", "build", "package") for point in COMMIT_POINTS for rebuilt in (False, True)])
-def test_sigkill_at_every_commit_step_then_rerun_is_clean(stage, point, rebuilt, tmp_path, base_env, local_model):
+def test_sigkill_at_every_commit_step_then_rerun_is_clean(stage, point, rebuilt, shared_clean):
     """Issue 18 item 7: a kill between a stage's rename and its manifest write (and at the other commit steps)
     never leaves content the rerun calls cached while it differs from manifest.json."""
-    h = Harness(tmp_path, base_env, local_model)
-    h.clean_run()
-    result = kill_at_commit_step(h, stage, point, rebuilt=rebuilt)
-    record.add("commit_kills", stage, **result)
+    result = kill_at_commit_step(shared_clean, stage, point, rebuilt=rebuilt)
+    record.add("commit_kills", stage, item=7, **result)
 
 
-def test_same_size_edit_of_a_cached_output_is_rebuilt(tmp_path, base_env, local_model):
+def test_same_size_edit_of_a_cached_output_is_rebuilt(shared_clean):
     """The old cache check compared sizes: a same-size change to a built file was reported cached."""
-    h = Harness(tmp_path, base_env, local_model)
-    h.clean_run()
+    h = shared_clean
     run_dir = h.prepared("build", "edited", including=True)  # plan, fetch, quantize, build complete (hard links)
     changed = [tamper(run_dir, s) for s in ("quantize", "build")]
     proc = h.dsbuild("build", "--json", run_dir=run_dir)
@@ -255,7 +265,8 @@ def test_same_size_edit_of_a_cached_output_is_rebuilt(tmp_path, base_env, local_
     assert status["fetch"] == "cached"
     assert_manifest_lists_only_complete_outputs(run_dir)
     assert digests(run_dir, ORDER[:4]) == digests(h.clean, ORDER[:4])
-    record.add("commit_kills", "same-size-edit", point="edited-after-completion", rebuilt=True,
+    shutil.rmtree(run_dir.parent)
+    record.add("commit_kills", "same-size-edit", item=7, point="edited-after-completion", rebuilt=True,
                listed_after_kill=True, rerun="built", tampered=", ".join(changed))
 
 

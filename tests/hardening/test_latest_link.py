@@ -79,7 +79,7 @@ def test_latest_that_dsbuild_did_not_make_is_refused_before_any_stage(dsbuild, t
     assert words in message, message
     assert _listing(build) == before and snapshot(build) == contents  # nothing replaced, no .latest.tmp-*
     assert not (build / "r").exists(), "a stage ran before the refusal"
-    record.add("bad_inputs", name, exit_code=proc.returncode, message=message)
+    record.add("bad_inputs", name, exit_code=proc.returncode, message=message, item=8)
 
 
 def test_links_dsbuild_made_are_replaced_and_a_rerun_through_latest_keeps_it(dsbuild, tmp_path):
@@ -94,5 +94,5 @@ def test_links_dsbuild_made_are_replaced_and_a_rerun_through_latest_keeps_it(dsb
     assert proc.returncode == 0, proc.stderr
     assert os.readlink(build / "latest") == "r" and (build / "r" / "manifest.json").is_file()
     assert sorted(p.name for p in build.iterdir()) == ["latest", "r"]
-    record.add("checks", "latest-made-by-dsbuild-is-replaced",
+    record.add("checks", "latest-made-by-dsbuild-is-replaced", item=8,
                detail="a dangling dsbuild link repointed; a run through --out build/latest keeps the link")

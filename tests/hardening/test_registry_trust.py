@@ -186,7 +186,11 @@ def test_pull_refuses_what_the_verified_manifest_does_not_say(dsbuild, tmp_path,
     assert words in message, message
     assert not (tmp_path / "dest").exists(), "pull left files under the destination"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dest")], "temporary left behind"
-    record.add("bad_inputs", f"pull-{name}", exit_code=proc.returncode, message=message)
+    record.add("bad_inputs", f"pull-{name}", exit_code=proc.returncode, message=message,
+               item=12 if name.startswith(ITEM_12) else 13)
+
+
+ITEM_12 = ("extra-", "second-manifest", "manifest-json-as", "same-file", "tar-", "dockerfile-", "stages-annotation")
 
 
 def test_pull_of_a_valid_artifact_writes_exactly_the_listed_files(dsbuild, tmp_path):
@@ -201,7 +205,7 @@ def test_pull_of_a_valid_artifact_writes_exactly_the_listed_files(dsbuild, tmp_p
     assert _listed_files(tmp_path / "dest") == listed | {"manifest.json", "Dockerfile"}
     assert "FROM anything" not in (tmp_path / "dest" / "Dockerfile").read_text()
     assert not [r for r in state.requests if r.path.endswith(hashlib.sha256(b"FROM anything\n").hexdigest())]
-    record.add("checks", "pull-writes-exactly-the-listed-files",
+    record.add("checks", "pull-writes-exactly-the-listed-files", item=12,
                detail=f"{len(listed)} listed files + manifest.json + the Dockerfile rendered from them")
 
 
@@ -260,7 +264,7 @@ def test_pull_stops_reading_a_blob_at_its_declared_size(dsbuild, tmp_path, name,
     assert not (tmp_path / "dest").exists()
     # The client hung up early: the registry got at most a few MB of its 400 MB out (socket buffers included).
     assert sent < 64 * MB, sent
-    record.add("bad_inputs", f"pull-{name}", exit_code=proc.returncode, message=message)
+    record.add("bad_inputs", f"pull-{name}", exit_code=proc.returncode, message=message, item=14)
 
 
 def test_oversized_manifest_and_error_bodies_are_not_read_whole(tmp_path):
@@ -273,7 +277,7 @@ def test_oversized_manifest_and_error_bodies_are_not_read_whole(tmp_path):
         with pytest.raises(RegistryError, match="with more than 4194304 bytes"):
             client.ping()
         assert state.sent_bytes < 64 * MB
-    record.add("bad_inputs", "registry-32MB-manifest-and-256MB-error-body", exit_code=10,
+    record.add("bad_inputs", "registry-32MB-manifest-and-256MB-error-body", exit_code=10, item=14,
                message="answered ... with more than 4194304 bytes; refusing to read on")
 
 
@@ -352,7 +356,7 @@ def test_push_reads_only_safe_paths_inside_the_run(dsbuild, tmp_path, name, make
     assert proc.returncode == code, proc.stderr
     assert words in message, message
     assert not uploads, "push sent bytes before refusing"
-    record.add("bad_inputs", name, exit_code=proc.returncode, message=message)
+    record.add("bad_inputs", name, exit_code=proc.returncode, message=message, item=15)
 
 
 # --- item 16: where credentials may go ---------------------------------------------------------------------------
@@ -404,13 +408,15 @@ def test_credentials_go_only_to_an_https_realm_or_this_machine(name, registry, r
         client.ping()
         token_calls = [c for c in rec.calls if "/token" in c[1]]
         assert token_calls and (("Basic " + secret) == token_calls[0][2].get("Authorization")) == with_creds
+        record.add("checks", f"realm-{name}", item=16, detail="credentials sent as intended" if with_creds
+                   else "anonymous token request, no secret")
     else:
         with pytest.raises(RegistryError) as err:
             client.ping()
         assert "pw-9f8e" not in str(err.value) and "u:p@" not in str(err.value)
         assert not any(secret in str(c[2]) for c in rec.calls), "credentials were sent"
         assert not any("/token" in c[1] for c in rec.calls), "the realm was contacted"
-        record.add("bad_inputs", f"realm-{name}", exit_code=10, message=str(err.value))
+        record.add("bad_inputs", f"realm-{name}", exit_code=10, message=str(err.value), item=16)
 
 
 class _RedirectingRealm(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -457,3 +463,5 @@ def test_a_realm_redirecting_to_another_host_does_not_get_the_credentials_there(
     redirected = [auth for host, auth in seen if host.startswith("localhost")]
     assert redirected == [None], seen
     assert any(auth and auth.startswith("Basic ") for host, auth in seen if host.startswith("127.0.0.1"))
+    record.add("checks", "realm-redirect-to-another-host", item=16,
+               detail="the redirected token request arrived without Authorization")

@@ -59,7 +59,7 @@ def test_read_bounded_refuses_every_kind_of_non_file_without_reading(tmp_path):
             assert outcome and words in str(outcome[0]), (path, outcome)
     finally:
         sock.close()
-    record.add("checks", "read-bounded-non-files", detail=f"{len(cases)} kinds of path refused before a byte was read")
+    record.add("checks", "read-bounded-non-files", item=10, detail=f"{len(cases)} kinds of path refused before a byte was read")
 
 
 def test_read_bounded_reads_at_most_limit_plus_one(tmp_path):
@@ -179,5 +179,5 @@ def test_every_json_file_and_document_a_run_writes_is_strict_json(dsbuild, tmp_p
         _strict_loads(f.read_text())
     report = json.loads((tmp_path / "build" / "r" / "quantized" / "quant_report.json").read_text())
     assert report["weights"]["tensors"] > 100
-    record.add("checks", "strict-json-scan", detail=f"{len(files)} JSON files of a run and {len(documents)} printed "
+    record.add("checks", "strict-json-scan", item=6, detail=f"{len(files)} JSON files of a run and {len(documents)} printed "
                "documents parse with NaN/Infinity refused")

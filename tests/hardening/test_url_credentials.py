@@ -46,7 +46,7 @@ def test_huggingface_hub_retry_warnings_do_not_show_hf_endpoint_credentials(dsbu
     assert TOKEN not in out
     assert "HTTP Error 429 thrown while requesting GET http://***@127.0.0.1" in proc.stderr, proc.stderr
     assert TOKEN not in (tmp_path / "build" / "r" / "manifest.json").read_text()
-    record.add("secrets", "hf-endpoint-user-info-in-retry-warnings",
+    record.add("secrets", "hf-endpoint-user-info-in-retry-warnings", item=17,
                retry_lines=proc.stderr.count("thrown while requesting"), token_seen=0)
 
 
@@ -81,7 +81,7 @@ def test_dsbuild_errors_never_repeat_url_credentials(dsbuild, tmp_path, name, ar
     assert proc.returncode == code, proc.stderr
     assert PASSWORD not in proc.stdout + proc.stderr and TOKEN not in proc.stdout + proc.stderr
     assert words in message, message
-    record.add("bad_inputs", name, exit_code=proc.returncode, message=message)
+    record.add("bad_inputs", name, exit_code=proc.returncode, message=message, item=17)
 
 
 # --- the filter itself -------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def test_records_from_any_library_logger_are_redacted_where_they_are_emitted(hf_
     printed = hf_handler_output.getvalue()
     assert printed.count("http://***@127.0.0.1:9/acme") == 6, printed
     assert TOKEN not in printed
-    record.add("secrets", "url-credential-log-filter", lines=printed.count("\n"), token_seen=0)
+    record.add("secrets", "url-credential-log-filter", item=17, lines=printed.count("\n"), token_seen=0)
 
 
 @pytest.mark.parametrize("text,want", [
