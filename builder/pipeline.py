@@ -5,15 +5,15 @@ the spec fields that affect it, extra inputs it declares (e.g. the hub commit sh
 versions of the tools it uses.
 
 A stage is complete only when its outputs are what ``manifest.json`` records for its key. Committing a built stage
-is four steps, each a single rename: (1) the stage's manifest entry and completion record are dropped, (2) its
-directory is renamed into place, (3) the new manifest entry (key, every file's size and sha256) is written, (4) a
-completion record (``<run>/.dsbuild-complete/<stage>.json``: the key, a digest of the entry's output list and
-each file's size, mtime and inode) is written last. The cache check is cheap when the record matches the entry and
-every file still has the recorded size, mtime and inode; otherwise (no record: a kill between steps, a pulled or copied run) the
-files are hashed against the manifest once, and the record rewritten if they match. A process killed at any point
-leaves at worst a ``.NAME.tmp-*`` directory the next run removes, or a stage the next run rebuilds or verifies —
-never content reported ``cached`` that differs from the manifest (tests/hardening/test_kill_harness.py kills at
-every step).
+takes four steps: (1) the stage's manifest entry and completion record are dropped, (2) its directory is renamed
+into place, (3) the new manifest entry (key, every file's size and sha256) is written, (4) a completion record
+(``<run>/.dsbuild-complete/<stage>.json``: the key, a digest of the entry's output list and each file's size, mtime
+and inode) is written last. The cache check is cheap when the record matches the entry and every file still has the
+recorded size, mtime and inode; otherwise (no record: a kill between steps, a pulled or copied run) the files are
+hashed against the manifest once, and the record rewritten if they match. A process killed at any point leaves at
+worst a ``.NAME.tmp-*`` directory the next run removes, or a stage the next run rebuilds or verifies — never
+content reported ``cached`` that differs from the manifest (tests/hardening/test_kill_harness.py kills at every
+step).
 """
 
 from __future__ import annotations

@@ -81,12 +81,13 @@ class RegistryClient(oras.provider.Registry):
     # --- the request path -------------------------------------------------------------------------------------
 
     def _send(self, method: str, url: str, *, stream: bool = False, **kw: Any) -> requests.Response:
-        """One request. The body is always streamed: a caller that does not stream it gets it read here, at most
-        :data:`MAX_RESPONSE_BYTES` (a manifest, a token, an error), so no answer can fill memory or disk."""
+        """One request. The body is always streamed: unless the caller streams a successful answer itself (a blob,
+        read up to its declared size), it is read here, at most :data:`MAX_RESPONSE_BYTES` (a manifest, a token, an
+        error body), so no answer can fill memory or disk."""
         try:
             resp = self.session.request(method, url, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
                                         verify=self._tls_verify, allow_redirects=True, stream=True, **kw)
-            if not stream:
+            if not stream or not resp.ok:
                 self._read_bounded_body(resp, f"{method} {_path(url)}")
             return resp
         except requests.exceptions.SSLError:

@@ -68,10 +68,10 @@ def _layers(manifest: Any, ref: OciReference) -> list[dict[str, Any]]:
     return layers
 
 
-def _run_manifest(raw: bytes, ref: OciReference) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _run_manifest(raw: bytes, ref: OciReference) -> dict[str, Any]:
     doc = parse_json(raw, source=f"the {MANIFEST} in {ref}", error=VerificationError)
-    outputs = check_run_manifest(doc, what=f"the {MANIFEST} in {ref}", error=VerificationError)
-    return doc, outputs
+    check_run_manifest(doc, what=f"the {MANIFEST} in {ref}", error=VerificationError)
+    return doc
 
 
 def _expected_files(run_manifest: Mapping[str, Any], stage_names: list[str]) -> dict[str, dict[str, Any]]:
@@ -95,7 +95,7 @@ def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: M
     manifest, digest = client.fetch_manifest()
     layers = _layers(manifest, ref)
     stage_names = [s for s in (manifest.get("annotations") or {}).get(STAGES_ANNOTATION, "").split(",") if s]
-    manifest_layers = [layer for layer in layers if layer["mediaType"] == MANIFEST_MEDIA_TYPE or layer["_title"] == MANIFEST]
+    manifest_layers = [la for la in layers if la["mediaType"] == MANIFEST_MEDIA_TYPE or la["_title"] == MANIFEST]
     if len(manifest_layers) != 1 or manifest_layers[0]["_title"] != MANIFEST \
             or manifest_layers[0]["mediaType"] != MANIFEST_MEDIA_TYPE:
         raise RegistryError(f"{ref} does not carry exactly one {MANIFEST} layer")
@@ -106,7 +106,7 @@ def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: M
     out.parent.mkdir(parents=True, exist_ok=True)
     with staging_dir(out) as tmp:
         _download(client, manifest_layers[0], tmp / MANIFEST, hook)
-        run_manifest, _ = _run_manifest((tmp / MANIFEST).read_bytes(), ref)
+        run_manifest = _run_manifest((tmp / MANIFEST).read_bytes(), ref)
         expected = _expected_files(run_manifest, stage_names)
         need = sum(f["size"] for f in expected.values()) + max((la["size"] for la in layers), default=0)
         free = shutil.disk_usage(tmp).free

@@ -277,7 +277,12 @@ def test_oversized_manifest_and_error_bodies_are_not_read_whole(tmp_path):
         with pytest.raises(RegistryError, match="with more than 4194304 bytes"):
             client.ping()
         assert state.sent_bytes < 64 * MB
-    record.add("bad_inputs", "registry-32MB-manifest-and-256MB-error-body", exit_code=10, item=14,
+    with hostile_registry(Hostile(blob_error_bytes=256 * MB)) as state:
+        client = RegistryClient(parse_reference(f"oci://{state.address}/team/run:v1"), insecure=True, retries=0)
+        with pytest.raises(RegistryError, match="with more than 4194304 bytes"):
+            client.download_blob_to(digest="sha256:" + "0" * 64, size=28, out=io.BytesIO(), title="plan/plan.json")
+        assert state.sent_bytes < 64 * MB
+    record.add("bad_inputs", "registry-32MB-manifest-and-256MB-error-bodies", exit_code=10, item=14,
                message="answered ... with more than 4194304 bytes; refusing to read on")
 
 

@@ -45,6 +45,7 @@ class Hostile:
     blobs: dict[str, Blob] = field(default_factory=dict)
     challenge: str | None = None  # a WWW-Authenticate value; requests without "Bearer ok" get 401 with it
     error_body_bytes: int = 0  # when > 0: /v2/ answers 500 with a body this long
+    blob_error_bytes: int = 0  # when > 0: every blob GET answers 500 with a body this long
     requests: list[Seen] = field(default_factory=list)
     sent_bytes: int = 0
     address: str = ""
@@ -113,6 +114,8 @@ def hostile_registry(state: Hostile) -> Iterator[Hostile]:
                 return self._send(200, state.manifest, {"Content-Type": OCI_MANIFEST,
                                                         "Docker-Content-Digest": sha(state.manifest)})
             if "/blobs/" in self.path:
+                if state.blob_error_bytes:
+                    return self._send(500, b"", extra=state.blob_error_bytes)
                 blob = state.blobs.get(self.path.rsplit("/", 1)[1])
                 if blob is None:
                     return self._send(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}')
