@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from builder.safeio import dumps_json  # noqa: E402
 from tests.support.registry import run_registry  # noqa: E402
 
 BLOCK = 16 << 20
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               "rss_growth_mb_per_gb": ((big_push[-1]["peak_rss_mb"] - big_push[0]["peak_rss_mb"])
                                        / max(big_push[-1]["gb"] - big_push[0]["gb"], 1e-9)) if len(big_push) > 1 else None}
     _plot(rows, args.png)
-    args.png.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.png.with_suffix(".json").write_text(dumps_json(result) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

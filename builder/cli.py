@@ -15,7 +15,10 @@ import click
 
 from builder import __version__
 from builder.errors import DsbuildError
+from builder.redact import install as install_log_redaction
+from builder.redact import redact_urls
 from builder.rundir import RunDir
+from builder.safeio import dumps_json
 from builder.sampling_params import SamplingParams
 from builder.specs import RunSpec, resolve_spec
 
@@ -91,12 +94,19 @@ def handle_errors(fn: Callable) -> Callable:
             if verbose:
                 import traceback
 
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+                click.echo(redact_urls(traceback.format_exc()), err=True, nl=False)
+            click.echo(f"error: {redact_urls(str(exc))}", err=True)  # no URL credentials, whoever wrote the message
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing partial is kept (rerun to continue)", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception:  # a bug: shown with its traceback, still without URL credentials
+            import traceback
+
+            click.echo(redact_urls(traceback.format_exc()), err=True, nl=False)
+            sys.exit(1)
     return wrapper
 
 
@@ -110,6 +120,7 @@ def main() -> None:
     Stages: plan -> fetch -> quantize -> build -> package. Each stage subcommand builds what it needs first;
     `dsbuild run` runs them all. Outputs go to build/<run-name>/ with a manifest.json; unchanged stages are cached.
     """
+    install_log_redaction()
 
 
 def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float,
@@ -123,7 +134,7 @@ def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float,
         if gpu_host:
             out["stages"] += [{"stage": s, "status": "left for GPU host"} for s in gpu_host["stages"]]
             out["left_for_gpu_host"] = gpu_host
-        click.echo(json.dumps(out, indent=2))
+        click.echo(dumps_json(out, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -155,7 +166,7 @@ def _human(n: int) -> str:
 def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], dry_run: bool, as_json: bool,
                 wait: bool) -> None:
     from builder.hostfit import gpu_host_instructions, host_fit
-    from builder.pipeline import run_pipeline, update_latest
+    from builder.pipeline import check_latest, run_pipeline, update_latest
     from builder.stages import all_stages, stages_through
 
     stages = stages_through(spec, through) if through else all_stages(spec)
@@ -176,8 +187,11 @@ def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], d
         log(f"this host runs {', '.join(s.name for s in stages if s.name not in fit.deferred)}; "
             f"{', '.join(fit.deferred)} are left for the GPU host: {fit.reason}")
         stages = [s for s in stages if s.name not in fit.deferred]
+    updates_latest = not dry_run and through is None and not fit.deferred
+    if updates_latest:
+        check_latest(run_dir)  # before hours of stages, not after them
     results = run_pipeline(spec, stages, run_dir=run_dir, force=forced, dry_run=dry_run, wait=wait, log=log)
-    if not dry_run and through is None and not fit.deferred:
+    if updates_latest:
         update_latest(run_dir)
     gpu_host = None
     if fit.deferred:
@@ -334,7 +348,7 @@ def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, reque
     if plot_path:
         plot(result, plot_path)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(dumps_json(result, indent=2))
     else:
         print_tables(result)
 
@@ -363,7 +377,7 @@ def plan_cmd(config_file, verbose, as_json, plot_file, top, **kwargs):
     if plot_file:
         plot_plan(result, plot_file)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=1))
+        click.echo(dumps_json(result.to_dict(), indent=1))
     else:
         render_table(result, limit=top)
     if result.recommended is None:
@@ -528,7 +542,7 @@ def _generate_remote(*, url: str, prompt: str, params: SamplingParams, protocol:
     result = generate(url, GenerateOptions(prompt=prompt, sampling=params, stream=stream), protocol=protocol,
                       model=model_name, timeout=timeout, on_text=show if stream and not as_json else None)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(dumps_json(result.to_json(), indent=2))
     elif stream:
         rest = result.text[len(shown[0]):] if result.text.startswith(shown[0]) else "\n" + result.text
         click.echo(rest)
@@ -590,7 +604,7 @@ def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tole
 
     report = verify_engine(engine_dir, checkpoint=checkpoint, gen_tokens=gen_tokens, tolerance=tolerance,
                            threads_per_rank=threads_per_rank, python_executable=python_executable)
-    click.echo(json.dumps(report, indent=2))
+    click.echo(dumps_json(report, indent=2))
     if not report["ok"]:
         why = "greedy tokens differ" if not report["greedy_match"] else \
             f"max relative logit error {report['max_rel_err']:.2e} exceeds {tolerance:.0e}"
@@ -655,7 +669,7 @@ def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: boo
     finally:
         stop()
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(dumps_json(result.to_json(), indent=2))
         return
     s = result.stats
     click.echo(f"pushed {result.reference}@{result.digest}", err=True)
@@ -687,7 +701,7 @@ def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: 
     finally:
         stop()
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+        click.echo(dumps_json(asdict(result), indent=2))
 
 
 @main.command("dockerfile")

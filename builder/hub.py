@@ -41,6 +41,7 @@ from huggingface_hub.hf_api import RepoFile as HfRepoFile
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from tqdm.auto import tqdm
 
+from builder import redact
 from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
 from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
 from builder.model.selection import path_selected
@@ -93,6 +94,7 @@ class HubRepo:
 
 def hub_repo(repo_id: str, *, cache_dir: Path | None = None) -> HubRepo:
     """``repo_id`` on ``HF_ENDPOINT`` (default huggingface.co), cached in ``cache_dir`` or ``HF_HUB_CACHE``."""
+    redact.install()  # huggingface_hub's handler exists now: its retry lines must not show HF_ENDPOINT's user-info
     cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
     return HubRepo(repo_id=repo_id, cache_dir=cache.expanduser(), endpoint=constants.ENDPOINT.rstrip("/"),
                    offline=bool(constants.HF_HUB_OFFLINE))

@@ -13,11 +13,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from builder.errors import SpecError
 from builder.layout import Layout
+from builder.safeio import parse_yaml, read_bounded
 from quantize import registry as quant_formats
 
 QuantMode = Literal[quant_formats.NAMES]  # type: ignore[valid-type]
@@ -32,7 +32,7 @@ def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), cli: str | Non
 
 
 class RunSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- model and source ---
     model: str = opt("tiny", "Model: 'tiny' (trained, built in), 'tiny-draft', 'tiny-random', a Hugging Face repo id, "
@@ -190,16 +190,8 @@ def env_values(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_FILE_BYTES:
-            raise SpecError(f"config file {path} is larger than {MAX_CONFIG_FILE_BYTES} bytes")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"config file {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpecError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise SpecError(f"config file {path} nests too deeply") from None
+    raw = read_bounded(path, limit=MAX_CONFIG_FILE_BYTES, what="config file", error=SpecError)
+    data = parse_yaml(raw, source=f"config file {path}", error=SpecError)
     if data is None:
         return {}
     if not isinstance(data, dict):

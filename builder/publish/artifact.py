@@ -29,6 +29,7 @@ ARTIFACT_TYPE = "application/vnd.dsbuild.deployment.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.dsbuild.deployment.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.dsbuild.manifest.v1+json"
 DOCKERFILE_MEDIA_TYPE = "application/vnd.dsbuild.dockerfile.v1"
+DOCKERFILE_TITLE = "Dockerfile"  # push's rendered Dockerfile when the run's package/ has none
 TAR_SUFFIX = ".tar+gzip"
 TITLE = "org.opencontainers.image.title"
 LARGE_FILE_BYTES = 64 << 20
