@@ -78,7 +78,18 @@ def common_options(fn: Callable) -> Callable:
 def spec_from(kwargs: dict[str, Any], config_file: Path | None) -> RunSpec:
     cli_values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
     cli_values = {k: v for k, v in cli_values.items() if v is not None and v != []}
-    return resolve_spec(cli=cli_values, config_file=config_file)
+    spec = resolve_spec(cli=cli_values, config_file=config_file)
+    click.get_current_context().meta["dsbuild.spec"] = spec  # so a later refusal of a value can say where it came from
+    return spec
+
+
+def _with_origin(exc: DsbuildError) -> str:
+    """The error's sentence, plus where the refused option's value came from when the error names one."""
+    option = getattr(exc, "option", None)
+    ctx = click.get_current_context(silent=True)
+    spec = ctx.meta.get("dsbuild.spec") if ctx is not None else None
+    where = spec.origin_of(option) if option is not None and spec is not None else None
+    return f"{exc} (--{option.replace('_', '-')} from {where})" if where else str(exc)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -92,7 +103,7 @@ def handle_errors(fn: Callable) -> Callable:
                 import traceback
 
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_with_origin(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing partial is kept (rerun to continue)", err=True)

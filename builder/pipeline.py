@@ -63,6 +63,10 @@ class Stage:
     spec_view: Callable[[RunSpec], RunSpec] | None = None
     fields_of: str | None = None
     inputs_as: dict[str, str] = field(default_factory=dict)
+    # What the stage would refuse about the spec, checked for every stage of a run before any of them starts (and
+    # before the run directory is created): raises a DsbuildError. Cheap, no downloads. Its second argument: the
+    # names of the run's stages (a check may depend on what runs after it).
+    preflight: Callable[[RunSpec, tuple[str, ...]], None] | None = None
 
     def view(self, spec: RunSpec) -> RunSpec:
         return self.spec_view(spec) if self.spec_view else spec
@@ -175,6 +179,10 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
     """Run ``stages`` in order (each one's upstream must come earlier or be in the manifest already)."""
     force = set(force or ())
     results: list[StageResult] = []
+    names = tuple(s.name for s in stages)
+    for stage in stages:  # refuse now what a later stage would refuse after hours of earlier ones
+        if stage.preflight:
+            stage.preflight(stage.view(spec), names)
     lock = contextlib.nullcontext() if dry_run else run_lock(run_dir, wait=wait)
     with lock:
         if not dry_run:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from builder.errors import SpecError
+from builder.errors import SpecError, did_you_mean
 from builder.layout import Layout
 from quantize import registry as quant_formats
 
@@ -26,6 +26,14 @@ SpecMode = Literal["none", "mtp", "draft"]
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
 
+class CrossFieldError(ValueError):
+    """A rule between several options; ``fields`` lets the error name where each of their values came from."""
+
+    def __init__(self, message: str, *, fields: tuple[str, ...]):
+        super().__init__(message)
+        self.fields = fields
+
+
 def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), cli: str | None = None, **kw: Any) -> Any:
     """A spec field: ``stages`` are the stages whose output depends on it (their cache keys include it)."""
     return Field(default, description=help, json_schema_extra={"stages": list(stages), "cli": cli}, **kw)
@@ -33,6 +41,8 @@ def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), cli: str | Non
 
 class RunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Where each value that is not a default came from ("command-line flag --tp", ...), for error messages.
+    _origin: dict[str, str] = PrivateAttr(default_factory=dict)
 
     # --- model and source ---
     model: str = opt("tiny", "Model: 'tiny' (trained, built in), 'tiny-draft', 'tiny-random', a Hugging Face repo id, "
@@ -139,11 +149,11 @@ class RunSpec(BaseModel):
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunSpec":
         if self.ep > self.tp or self.tp % self.ep:
-            raise ValueError(f"EP {self.ep} must divide TP {self.tp}")
+            raise CrossFieldError(f"EP {self.ep} must divide TP {self.tp}", fields=("ep", "tp"))
         if self.spec == "draft" and not self.draft_model:
-            raise ValueError("--spec draft needs --draft-model")
+            raise CrossFieldError("--spec draft needs --draft-model", fields=("spec",))
         if self.spec == "mtp" and self.skip_mtp:
-            raise ValueError("--spec mtp needs the MTP module; drop --skip-mtp")
+            raise CrossFieldError("--spec mtp needs the MTP module; drop --skip-mtp", fields=("spec", "skip_mtp"))
         return self
 
     # --- derived ---
@@ -165,6 +175,10 @@ class RunSpec(BaseModel):
 
     def run_dir(self, root: Path = Path("build")) -> Path:
         return Path(self.out) if self.out else root / self.run_name()
+
+    def origin_of(self, name: str) -> str | None:
+        """Where the value of option ``name`` came from, in words; None for a default."""
+        return self._origin.get(name)
 
     def stage_fields(self, stage: str) -> dict[str, Any]:
         """The values that affect ``stage``'s output (part of its cache key)."""
@@ -209,24 +223,52 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def resolve_spec(*, cli: dict[str, Any] | None = None, config_file: str | Path | None = None,
                  environ: dict[str, str] | None = None) -> RunSpec:
-    """Defaults < config file < environment < command line. Raises SpecError naming the first bad value."""
+    """Defaults < config file < environment < command line. Raises SpecError naming the first bad value and where
+    it came from (the flag, the ``DSBUILD_`` variable, or the config file and key)."""
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if config_file:
-        merged.update(load_config_file(config_file))
-    merged.update(env_values(environ))
-    merged.update({k: v for k, v in (cli or {}).items() if v is not None})
+        from_file = load_config_file(config_file)
+        merged.update(from_file)
+        origin.update({k: f"key {k} in config file {config_file}" for k in from_file})
+    from_env = env_values(environ)
+    merged.update(from_env)
+    origin.update({k: f"environment variable DSBUILD_{k.upper()}={_env_raw(k, environ)!r}" for k in from_env})
+    from_cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    merged.update(from_cli)
+    origin.update({k: "the command line" for k in from_cli})
     try:
-        return RunSpec(**merged)
+        spec = RunSpec(**merged)
     except ValidationError as exc:
-        raise SpecError(_one_sentence(exc)) from None
+        raise SpecError(_one_sentence(exc, origin)) from None
+    spec._origin = origin
+    return spec
 
 
-def _one_sentence(exc: ValidationError) -> str:
+def _env_raw(name: str, environ: dict[str, str] | None) -> str:
+    return (os.environ if environ is None else environ).get(f"DSBUILD_{name.upper()}", "")
+
+
+def _one_sentence(exc: ValidationError, origin: dict[str, str] | None = None) -> str:
+    origin = origin or {}
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ())) or "options"
+    name = str(err["loc"][0]) if err.get("loc") else ""
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    where = f" (from {origin[name]})" if name in origin else ""
     if err.get("type") == "extra_forbidden":
-        return f"unknown option {loc!r}"
+        return f"unknown option {loc!r}{_did_you_mean(name)}{where}"
     if err.get("type") == "literal_error":
-        return f"invalid value {err.get('input')!r} for {loc.replace('_', '-')}: {msg}"
-    return f"invalid {loc.replace('_', '-')}: {msg}" if loc != "options" else msg
+        return f"invalid value {err.get('input')!r} for {loc.replace('_', '-')}: {msg}{where}"
+    if loc != "options":
+        return f"invalid {loc.replace('_', '-')}: {msg}{where}"
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, CrossFieldError):
+        sources = [f"{f.replace('_', '-')} from {origin[f]}" if f in origin else
+                   f"{f.replace('_', '-')} is the default {RunSpec.model_fields[f].default!r}" for f in cause.fields]
+        return f"{msg} ({'; '.join(sources)})"
+    return msg
+
+
+def _did_you_mean(name: str) -> str:
+    return did_you_mean(name.replace("-", "_"), RunSpec.model_fields)

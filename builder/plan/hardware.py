@@ -38,7 +38,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from builder.errors import SpecError
+from builder.errors import SpecError, did_you_mean
+from quantize import registry as quant_formats
 
 Arch = Literal["ampere", "ada", "hopper", "blackwell", "cpu"]
 ScaleUp = Literal["nvlink", "pcie", "shm"]
@@ -182,13 +183,21 @@ class HardwareTable:
 
     def gpu(self, name: str) -> GPU:
         if name not in self.gpus:
-            raise SpecError(f"unknown GPU {name!r}; known: {', '.join(sorted(self.gpus))} (or add it in --hardware-file)")
+            raise SpecError(f"unknown GPU {name!r}{did_you_mean(name, self.gpus)}; known: {', '.join(sorted(self.gpus))} "
+                            "(or add it in --hardware-file)", option="gpu")
         return self.gpus[name]
+
+    def quant_refusal(self, quant: str, gpu: GPU) -> str | None:
+        """Why ``gpu`` cannot take weight format ``quant`` (the planner's and the quantize stage's one check),
+        naming the GPUs of this table that can; None when it can."""
+        fmt = quant_formats.get(quant)
+        able = tuple(sorted(g.name for g in self.gpus.values() if g.arch != "cpu" and fmt.runs_on(g.arch)))
+        return fmt.refusal(gpu=gpu.name, arch=gpu.arch, gpus=able)
 
     def network(self, name: str) -> Network:
         if name not in self.networks:
-            raise SpecError(f"unknown network {name!r}; known: {', '.join(sorted(self.networks))} "
-                            "(or add it in --hardware-file)")
+            raise SpecError(f"unknown network {name!r}{did_you_mean(name, self.networks)}; known: "
+                            f"{', '.join(sorted(self.networks))} (or add it in --hardware-file)", option="network")
         return self.networks[name]
 
 

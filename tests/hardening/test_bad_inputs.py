@@ -248,9 +248,10 @@ CASES = [
     Case("index-not-json", MODEL, 3, "model.safetensors.index.json is not valid JSON", index_not_json, failing_dir="weights"),
     Case("index-drops-a-tensor", MODEL, 3, "model-00007-of-000007.safetensors holds 'lm_head.weight', which model.safetensors.index.json does not name", index_drops_tensor, failing_dir="weights"),
     Case("shard-file-missing", MODEL, 3, "names shard 'model-00004-of-000007.safetensors', which is not among the checkpoint's files", remove_shard, failing_dir="weights"),
-    Case("nvfp4-on-h200", ["run", "--quant", "nvfp4", "--gpu", "h200-sxm", "--out", RUN], 2, "nvfp4 needs Blackwell GPUs (b200); h200-sxm is hopper"),
+    Case("nvfp4-on-h200", ["run", "--quant", "nvfp4", "--gpu", "h200-sxm", "--out", RUN], 2, "nvfp4 needs Blackwell GPUs (b200, gb200); h200-sxm is hopper"),
+    # A later stage would refuse it whatever the flag says, so the plan refuses it before anything runs.
     Case("nvfp4-on-h200-allow-infeasible", ["run", "--quant", "nvfp4", "--gpu", "h200-sxm", "--allow-infeasible",
-                                            "--out", RUN], 6, "--quant nvfp4 needs a Blackwell GPU (B200/GB200/B300) but the plan targets h200-sxm", failing_dir="quantized"),
+                                            "--out", RUN], 2, "cannot build tp2pp2ep1: nvfp4 needs Blackwell GPUs (b200, gb200); h200-sxm is hopper", failing_dir="plan"),
     Case("tp-does-not-divide", ["run", "--tp", "3", "--out", RUN], 2, "TP 3 does not divide the 16 attention heads"),
     Case("ep-does-not-divide-tp", ["run", "--tp", "2", "--ep", "3", "--out", RUN], 2, "EP 3 must divide TP 2"),
     Case("pp-more-than-layers", ["run", "--tp", "1", "--pp", "8", "--out", RUN], 2, "PP 8 is larger than the model's 4 layers"),
