@@ -15,9 +15,10 @@ import click
 
 from builder import __version__
 from builder.errors import DsbuildError
+from builder.layout import Layout
 from builder.rundir import RunDir
 from builder.sampling_params import SamplingParams
-from builder.specs import RunSpec, resolve_spec
+from builder.specs import STAGE_ORDER, RunSpec, fields_for, resolve_spec
 
 if TYPE_CHECKING:  # torch-free start-up: the engine is imported by the commands that run it
     from builder.engine.speculative import SpeculativeOptions
@@ -45,23 +46,29 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     return str, False
 
 
-def spec_options(*names: str) -> Callable:
-    """Decorate a command with flags for the named spec fields (all of them when none are named)."""
-    fields = RunSpec.model_fields
-    chosen = names or tuple(fields)
+def spec_options(*, stages: tuple[str, ...] = (), names: tuple[str, ...] = (), keyed_only: bool = False,
+                 defaults: dict[str, str] | None = None) -> Callable:
+    """Decorate a command with flags for the spec fields that ``stages`` read (``builder.specs.fields_for``) or
+    the ``names`` given. Each flag's help shows the default that applies to this command (``defaults`` overrides
+    the field's own, e.g. the planner searches TP when --tp is not given)."""
+    all_fields = RunSpec.model_fields
+    chosen = names or fields_for(stages, keyed_only=keyed_only)
+    defaults = defaults or {}
 
     def decorate(fn: Callable) -> Callable:
         for name in reversed(chosen):
-            field = fields[name]
+            field = all_fields[name]
             ctype, multiple = _click_type(field.annotation)
             flag = "--" + name.replace("_", "-")
             help_text = field.description or ""
+            default_txt = defaults.get(name)
+            if default_txt is None and field.default not in (None, []):
+                default_txt = ("on" if field.default else "off") if ctype is bool else str(field.default)
+            if default_txt is not None:
+                help_text += f"  [default: {default_txt}]"
             if ctype is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(fn)
             else:
-                default_txt = field.default if field.default not in (None, []) else None
-                if default_txt is not None:
-                    help_text += f"  [default: {default_txt}]"
                 fn = click.option(flag, name, type=ctype, multiple=multiple, default=None, help=help_text)(fn)
         fn.__spec_fields__ = chosen  # type: ignore[attr-defined]
         return fn
@@ -208,8 +215,10 @@ def _manifest_commit(run_dir: Path) -> str | None:
 
 
 def _stage_command(name: str, help_text: str):
+    runs = STAGE_ORDER if name == "run" else STAGE_ORDER[: STAGE_ORDER.index(name) + 1]
+
     @main.command(name=name, help=help_text)
-    @spec_options()
+    @spec_options(stages=runs)
     @common_options
     @click.option("--force", multiple=True, help="Rebuild this stage (and everything after it) even if cached.")
     @click.option("--dry-run", is_flag=True, help="Print what each stage would do and whether it is cached.")
@@ -351,7 +360,9 @@ def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, reque
 
 
 @main.command("plan")
-@spec_options()
+@spec_options(names=fields_for(("plan",), keyed_only=True) + ("draft_model",),  # --spec draft needs it
+              defaults={**{f.name: "searched" for f in fields(Layout)},
+                        "gpu": "cpu, a host sized to the layout"})
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object (layouts, recommended).")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), help="Write the throughput/latency plot (PNG).")
@@ -485,7 +496,7 @@ def sampling_options(fn: Callable) -> Callable:
 @click.option("--python", "python_executable", default=None,
               help="With --engine: Python interpreter for the worker ranks (default: this one).")
 @click.option("--ignore-eos", is_flag=True, help="With --engine: do not stop at the model's end-of-sentence token.")
-@spec_options("spec", "draft_len")
+@spec_options(names=("spec", "draft_len"))
 @click.option("--draft-engine", type=click.Path(path_type=Path), default=None,
               help="With --engine --spec draft: the draft model's bundle (default: ENGINE/draft, as `dsbuild build "
                    "--spec draft` writes it).")

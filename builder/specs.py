@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from builder.errors import SpecError, did_you_mean
 from builder.layout import Layout
+from builder.plan.hardware import GPUS, NETWORKS
 from quantize import registry as quant_formats
 
 QuantMode = Literal[quant_formats.NAMES]  # type: ignore[valid-type]
@@ -34,9 +35,29 @@ class CrossFieldError(ValueError):
         self.fields = fields
 
 
-def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), cli: str | None = None, **kw: Any) -> Any:
-    """A spec field: ``stages`` are the stages whose output depends on it (their cache keys include it)."""
-    return Field(default, description=help, json_schema_extra={"stages": list(stages), "cli": cli}, **kw)
+ALL_STAGES = "*"
+# The pipeline's stages in order, as the fields below name them (``builder.stages`` adds the draft model's fetch and
+# quantize, keyed by these fields of fetch and quantize); a stage command runs its stage and those before it.
+STAGE_ORDER = ("plan", "fetch", "quantize", "build", "package")
+
+
+def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), used: tuple[str, ...] = (), **kw: Any) -> Any:
+    """A spec field: ``stages`` are the stages whose output depends on it (their cache keys include it); ``used``
+    the stages that read it without it changing their output (where, how fast, whether to refuse; ``ALL_STAGES``:
+    every one). Together they decide which commands take the option (``fields_for``)."""
+    return Field(default, description=help, json_schema_extra={"stages": list(stages), "used": list(used)}, **kw)
+
+
+def fields_for(stages: tuple[str, ...], *, keyed_only: bool = False) -> tuple[str, ...]:
+    """The RunSpec fields that a run of ``stages`` reads (``keyed_only``: only those in their keys), in
+    declaration order."""
+    out = []
+    for name, f in RunSpec.model_fields.items():
+        extra = f.json_schema_extra or {}
+        touches = set(extra.get("stages", [])) | (set() if keyed_only else set(extra.get("used", [])))
+        if touches & set(stages) or (not keyed_only and ALL_STAGES in touches):
+            out.append(name)
+    return tuple(out)
 
 
 class RunSpec(BaseModel):
@@ -49,14 +70,16 @@ class RunSpec(BaseModel):
                      "or a local checkpoint directory.",
                      stages=("plan", "fetch"))
     # Not a key field itself: fetch resolves it to a commit sha, and that sha is in fetch's key (and so downstream).
-    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.")
-    seed: int = opt(0, "Seed for the generated tiny model and for sampling.", stages=("fetch",))
+    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.",
+                        used=("fetch",))
+    seed: int = opt(0, "Seed of the generated random-init models (tiny-random, tiny-draft-random).", stages=("fetch",))
     include: list[str] = opt([], "Glob patterns of repository files to fetch (repeatable).", stages=("fetch",))
     exclude: list[str] = opt([], "Glob patterns of repository files not to fetch (repeatable).", stages=("fetch",))
     skip_mtp: bool = opt(False, "Drop the MTP module's tensors (only when no MTP speculative decoding is planned).",
-                         stages=("fetch",))
-    fetch_workers: int = opt(8, "Parallel download workers.", ge=1, le=64)
-    trust_remote_code: bool = opt(False, "Allow a checkpoint's own Python code to run (off unless asked for).")
+                         stages=("plan", "fetch"))
+    fetch_workers: int = opt(8, "Parallel download workers.", used=("fetch",), ge=1, le=64)
+    trust_remote_code: bool = opt(False, "Let TensorRT-LLM run a checkpoint's own Python code (llm_api.yaml's "
+                                         "trust_remote_code; off unless asked for).", stages=("build",))
 
     # --- layout and cluster ---
     tp: int = opt(2, "Tensor-parallel size.", stages=("plan", "build", "package"), ge=1, le=1024)
@@ -65,17 +88,21 @@ class RunSpec(BaseModel):
                   ge=1, le=1024)
     attention_dp: bool = opt(False, "Attention data parallelism (replicated attention, requests split over ranks).",
                              stages=("plan", "build", "package"))
-    gpu: str | None = opt(None, "Target GPU (e.g. h200-sxm, h100-sxm, b200); none means a CPU-only build.",
+    gpu: str | None = opt(None, "Target GPU: " + ", ".join(g for g in GPUS if GPUS[g].arch != "cpu") + " (or one a "
+                          "--hardware-file adds); none means a CPU-only build.",
                           stages=("plan", "quantize", "build", "package"))
     nodes: int = opt(1, "Number of nodes.", stages=("plan", "package"), ge=1, le=4096)
     gpus_per_node: int | None = opt(None, "GPUs per node (default: the GPU table's, usually 8).",
                                     stages=("plan", "package"), ge=1, le=64)
-    network: str = opt("ib-ndr", "Scale-out network between nodes (ib-ndr, ib-hdr, roce-400g, eth-100g).",
+    network: str = opt("ib-ndr", "Scale-out network between nodes: " + ", ".join(NETWORKS) + " (or one a "
+                       "--hardware-file adds).",
                        stages=("plan",))
-    hardware_file: Path | None = opt(None, "YAML file overriding the built-in GPU/network table.", stages=("plan",))
+    hardware_file: Path | None = opt(None, "YAML file overriding the built-in GPU/network table.", stages=("plan",),
+                                     used=("quantize",))
     # Not part of any stage key: it only decides whether the plan stage refuses, which it checks on every run.
     allow_infeasible: bool = opt(False, "Build the requested layout even when the planner finds it infeasible "
-                                        "(it still records why in plan/plan.json).")
+                                        "(it still records why in plan/plan.json); only where the later stages "
+                                        "can build it.", used=("plan",))
 
     # --- quantization ---
     quant: QuantMode = opt("fp8", "Weight format: " + ", ".join(quant_formats.NAMES) + ".",
@@ -94,10 +121,11 @@ class RunSpec(BaseModel):
 
     # --- speculative decoding ---
     spec: SpecMode = opt("none", "Speculative decoding: none, mtp (DeepSeek's own MTP module) or draft (a draft model).",
-                         stages=("build", "package"))
-    draft_len: int = opt(3, "Draft tokens per step.", stages=("build", "package"), ge=1, le=16)
+                         stages=("plan", "build", "package"))
+    draft_len: int = opt(3, "Draft tokens per step.", stages=("plan", "build", "package"), ge=1, le=16)
+    # Also offered wherever --spec is: --spec draft is refused without it.
     draft_model: str | None = opt(None, "Draft model for --spec draft ('tiny-draft', hub id or directory).",
-                                  stages=("build", "package"))
+                                  stages=("build", "package"), used=("plan",))
 
     # --- package (Triton repository and launch files) ---
     flavour: Literal["auto", "gpu", "cpu"] = opt(
@@ -131,8 +159,9 @@ class RunSpec(BaseModel):
                                         stages=("build", "package"), gt=0, le=1)
 
     # --- where ---
-    out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")
-    cache_dir: Path | None = opt(None, "Cache for generated models (default ~/.cache/dsbuild) and hub downloads (<cache-dir>/huggingface/hub; default HF_HUB_CACHE).")
+    out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).", used=(ALL_STAGES,))
+    cache_dir: Path | None = opt(None, "Cache for generated models (default ~/.cache/dsbuild) and hub downloads "
+                                 "(<cache-dir>/huggingface/hub; default HF_HUB_CACHE).", used=(ALL_STAGES,))
 
     @field_validator("model")
     @classmethod
