@@ -305,10 +305,12 @@ def openai_cmd(triton_url, repo, tokenizer_dir, host, port, model_name, verbose)
 
 
 @main.command("bench")
-@click.option("--url", required=True, help="Server HOST:PORT: Triton's gRPC port for --protocol grpc, its HTTP port "
-                                         "for http, the OpenAI-compatible endpoint's port for openai.")
-@click.option("--protocol", type=click.Choice(["grpc", "http", "openai"]), default="grpc", show_default=True,
-              help="openai: streamed /v1/completions of `dsbuild serve --openai-port` / `dsbuild openai`.")
+@click.option("--url", required=True, help="Server HOST:PORT or grpc:// / http:// URL (the scheme sets the protocol): "
+                                         "Triton's gRPC port for grpc, its HTTP port for http, the OpenAI-compatible "
+                                         "endpoint's port for openai.")
+@click.option("--protocol", type=click.Choice(["grpc", "http", "openai"]), default=None,
+              help="openai: streamed /v1/completions of `dsbuild serve --openai-port` / `dsbuild openai`.  "
+                   "[default: the URL's scheme, else grpc]")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("build/latest"), show_default=True,
               help="The served run: its engines/ give the tokenizer, its manifest the planner's prediction.")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
@@ -344,7 +346,13 @@ def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, reque
         levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
     except ValueError:
         raise SpecError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
-    cfg = BenchConfig(url=url, engines_dir=RunDir(run_dir).engines, protocol=protocol, concurrency=levels,
+    from triton_repo.client import endpoint
+
+    ep = endpoint(url, "http" if protocol == "openai" else protocol)
+    if ep.scheme != "http":
+        raise SpecError(f"--url {url!r}: dsbuild bench talks plain HTTP or gRPC, not {ep.scheme}")
+    protocol = protocol if protocol == "openai" else ep.protocol
+    cfg = BenchConfig(url=ep.address, engines_dir=RunDir(run_dir).engines, protocol=protocol, concurrency=levels,
                       isl=Length.parse(isl, what="--isl"), osl=Length.parse(osl, what="--osl"),
                       num_requests=num_requests, request_rate=request_rate, seed=seed, warmup=warmup, dataset=dataset,
                       ttft_ms=ttft_ms, tpot_ms=tpot_ms, timeout_s=timeout)
@@ -480,14 +488,16 @@ def sampling_options(fn: Callable) -> Callable:
 
 
 @main.command("generate")
-@click.option("--url", help="A Triton server's HOST:PORT (its gRPC port, or its HTTP port with --protocol http).")
+@click.option("--url", help="A Triton server: grpc://HOST:PORT or http(s)://HOST:PORT (the scheme sets the protocol), or "
+                           "HOST:PORT (gRPC unless --protocol http); no port: Triton's default (8001 / 8000).")
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path),
               help="Engine bundle directory (a run's engines/): run the reference engine here, no server.")
 @click.option("--prompt", required=True, help="Prompt text.")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, finish_reason, ...).")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
-              help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default=None,
+              help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).  [default: the "
+                   "URL's scheme, else grpc]")
 @click.option("--stream/--no-stream", default=False, help="With --url: print text as the server streams it.")
 @click.option("--model-name", default="tensorrt_llm", show_default=True, help="With --url: the served model.")
 @click.option("--timeout", type=float, default=300, show_default=True, help="With --url: seconds to wait.")

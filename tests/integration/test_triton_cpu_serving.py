@@ -261,6 +261,24 @@ def test_generate_command_over_both_protocols(served, expected):
     assert json.loads(proc.stdout)["text"] == expected[(LOOPING, "penalized")][0]
 
 
+def test_generate_url_scheme_sets_the_protocol_and_a_wrong_port_is_named(served, expected):
+    want = expected[(PROMPTS[2], "greedy")][0]
+    for url, extra in ((f"http://{served.http}", []), (f"http://{served.http}", ["--protocol", "http"]),
+                       (f"grpc://{served.grpc}", [])):
+        proc = run_dsbuild("generate", "--url", url, *extra, "--prompt", PROMPTS[2], "--max-tokens", "8", "--json",
+                           cwd=REPO)
+        assert proc.returncode == 0, (url, proc.stderr)
+        assert json.loads(proc.stdout)["text"] == want
+    # gRPC (the default) against the HTTP port, and HTTP against the gRPC port: one sentence saying which port it is.
+    for url, extra, says in ((served.http, [], "this looks like Triton's HTTP port"),
+                             (served.grpc, ["--protocol", "http"], "this looks like Triton's gRPC port")):
+        proc = run_dsbuild("generate", "--url", url, *extra, "--prompt", "x", "--max-tokens", "2", cwd=REPO)
+        assert proc.returncode == 9, proc.stderr
+        assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = run_dsbuild("generate", "--url", f"http://{served.http}", "--protocol", "grpc", "--prompt", "x", cwd=REPO)
+    assert proc.returncode == 2 and "is http but --protocol says grpc" in proc.stderr
+
+
 # Issue 11's demo: what `make serve` + `dsbuild generate` prints for Austen-like prompts, with the penalties that stop
 # greedy loops. "English-like" as a number: the share of whitespace-separated words (punctuation stripped) that occur
 # in the training corpus. Measured here: trained 0.85, the same tokenizer with random weights 0.35.
