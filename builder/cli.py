@@ -242,9 +242,12 @@ _stage_command("package", "Render the Triton model repository and launch files i
 @click.option("--repo", type=click.Path(path_type=Path), default=Path("build/latest/package/triton_repo"),
               show_default=True, help="Triton model repository (a run's package/triton_repo).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP, gRPC and metrics ports bind.")
-@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True)
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="0: a free port, printed.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+              help="0: a free port, printed.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True,
+              help="0: a free port, printed.")
 @click.option("--ready-timeout", type=float, default=600, show_default=True,
               help="Seconds to wait for the model to load.")
 @click.option("--max-restarts", type=int, default=2, show_default=True,
@@ -252,8 +255,9 @@ _stage_command("package", "Render the Triton model repository and launch files i
 @click.option("--exit-timeout", type=int, default=20, show_default=True,
               help="Seconds Triton waits for in-flight requests on SIGTERM.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="Write tritonserver's log here.")
-@click.option("--openai-port", type=click.IntRange(1, 65535),
-              help="Also serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) here.")
+@click.option("--openai-port", type=click.IntRange(0, 65535),
+              help="Also serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) here "
+                   "(0: a free port, printed).")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
 def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max_restarts, exit_timeout, log_file,
@@ -263,18 +267,27 @@ def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max
     from builder.errors import ServeError
     from triton_repo.interface import MODEL_NAME
     from triton_repo.openai_api.server import EndpointProcess
-    from triton_repo.server import Ports, serve_forever
+    from triton_repo.server import Ports, resolve_ports, serve_forever
 
     if not (repo / MODEL_NAME / "config.pbtxt").is_file():
         raise ServeError(f"{repo} is not a dsbuild Triton repository (no {MODEL_NAME}/config.pbtxt); "
                          "run `dsbuild package` first")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
+    asked = Ports(http_port, grpc_port, metrics_port)
+    openai_asked = () if openai_port is None else (openai_port,)
+    ports, openai_chosen = resolve_ports(asked, host, extra=openai_asked)
+    named = [("http", asked.http, ports.http), ("grpc", asked.grpc, ports.grpc),
+             ("metrics", asked.metrics, ports.metrics), *zip(("openai",) * len(openai_chosen), openai_asked,
+                                                             openai_chosen)]
+    chosen = [f"{name} {host}:{port}" for name, was, port in named if was == 0]
+    if chosen:
+        log(f"free ports chosen: {', '.join(chosen)}")
     endpoint = None
-    if openai_port:
-        endpoint = EndpointProcess(triton_url=f"{host}:{grpc_port}", repo=repo, host=host, port=openai_port,
+    if openai_chosen:
+        endpoint = EndpointProcess(triton_url=f"{host}:{ports.grpc}", repo=repo, host=host, port=openai_chosen[0],
                                    log=log).start()
     try:
-        rc = serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
+        rc = serve_forever(repo=repo, ports=ports, host=host,
                            models=[MODEL_NAME], ready_timeout=ready_timeout, max_restarts=max_restarts,
                            exit_timeout_s=exit_timeout, log_path=log_file, log=log)
     finally:
