@@ -278,6 +278,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
 def assert_nothing_half_written(run_dir: Path, failing_dir: str | None) -> None:
     if not run_dir.exists():
         return
+    assert [p.name for p in run_dir.iterdir()] not in ([], [".dsbuild.lock"]), \
+        "a run that completed no stage left its directory behind"
     leftovers = [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]
     assert not leftovers, f"temporary directories left behind: {leftovers}"
     if failing_dir:
@@ -319,6 +321,8 @@ def test_bad_input(case: Case, dsbuild, tmp_path, tiny_ckpt):
     assert case.message in message, (case.id, message)
     assert snapshot(ck) == before, "the source checkpoint was changed"
     assert_nothing_half_written(tmp_path / RUN, case.failing_dir)
+    if not (tmp_path / RUN).exists():  # nor the parent created for it
+        assert not (tmp_path / RUN).parent.exists()
     assert not (tmp_path / "dest").exists()
     record.add("bad_inputs", case.id, exit_code=proc.returncode, message=message)
 
