@@ -81,6 +81,10 @@ class HubError(DsbuildError):
     exit_code = 4
 
 
+class HubUnreachableError(HubError):
+    """The hub did not answer (refused or dropped connections, timeouts) and the cache could not stand in."""
+
+
 class DiskSpaceError(DsbuildError):
     """Not enough free space at a destination."""
 

@@ -7,10 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
-
 from builder.errors import CheckpointError, ModelConfigError, SpecError, closest_choices
-from builder.hub import call_with_retries, hub_error, hub_repo
+from builder.hub import hub_repo, read_file
 from builder.model.config import PRESETS, ModelConfig, preset
 from builder.model.tiny import GENERATED, tiny_config
 
@@ -84,9 +82,5 @@ def check_has_weights(model: str) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _cached_hub_config(repo_id: str) -> ModelConfig:
-    """A hub model's config.json from the local HF cache, fetched (config only) if the hub is reachable."""
-    try:
-        path = call_with_retries(lambda: hf_hub_download(repo_id, "config.json"))
-    except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence naming the repo
-        raise hub_error(hub_repo(repo_id), exc, what=f"read config.json of {repo_id}") from None
-    return ModelConfig.from_json_file(path)
+    """A hub model's config.json (only that file fetched), or the cache's copy when the hub cannot be reached."""
+    return ModelConfig.from_json_file(read_file(hub_repo(repo_id), "config.json"))
