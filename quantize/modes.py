@@ -28,6 +28,7 @@ from builder.model.safetensors_io import INDEX_NAME
 from builder.plan.hardware import load_hardware
 from quantize import modelopt_flow as mf
 from quantize import registry, report, w4afp8
+from quantize.calib import CalibrationProgress
 from quantize.calib import calibration_tokens as tokens
 from quantize.hf_model import float_model
 from quantize.modelopt_flow import gpu_commands
@@ -272,7 +273,9 @@ def run_w4afp8(job: QuantJob) -> dict[str, Any]:
     with TensorReader(job.src) as reader:
         model = float_model(((n, report.reference_float(reader, n)) for n in reader.names
                              if not n.endswith("weight_scale_inv")), job.src / "config.json", dtype=torch.bfloat16)
-        scales = w4afp8.calibrate_expert_inputs(model, tokens, cfg)
+        with CalibrationProgress("calibrate w4afp8 expert inputs", prompts=len(tokens),
+                                 tokens_per_prompt=tokens.shape[1], log=job.log) as bar:
+            scales = w4afp8.calibrate_expert_inputs(model, tokens, cfg, progress=lambda _done: bar.step())
         del model
         shards = w4afp8.plan_shards(reader, cfg, scales)
         total = sum(e.nbytes for s in shards for e in s)
