@@ -666,9 +666,12 @@ def _transfer_progress(label: str):
 
 def _registry_options(fn: Callable) -> Callable:
     fn = click.option("--insecure", is_flag=True,
-                      help="Talk plain HTTP to this registry (only for a registry you know serves no TLS, e.g. "
-                           "127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; credentials are "
-                           "sent over plain HTTP only to loopback hosts.")(fn)
+                      help="Use TLS without verifying the registry's certificate (as oras --insecure). For a "
+                           "registry without TLS use --plain-http.")(fn)
+    fn = click.option("--plain-http", is_flag=True,
+                      help="Talk plain HTTP to this registry (as oras --plain-http; only for a registry you know "
+                           "serves no TLS, e.g. 127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; "
+                           "credentials are sent over plain HTTP only to loopback hosts.")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
     fn = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")(fn)
     return fn
@@ -683,7 +686,8 @@ def _registry_options(fn: Callable) -> Callable:
                    "Dockerfile), plan/ and manifest.json.")
 @_registry_options
 @handle_errors
-def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: bool, as_json: bool, verbose: bool):
+def push_cmd(run_dir: Path, reference: str, include_weights: bool, plain_http: bool, insecure: bool, as_json: bool,
+             verbose: bool):
     """Push RUN_DIR to REFERENCE (oci://REGISTRY/REPO[:TAG]) as one OCI artifact.
 
     Without a tag the tag is derived from the run: <model>-<quant>-<layout>-trtllm<version>-<gpu>-<commit or key>.
@@ -695,8 +699,9 @@ def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: boo
     ref = parse_reference(reference, allow_digest=False)
     stop, start = _transfer_progress("push")
     try:
-        result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, insecure=insecure,
-                          log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
+        result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, plain_http=plain_http,
+                          insecure=insecure, log=lambda m: click.echo(m, err=True),
+                          progress=None if as_json else start)
     finally:
         stop()
     if as_json:
@@ -715,7 +720,7 @@ def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: boo
 @click.argument("out", type=click.Path(path_type=Path))
 @_registry_options
 @handle_errors
-def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: bool):
+def pull_cmd(reference: str, out: Path, plain_http: bool, insecure: bool, as_json: bool, verbose: bool):
     """Pull REFERENCE (oci://REGISTRY/REPO:TAG or @sha256:...) into OUT, a new or empty directory.
 
     Every file is checked against the sha256 its manifest.json records; nothing is left under OUT on failure.
@@ -727,8 +732,8 @@ def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: 
     ref = parse_reference(reference, require_tag=True)
     stop, start = _transfer_progress("pull")
     try:
-        result = pull_run(ref=ref, out=out, insecure=insecure, log=lambda m: click.echo(m, err=True),
-                          progress=None if as_json else start)
+        result = pull_run(ref=ref, out=out, plain_http=plain_http, insecure=insecure,
+                          log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
     finally:
         stop()
     if as_json:

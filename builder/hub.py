@@ -642,7 +642,7 @@ def blob_path(repo: HubRepo, f: RepoFile) -> Path:
 
 
 __all__ = [
-    "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "hub_error", "is_transient", "call_with_retries", "read_file",
-    "shown_endpoint", "resolve_commit", "list_files", "select_files", "file_states", "bytes_needed",
+    "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "hub_error", "is_transient", "call_with_retries",
+    "read_file", "shown_endpoint", "resolve_commit", "list_files", "select_files", "file_states", "bytes_needed",
     "check_disk_space", "free_bytes", "device_of", "download", "blob_path", "human_bytes", "verified_sha256",
 ]

@@ -66,8 +66,9 @@ class CalibrationProgress:
         if self.done * 10 >= self.next_tenth * self.prompts:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / self.done * (self.prompts - self.done)
-            self.log(f"{self.what}: {self.done}/{self.prompts} prompts, {tokens}/{self.prompts * self.tokens_per_prompt}"
-                     f" tokens, {elapsed:.0f} s, ETA {eta:.0f} s")
+            total = self.prompts * self.tokens_per_prompt
+            self.log(f"{self.what}: {self.done}/{self.prompts} prompts, {tokens}/{total} tokens, {elapsed:.0f} s, "
+                     f"ETA {eta:.0f} s")
             self.next_tenth = self.done * 10 // self.prompts + 1
 
     def __enter__(self) -> "CalibrationProgress":

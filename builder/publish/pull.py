@@ -24,7 +24,8 @@ from builder.atomic import staging_dir
 from builder.errors import DiskSpaceError, RegistryError, VerificationError
 from builder.paths import safe_relpath
 from builder.pipeline import MANIFEST
-from builder.publish.artifact import ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, READ_BYTES, TAR_SUFFIX, TITLE
+from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, ORAS_DIGEST, READ_BYTES,
+                                     TAR_SUFFIX, TITLE, HashingReader)
 from builder.publish.client import Progress, RegistryClient, TransferStats
 from builder.publish.reference import OciReference
 
@@ -75,13 +76,14 @@ def _expected_files(run_manifest: Mapping[str, Any], stage_names: list[str]) -> 
     return out
 
 
-def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: Mapping[str, str] | None = None,
-             log: Callable[[str], None] = print, progress: Callable[[int], Progress] | None = None) -> PullResult:
+def pull_run(*, ref: OciReference, out: Path, plain_http: bool = False, insecure: bool = False,
+             environ: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
+             progress: Callable[[int], Progress] | None = None) -> PullResult:
     if not (ref.tag or ref.digest):
         raise RegistryError(f"{ref} names no tag or digest; pull needs one")
     t0 = time.perf_counter()
     _refuse_existing(out)
-    client = RegistryClient(ref, insecure=insecure, environ=environ)
+    client = RegistryClient(ref, plain_http=plain_http, insecure=insecure, environ=environ)
     manifest, digest = client.fetch_manifest()
     layers = _layers(manifest, ref)
     stage_names = [s for s in (manifest.get("annotations") or {}).get("io.dsbuild.stages", "").split(",") if s]
@@ -149,7 +151,8 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
         client.download_blob_to(digest=layer["digest"], size=layer["size"], out=blob, title=title, progress=hook)
         blob.seek(0)
         try:
-            with tarfile.open(fileobj=blob, mode="r:gz") as tar:
+            plain = HashingReader(gzip.GzipFile(fileobj=blob, mode="rb"))  # type: ignore[arg-type]
+            with tarfile.open(fileobj=plain, mode="r|") as tar:
                 for member in tar:
                     name = safe_relpath(member.name, what=f"member of {title}")
                     if not member.isreg():
@@ -175,6 +178,11 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
                     if h.hexdigest() != f["sha256"]:
                         raise VerificationError(f"{name} does not match the sha256 manifest.json records for it")
                     seen.add(name)
+            while plain.read(READ_BYTES):  # the tar's end blocks and padding: the whole stream is digested
+                pass
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise VerificationError(f"{title} is not a readable tar.gz ({type(exc).__name__})") from None
+    stated = (layer.get("annotations") or {}).get(ORAS_DIGEST)
+    if stated is not None and stated != "sha256:" + plain.sha.hexdigest():
+        raise VerificationError(f"{title}: its uncompressed tar does not match the {ORAS_DIGEST} annotation")
     return seen

@@ -262,7 +262,7 @@ CASES = [
     Case("model-dir-does-not-exist", ["run", "--model", "./nope", "--out", RUN], 2, "model path ./nope is not a directory"),
     Case("pull-reference-without-tag", ["pull", "oci://127.0.0.1:1/dsbuild", "dest"], 10, "reference 'oci://127.0.0.1:1/dsbuild' names no tag or digest"),
     Case("pull-not-oci", ["pull", "https://127.0.0.1:1/dsbuild:v1", "dest"], 10, "must start with oci://"),
-    Case("push-missing-run-dir", ["push", "nope", "oci://127.0.0.1:1/dsbuild:v1", "--insecure"], 2, "run directory nope does not exist"),
+    Case("push-missing-run-dir", ["push", "nope", "oci://127.0.0.1:1/dsbuild:v1", "--plain-http"], 2, "run directory nope does not exist"),
 ]
 
 
@@ -387,7 +387,7 @@ def test_registry_answering_500_fails_push_with_one_sentence(dsbuild, tmp_path):
     synthetic_run(run, write_manifest=True)
     before = snapshot(run)
     with run_registry(tmp_path / "registry") as reg, run_proxy(reg.address, fail_uploads_with=500) as proxy:
-        proc = dsbuild("push", str(run), f"oci://{proxy['address']}/dsbuild:v1", "--insecure", timeout=300)
+        proc = dsbuild("push", str(run), f"oci://{proxy['address']}/dsbuild:v1", "--plain-http", timeout=300)
     message = assert_one_sentence(proc, "registry-500")
     assert proc.returncode == 10, proc.stderr
     assert "500" in message, message
