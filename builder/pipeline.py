@@ -73,6 +73,10 @@ class Stage:
     spec_view: Callable[[RunSpec], RunSpec] | None = None
     fields_of: str | None = None
     inputs_as: dict[str, str] = field(default_factory=dict)
+    # What the stage would refuse about the spec, checked for every stage of a run before any of them starts (and
+    # before the run directory is created): raises a DsbuildError. Cheap, no downloads. Its second argument: the
+    # names of the run's stages (a check may depend on what runs after it).
+    preflight: Callable[[RunSpec, tuple[str, ...]], None] | None = None
 
     def view(self, spec: RunSpec) -> RunSpec:
         return self.spec_view(spec) if self.spec_view else spec
@@ -215,23 +219,46 @@ def stage_complete(run_dir: Path, stage: str, entry: dict[str, Any], *, repair: 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path, *, wait: bool = False) -> Iterator[None]:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:  # read-only filesystem, a parent that is a file, no permission
-        raise SpecError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
-    try:
+    """Hold ``run_dir``'s lock file (created with the directory if missing) for one dsbuild process at a time.
+
+    A directory this call created that holds nothing but the lock when the work ends (a run refused or failed
+    before any stage completed) is removed again, with the parents created for it: a refused run leaves nothing.
+    The lock file is unlinked while held, so a process waiting on it re-locks whatever lock file is there after."""
+    while True:
+        missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # read-only filesystem, a parent that is a file, no permission
+            raise SpecError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise RunLockedError(
                 f"another dsbuild process (pid {holder}) is working on {run_dir}; wait for it or pass --wait") from None
+        try:
+            current = os.stat(run_dir / LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # the previous holder removed the directory it had created: lock the one there now
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        os.close(fd)
+        try:
+            if missing and [p.name for p in run_dir.iterdir()] == [LOCK]:
+                (run_dir / LOCK).unlink()
+                for p in missing:  # run_dir first, then the parents created for it, while each is empty
+                    p.rmdir()
+        except OSError:
+            pass  # something else is in it now: it stays
+        finally:
+            os.close(fd)
 
 
 def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: set[str] | None = None,
@@ -240,6 +267,10 @@ def run_pipeline(spec: RunSpec, stages: list[Stage], *, run_dir: Path, force: se
     """Run ``stages`` in order (each one's upstream must come earlier or be in the manifest already)."""
     force = set(force or ())
     results: list[StageResult] = []
+    names = tuple(s.name for s in stages)
+    for stage in stages:  # refuse now what a later stage would refuse after hours of earlier ones
+        if stage.preflight:
+            stage.preflight(stage.view(spec), names)
     lock = contextlib.nullcontext() if dry_run else run_lock(run_dir, wait=wait)
     with lock:
         if not dry_run:

@@ -38,8 +38,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from builder.errors import SpecError
+from builder.errors import SpecError, did_you_mean
 from builder.safeio import parse_yaml, read_bounded
+from quantize import registry as quant_formats
 
 Arch = Literal["ampere", "ada", "hopper", "blackwell", "cpu"]
 ScaleUp = Literal["nvlink", "pcie", "shm"]
@@ -145,9 +146,10 @@ FP8_KV_ARCHS = frozenset({"ada", "hopper", "blackwell", "cpu"})
 
 # Every number in a hardware file is finite (pydantic's allow_inf_nan=False) and inside these bounds: the planner
 # divides by bandwidths, peaks and memory, so those must be positive; a zero FP8/FP4 peak means "none"; the upper
-# bounds are ~100x today's largest part, far from float overflow in the planner's arithmetic.
-_Positive = Annotated[float, Field(gt=0, le=1e6)]
-_NonNegative = Annotated[float, Field(ge=0, le=1e6)]
+# bound (1e15) leaves room for "free" resources in what-if files (a test makes HBM 1e9 TB/s to isolate the compute
+# term) and stays far from float overflow in the planner's arithmetic.
+_Positive = Annotated[float, Field(gt=0, le=1e15)]
+_NonNegative = Annotated[float, Field(ge=0, le=1e15)]
 _Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
@@ -192,13 +194,21 @@ class HardwareTable:
 
     def gpu(self, name: str) -> GPU:
         if name not in self.gpus:
-            raise SpecError(f"unknown GPU {name!r}; known: {', '.join(sorted(self.gpus))} (or add it in --hardware-file)")
+            raise SpecError(f"unknown GPU {name!r}{did_you_mean(name, self.gpus)}; known: {', '.join(sorted(self.gpus))} "
+                            "(or add it in --hardware-file)", option="gpu")
         return self.gpus[name]
+
+    def quant_refusal(self, quant: str, gpu: GPU) -> str | None:
+        """Why ``gpu`` cannot take weight format ``quant`` (the planner's and the quantize stage's one check),
+        naming the GPUs of this table that can; None when it can."""
+        fmt = quant_formats.get(quant)
+        able = tuple(sorted(g.name for g in self.gpus.values() if g.arch != "cpu" and fmt.runs_on(g.arch)))
+        return fmt.refusal(gpu=gpu.name, arch=gpu.arch, gpus=able)
 
     def network(self, name: str) -> Network:
         if name not in self.networks:
-            raise SpecError(f"unknown network {name!r}; known: {', '.join(sorted(self.networks))} "
-                            "(or add it in --hardware-file)")
+            raise SpecError(f"unknown network {name!r}{did_you_mean(name, self.networks)}; known: "
+                            f"{', '.join(sorted(self.networks))} (or add it in --hardware-file)", option="network")
         return self.networks[name]
 
 

@@ -63,10 +63,25 @@ def _oci_error(resp: requests.Response) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _tls_failure(registry: str, detail: str) -> str:
+    """The sentence for a failed TLS handshake: a plain-HTTP registry (OpenSSL reads its HTTP answer as a TLS record
+    of the wrong version) or a certificate that does not verify."""
+    if "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
+        return (f"the TLS certificate of {registry} does not verify; trust its CA (REQUESTS_CA_BUNDLE) or pass "
+                "--insecure to skip verification")
+    if "WRONG_VERSION_NUMBER" in detail or "wrong version number" in detail or "record layer failure" in detail:
+        return (f"{registry} answers plain HTTP, not TLS: pass --plain-http (--insecure only skips TLS certificate "
+                "verification, as in oras; it no longer means plain HTTP)")
+    return f"TLS handshake with {registry} failed; for a plain-HTTP registry pass --plain-http"
+
+
 class RegistryClient(oras.provider.Registry):
-    def __init__(self, ref: OciReference, *, insecure: bool = False, retries: int = 3, backoff_s: float = 0.5,
-                 chunk_bytes: int = CHUNK_BYTES, environ: Mapping[str, str] | None = None):
-        super().__init__(hostname=ref.registry, insecure=insecure, tls_verify=True)
+    def __init__(self, ref: OciReference, *, plain_http: bool = False, insecure: bool = False, retries: int = 3,
+                 backoff_s: float = 0.5, chunk_bytes: int = CHUNK_BYTES, environ: Mapping[str, str] | None = None):
+        """``plain_http``: http:// instead of https://; ``insecure``: TLS without certificate verification (the oras
+        CLI's ``--plain-http`` and ``--insecure``: docs/upstream-facts.md#U-ORAS-3; oras-py's own ``insecure``
+        argument means plain HTTP, hence the mapping)."""
+        super().__init__(hostname=ref.registry, insecure=plain_http, tls_verify=not insecure)
         self.ref = ref
         self.container = oras.container.Container(ref.oras_target(), registry=ref.registry)
         self.retries = retries
@@ -90,9 +105,8 @@ class RegistryClient(oras.provider.Registry):
             if not stream or not resp.ok:
                 self._read_bounded_body(resp, f"{method} {_path(url)}")
             return resp
-        except requests.exceptions.SSLError:
-            raise RegistryError(f"TLS handshake with {self.ref.registry} failed; for a plain-HTTP registry pass "
-                                "--insecure") from None
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(_tls_failure(self.ref.registry, str(exc))) from None
         except requests.exceptions.ConnectionError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else "connection failed or was dropped"
             raise RegistryError(f"cannot reach registry {self.ref.registry} ({reason}) during "

@@ -28,7 +28,7 @@ from builder.errors import DiskSpaceError, RegistryError, VerificationError
 from builder.paths import safe_relpath
 from builder.pipeline import MANIFEST
 from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, DOCKERFILE_MEDIA_TYPE, DOCKERFILE_TITLE,
-                                      MANIFEST_MEDIA_TYPE, READ_BYTES, TAR_SUFFIX)
+                                      MANIFEST_MEDIA_TYPE, ORAS_DIGEST, READ_BYTES, TAR_SUFFIX, HashingReader)
 from builder.publish.client import Progress, RegistryClient, TransferStats
 from builder.publish.dockerfile import dockerfile_values, render_dockerfile
 from builder.publish.push import artifact_annotations
@@ -85,13 +85,14 @@ def _expected_files(run_manifest: Mapping[str, Any], stage_names: list[str]) -> 
     return out
 
 
-def pull_run(*, ref: OciReference, out: Path, insecure: bool = False, environ: Mapping[str, str] | None = None,
-             log: Callable[[str], None] = print, progress: Callable[[int], Progress] | None = None) -> PullResult:
+def pull_run(*, ref: OciReference, out: Path, plain_http: bool = False, insecure: bool = False,
+             environ: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
+             progress: Callable[[int], Progress] | None = None) -> PullResult:
     if not (ref.tag or ref.digest):
         raise RegistryError(f"{ref} names no tag or digest; pull needs one")
     t0 = time.perf_counter()
     _refuse_existing(out)
-    client = RegistryClient(ref, insecure=insecure, environ=environ)
+    client = RegistryClient(ref, plain_http=plain_http, insecure=insecure, environ=environ)
     manifest, digest = client.fetch_manifest()
     layers = _layers(manifest, ref)
     stage_names = [s for s in (manifest.get("annotations") or {}).get(STAGES_ANNOTATION, "").split(",") if s]
@@ -174,8 +175,9 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
         listed = [f["size"] for name, f in expected.items() if name.startswith(title.rstrip("/") + "/")]
         limit = sum(-(-n // 512) * 512 + 4096 for n in listed) + 20 * 512
         try:
-            with gzip.GzipFile(fileobj=blob, mode="rb") as gz, \
-                    tarfile.open(fileobj=_Bounded(gz, limit, title), mode="r|") as tar:
+            plain = HashingReader(gzip.GzipFile(fileobj=blob, mode="rb"))  # type: ignore[arg-type]
+            bounded = _Bounded(plain, limit, title)
+            with tarfile.open(fileobj=bounded, mode="r|") as tar:
                 for member in tar:
                     name = safe_relpath(member.name, what=f"member of {title}")
                     if not member.isreg():
@@ -203,8 +205,13 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
                     if h.hexdigest() != f["sha256"]:
                         raise VerificationError(f"{name} does not match the sha256 manifest.json records for it")
                     seen.add(name)
+            while bounded.read(READ_BYTES):  # the tar's end blocks and padding: the whole stream is digested
+                pass
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise VerificationError(f"{title} is not a readable tar.gz ({type(exc).__name__})") from None
+    stated = (layer.get("annotations") or {}).get(ORAS_DIGEST)
+    if stated is not None and stated != "sha256:" + plain.sha.hexdigest():
+        raise VerificationError(f"{title}: its uncompressed tar does not match the {ORAS_DIGEST} annotation")
 
 
 class _Bounded(io.RawIOBase):

@@ -144,8 +144,8 @@ def check_files(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None
                                         f"{out['size']}; the run directory changed after it was built")
 
 
-def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False, insecure: bool = False,
-             environ: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
+def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False, plain_http: bool = False,
+             insecure: bool = False, environ: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
              progress: Callable[[int], Progress] | None = None, chunk_bytes: int = CHUNK_BYTES) -> PushResult:
     """Push ``run_dir`` to ``ref`` (its tag, or the default tag); ``progress(total_bytes)`` returns a per-byte hook."""
     if ref.digest:
@@ -158,7 +158,8 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
         check_files(run_dir, entries)
         annotations = artifact_annotations(manifest, stages)
         target = ref if ref.tag else ref.with_tag(default_tag(manifest, annotations))
-        client = RegistryClient(target, insecure=insecure, chunk_bytes=chunk_bytes, environ=environ)
+        client = RegistryClient(target, plain_http=plain_http, insecure=insecure, chunk_bytes=chunk_bytes,
+                                environ=environ)
         client.ping()
         layers = plan_layers(run_dir, entries)
         with tempfile.TemporaryDirectory(prefix="dsbuild-push-") as tmp:

@@ -22,7 +22,7 @@ from builder.model.config import ModelConfig
 from builder.model.generated import ensure_tiny, tiny_cache_key
 from builder.model.safetensors_io import INDEX_NAME, check_finite, read_header, read_index, validate_checkpoint
 from builder.model.selection import path_selected, select_shards
-from builder.model.source import resolve_model
+from builder.model.source import check_has_weights, resolve_model
 from builder.paths import safe_relpath
 from builder.pipeline import Stage, StageContext
 from builder.rundir import WEIGHTS
@@ -61,8 +61,14 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
         # The commit, not the revision name, identifies the bytes: `main` today and its sha give the same key.
         repo = hub_repo_of(spec)
         return {"source": "hub", "repo": src.ref, "commit": hub.resolve_commit(repo, spec.revision)}
-    raise CheckpointError(f"model {spec.model!r} is a built-in config preset without weights; "
-                          "fetch needs 'tiny', a local checkpoint directory or a hub repo id")
+    check_has_weights(spec.model)
+    raise AssertionError(f"unhandled model source {src.kind}")
+
+
+def preflight(spec: RunSpec, stages: tuple[str, ...] = ()) -> None:
+    """The model names something with weights (resolving it also checks the name, with a did-you-mean)."""
+    resolve_model(spec.model)
+    check_has_weights(spec.model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +248,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 STAGE = Stage(name="fetch", version=VERSION, output=WEIGHTS, upstream=(), run=run, tools=("safetensors",),
-              key_inputs=key_inputs, describe=dry_run_plan)
+              key_inputs=key_inputs, describe=dry_run_plan, preflight=preflight)
 
 __all__ = ["STAGE", "SMALL_FILES", "link_or_copy", "materialize", "fetch_from_hub", "dry_run_plan"]

@@ -359,11 +359,12 @@ CASES = [
     Case("hardware-tflops-inf", ["run", "--gpu", "h200-sxm", "--hardware-file", "hw.yaml", "--out", RUN], 2, "hardware file hw.yaml is refused: the value '.inf' is not a finite number", text_file("hw.yaml", "gpus: {h200-sxm: {bf16_tflops: .inf}}\n"), item=11),
     Case("hardware-tflops-1e999-string", ["run", "--gpu", "h200-sxm", "--hardware-file", "hw.yaml", "--out", RUN], 2, "gpus.h200-sxm.bf16_tflops: Input should be a finite number", text_file("hw.yaml", "gpus: {h200-sxm: {bf16_tflops: '1e999'}}\n"), item=11),
     Case("hardware-network-negative", ["run", "--gpu", "h200-sxm", "--hardware-file", "hw.yaml", "--out", RUN], 2, "networks.ib-ndr.gb_s: Input should be greater than 0", text_file("hw.yaml", "networks: {ib-ndr: {gb_s: -50}}\n"), item=11),
-    Case("hardware-memory-1e300", ["run", "--gpu", "h200-sxm", "--hardware-file", "hw.yaml", "--out", RUN], 2, "gpus.h200-sxm.memory_gib: Input should be less than or equal to 1000000", text_file("hw.yaml", "gpus: {h200-sxm: {memory_gib: 1.0e+300}}\n"), item=11),
+    Case("hardware-memory-1e300", ["run", "--gpu", "h200-sxm", "--hardware-file", "hw.yaml", "--out", RUN], 2, "gpus.h200-sxm.memory_gib: Input should be less than or equal to 1000000000000000", text_file("hw.yaml", "gpus: {h200-sxm: {memory_gib: 1.0e+300}}\n"), item=11),
     Case("hardware-gpus-per-node-zero", ["run", "--gpu", "h200-sxm", "--hardware-file", "hw.yaml", "--out", RUN], 2, "gpus.h200-sxm.gpus_per_node: Input should be greater than or equal to 1", text_file("hw.yaml", "gpus: {h200-sxm: {gpus_per_node: 0}}\n"), item=11),
-    Case("nvfp4-on-h200", ["run", "--quant", "nvfp4", "--gpu", "h200-sxm", "--out", RUN], 2, "nvfp4 needs Blackwell GPUs (b200); h200-sxm is hopper"),
+    Case("nvfp4-on-h200", ["run", "--quant", "nvfp4", "--gpu", "h200-sxm", "--out", RUN], 2, "nvfp4 needs Blackwell GPUs (b200, gb200); h200-sxm is hopper"),
+    # A later stage would refuse it whatever the flag says, so the plan refuses it before anything runs.
     Case("nvfp4-on-h200-allow-infeasible", ["run", "--quant", "nvfp4", "--gpu", "h200-sxm", "--allow-infeasible",
-                                            "--out", RUN], 6, "--quant nvfp4 needs a Blackwell GPU (B200/GB200/B300) but the plan targets h200-sxm", failing_dir="quantized"),
+                                            "--out", RUN], 2, "cannot build tp2pp2ep1: nvfp4 needs Blackwell GPUs (b200, gb200); h200-sxm is hopper", failing_dir="plan"),
     Case("tp-does-not-divide", ["run", "--tp", "3", "--out", RUN], 2, "TP 3 does not divide the 16 attention heads"),
     Case("ep-does-not-divide-tp", ["run", "--tp", "2", "--ep", "3", "--out", RUN], 2, "EP 3 must divide TP 2"),
     Case("pp-more-than-layers", ["run", "--tp", "1", "--pp", "8", "--out", RUN], 2, "PP 8 is larger than the model's 4 layers"),
@@ -374,7 +375,7 @@ CASES = [
     Case("model-dir-does-not-exist", ["run", "--model", "./nope", "--out", RUN], 2, "model path ./nope is not a directory"),
     Case("pull-reference-without-tag", ["pull", "oci://127.0.0.1:1/dsbuild", "dest"], 10, "reference 'oci://127.0.0.1:1/dsbuild' names no tag or digest"),
     Case("pull-not-oci", ["pull", "https://127.0.0.1:1/dsbuild:v1", "dest"], 10, "must start with oci://"),
-    Case("push-missing-run-dir", ["push", "nope", "oci://127.0.0.1:1/dsbuild:v1", "--insecure"], 2, "run directory nope does not exist"),
+    Case("push-missing-run-dir", ["push", "nope", "oci://127.0.0.1:1/dsbuild:v1", "--plain-http"], 2, "run directory nope does not exist"),
 ]
 
 
@@ -390,6 +391,8 @@ def snapshot(root: Path) -> dict[str, tuple[int, str]]:
 def assert_nothing_half_written(run_dir: Path, failing_dir: str | None) -> None:
     if not run_dir.exists():
         return
+    assert [p.name for p in run_dir.iterdir()] not in ([], [".dsbuild.lock"]), \
+        "a run that completed no stage left its directory behind"
     leftovers = [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]
     assert not leftovers, f"temporary directories left behind: {leftovers}"
     if failing_dir:
@@ -432,6 +435,8 @@ def test_bad_input(case: Case, dsbuild, tmp_path, tiny_ckpt):
     assert case.message in message, (case.id, message)
     assert snapshot(ck) == before, "the source checkpoint was changed"
     assert_nothing_half_written(tmp_path / RUN, case.failing_dir)
+    if not (tmp_path / RUN).exists():  # nor the parent created for it
+        assert not (tmp_path / RUN).parent.exists()
     assert not (tmp_path / "dest").exists()
     record.add("bad_inputs", case.id, exit_code=proc.returncode, message=message, item=case.item)
 
@@ -496,7 +501,7 @@ def test_registry_answering_500_fails_push_with_one_sentence(dsbuild, tmp_path):
     synthetic_run(run, write_manifest=True)
     before = snapshot(run)
     with run_registry(tmp_path / "registry") as reg, run_proxy(reg.address, fail_uploads_with=500) as proxy:
-        proc = dsbuild("push", str(run), f"oci://{proxy['address']}/dsbuild:v1", "--insecure", timeout=300)
+        proc = dsbuild("push", str(run), f"oci://{proxy['address']}/dsbuild:v1", "--plain-http", timeout=300)
     message = assert_one_sentence(proc, "registry-500")
     assert proc.returncode == 10, proc.stderr
     assert "500" in message, message

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.errors import SpecError
-from builder.plan import plan_cluster
+from builder.plan.search import plan_cluster
 from builder.plan.hardware import GPUS, Cluster, NETWORKS, load_hardware
 from builder.plan.perf import Placement, expert_fraction_read
 from builder.layout import Layout
