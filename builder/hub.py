@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -41,8 +42,9 @@ from huggingface_hub.hf_api import RepoFile as HfRepoFile
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from tqdm.auto import tqdm
 
+from builder import redact
 from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
-from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
+from builder.errors import CheckpointError, DiskSpaceError, HubError, HubUnreachableError, UnsafePathError
 from builder.model.selection import path_selected
 from builder.paths import safe_relpath
 from builder.retry import Backoff, retry
@@ -93,6 +95,7 @@ class HubRepo:
 
 def hub_repo(repo_id: str, *, cache_dir: Path | None = None) -> HubRepo:
     """``repo_id`` on ``HF_ENDPOINT`` (default huggingface.co), cached in ``cache_dir`` or ``HF_HUB_CACHE``."""
+    redact.install()  # huggingface_hub's handler exists now: its retry lines must not show HF_ENDPOINT's user-info
     cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
     return HubRepo(repo_id=repo_id, cache_dir=cache.expanduser(), endpoint=constants.ENDPOINT.rstrip("/"),
                    offline=bool(constants.HF_HUB_OFFLINE))
@@ -135,8 +138,10 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
         return HubError(f"{repo.repo_id} is gated on {where}: accept its terms on the hub, then set HF_TOKEN "
                         "or run `hf auth login` with an account that has access")
     if isinstance(exc, hf.LocalEntryNotFoundError):  # offline, or the hub unreachable, and not in the cache
-        why = "HF_HUB_OFFLINE is set" if repo.offline else f"{where} cannot be reached"
-        return HubError(f"{what}: {why} and the cache at {repo.cache_dir} does not have it")
+        if repo.offline:
+            return HubError(f"{what}: HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} does not have it")
+        return HubUnreachableError(f"{what}: {where} cannot be reached and the cache at {repo.cache_dir} does not "
+                                   "have it")
     if isinstance(exc, hf.RevisionNotFoundError):
         return HubError(f"{what}: revision not found in {name}")
     if isinstance(exc, hf.EntryNotFoundError):
@@ -152,7 +157,7 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
             return HubError(f"{what}: {name} refused the credentials (HTTP {code}); check HF_TOKEN or `hf auth login`")
         return HubError(f"{what}: {name} answered HTTP {code}")
     if isinstance(exc, (httpx.ConnectError, httpx.TimeoutException, httpx.NetworkError)):
-        return HubError(f"cannot reach the hub at {where} ({type(exc).__name__}) while trying to {what}; "
+        return HubUnreachableError(f"cannot reach the hub at {where} ({type(exc).__name__}) while trying to {what}; "
                         "check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use what is cached")
     return HubError(f"{what}: {type(exc).__name__} from {name}")
 
@@ -163,9 +168,25 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, _ShortRead))
 
 
-def call_with_retries(fn: Callable[[], Any], *, attempts: int = 4) -> Any:
-    """``fn()``, retried with backoff while it fails transiently (HTTP 5xx/429, dropped connections)."""
-    return retry(fn, transient=is_transient, backoff=Backoff(attempts=attempts))
+def call_with_retries(fn: Callable[[], Any], *, repo: HubRepo, attempts: int = 4) -> Any:
+    """``fn()``, retried with backoff while it fails transiently (HTTP 5xx/429, refused or dropped connections),
+    saying so in one line per retry on stderr. This is the retry loop of every hub call: ``fn`` makes
+    ``HfApi.model_info``/``list_repo_tree`` calls (one request each on ``get_session``), never ``hf_hub_download``,
+    whose own ``http_backoff`` loop retries a dead hub five times over ~23 s with a log line each (only a tree
+    listing's second and later pages go through that loop: docs/upstream-facts.md#U-HUB-RETRY-2)."""
+    backoff = Backoff(attempts=attempts)
+
+    def say(retry_number: int, exc: BaseException) -> None:
+        print(f"hub: {_transient_cause(exc)} from {shown_endpoint(repo.endpoint)}; retry {retry_number + 1} of "
+              f"{attempts - 1} in {backoff.delay(retry_number):g} s", file=sys.stderr, flush=True)
+
+    return retry(fn, transient=is_transient, backoff=backoff, on_retry=say)
+
+
+def _transient_cause(exc: BaseException) -> str:
+    if isinstance(exc, hf.HfHubHTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,7 +205,8 @@ def resolve_commit(repo: HubRepo, revision: str) -> str:
         raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} does not know which commit "
                        f"{repo.repo_id}@{revision} is; fetch it once online or pass --revision <commit sha>")
     try:
-        info = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision))
+        info = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision),
+                                 repo=repo)
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence
         raise hub_error(repo, exc, what=f"resolve revision {revision!r} of {repo.repo_id}") from None
     sha = getattr(info, "sha", None)
@@ -222,7 +244,8 @@ def list_files(repo: HubRepo, commit: str) -> list[RepoFile]:
                        f"{repo.repo_id}@{commit}; fetch it once online")
     try:
         api = HfApi(endpoint=repo.endpoint)
-        entries = call_with_retries(lambda: list(api.list_repo_tree(repo.repo_id, revision=commit, recursive=True)))
+        entries = call_with_retries(lambda: list(api.list_repo_tree(repo.repo_id, revision=commit, recursive=True)),
+                                    repo=repo)
     except Exception as exc:  # noqa: BLE001
         raise hub_error(repo, exc, what=f"list the files of {repo.repo_id}@{commit[:12]}") from None
     files = [_parse_file(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None, repo=repo)
@@ -631,13 +654,43 @@ def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
     return digests
 
 
+def read_file(repo: HubRepo, name: str, *, revision: str = "main") -> Path:
+    """The cache path of ``name`` at ``revision`` (config.json before a plan), downloaded through the same client,
+    cache, verification and retries as a fetch. When the hub cannot be reached, the cache's copy for that
+    revision stands in if there is one."""
+    try:
+        commit = resolve_commit(repo, revision)
+    except HubUnreachableError:
+        snapshot = _cached_snapshot(repo, revision)
+        if snapshot is None or not (snapshot / name).is_file():
+            raise
+        return snapshot / name
+    path = repo.storage / "snapshots" / commit / name
+    if path.is_file():
+        return path
+    wanted = [f for f in list_files(repo, commit) if f.path == name]
+    if not wanted:
+        raise HubError(f"{repo.repo_id}@{commit[:12]} on {shown_endpoint(repo.endpoint)} has no {name}")
+    download(repo, commit, wanted, workers=1)
+    return path
+
+
+def _cached_snapshot(repo: HubRepo, revision: str) -> Path | None:
+    """The cache's snapshot directory of ``revision`` (a commit, or a ref the cache recorded), if known."""
+    if SHA1.match(revision):
+        return repo.storage / "snapshots" / revision
+    ref = repo.storage / "refs" / safe_relpath(revision, what="revision")
+    sha = ref.read_text().strip() if ref.is_file() else ""
+    return repo.storage / "snapshots" / sha if SHA1.match(sha) else None
+
+
 def blob_path(repo: HubRepo, f: RepoFile) -> Path:
     return repo.blobs / f.etag
 
 
 __all__ = [
     "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "hub_error", "is_transient", "call_with_retries",
-    "shown_endpoint", "resolve_commit", "list_files", "select_files", "file_states", "bytes_needed",
+    "read_file", "shown_endpoint", "resolve_commit", "list_files", "select_files", "file_states", "bytes_needed",
     "check_disk_space", "free_bytes", "device_of", "download", "blob_path", "human_bytes", "verified_sha256",
     "RemoteTensor", "remote_tensors",
 ]

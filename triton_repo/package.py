@@ -8,7 +8,6 @@ CPU flavour: the same model name and tensor interface, served by dsbuild's refer
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import yaml
 
 from builder.errors import PackageError
 from builder.layout import Layout
+from builder.safeio import dumps_json
 from builder.specs import DEFAULT_KUBECTL_IMAGE, check_value
 from builder.trtllm.contract import require_conforming
 from builder.trtllm.speculative import DEPLOY_RELATIVE_PATHS
@@ -199,7 +199,7 @@ def write_package(p: PackageInputs, out: Path) -> dict[str, Any]:
     render_repository(p, out / "triton_repo")
     render_launch(p, out / "launch")
     info = describe(p)
-    (out / "package.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (out / "package.json").write_text(dumps_json(info) + "\n", encoding="utf-8")
     return info
 
 

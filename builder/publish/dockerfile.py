@@ -13,11 +13,10 @@ from typing import Any, Mapping
 from builder.errors import PackageError
 from builder.render import render_text
 from builder.trtllm import PINNED_VERSION
-from builder.trtllm.contract import allow_list
+from builder.trtllm.container import CONTAINER_IMAGE, INSTALL_DSBUILD, INSTALL_OPENAI_DEPS
 
-# One pin for the whole project: the Triton image that ships the pinned TensorRT-LLM (its allow-list data file).
 TENSORRT_LLM_VERSION = PINNED_VERSION
-TRITON_IMAGE = allow_list(PINNED_VERSION)["container"]
+TRITON_IMAGE = CONTAINER_IMAGE
 TEMPLATE = Path(__file__).with_name("Dockerfile.tmpl")
 _MULTILINE_OK = {"copy_lines", "command", "flavour_note"}
 
@@ -62,6 +61,8 @@ def dockerfile_values(*, annotations: Mapping[str, str], run_name: str, stage_di
         "gpu": annotations["io.dsbuild.gpu"], "dsbuild_version": annotations["io.dsbuild.version"],
         "model_repository": repo, "copy_lines": "\n".join(copies), "deploy_dir": DEPLOY_DIR, "command": command,
         "flavour_note": note,
+        "install_dsbuild": INSTALL_DSBUILD.replace("<dsbuild checkout>", "/opt/dsbuild-src"),
+        "install_openai_deps": INSTALL_OPENAI_DEPS,
     }
 
 

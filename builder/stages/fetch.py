@@ -5,8 +5,10 @@ place), or a hub repository (``builder.hub``: commit resolved first; then, befor
 tensor's name, shape and dtype is read from the shards' safetensors headers with HTTP range requests and compared with
 the catalogue (``builder.model.conformance``); then files are verified against their oids while they download into
 the HF cache). Either way the files are hard-linked (across filesystems: symlinked) into ``weights/``,
-never copied, and ``weights/`` is then checked like any checkpoint: safetensors headers, the index, and the tensors
-``config.json`` implies. With ``--skip-mtp`` only shards holding needed tensors are kept (and downloaded), and the
+never copied, and ``weights/`` is then checked like any checkpoint: safetensors headers (every data byte of a shard
+in exactly one tensor, as build's reader requires), the index, the tensors ``config.json`` implies, and no NaN or
+infinity in a BF16/F16/F32 tensor (FP8 NaN codes: quantize). Fetch refuses what a later stage would. With
+``--skip-mtp`` only shards holding needed tensors are kept (and downloaded), and the
 index written to ``weights/`` names exactly the tensors of the kept shards.
 """
 
@@ -22,15 +24,15 @@ from builder.model.catalog import catalog_by_name, is_mtp_tensor, policy_dtypes_
 from builder.model.config import ModelConfig
 from builder.model.conformance import Conformance, compare
 from builder.model.generated import ensure_tiny, tiny_cache_key
-from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
+from builder.model.safetensors_io import INDEX_NAME, check_finite, read_header, read_index, validate_checkpoint
 from builder.model.selection import path_selected, select_shards
-from builder.model.source import resolve_model
+from builder.model.source import check_has_weights, resolve_model
 from builder.paths import safe_relpath
 from builder.pipeline import Stage, StageContext
 from builder.rundir import WEIGHTS
 from builder.specs import RunSpec
 
-VERSION = "2"
+VERSION = "3"  # 3: full shard coverage and finite float tensors checked
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "hf_quant_config.json", INDEX_NAME)
 REQUIRED = ("config.json", INDEX_NAME)
@@ -63,8 +65,14 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
         # The commit, not the revision name, identifies the bytes: `main` today and its sha give the same key.
         repo = hub_repo_of(spec)
         return {"source": "hub", "repo": src.ref, "commit": hub.resolve_commit(repo, spec.revision)}
-    raise CheckpointError(f"model {spec.model!r} is a built-in config preset without weights; "
-                          "fetch needs 'tiny', a local checkpoint directory or a hub repo id")
+    check_has_weights(spec.model)
+    raise AssertionError(f"unhandled model source {src.kind}")
+
+
+def preflight(spec: RunSpec, stages: tuple[str, ...] = ()) -> None:
+    """The model names something with weights (resolving it also checks the name, with a did-you-mean)."""
+    resolve_model(spec.model)
+    check_has_weights(spec.model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,6 +122,7 @@ def materialize(files: dict[str, Path], out: Path, *, skip_mtp: bool, include: l
     expected = expected_tensors(cfg, sel.weight_map, skip_mtp=skip_mtp)
     try:
         layout = validate_checkpoint(out, expected=expected)
+        finite_checked = check_finite(layout)
     except CheckpointError as exc:
         # The links in the temporary ``out`` vanish with it: name the user's own files instead.
         message = str(exc)
@@ -128,7 +137,7 @@ def materialize(files: dict[str, Path], out: Path, *, skip_mtp: bool, include: l
             # The dtype policy's tensors as stored (docs/tensorrt-llm-contract.md#C-DSREF-1): carried unchanged.
             "dtypes": policy_dtypes_found(present, lambda n: layout.tensor(n).dtype),
             "dropped_shards": len(sel.dropped_shards), "dropped_tensors": sel.dropped_tensors,
-            "kept_mtp_tensors": len(sel.kept_mtp_tensors)}
+            "kept_mtp_tensors": len(sel.kept_mtp_tensors), "finite_tensors_checked": finite_checked}
 
 
 def directory_files(root: Path, *, include: list[str], exclude: list[str]) -> dict[str, Path]:
@@ -278,6 +287,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 STAGE = Stage(name="fetch", version=VERSION, output=WEIGHTS, upstream=(), run=run, tools=("safetensors",),
-              key_inputs=key_inputs, describe=dry_run_plan)
+              key_inputs=key_inputs, describe=dry_run_plan, preflight=preflight)
 
 __all__ = ["STAGE", "SMALL_FILES", "link_or_copy", "materialize", "fetch_from_hub", "dry_run_plan"]

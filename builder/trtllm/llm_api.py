@@ -165,7 +165,7 @@ def render(spec, cfg: ModelConfig) -> LlmApiConfig:
         "max_num_tokens": max_tokens,
         "max_seq_len": max_seq,
         "enable_chunked_prefill": bool(spec.chunked_prefill),
-        "trust_remote_code": False,
+        "trust_remote_code": spec.trust_remote_code,  # --trust-remote-code; off by default
         "kv_cache_config": {
             "dtype": "fp8" if spec.kv_cache_dtype == "fp8" else "auto",
             "free_gpu_memory_fraction": float(spec.kv_cache_free_fraction),

@@ -74,6 +74,7 @@ class Faults:
     corrupt_times: dict[str, int] = field(default_factory=dict)  # path -> serve flipped bytes this many times
     # path (or "api/revision", "api/tree") -> answer 500 this many times
     error500_times: dict[str, int] = field(default_factory=dict)
+    error429_times: dict[str, int] = field(default_factory=dict)  # path -> answer 429 (Retry-After: 1) this many times
     gated_token: str | None = None  # resolve needs "Authorization: Bearer <token>", else 401 GatedRepo
     extra_tree_entries: list[dict[str, Any]] = field(default_factory=list)  # e.g. a "../evil" path
     bytes_per_s: float | None = None  # throttle GET bodies (for kill -9 mid-download)
@@ -281,6 +282,8 @@ def _handler_for(server: HubServer):
             probe = bool(HEADER_PROBE.match(rng or ""))  # faults model transfers, not header reads
             if self.command == "GET" and not probe and server._take(faults.error500_times, path):
                 return self._error(500, None, "Internal Error - We're working hard to fix this as soon as possible!")
+            if self.command == "GET" and not probe and server._take(faults.error429_times, path):
+                return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
             start, stop = 0, f.size - 1
             if rng and rng.startswith("bytes="):
                 first, _, last = rng[6:].split(",", 1)[0].partition("-")

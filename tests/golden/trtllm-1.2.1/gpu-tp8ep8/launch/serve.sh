@@ -51,7 +51,7 @@ export DSBUILD_DEPLOY_DIR="$DEPLOY_DIR"  # model.py resolves model.yaml's paths 
 
 start_openai() {  # start_openai OFFSET: the endpoint for the replica whose Triton serves on ports + OFFSET
   [ -n "$OPENAI_PORT" ] || return 0
-  python3 -c 'import triton_repo.openai_api.app' || { echo "serve.sh: the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild source> && pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)" >&2; exit 2; }
+  python3 -c 'import triton_repo.openai_api.app' || { echo "serve.sh: the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild checkout> && pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)" >&2; exit 2; }
   python3 -m builder.cli openai --repo "$REPO" --host 0.0.0.0 --port "$(( OPENAI_PORT + $1 ))" --triton-url "127.0.0.1:$(( 8001 + $1 ))" &
 }
 
