@@ -15,7 +15,7 @@ import jsonschema
 
 from builder.errors import DsbuildError, UnsafePathError
 from builder.paths import safe_relpath
-from builder.publish.artifact import TITLE
+from builder.publish.artifact import TAR_SUFFIX, TITLE
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 STAGES_ANNOTATION = "io.dsbuild.stages"
@@ -105,13 +105,17 @@ def check_schema(doc: Any, schema: Mapping[str, Any], *, what: str, error: type[
 def check_artifact_manifest(doc: Any, *, what: str, error: type[DsbuildError]) -> list[str]:
     """Check an artifact manifest; its layers' titles, each a safe relative path, unique, none inside a file's."""
     check_schema(doc, ARTIFACT_SCHEMA, what=what, error=error)
-    titles = []
+    titles, files = [], set()
     for i, layer in enumerate(doc["layers"]):
         try:
             titles.append(safe_relpath(layer["annotations"][TITLE], what="layer title"))
         except UnsafePathError as exc:
             raise error(f"{what} is malformed: layers[{i}]: {exc}") from None
-    _unique_and_not_nested(titles, what=f"{what}: layer title", error=error)
+        if not str(layer.get("mediaType", "")).endswith(TAR_SUFFIX):
+            files.add(titles[-1])
+    # A directory layer (package/ as one tar) may sit beside file layers under the same directory (package/package.json,
+    # package/Dockerfile); nothing may lie inside a file layer.
+    _unique_and_not_nested(titles, what=f"{what}: layer title", error=error, files=files)
     return titles
 
 
@@ -134,14 +138,16 @@ def check_run_manifest(doc: Any, *, what: str, error: type[DsbuildError]) -> dic
     return outputs
 
 
-def _unique_and_not_nested(paths: list[str], *, what: str, error: type[DsbuildError]) -> None:
+def _unique_and_not_nested(paths: list[str], *, what: str, error: type[DsbuildError],
+                           files: set[str] | None = None) -> None:
     seen: set[str] = set()
     for p in paths:
         if p in seen:
             raise error(f"{what} {p!r} appears twice")
         seen.add(p)
+    files = seen if files is None else files
     for p in paths:
         parts = p.split("/")
         for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in seen:
+            if "/".join(parts[:i]) in files:
                 raise error(f"{what} {p!r} lies inside {'/'.join(parts[:i])!r}, which is a file")
