@@ -15,7 +15,7 @@ import jsonschema
 
 from builder.errors import DsbuildError, UnsafePathError
 from builder.paths import safe_relpath
-from builder.publish.artifact import TITLE
+from builder.publish.artifact import DIR_MEDIA_TYPE, TITLE
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 STAGES_ANNOTATION = "io.dsbuild.stages"
@@ -103,7 +103,8 @@ def check_schema(doc: Any, schema: Mapping[str, Any], *, what: str, error: type[
 
 
 def check_artifact_manifest(doc: Any, *, what: str, error: type[DsbuildError]) -> list[str]:
-    """Check an artifact manifest; its layers' titles, each a safe relative path, unique, none inside a file's."""
+    """Check an artifact manifest; its layers' titles, each a safe relative path, unique, none inside a file layer's
+    (a file layer may lie inside a directory layer's title: ``package/package.json`` beside the ``package`` tar)."""
     check_schema(doc, ARTIFACT_SCHEMA, what=what, error=error)
     titles = []
     for i, layer in enumerate(doc["layers"]):
@@ -111,7 +112,8 @@ def check_artifact_manifest(doc: Any, *, what: str, error: type[DsbuildError]) -
             titles.append(safe_relpath(layer["annotations"][TITLE], what="layer title"))
         except UnsafePathError as exc:
             raise error(f"{what} is malformed: layers[{i}]: {exc}") from None
-    _unique_and_not_nested(titles, what=f"{what}: layer title", error=error)
+    files = {t for t, layer in zip(titles, doc["layers"]) if layer["mediaType"] != DIR_MEDIA_TYPE}
+    _unique_and_not_nested(titles, what=f"{what}: layer title", error=error, files=files)
     return titles
 
 
@@ -134,14 +136,17 @@ def check_run_manifest(doc: Any, *, what: str, error: type[DsbuildError]) -> dic
     return outputs
 
 
-def _unique_and_not_nested(paths: list[str], *, what: str, error: type[DsbuildError]) -> None:
+def _unique_and_not_nested(paths: list[str], *, what: str, error: type[DsbuildError],
+                           files: set[str] | None = None) -> None:
+    """Each path once, and none inside one of ``files`` (default: every path is a file)."""
     seen: set[str] = set()
     for p in paths:
         if p in seen:
             raise error(f"{what} {p!r} appears twice")
         seen.add(p)
+    files = seen if files is None else files
     for p in paths:
         parts = p.split("/")
         for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in seen:
+            if "/".join(parts[:i]) in files:
                 raise error(f"{what} {p!r} lies inside {'/'.join(parts[:i])!r}, which is a file")

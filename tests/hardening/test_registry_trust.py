@@ -39,7 +39,7 @@ MB = 1 << 20
 
 
 def _pull(dsbuild, state: Hostile, tmp_path: Path):
-    return dsbuild("pull", f"oci://{state.address}/team/run:v1", "dest", "--insecure", timeout=120)
+    return dsbuild("pull", f"oci://{state.address}/team/run:v1", "dest", "--plain-http", timeout=120)
 
 
 def _listed_files(root: Path) -> set[str]:
@@ -269,16 +269,16 @@ def test_pull_stops_reading_a_blob_at_its_declared_size(dsbuild, tmp_path, name,
 
 def test_oversized_manifest_and_error_bodies_are_not_read_whole(tmp_path):
     with hostile_registry(Hostile(manifest=b"{" + b" " * (32 * MB) + b"}")) as state:
-        client = RegistryClient(parse_reference(f"oci://{state.address}/team/run:v1"), insecure=True, retries=0)
+        client = RegistryClient(parse_reference(f"oci://{state.address}/team/run:v1"), plain_http=True, retries=0)
         with pytest.raises(RegistryError, match="with more than 4194304 bytes; refusing to read on"):
             client.fetch_manifest()
     with hostile_registry(Hostile(error_body_bytes=256 * MB)) as state:
-        client = RegistryClient(parse_reference(f"oci://{state.address}/team/run:v1"), insecure=True, retries=0)
+        client = RegistryClient(parse_reference(f"oci://{state.address}/team/run:v1"), plain_http=True, retries=0)
         with pytest.raises(RegistryError, match="with more than 4194304 bytes"):
             client.ping()
         assert state.sent_bytes < 64 * MB
     with hostile_registry(Hostile(blob_error_bytes=256 * MB)) as state:
-        client = RegistryClient(parse_reference(f"oci://{state.address}/team/run:v1"), insecure=True, retries=0)
+        client = RegistryClient(parse_reference(f"oci://{state.address}/team/run:v1"), plain_http=True, retries=0)
         with pytest.raises(RegistryError, match="with more than 4194304 bytes"):
             client.download_blob_to(digest="sha256:" + "0" * 64, size=28, out=io.BytesIO(), title="plan/plan.json")
         assert state.sent_bytes < 64 * MB
@@ -355,7 +355,7 @@ def test_push_reads_only_safe_paths_inside_the_run(dsbuild, tmp_path, name, make
     if not make(run, m):
         (run / "manifest.json").write_text(json.dumps(m))
     with hostile_registry(Hostile()) as state:
-        proc = dsbuild("push", str(run), f"oci://{state.address}/team/run:v1", "--insecure", timeout=120)
+        proc = dsbuild("push", str(run), f"oci://{state.address}/team/run:v1", "--plain-http", timeout=120)
         uploads = [r for r in state.requests if r.method in ("POST", "PATCH", "PUT")]
     message = assert_one_sentence(proc, name)
     assert proc.returncode == code, proc.stderr
@@ -405,7 +405,7 @@ REALMS = [
 def test_credentials_go_only_to_an_https_realm_or_this_machine(name, registry, realm, with_creds, allowed):
     env = {"DSBUILD_REGISTRY_USER": "carol", "DSBUILD_REGISTRY_PASSWORD": "pw-9f8e"} if with_creds else {"HOME": "/nonexistent"}
     client = RegistryClient(parse_reference(f"oci://{registry}/team/run:v1"), environ=env,
-                            insecure=registry.startswith("127."), retries=0)
+                            plain_http=registry.startswith("127."), retries=0)
     rec = _Recorder(f'Bearer realm="{realm}",service="reg",scope="repository:team/run:pull"')
     client.session = rec  # type: ignore[assignment]
     secret = base64.b64encode(b"carol:pw-9f8e").decode()
@@ -460,7 +460,7 @@ def test_a_realm_redirecting_to_another_host_does_not_get_the_credentials_there(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = {"DSBUILD_REGISTRY_USER": "carol", "DSBUILD_REGISTRY_PASSWORD": "pw-9f8e"}
-        RegistryClient(parse_reference(f"oci://127.0.0.1:{port}/team/run:v1"), environ=env, insecure=True,
+        RegistryClient(parse_reference(f"oci://127.0.0.1:{port}/team/run:v1"), environ=env, plain_http=True,
                        retries=0).ping()
     finally:
         server.shutdown()
