@@ -76,6 +76,11 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
     for e in by_kind["secrets"]:
         detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("kind", "name"))
         out.append(f"| secrets: {e['name']} | {detail} |")
+    requests = by_kind["serving_requests"]
+    if requests:
+        outcomes = collections.Counter(e["outcome"] for e in requests)
+        out.append("| served TP2 model: bad sampling requests beside a normal one, the normal text unchanged "
+                   "after each | " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())) + " |")
     for e in by_kind["load"]:
         out.append(f"| serving load: {e['streams']} streams + malformed for {e['duration_s']} s | "
                    f"{e['valid_requests']} valid (all text-equal), {e['malformed_requests']} malformed (all errors) |")
@@ -100,6 +105,12 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
             pts = e["points"]
             out.append(f"| {name} | {sum('into-stage' in p for p in pts)} | {pts.count('before-rename')} | "
                        f"{pts.count('finished-before-kill')} |")
+        out.append("")
+    if requests:
+        out += ["## A request can only fail itself (served TP2 model)", "",
+                "| bad request | protocol | outcome | normal request beside it and after it |", "| --- | --- | --- | --- |"]
+        out += [f"| {e['name']} | {e['protocol']} | {e['outcome']} | "
+                f"{'same text as before' if e['normal_text_unchanged'] else 'CHANGED'} |" for e in requests]
         out.append("")
     for e in by_kind["load"]:
         out += ["## Serving under load", "", "| figure | value |", "| --- | --- |"]
