@@ -272,8 +272,10 @@ class TritonPythonModel:
             if job.final_sent:
                 return
             job.final_sent = True
-            if not job.sender.is_cancelled():
-                self._send(job.sender, self._response(job, result), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            # A cancelled request still needs the FINAL flag (python_backend README, "Request Cancellation
+            # Handling"), or Triton keeps it -- and the model -- alive until its shutdown times out.
+            response = None if job.sender.is_cancelled() else self._response(job, result)
+            self._send(job.sender, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _forget(self, job):
         if job.request_id:
