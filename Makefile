@@ -18,11 +18,13 @@ NODES  ?= 1
 GPUS_PER_NODE ?=
 OUT    ?=
 DSBUILD_FLAGS ?=
-# make push: RUN (default build/latest) to oci://$(REGISTRY)/$(REPO)[:$(TAG)]; INSECURE=1 for a plain-HTTP registry.
+# make push: RUN (default build/latest) to oci://$(REGISTRY)/$(REPO)[:$(TAG)]; PLAIN_HTTP=1 for a plain-HTTP registry,
+# INSECURE=1 for TLS without certificate verification (oras's --plain-http and --insecure).
 RUN      ?= build/latest
 REGISTRY ?=
 REPO     ?= dsbuild
 TAG      ?=
+PLAIN_HTTP ?=
 INSECURE ?=
 PUSH_FLAGS ?=
 
@@ -35,7 +37,7 @@ RUN_FLAGS := --model $(MODEL) --tp $(TP) --pp $(PP) --ep $(EP) --quant $(QUANT) 
 help:
 	@echo "make engine [MODEL=tiny TP=2 PP=2 EP=1 ADP=1 QUANT=fp8 GPU= NODES=1 GPUS_PER_NODE= OUT=]  whole pipeline"
 	@echo "            [SPEC=none|mtp|draft DRAFT_LEN=3 DRAFT_MODEL=tiny-draft|hub-id|dir]  speculative decoding"
-	@echo "make push REGISTRY=host[:port] [REPO=dsbuild TAG= RUN=build/latest INSECURE=1 PUSH_FLAGS=--include-weights]"
+	@echo "make push REGISTRY=host[:port] [REPO=dsbuild TAG= RUN=build/latest PLAIN_HTTP=1 PUSH_FLAGS=--include-weights]"
 	@echo "make test        fast test suite;   make test-full   everything"
 	@echo "make serve       serve build/latest with tritonserver on 127.0.0.1 [SERVE_FLAGS=--http-port ...]"
 	@echo "make bench       serve build/latest, benchmark it into build/latest/bench/ [BENCH_FLAGS=...]"
@@ -65,8 +67,8 @@ serve: $(BIN)/dsbuild
 	$(BIN)/dsbuild serve --repo build/latest/package/triton_repo $(SERVE_FLAGS)
 
 push: $(BIN)/dsbuild
-	@test -n "$(REGISTRY)" || { echo "make push needs REGISTRY=host[:port] (e.g. REGISTRY=127.0.0.1:5000 INSECURE=1)"; exit 2; }
-	$(BIN)/dsbuild push $(RUN) oci://$(REGISTRY)/$(REPO)$(if $(TAG),:$(TAG)) $(if $(INSECURE),--insecure) $(PUSH_FLAGS)
+	@test -n "$(REGISTRY)" || { echo "make push needs REGISTRY=host[:port] (e.g. REGISTRY=127.0.0.1:5000 PLAIN_HTTP=1)"; exit 2; }
+	$(BIN)/dsbuild push $(RUN) oci://$(REGISTRY)/$(REPO)$(if $(TAG),:$(TAG)) $(if $(PLAIN_HTTP),--plain-http) $(if $(INSECURE),--insecure) $(PUSH_FLAGS)
 
 # Serve build/latest in the background on free ports, benchmark it (results in build/latest/bench/), stop it.
 BENCH_FLAGS ?= --concurrency 1,4,16 --isl 64 --osl 32 --num-requests 32

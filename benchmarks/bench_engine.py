@@ -37,6 +37,8 @@ from builder.sampling_params import SamplingParams
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from builder.safeio import dumps_json  # noqa: E402
+
 
 def decode_rates(paths: dict, *, batch: int, n1: int, n2: int, repeats: int) -> dict[str, float]:
     """Decode tokens/s of every path, measured round-robin (path after path, repeat after repeat) so that load
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
         results = measure(args, Path(scratch))
     args.png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.png)
-    args.png.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    args.png.with_suffix(".json").write_text(dumps_json(results) + "\n")
     if args.json:
         print(json.dumps(results, indent=2))
     else:

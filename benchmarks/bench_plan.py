@@ -11,7 +11,7 @@ import sys
 import time
 
 from builder.model.config import preset
-from builder.plan import plan_cluster
+from builder.plan.search import plan_cluster
 from builder.plan.memory import clear_caches
 from builder.shard.rules import plan_ranks
 from builder.layout import Layout

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from builder.safeio import dumps_json  # noqa: E402
 from tests.support.registry import run_registry  # noqa: E402
 
 BLOCK = 16 << 20
@@ -120,17 +121,17 @@ def main(argv: list[str] | None = None) -> int:
             with run_registry(work / f"reg-{size}") as reg:
                 ref = f"oci://{reg.address}/bench/run:t"
                 cli = [sys.executable, "-m", "builder.cli"]
-                wall, rss, out = measure([*cli, "push", str(run), ref, "--insecure", "--json"])
+                wall, rss, out = measure([*cli, "push", str(run), ref, "--plain-http", "--json"])
                 stats = json.loads(out)["stats"]
                 assert stats["bytes_uploaded"] >= nbytes, stats
                 rows.append({"what": "dsbuild push", "gb": nbytes / 1e9, "wall_s": wall, "mb_s": nbytes / 1e6 / wall,
                              "peak_rss_mb": rss})
                 if big:
-                    wall, rss, out = measure([*cli, "push", str(run), ref, "--insecure", "--json"])
+                    wall, rss, out = measure([*cli, "push", str(run), ref, "--plain-http", "--json"])
                     assert json.loads(out)["stats"]["blobs_uploaded"] == 0
                     rows.append({"what": "dsbuild re-push (all blobs present)", "gb": nbytes / 1e9, "wall_s": wall,
                                  "mb_s": nbytes / 1e6 / wall, "peak_rss_mb": rss})
-                    wall, rss, _ = measure([*cli, "pull", ref, str(work / "pulled"), "--insecure", "--json"])
+                    wall, rss, _ = measure([*cli, "pull", ref, str(work / "pulled"), "--plain-http", "--json"])
                     rows.append({"what": "dsbuild pull (verified)", "gb": nbytes / 1e9, "wall_s": wall,
                                  "mb_s": nbytes / 1e6 / wall, "peak_rss_mb": rss})
                     shutil.rmtree(work / "pulled", ignore_errors=True)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               "rss_growth_mb_per_gb": ((big_push[-1]["peak_rss_mb"] - big_push[0]["peak_rss_mb"])
                                        / max(big_push[-1]["gb"] - big_push[0]["gb"], 1e-9)) if len(big_push) > 1 else None}
     _plot(rows, args.png)
-    args.png.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.png.with_suffix(".json").write_text(dumps_json(result) + "\n")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

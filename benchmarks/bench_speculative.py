@@ -201,9 +201,10 @@ def plot(result: dict, path: str) -> None:
     axes[1].set(xlabel="draft length", ylabel="wall-clock speedup vs plain", title="speedup (plain greedy = 1)")
     for ax in axes:
         ax.set_xticks(list(DRAFT_LENGTHS))
-        ax.legend(fontsize=7)
+    # One legend under both panels: inside either one it covers curves.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=6, fontsize=7, frameon=False)
     fig.suptitle("\n".join(f"{k}: {v}" for k, v in result["notes"].items()), fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 

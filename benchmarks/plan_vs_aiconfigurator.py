@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from builder.model.config import preset
-from builder.plan import plan_cluster
+from builder.plan.search import plan_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-aic"

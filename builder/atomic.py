@@ -9,12 +9,13 @@ leaves is a dot-name with ``.tmp-`` or ``.old-`` that :func:`remove_stale_tempor
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+
+from builder.safeio import dumps_json
 
 
 def _umask() -> int:
@@ -79,11 +80,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (no NaN/Infinity: see :func:`builder.safeio.dumps_json`), written atomically."""
+    atomic_write_text(path, dumps_json(obj) + "\n")
 
 
-def atomic_symlink(target: str | Path, link: str | Path) -> None:
-    """Point ``link`` at ``target`` in one rename (a reader sees the old link or the new one, never none)."""
+def atomic_symlink(target: str | Path, link: str | Path, *, only_over_symlink: bool = False) -> None:
+    """Point ``link`` at ``target`` in one rename (a reader sees the old link or the new one, never none).
+    ``only_over_symlink``: a ``link`` that exists and is not a symbolic link (someone's file or directory) is
+    never replaced: FileExistsError, checked again right before the rename."""
     link = Path(link)
     if link.is_symlink() and os.readlink(link) == str(target):
         return
@@ -92,6 +96,8 @@ def atomic_symlink(target: str | Path, link: str | Path) -> None:
     os.unlink(tmp)  # mkstemp reserved the name; a symlink takes its place
     try:
         os.symlink(target, tmp)
+        if only_over_symlink and os.path.lexists(link) and not link.is_symlink():
+            raise FileExistsError(f"{link} exists and is not a symbolic link")
         os.replace(tmp, link)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -15,9 +15,13 @@ import click
 
 from builder import __version__
 from builder.errors import DsbuildError
+from builder.layout import Layout
+from builder.redact import install as install_log_redaction
+from builder.redact import redact_urls
 from builder.rundir import RunDir
+from builder.safeio import dumps_json
 from builder.sampling_params import SamplingParams
-from builder.specs import RunSpec, resolve_spec
+from builder.specs import STAGE_ORDER, RunSpec, fields_for, resolve_spec
 
 if TYPE_CHECKING:  # torch-free start-up: the engine is imported by the commands that run it
     from builder.engine.speculative import SpeculativeOptions
@@ -45,23 +49,29 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     return str, False
 
 
-def spec_options(*names: str) -> Callable:
-    """Decorate a command with flags for the named spec fields (all of them when none are named)."""
-    fields = RunSpec.model_fields
-    chosen = names or tuple(fields)
+def spec_options(*, stages: tuple[str, ...] = (), names: tuple[str, ...] = (), keyed_only: bool = False,
+                 defaults: dict[str, str] | None = None) -> Callable:
+    """Decorate a command with flags for the spec fields that ``stages`` read (``builder.specs.fields_for``) or
+    the ``names`` given. Each flag's help shows the default that applies to this command (``defaults`` overrides
+    the field's own, e.g. the planner searches TP when --tp is not given)."""
+    all_fields = RunSpec.model_fields
+    chosen = names or fields_for(stages, keyed_only=keyed_only)
+    defaults = defaults or {}
 
     def decorate(fn: Callable) -> Callable:
         for name in reversed(chosen):
-            field = fields[name]
+            field = all_fields[name]
             ctype, multiple = _click_type(field.annotation)
             flag = "--" + name.replace("_", "-")
             help_text = field.description or ""
+            default_txt = defaults.get(name)
+            if default_txt is None and field.default not in (None, []):
+                default_txt = ("on" if field.default else "off") if ctype is bool else str(field.default)
+            if default_txt is not None:
+                help_text += f"  [default: {default_txt}]"
             if ctype is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(fn)
             else:
-                default_txt = field.default if field.default not in (None, []) else None
-                if default_txt is not None:
-                    help_text += f"  [default: {default_txt}]"
                 fn = click.option(flag, name, type=ctype, multiple=multiple, default=None, help=help_text)(fn)
         fn.__spec_fields__ = chosen  # type: ignore[attr-defined]
         return fn
@@ -78,7 +88,20 @@ def common_options(fn: Callable) -> Callable:
 def spec_from(kwargs: dict[str, Any], config_file: Path | None) -> RunSpec:
     cli_values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
     cli_values = {k: v for k, v in cli_values.items() if v is not None and v != []}
-    return resolve_spec(cli=cli_values, config_file=config_file)
+    spec = resolve_spec(cli=cli_values, config_file=config_file)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # so a later refusal of a value can say where it came from
+        ctx.meta["dsbuild.spec"] = spec
+    return spec
+
+
+def _with_origin(exc: DsbuildError) -> str:
+    """The error's sentence, plus where the refused option's value came from when the error names one."""
+    option = getattr(exc, "option", None)
+    ctx = click.get_current_context(silent=True)
+    spec = ctx.meta.get("dsbuild.spec") if ctx is not None else None
+    where = spec.origin_of(option) if option is not None and spec is not None else None
+    return f"{exc} (--{option.replace('_', '-')} from {where})" if where else str(exc)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -91,12 +114,19 @@ def handle_errors(fn: Callable) -> Callable:
             if verbose:
                 import traceback
 
-                traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+                click.echo(redact_urls(traceback.format_exc()), err=True, nl=False)
+            click.echo(f"error: {redact_urls(_with_origin(exc))}", err=True)  # no URL credentials, whoever wrote the message
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing partial is kept (rerun to continue)", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception:  # a bug: shown with its traceback, still without URL credentials
+            import traceback
+
+            click.echo(redact_urls(traceback.format_exc()), err=True, nl=False)
+            sys.exit(1)
     return wrapper
 
 
@@ -110,6 +140,7 @@ def main() -> None:
     Stages: plan -> fetch -> quantize -> build -> package. Each stage subcommand builds what it needs first;
     `dsbuild run` runs them all. Outputs go to build/<run-name>/ with a manifest.json; unchanged stages are cached.
     """
+    install_log_redaction()
 
 
 def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float,
@@ -123,7 +154,7 @@ def _print_summary(results, *, as_json: bool, run_dir: Path, total_s: float,
         if gpu_host:
             out["stages"] += [{"stage": s, "status": "left for GPU host"} for s in gpu_host["stages"]]
             out["left_for_gpu_host"] = gpu_host
-        click.echo(json.dumps(out, indent=2))
+        click.echo(dumps_json(out, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -155,7 +186,7 @@ def _human(n: int) -> str:
 def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], dry_run: bool, as_json: bool,
                 wait: bool) -> None:
     from builder.hostfit import gpu_host_instructions, host_fit
-    from builder.pipeline import run_pipeline, update_latest
+    from builder.pipeline import check_latest, run_pipeline, update_latest
     from builder.stages import all_stages, stages_through
 
     stages = stages_through(spec, through) if through else all_stages(spec)
@@ -176,8 +207,11 @@ def _run_stages(spec: RunSpec, through: str | None, *, force: tuple[str, ...], d
         log(f"this host runs {', '.join(s.name for s in stages if s.name not in fit.deferred)}; "
             f"{', '.join(fit.deferred)} are left for the GPU host: {fit.reason}")
         stages = [s for s in stages if s.name not in fit.deferred]
+    updates_latest = not dry_run and through is None and not fit.deferred
+    if updates_latest:
+        check_latest(run_dir)  # before hours of stages, not after them
     results = run_pipeline(spec, stages, run_dir=run_dir, force=forced, dry_run=dry_run, wait=wait, log=log)
-    if not dry_run and through is None and not fit.deferred:
+    if updates_latest:
         update_latest(run_dir)
     gpu_host = None
     if fit.deferred:
@@ -197,8 +231,10 @@ def _manifest_commit(run_dir: Path) -> str | None:
 
 
 def _stage_command(name: str, help_text: str):
+    runs = STAGE_ORDER if name == "run" else STAGE_ORDER[: STAGE_ORDER.index(name) + 1]
+
     @main.command(name=name, help=help_text)
-    @spec_options()
+    @spec_options(stages=runs)
     @common_options
     @click.option("--force", multiple=True, help="Rebuild this stage (and everything after it) even if cached.")
     @click.option("--dry-run", is_flag=True, help="Print what each stage would do and whether it is cached.")
@@ -222,9 +258,12 @@ _stage_command("package", "Render the Triton model repository and launch files i
 @click.option("--repo", type=click.Path(path_type=Path), default=Path("build/latest/package/triton_repo"),
               show_default=True, help="Triton model repository (a run's package/triton_repo).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP, gRPC and metrics ports bind.")
-@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True)
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="0: a free port, printed.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True,
+              help="0: a free port, printed.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True,
+              help="0: a free port, printed.")
 @click.option("--ready-timeout", type=float, default=600, show_default=True,
               help="Seconds to wait for the model to load.")
 @click.option("--max-restarts", type=int, default=2, show_default=True,
@@ -232,8 +271,9 @@ _stage_command("package", "Render the Triton model repository and launch files i
 @click.option("--exit-timeout", type=int, default=20, show_default=True,
               help="Seconds Triton waits for in-flight requests on SIGTERM.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="Write tritonserver's log here.")
-@click.option("--openai-port", type=click.IntRange(1, 65535),
-              help="Also serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) here.")
+@click.option("--openai-port", type=click.IntRange(0, 65535),
+              help="Also serve an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions) here "
+                   "(0: a free port, printed).")
 @click.option("-v", "--verbose", is_flag=True)
 @handle_errors
 def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max_restarts, exit_timeout, log_file,
@@ -243,18 +283,27 @@ def serve_cmd(repo, host, http_port, grpc_port, metrics_port, ready_timeout, max
     from builder.errors import ServeError
     from triton_repo.interface import MODEL_NAME
     from triton_repo.openai_api.server import EndpointProcess
-    from triton_repo.server import Ports, serve_forever
+    from triton_repo.server import Ports, resolve_ports, serve_forever
 
     if not (repo / MODEL_NAME / "config.pbtxt").is_file():
         raise ServeError(f"{repo} is not a dsbuild Triton repository (no {MODEL_NAME}/config.pbtxt); "
                          "run `dsbuild package` first")
     log = lambda m: click.echo(m, err=True)  # noqa: E731
+    asked = Ports(http_port, grpc_port, metrics_port)
+    openai_asked = () if openai_port is None else (openai_port,)
+    ports, openai_chosen = resolve_ports(asked, host, extra=openai_asked)
+    named = [("http", asked.http, ports.http), ("grpc", asked.grpc, ports.grpc),
+             ("metrics", asked.metrics, ports.metrics), *zip(("openai",) * len(openai_chosen), openai_asked,
+                                                             openai_chosen)]
+    chosen = [f"{name} {host}:{port}" for name, was, port in named if was == 0]
+    if chosen:
+        log(f"free ports chosen: {', '.join(chosen)}")
     endpoint = None
-    if openai_port:
-        endpoint = EndpointProcess(triton_url=f"{host}:{grpc_port}", repo=repo, host=host, port=openai_port,
+    if openai_chosen:
+        endpoint = EndpointProcess(triton_url=f"{host}:{ports.grpc}", repo=repo, host=host, port=openai_chosen[0],
                                    log=log).start()
     try:
-        rc = serve_forever(repo=repo, ports=Ports(http_port, grpc_port, metrics_port), host=host,
+        rc = serve_forever(repo=repo, ports=ports, host=host,
                            models=[MODEL_NAME], ready_timeout=ready_timeout, max_restarts=max_restarts,
                            exit_timeout_s=exit_timeout, log_path=log_file, log=log)
     finally:
@@ -285,10 +334,12 @@ def openai_cmd(triton_url, repo, tokenizer_dir, host, port, model_name, verbose)
 
 
 @main.command("bench")
-@click.option("--url", required=True, help="Server HOST:PORT: Triton's gRPC port for --protocol grpc, its HTTP port "
-                                         "for http, the OpenAI-compatible endpoint's port for openai.")
-@click.option("--protocol", type=click.Choice(["grpc", "http", "openai"]), default="grpc", show_default=True,
-              help="openai: streamed /v1/completions of `dsbuild serve --openai-port` / `dsbuild openai`.")
+@click.option("--url", required=True, help="Server HOST:PORT or grpc:// / http:// URL (the scheme sets the protocol): "
+                                         "Triton's gRPC port for grpc, its HTTP port for http, the OpenAI-compatible "
+                                         "endpoint's port for openai.")
+@click.option("--protocol", type=click.Choice(["grpc", "http", "openai"]), default=None,
+              help="openai: streamed /v1/completions of `dsbuild serve --openai-port` / `dsbuild openai`.  "
+                   "[default: the URL's scheme, else grpc]")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=Path("build/latest"), show_default=True,
               help="The served run: its engines/ give the tokenizer, its manifest the planner's prediction.")
 @click.option("--concurrency", default="1,4,16", show_default=True, help="Comma-separated concurrency levels.")
@@ -324,7 +375,13 @@ def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, reque
         levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
     except ValueError:
         raise SpecError(f"--concurrency must be comma-separated integers, got {concurrency!r}") from None
-    cfg = BenchConfig(url=url, engines_dir=RunDir(run_dir).engines, protocol=protocol, concurrency=levels,
+    from triton_repo.client import endpoint
+
+    ep = endpoint(url, "http" if protocol == "openai" else protocol)
+    if ep.scheme != "http":
+        raise SpecError(f"--url {url!r}: dsbuild bench talks plain HTTP or gRPC, not {ep.scheme}")
+    protocol = protocol if protocol == "openai" else ep.protocol
+    cfg = BenchConfig(url=ep.address, engines_dir=RunDir(run_dir).engines, protocol=protocol, concurrency=levels,
                       isl=Length.parse(isl, what="--isl"), osl=Length.parse(osl, what="--osl"),
                       num_requests=num_requests, request_rate=request_rate, seed=seed, warmup=warmup, dataset=dataset,
                       ttft_ms=ttft_ms, tpot_ms=tpot_ms, timeout_s=timeout)
@@ -334,13 +391,15 @@ def bench_cmd(url, protocol, run_dir, concurrency, isl, osl, num_requests, reque
     if plot_path:
         plot(result, plot_path)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(dumps_json(result, indent=2))
     else:
         print_tables(result)
 
 
 @main.command("plan")
-@spec_options()
+@spec_options(names=fields_for(("plan",), keyed_only=True) + ("draft_model",),  # --spec draft needs it
+              defaults={**{f.name: "searched" for f in fields(Layout)},
+                        "gpu": "cpu, a host sized to the layout"})
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object (layouts, recommended).")
 @click.option("--plot", "plot_file", type=click.Path(path_type=Path), help="Write the throughput/latency plot (PNG).")
@@ -363,7 +422,7 @@ def plan_cmd(config_file, verbose, as_json, plot_file, top, **kwargs):
     if plot_file:
         plot_plan(result, plot_file)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=1))
+        click.echo(dumps_json(result.to_dict(), indent=1))
     else:
         render_table(result, limit=top)
     if result.recommended is None:
@@ -458,14 +517,16 @@ def sampling_options(fn: Callable) -> Callable:
 
 
 @main.command("generate")
-@click.option("--url", help="A Triton server's HOST:PORT (its gRPC port, or its HTTP port with --protocol http).")
+@click.option("--url", help="A Triton server: grpc://HOST:PORT or http(s)://HOST:PORT (the scheme sets the protocol), or "
+                           "HOST:PORT (gRPC unless --protocol http); no port: Triton's default (8001 / 8000).")
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path),
               help="Engine bundle directory (a run's engines/): run the reference engine here, no server.")
 @click.option("--prompt", required=True, help="Prompt text.")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, finish_reason, ...).")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True,
-              help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default=None,
+              help="With --url: gRPC (tritonclient stream) or HTTP (Triton's generate extension).  [default: the "
+                   "URL's scheme, else grpc]")
 @click.option("--stream/--no-stream", default=False, help="With --url: print text as the server streams it.")
 @click.option("--model-name", default="tensorrt_llm", show_default=True, help="With --url: the served model.")
 @click.option("--timeout", type=float, default=300, show_default=True, help="With --url: seconds to wait.")
@@ -474,7 +535,7 @@ def sampling_options(fn: Callable) -> Callable:
 @click.option("--python", "python_executable", default=None,
               help="With --engine: Python interpreter for the worker ranks (default: this one).")
 @click.option("--ignore-eos", is_flag=True, help="With --engine: do not stop at the model's end-of-sentence token.")
-@spec_options("spec", "draft_len")
+@spec_options(names=("spec", "draft_len"))
 @click.option("--draft-engine", type=click.Path(path_type=Path), default=None,
               help="With --engine --spec draft: the draft model's bundle (default: ENGINE/draft, as `dsbuild build "
                    "--spec draft` writes it).")
@@ -528,7 +589,7 @@ def _generate_remote(*, url: str, prompt: str, params: SamplingParams, protocol:
     result = generate(url, GenerateOptions(prompt=prompt, sampling=params, stream=stream), protocol=protocol,
                       model=model_name, timeout=timeout, on_text=show if stream and not as_json else None)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(dumps_json(result.to_json(), indent=2))
     elif stream:
         rest = result.text[len(shown[0]):] if result.text.startswith(shown[0]) else "\n" + result.text
         click.echo(rest)
@@ -595,7 +656,7 @@ def verify_cmd(engine_dir, threads_per_rank, python_executable, checkpoint, tole
 
     report = verify_engine(engine_dir, checkpoint=checkpoint, gen_tokens=gen_tokens, tolerance=tolerance,
                            threads_per_rank=threads_per_rank, python_executable=python_executable)
-    click.echo(json.dumps(report, indent=2))
+    click.echo(dumps_json(report, indent=2))
     if not report["ok"]:
         why = "greedy tokens differ" if not report["greedy_match"] else \
             f"max relative logit error {report['max_rel_err']:.2e} exceeds {tolerance:.0e}"
@@ -626,9 +687,12 @@ def _transfer_progress(label: str):
 
 def _registry_options(fn: Callable) -> Callable:
     fn = click.option("--insecure", is_flag=True,
-                      help="Talk plain HTTP to this registry (only for a registry you know serves no TLS, e.g. "
-                           "127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; credentials are "
-                           "sent over plain HTTP only to loopback hosts.")(fn)
+                      help="Use TLS without verifying the registry's certificate (as oras --insecure). For a "
+                           "registry without TLS use --plain-http.")(fn)
+    fn = click.option("--plain-http", is_flag=True,
+                      help="Talk plain HTTP to this registry (as oras --plain-http; only for a registry you know "
+                           "serves no TLS, e.g. 127.0.0.1:5000). Without it dsbuild uses HTTPS and never falls back; "
+                           "credentials are sent over plain HTTP only to loopback hosts.")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
     fn = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks.")(fn)
     return fn
@@ -643,7 +707,8 @@ def _registry_options(fn: Callable) -> Callable:
                    "Dockerfile), plan/ and manifest.json.")
 @_registry_options
 @handle_errors
-def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: bool, as_json: bool, verbose: bool):
+def push_cmd(run_dir: Path, reference: str, include_weights: bool, plain_http: bool, insecure: bool, as_json: bool,
+             verbose: bool):
     """Push RUN_DIR to REFERENCE (oci://REGISTRY/REPO[:TAG]) as one OCI artifact.
 
     Without a tag the tag is derived from the run: <model>-<quant>-<layout>-trtllm<version>-<gpu>-<commit or key>.
@@ -655,12 +720,13 @@ def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: boo
     ref = parse_reference(reference, allow_digest=False)
     stop, start = _transfer_progress("push")
     try:
-        result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, insecure=insecure,
-                          log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
+        result = push_run(run_dir=run_dir, ref=ref, include_weights=include_weights, plain_http=plain_http,
+                          insecure=insecure, log=lambda m: click.echo(m, err=True),
+                          progress=None if as_json else start)
     finally:
         stop()
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(dumps_json(result.to_json(), indent=2))
         return
     s = result.stats
     click.echo(f"pushed {result.reference}@{result.digest}", err=True)
@@ -675,7 +741,7 @@ def push_cmd(run_dir: Path, reference: str, include_weights: bool, insecure: boo
 @click.argument("out", type=click.Path(path_type=Path))
 @_registry_options
 @handle_errors
-def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: bool):
+def pull_cmd(reference: str, out: Path, plain_http: bool, insecure: bool, as_json: bool, verbose: bool):
     """Pull REFERENCE (oci://REGISTRY/REPO:TAG or @sha256:...) into OUT, a new or empty directory.
 
     Every file is checked against the sha256 its manifest.json records; nothing is left under OUT on failure.
@@ -687,12 +753,12 @@ def pull_cmd(reference: str, out: Path, insecure: bool, as_json: bool, verbose: 
     ref = parse_reference(reference, require_tag=True)
     stop, start = _transfer_progress("pull")
     try:
-        result = pull_run(ref=ref, out=out, insecure=insecure, log=lambda m: click.echo(m, err=True),
-                          progress=None if as_json else start)
+        result = pull_run(ref=ref, out=out, plain_http=plain_http, insecure=insecure,
+                          log=lambda m: click.echo(m, err=True), progress=None if as_json else start)
     finally:
         stop()
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+        click.echo(dumps_json(asdict(result), indent=2))
 
 
 @main.command("dockerfile")

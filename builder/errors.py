@@ -7,6 +7,36 @@ other exception is a bug and is shown with its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
+
+def closest_choices(word: str, choices: Iterable[str], *, cutoff: float = 0.6, limit: int = 3) -> list[str]:
+    """The choices closest to ``word``, best first. Case and ``-``/``_`` are ignored: a choice equal to the word
+    that way comes alone; then choices that extend the word (``h100`` -> ``h100-sxm``, ``h100-pcie``); then merely
+    similar ones (difflib)."""
+    def norm(s: str) -> str:
+        return s.lower().replace("_", "-")
+
+    choices = list(dict.fromkeys(choices))
+    w = norm(word)
+    if not w:
+        return []
+    equal = [c for c in choices if norm(c) == w and c != word]
+    if equal:
+        return equal[:1]
+    by_norm = {norm(c): c for c in choices if norm(c) != w}
+    extending = sorted((c for c in by_norm if c.startswith(w)),
+                       key=lambda c: -difflib.SequenceMatcher(None, w, c).ratio())
+    close = extending[:limit] or difflib.get_close_matches(w, list(by_norm), n=1, cutoff=cutoff)
+    return [by_norm[c] for c in close]
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, cutoff: float = 0.6) -> str:
+    """``" (did you mean 'x'?)"`` for :func:`closest_choices`, or ``""`` when none is close."""
+    names = closest_choices(word, choices, cutoff=cutoff)
+    return f" (did you mean {' or '.join(repr(n) for n in names)}?)" if names else ""
+
 
 class DsbuildError(Exception):
     """Base class. ``str(err)`` is the one-sentence message shown to the user."""
@@ -15,9 +45,14 @@ class DsbuildError(Exception):
 
 
 class SpecError(DsbuildError):
-    """An option, config file or environment variable is invalid."""
+    """An option, config file or environment variable is invalid. ``option``: the RunSpec field whose value it
+    refuses, when one is to blame (the CLI then says where that value came from: flag, variable or config file)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 class LayoutError(SpecError):
@@ -44,6 +79,10 @@ class HubError(DsbuildError):
     """The Hugging Face hub (or a local mirror) cannot give what was asked for."""
 
     exit_code = 4
+
+
+class HubUnreachableError(HubError):
+    """The hub did not answer (refused or dropped connections, timeouts) and the cache could not stand in."""
 
 
 class DiskSpaceError(DsbuildError):

@@ -17,6 +17,7 @@ from builder.hub import human_bytes
 from builder.model.catalog import build_catalog, total_bytes
 from builder.model.source import resolve_model
 from builder.specs import RunSpec
+from builder.trtllm.container import CONTAINER_IMAGE, INSTALL_DSBUILD, container_text
 
 CPU_STAGES = ("plan", "fetch", "draft-fetch")
 # Bytes of checkpoint per CPU core that quantize/build get through in tolerable time (about an hour at the
@@ -95,8 +96,9 @@ def gpu_host_instructions(spec: RunSpec, fit: HostFit, *, commit: str | None) ->
     command = "dsbuild run " + " ".join(shlex.quote(a) for a in spec_flags(spec, overrides=overrides))
     return {
         "stages": list(fit.deferred), "reason": fit.reason, "command": command, "run_dir": str(run_dir),
-        "where": ("inside NVIDIA's TensorRT-LLM container (nvcr.io/nvidia/tensorrt-llm/release) on the GPU host, "
-                  f"with {run_dir} copied there or on shared storage at the same path"),
+        "where": f"inside {container_text()} on the GPU host, with {run_dir} copied there or on shared storage at the "
+                 "same path",
+        "container": CONTAINER_IMAGE, "install": INSTALL_DSBUILD,
         "checkpoint_bytes": fit.checkpoint_bytes,
     }
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -35,15 +36,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from filelock import FileLock
-from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub import HfApi, constants, get_session, hf_hub_url
 from huggingface_hub import errors as hf
-from huggingface_hub.file_download import http_get
 from huggingface_hub.hf_api import RepoFile as HfRepoFile
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from tqdm.auto import tqdm
 
+from builder import redact
 from builder.atomic import atomic_symlink, atomic_write_json, atomic_write_text, publish_file
-from builder.errors import CheckpointError, DiskSpaceError, HubError, UnsafePathError
+from builder.errors import CheckpointError, DiskSpaceError, HubError, HubUnreachableError, UnsafePathError
 from builder.model.selection import path_selected
 from builder.paths import safe_relpath
 from builder.retry import Backoff, retry
@@ -56,6 +57,8 @@ DISK_RESERVE_BYTES = 256 << 20
 # Transient failures (HTTP 5xx, dropped connections that outlived huggingface_hub's own resume retries) are retried
 # this many times per file, resuming each time from what is already on disk.
 TRANSIENT_ATTEMPTS = 5
+# What a dropped connection or a kill can lose of a file being downloaded (the stream is written in these pieces).
+STREAM_CHUNK_BYTES = 1 << 20
 # Testing hook: pretend every volume has this many free bytes (the probe is otherwise os.statvfs).
 FREE_SPACE_ENV = "DSBUILD_FREE_SPACE_BYTES"
 
@@ -92,6 +95,7 @@ class HubRepo:
 
 def hub_repo(repo_id: str, *, cache_dir: Path | None = None) -> HubRepo:
     """``repo_id`` on ``HF_ENDPOINT`` (default huggingface.co), cached in ``cache_dir`` or ``HF_HUB_CACHE``."""
+    redact.install()  # huggingface_hub's handler exists now: its retry lines must not show HF_ENDPOINT's user-info
     cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
     return HubRepo(repo_id=repo_id, cache_dir=cache.expanduser(), endpoint=constants.ENDPOINT.rstrip("/"),
                    offline=bool(constants.HF_HUB_OFFLINE))
@@ -134,8 +138,10 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
         return HubError(f"{repo.repo_id} is gated on {where}: accept its terms on the hub, then set HF_TOKEN "
                         "or run `hf auth login` with an account that has access")
     if isinstance(exc, hf.LocalEntryNotFoundError):  # offline, or the hub unreachable, and not in the cache
-        why = "HF_HUB_OFFLINE is set" if repo.offline else f"{where} cannot be reached"
-        return HubError(f"{what}: {why} and the cache at {repo.cache_dir} does not have it")
+        if repo.offline:
+            return HubError(f"{what}: HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} does not have it")
+        return HubUnreachableError(f"{what}: {where} cannot be reached and the cache at {repo.cache_dir} does not "
+                                   "have it")
     if isinstance(exc, hf.RevisionNotFoundError):
         return HubError(f"{what}: revision not found in {name}")
     if isinstance(exc, hf.EntryNotFoundError):
@@ -151,7 +157,7 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
             return HubError(f"{what}: {name} refused the credentials (HTTP {code}); check HF_TOKEN or `hf auth login`")
         return HubError(f"{what}: {name} answered HTTP {code}")
     if isinstance(exc, (httpx.ConnectError, httpx.TimeoutException, httpx.NetworkError)):
-        return HubError(f"cannot reach the hub at {where} ({type(exc).__name__}) while trying to {what}; "
+        return HubUnreachableError(f"cannot reach the hub at {where} ({type(exc).__name__}) while trying to {what}; "
                         "check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use what is cached")
     return HubError(f"{what}: {type(exc).__name__} from {name}")
 
@@ -159,14 +165,28 @@ def hub_error(repo: HubRepo, exc: BaseException, *, what: str) -> HubError:
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, hf.HfHubHTTPError) and exc.response is not None:
         return exc.response.status_code >= 500 or exc.response.status_code in (408, 429)
-    # huggingface_hub raises a bare OSError when a stream ends short of the announced size.
-    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)) or (
-        type(exc) is OSError and "Consistency check failed" in str(exc))
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, _ShortRead))
 
 
-def call_with_retries(fn: Callable[[], Any], *, attempts: int = 4) -> Any:
-    """``fn()``, retried with backoff while it fails transiently (HTTP 5xx/429, dropped connections)."""
-    return retry(fn, transient=is_transient, backoff=Backoff(attempts=attempts))
+def call_with_retries(fn: Callable[[], Any], *, repo: HubRepo, attempts: int = 4) -> Any:
+    """``fn()``, retried with backoff while it fails transiently (HTTP 5xx/429, refused or dropped connections),
+    saying so in one line per retry on stderr. This is the retry loop of every hub call: ``fn`` makes
+    ``HfApi.model_info``/``list_repo_tree`` calls (one request each on ``get_session``), never ``hf_hub_download``,
+    whose own ``http_backoff`` loop retries a dead hub five times over ~23 s with a log line each (only a tree
+    listing's second and later pages go through that loop: docs/upstream-facts.md#U-HUB-RETRY-2)."""
+    backoff = Backoff(attempts=attempts)
+
+    def say(retry_number: int, exc: BaseException) -> None:
+        print(f"hub: {_transient_cause(exc)} from {shown_endpoint(repo.endpoint)}; retry {retry_number + 1} of "
+              f"{attempts - 1} in {backoff.delay(retry_number):g} s", file=sys.stderr, flush=True)
+
+    return retry(fn, transient=is_transient, backoff=backoff, on_retry=say)
+
+
+def _transient_cause(exc: BaseException) -> str:
+    if isinstance(exc, hf.HfHubHTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +205,8 @@ def resolve_commit(repo: HubRepo, revision: str) -> str:
         raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} does not know which commit "
                        f"{repo.repo_id}@{revision} is; fetch it once online or pass --revision <commit sha>")
     try:
-        info = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision))
+        info = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).model_info(repo.repo_id, revision=revision),
+                                 repo=repo)
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one sentence
         raise hub_error(repo, exc, what=f"resolve revision {revision!r} of {repo.repo_id}") from None
     sha = getattr(info, "sha", None)
@@ -223,7 +244,8 @@ def list_files(repo: HubRepo, commit: str) -> list[RepoFile]:
                        f"{repo.repo_id}@{commit}; fetch it once online")
     try:
         api = HfApi(endpoint=repo.endpoint)
-        entries = call_with_retries(lambda: list(api.list_repo_tree(repo.repo_id, revision=commit, recursive=True)))
+        entries = call_with_retries(lambda: list(api.list_repo_tree(repo.repo_id, revision=commit, recursive=True)),
+                                    repo=repo)
     except Exception as exc:  # noqa: BLE001
         raise hub_error(repo, exc, what=f"list the files of {repo.repo_id}@{commit[:12]}") from None
     files = [_parse_file(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None, repo=repo)
@@ -366,9 +388,9 @@ class _Cancelled(Exception):
 
 
 class _HashingFile:
-    """The file-like object handed to ``huggingface_hub.file_download.http_get``: every chunk written is hashed
-    on the way, so verification costs no second read. ``seek``/``truncate`` (the client's reaction to a server that
-    ignored ``Range``) re-derive the hashes from what is left on disk."""
+    """The file ``_http_get`` writes into: every piece written is hashed on the way, so verification costs no second
+    read. ``seek``/``truncate`` (the reaction to a server that ignored ``Range``) re-derive the hashes from what is
+    left on disk."""
 
     def __init__(self, fh, f: RepoFile, cancel: threading.Event):
         self.fh, self.file, self.cancel = fh, f, cancel
@@ -393,42 +415,35 @@ class _HashingFile:
         return n
 
 
-def _summing_progress(bar: Any) -> type:
-    """A tqdm-compatible class for huggingface_hub's per-file progress that adds every file's bytes to ``bar``, the
-    one bar of a whole fetch (made per fetch: nothing process-wide is changed)."""
-    lock = threading.Lock()
-
-    class SummingProgress:
-        def __init__(self, *args: Any, **kwargs: Any):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            pass
-
-        def update(self, n: int | float | None = 1) -> None:
-            if n:
-                with lock:
-                    bar.update(int(n))
-
-        def close(self) -> None:
-            pass
-
-        def set_postfix_str(self, *a: Any, **k: Any) -> None:
-            pass
-
-    return SummingProgress
+class _ShortRead(OSError):
+    """The server ended a file's stream before its announced size (transient: the next attempt resumes)."""
 
 
-def _http_get(url: str, sink: Any, *, resume_size: int, headers: dict[str, str], expected_size: int, name: str,
-              progress: type) -> None:
-    """The one use of huggingface_hub's private ``file_download.http_get``: a GET from ``resume_size`` with the
-    library's own handling of redirects, a server that ignores ``Range`` (it truncates ``sink``) and short reads
-    (an OSError "Consistency check failed"). Private API, so pyproject.toml bounds huggingface_hub to 1.x."""
-    http_get(url, sink, resume_size=resume_size, headers=headers, expected_size=expected_size,
-             displayed_filename=name, tqdm_class=progress)
+def _http_get(url: str, sink: Any, *, resume_size: int, headers: dict[str, str], expected_size: int,
+              on_bytes: Callable[[int], None]) -> None:
+    """GET ``url`` from byte ``resume_size`` into ``sink`` on huggingface_hub's public HTTP client (its proxies, TLS
+    settings and user agent), in pieces of ``STREAM_CHUNK_BYTES``: what a dropped connection or a kill loses of a
+    file is at most one piece. A server that ignores ``Range`` (answers 200) restarts the file; a stream that ends
+    short of ``expected_size`` raises ``_ShortRead``."""
+    request_headers = dict(headers)
+    if resume_size:
+        request_headers["Range"] = f"bytes={resume_size}-"
+    with get_session().stream("GET", url, headers=request_headers, follow_redirects=True,
+                              timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as resp:
+        if resp.status_code >= 400:
+            resp.read()  # the error body names the problem (gated, missing, ...)
+            hf_raise_for_status(resp)
+        if resume_size and resp.status_code != 206:
+            sink.seek(0)
+            sink.truncate(0)
+            resume_size = 0
+        got = resume_size
+        for piece in resp.iter_bytes(STREAM_CHUNK_BYTES):
+            sink.write(piece)
+            got += len(piece)
+            on_bytes(len(piece))
+    if got != expected_size:
+        raise _ShortRead(f"{url} ended after {got} of {expected_size} bytes")
 
 
 @dataclass
@@ -464,7 +479,7 @@ def _link_snapshot(repo: HubRepo, commit: str, f: RepoFile) -> None:
 
 
 def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: FetchStats,
-              cancel: threading.Event, progress: type) -> dict[str, str]:
+              cancel: threading.Event, on_bytes: Callable[[int], None]) -> dict[str, str]:
     """Stream ``f`` into ``partial`` (continuing what is there), retrying transient failures; its digests."""
     url = hf_hub_url(repo.repo_id, f.path, revision=commit, endpoint=repo.endpoint)
     headers = build_hf_headers()  # token from HF_TOKEN or the stored login; never read or shown here
@@ -486,8 +501,7 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
             raw.seek(have)
             sink = _HashingFile(raw, f, cancel)
             try:
-                _http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size, name=f.path,
-                          progress=progress)
+                _http_get(url, sink, resume_size=have, headers=headers, expected_size=f.size, on_bytes=on_bytes)
             finally:
                 raw.flush()
             if cancel.is_set():
@@ -516,7 +530,7 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
 
 
 def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cancel: threading.Event,
-               progress: type) -> str:
+               on_bytes: Callable[[int], None]) -> str:
     """Make ``blobs/<etag>`` hold exactly ``f``; return its sha256."""
     blob = repo.blobs / f.etag
     partial = blob.with_name(blob.name + PARTIAL_SUFFIX)
@@ -545,7 +559,7 @@ def _fetch_one(repo: HubRepo, commit: str, f: RepoFile, stats: FetchStats, cance
             raise HubError(f"HF_HUB_OFFLINE is set and {f.path} of {repo.repo_id}@{commit[:12]} is not complete in "
                            f"the cache at {repo.cache_dir}")
         for attempt in (1, 2):
-            digests = _transfer(repo, commit, f, partial, stats, cancel, progress)
+            digests = _transfer(repo, commit, f, partial, stats, cancel, on_bytes)
             if _digest_ok(f, digests):
                 break
             got = digests["sha256"] if f.is_lfs else digests["sha1"]
@@ -573,11 +587,15 @@ def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
     digests: dict[str, str] = {}
     with tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=f"fetch {repo.repo_id}", leave=False,
               disable=None) as bar:
-        progress = _summing_progress(bar)
+        bar_lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with bar_lock:
+                bar.update(n)
         cancel = threading.Event()
         pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(files))), thread_name_prefix="fetch")
         try:
-            futures = {pool.submit(_fetch_one, repo, commit, f, stats, cancel, progress): f for f in files}
+            futures = {pool.submit(_fetch_one, repo, commit, f, stats, cancel, on_bytes): f for f in files}
             for fut in as_completed(futures):
                 digests[futures[fut].path] = fut.result()
         except BaseException:
@@ -591,12 +609,42 @@ def download(repo: HubRepo, commit: str, files: list[RepoFile], *, workers: int,
     return digests
 
 
+def read_file(repo: HubRepo, name: str, *, revision: str = "main") -> Path:
+    """The cache path of ``name`` at ``revision`` (config.json before a plan), downloaded through the same client,
+    cache, verification and retries as a fetch. When the hub cannot be reached, the cache's copy for that
+    revision stands in if there is one."""
+    try:
+        commit = resolve_commit(repo, revision)
+    except HubUnreachableError:
+        snapshot = _cached_snapshot(repo, revision)
+        if snapshot is None or not (snapshot / name).is_file():
+            raise
+        return snapshot / name
+    path = repo.storage / "snapshots" / commit / name
+    if path.is_file():
+        return path
+    wanted = [f for f in list_files(repo, commit) if f.path == name]
+    if not wanted:
+        raise HubError(f"{repo.repo_id}@{commit[:12]} on {shown_endpoint(repo.endpoint)} has no {name}")
+    download(repo, commit, wanted, workers=1)
+    return path
+
+
+def _cached_snapshot(repo: HubRepo, revision: str) -> Path | None:
+    """The cache's snapshot directory of ``revision`` (a commit, or a ref the cache recorded), if known."""
+    if SHA1.match(revision):
+        return repo.storage / "snapshots" / revision
+    ref = repo.storage / "refs" / safe_relpath(revision, what="revision")
+    sha = ref.read_text().strip() if ref.is_file() else ""
+    return repo.storage / "snapshots" / sha if SHA1.match(sha) else None
+
+
 def blob_path(repo: HubRepo, f: RepoFile) -> Path:
     return repo.blobs / f.etag
 
 
 __all__ = [
     "HubRepo", "RepoFile", "FileState", "FetchStats", "hub_repo", "hub_error", "is_transient", "call_with_retries",
-    "shown_endpoint", "resolve_commit", "list_files", "select_files", "file_states", "bytes_needed",
+    "read_file", "shown_endpoint", "resolve_commit", "list_files", "select_files", "file_states", "bytes_needed",
     "check_disk_space", "free_bytes", "device_of", "download", "blob_path", "human_bytes", "verified_sha256",
 ]

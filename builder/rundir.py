@@ -6,6 +6,7 @@ benchmark's prediction, packaging and publishing find files through :class:`RunD
 ```
 <run>/
   manifest.json          every stage's key, inputs, outputs (size, sha256), written after each stage completes
+  .dsbuild-complete/     <stage>.json: the stage's completion record (key, output digest, sizes, mtimes), last
   plan/                  plan.json, plan.png
   weights/               the fetched checkpoint (HF layout, verified)
   quantized/             the checkpoint in the --quant format (what TensorRT-LLM loads)
@@ -23,6 +24,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 LOCK = ".dsbuild.lock"
+STAGE_RECORDS = ".dsbuild-complete"  # <stage>.json: written last when a stage completes (builder/pipeline.py)
 LATEST = "latest"  # <parent>/latest -> the most recent complete run
 
 # Stage output directories.

@@ -14,7 +14,7 @@ import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
-from builder.errors import RequestError
+from builder.errors import RequestError, did_you_mean
 
 UINT64_MAX = (1 << 64) - 1
 INT32_MAX = (1 << 31) - 1
@@ -25,11 +25,15 @@ FP32_TINY = 2.0 ** -149  # the smallest positive FP32 (a subnormal)
 DEFAULT_MAX_TOKENS = 16  # what a request that names no max_tokens gets (TensorRT-LLM's llmapi model likewise)
 
 
-def _param(default: Any, *, triton: str, dtype: str, help: str, always_sent: bool = False) -> Any:
+def _param(default: Any, *, triton: str, dtype: str, help: str, always_sent: bool = False,
+           legacy: str | None = None) -> Any:
     """A field: ``triton`` is its input name and ``dtype`` its Triton type; ``always_sent``: clients send it even
-    at its default (the others only when set, so a server whose model lacks them still takes plain requests)."""
+    at its default (the others only when set, so a server whose model lacks them still takes plain requests);
+    ``legacy``: its request name in TensorRT-LLM's ``ensemble``/``tensorrt_llm_bls`` models, accepted as an alias
+    (docs/request-fields.md)."""
     return field(default=default, metadata={"triton": triton, "dtype": dtype, "help": help,
-                                            "always_sent": always_sent})
+                                            "always_sent": always_sent, "legacy": legacy or triton.removeprefix(
+                                                "sampling_param_")})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +57,7 @@ class SamplingParams:
     frequency_penalty: float = _param(0.0, triton="sampling_param_frequency_penalty", dtype="FP32",
                                       help="Subtracted from a token's logit once per occurrence in the prompt and "
                                            "output.")
-    stop: tuple[str, ...] = _param((), triton="sampling_param_stop", dtype="BYTES",
+    stop: tuple[str, ...] = _param((), triton="sampling_param_stop", dtype="BYTES", legacy="stop_words",
                                    help="Stop strings: the output ends before the first one it contains.")
 
     # ----- the one validation point -----
@@ -132,8 +136,10 @@ class SamplingParams:
             value = scalar(name, f.default)
             if value is None or value is f.default:
                 values[f.name] = f.default
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RequestError(f"{name} must be a number, got {value!r}")
             elif dtype.startswith(("INT", "UINT")):
-                if isinstance(value, bool) or not float(value).is_integer():
+                if not float(value).is_integer():
                     raise RequestError(f"{name} must be an integer, got {value!r}")
                 values[f.name] = int(value)
             else:
@@ -174,3 +180,56 @@ def _fits_fp32(v: float) -> bool:
     except OverflowError:  # some Python builds raise instead of rounding to infinity
         return False
     return math.isfinite(as_fp32) and (as_fp32 == 0) == (v == 0)
+
+
+# ----- request fields that are not inputs: aliases and refusals (docs/request-fields.md) -----
+# Triton's generate extension turns every top-level JSON key that is not a model input into a request *parameter*
+# (as do clients that send parameters), so a field the model does not read would be dropped silently. The model
+# reads them here: TensorRT-LLM's ensemble/BLS names of inputs it has are aliases; names Triton reserves for itself
+# pass; everything else is refused, naming the field.
+REQUEST_ALIASES: dict[str, str] = {
+    **{f.metadata["legacy"]: f.metadata["triton"] for f in fields(SamplingParams)},
+    "stream": "streaming",
+    "exclude_input_in_output": "sampling_param_exclude_input_from_output",  # "in" there, "from" here
+    "return_perf_metrics": "sampling_param_return_perf_metrics",
+}
+# Ensemble/BLS fields the llmapi interface has no input for, accepted only at the value that changes nothing.
+NEUTRAL_ONLY: dict[str, Any] = {"beam_width": 1, "num_return_sequences": 1}
+# Ensemble/BLS fields the llmapi interface (either flavour) cannot honour: refused with this reason.
+UNSUPPORTED = ("repetition_penalty", "min_tokens", "length_penalty", "bad_words", "end_id", "pad_id",
+               "return_log_probs", "return_context_logits", "return_generation_logits", "embedding_bias_words",
+               "embedding_bias_weights", "lora_task_id", "lora_weights", "lora_config", "prompt_embedding_table",
+               "guided_decoding_guide_type", "guided_decoding_guide")
+# Triton's own request parameters (its parameters extension reserves these and the triton_ prefix; the generate
+# extension passes the request "id" on as a parameter too).
+TRITON_RESERVED = frozenset({"sequence_id", "priority", "timeout", "sequence_start", "sequence_end", "headers", "id",
+                             "binary_data_output"})
+
+
+def inputs_from_parameters(parameters: dict[str, Any], *, inputs: tuple[str, ...]) -> dict[str, Any]:
+    """The model inputs a request's parameters stand for (input name -> value), from the aliases above; raises
+    RequestError naming the first field the model would otherwise drop. ``inputs``: the model's input names
+    (a parameter spelled like one of them is taken as that input)."""
+    out: dict[str, Any] = {}
+    known = set(inputs)
+    for name, value in parameters.items():
+        if name in TRITON_RESERVED or name.startswith("triton_"):
+            continue
+        if name in NEUTRAL_ONLY:
+            if value != NEUTRAL_ONLY[name] or isinstance(value, bool):
+                raise RequestError(f"{name} {value!r} is not supported (TensorRT-LLM's llmapi model has no such "
+                                   f"input); only {NEUTRAL_ONLY[name]} is accepted")
+            continue
+        if name in UNSUPPORTED:
+            raise RequestError(f"{name} is not supported: TensorRT-LLM's llmapi model (this deployment's "
+                               "interface) has no input for it")
+        target = name if name in known else REQUEST_ALIASES.get(name)
+        if target is None:
+            close = did_you_mean(name, [*known, *REQUEST_ALIASES])
+            raise RequestError(f"unknown request field {name!r}{close}; the model's inputs are "
+                               f"{', '.join(sorted(known))} (TensorRT-LLM ensemble names "
+                               f"{', '.join(sorted(REQUEST_ALIASES))} are accepted too)")
+        if target in out:
+            raise RequestError(f"{name} and another name of {target} are both given")
+        out[target] = value
+    return out

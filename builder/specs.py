@@ -13,11 +13,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from builder.errors import SpecError
+from builder.errors import SpecError, did_you_mean
 from builder.layout import Layout
+from builder.safeio import parse_yaml, read_bounded
+from builder.plan.hardware import GPUS, NETWORKS
 from quantize import registry as quant_formats
 
 QuantMode = Literal[quant_formats.NAMES]  # type: ignore[valid-type]
@@ -26,27 +27,59 @@ SpecMode = Literal["none", "mtp", "draft"]
 MAX_CONFIG_FILE_BYTES = 1 << 20
 
 
-def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), cli: str | None = None, **kw: Any) -> Any:
-    """A spec field: ``stages`` are the stages whose output depends on it (their cache keys include it)."""
-    return Field(default, description=help, json_schema_extra={"stages": list(stages), "cli": cli}, **kw)
+class CrossFieldError(ValueError):
+    """A rule between several options; ``fields`` lets the error name where each of their values came from."""
+
+    def __init__(self, message: str, *, fields: tuple[str, ...]):
+        super().__init__(message)
+        self.fields = fields
+
+
+ALL_STAGES = "*"
+# The pipeline's stages in order, as the fields below name them (``builder.stages`` adds the draft model's fetch and
+# quantize, keyed by these fields of fetch and quantize); a stage command runs its stage and those before it.
+STAGE_ORDER = ("plan", "fetch", "quantize", "build", "package")
+
+
+def opt(default: Any, help: str, *, stages: tuple[str, ...] = (), used: tuple[str, ...] = (), **kw: Any) -> Any:
+    """A spec field: ``stages`` are the stages whose output depends on it (their cache keys include it); ``used``
+    the stages that read it without it changing their output (where, how fast, whether to refuse; ``ALL_STAGES``:
+    every one). Together they decide which commands take the option (``fields_for``)."""
+    return Field(default, description=help, json_schema_extra={"stages": list(stages), "used": list(used)}, **kw)
+
+
+def fields_for(stages: tuple[str, ...], *, keyed_only: bool = False) -> tuple[str, ...]:
+    """The RunSpec fields that a run of ``stages`` reads (``keyed_only``: only those in their keys), in
+    declaration order."""
+    out = []
+    for name, f in RunSpec.model_fields.items():
+        extra = f.json_schema_extra or {}
+        touches = set(extra.get("stages", [])) | (set() if keyed_only else set(extra.get("used", [])))
+        if touches & set(stages) or (not keyed_only and ALL_STAGES in touches):
+            out.append(name)
+    return tuple(out)
 
 
 class RunSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # Where each value that is not a default came from ("command-line flag --tp", ...), for error messages.
+    _origin: dict[str, str] = PrivateAttr(default_factory=dict)
 
     # --- model and source ---
     model: str = opt("tiny", "Model: 'tiny' (trained, built in), 'tiny-draft', 'tiny-random', a Hugging Face repo id, "
                      "or a local checkpoint directory.",
                      stages=("plan", "fetch"))
     # Not a key field itself: fetch resolves it to a commit sha, and that sha is in fetch's key (and so downstream).
-    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.")
-    seed: int = opt(0, "Seed for the generated tiny model and for sampling.", stages=("fetch",))
+    revision: str = opt("main", "Hub revision (branch, tag or commit); resolved to a commit sha first.",
+                        used=("fetch",))
+    seed: int = opt(0, "Seed of the generated random-init models (tiny-random, tiny-draft-random).", stages=("fetch",))
     include: list[str] = opt([], "Glob patterns of repository files to fetch (repeatable).", stages=("fetch",))
     exclude: list[str] = opt([], "Glob patterns of repository files not to fetch (repeatable).", stages=("fetch",))
     skip_mtp: bool = opt(False, "Drop the MTP module's tensors (only when no MTP speculative decoding is planned).",
-                         stages=("fetch",))
-    fetch_workers: int = opt(8, "Parallel download workers.", ge=1, le=64)
-    trust_remote_code: bool = opt(False, "Allow a checkpoint's own Python code to run (off unless asked for).")
+                         stages=("plan", "fetch"))
+    fetch_workers: int = opt(8, "Parallel download workers.", used=("fetch",), ge=1, le=64)
+    trust_remote_code: bool = opt(False, "Let TensorRT-LLM run a checkpoint's own Python code (llm_api.yaml's "
+                                         "trust_remote_code; off unless asked for).", stages=("build",))
 
     # --- layout and cluster ---
     tp: int = opt(2, "Tensor-parallel size.", stages=("plan", "build", "package"), ge=1, le=1024)
@@ -55,17 +88,21 @@ class RunSpec(BaseModel):
                   ge=1, le=1024)
     attention_dp: bool = opt(False, "Attention data parallelism (replicated attention, requests split over ranks).",
                              stages=("plan", "build", "package"))
-    gpu: str | None = opt(None, "Target GPU (e.g. h200-sxm, h100-sxm, b200); none means a CPU-only build.",
+    gpu: str | None = opt(None, "Target GPU: " + ", ".join(g for g in GPUS if GPUS[g].arch != "cpu") + " (or one a "
+                          "--hardware-file adds); none means a CPU-only build.",
                           stages=("plan", "quantize", "build", "package"))
     nodes: int = opt(1, "Number of nodes.", stages=("plan", "package"), ge=1, le=4096)
     gpus_per_node: int | None = opt(None, "GPUs per node (default: the GPU table's, usually 8).",
                                     stages=("plan", "package"), ge=1, le=64)
-    network: str = opt("ib-ndr", "Scale-out network between nodes (ib-ndr, ib-hdr, roce-400g, eth-100g).",
+    network: str = opt("ib-ndr", "Scale-out network between nodes: " + ", ".join(NETWORKS) + " (or one a "
+                       "--hardware-file adds).",
                        stages=("plan",))
-    hardware_file: Path | None = opt(None, "YAML file overriding the built-in GPU/network table.", stages=("plan",))
+    hardware_file: Path | None = opt(None, "YAML file overriding the built-in GPU/network table.", stages=("plan",),
+                                     used=("quantize",))
     # Not part of any stage key: it only decides whether the plan stage refuses, which it checks on every run.
     allow_infeasible: bool = opt(False, "Build the requested layout even when the planner finds it infeasible "
-                                        "(it still records why in plan/plan.json).")
+                                        "(it still records why in plan/plan.json); only where the later stages "
+                                        "can build it.", used=("plan",))
 
     # --- quantization ---
     quant: QuantMode = opt("fp8", "Weight format: " + ", ".join(quant_formats.NAMES) + ".",
@@ -84,10 +121,11 @@ class RunSpec(BaseModel):
 
     # --- speculative decoding ---
     spec: SpecMode = opt("none", "Speculative decoding: none, mtp (DeepSeek's own MTP module) or draft (a draft model).",
-                         stages=("build", "package"))
-    draft_len: int = opt(3, "Draft tokens per step.", stages=("build", "package"), ge=1, le=16)
+                         stages=("plan", "build", "package"))
+    draft_len: int = opt(3, "Draft tokens per step.", stages=("plan", "build", "package"), ge=1, le=16)
+    # Also offered wherever --spec is: --spec draft is refused without it.
     draft_model: str | None = opt(None, "Draft model for --spec draft ('tiny-draft', hub id or directory).",
-                                  stages=("build", "package"))
+                                  stages=("build", "package"), used=("plan",))
 
     # --- package (Triton repository and launch files) ---
     flavour: Literal["auto", "gpu", "cpu"] = opt(
@@ -121,8 +159,9 @@ class RunSpec(BaseModel):
                                         stages=("build", "package"), gt=0, le=1)
 
     # --- where ---
-    out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).")
-    cache_dir: Path | None = opt(None, "Cache for generated models (default ~/.cache/dsbuild) and hub downloads (<cache-dir>/huggingface/hub; default HF_HUB_CACHE).")
+    out: Path | None = opt(None, "Run directory (default: build/<model>-<quant>-<layout>).", used=(ALL_STAGES,))
+    cache_dir: Path | None = opt(None, "Cache for generated models (default ~/.cache/dsbuild) and hub downloads "
+                                 "(<cache-dir>/huggingface/hub; default HF_HUB_CACHE).", used=(ALL_STAGES,))
 
     @field_validator("model")
     @classmethod
@@ -139,11 +178,11 @@ class RunSpec(BaseModel):
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunSpec":
         if self.ep > self.tp or self.tp % self.ep:
-            raise ValueError(f"EP {self.ep} must divide TP {self.tp}")
+            raise CrossFieldError(f"EP {self.ep} must divide TP {self.tp}", fields=("ep", "tp"))
         if self.spec == "draft" and not self.draft_model:
-            raise ValueError("--spec draft needs --draft-model")
+            raise CrossFieldError("--spec draft needs --draft-model", fields=("spec",))
         if self.spec == "mtp" and self.skip_mtp:
-            raise ValueError("--spec mtp needs the MTP module; drop --skip-mtp")
+            raise CrossFieldError("--spec mtp needs the MTP module; drop --skip-mtp", fields=("spec", "skip_mtp"))
         return self
 
     # --- derived ---
@@ -165,6 +204,10 @@ class RunSpec(BaseModel):
 
     def run_dir(self, root: Path = Path("build")) -> Path:
         return Path(self.out) if self.out else root / self.run_name()
+
+    def origin_of(self, name: str) -> str | None:
+        """Where the value of option ``name`` came from, in words; None for a default."""
+        return self._origin.get(name)
 
     def stage_fields(self, stage: str) -> dict[str, Any]:
         """The values that affect ``stage``'s output (part of its cache key)."""
@@ -190,16 +233,8 @@ def env_values(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_FILE_BYTES:
-            raise SpecError(f"config file {path} is larger than {MAX_CONFIG_FILE_BYTES} bytes")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"config file {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpecError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise SpecError(f"config file {path} nests too deeply") from None
+    raw = read_bounded(path, limit=MAX_CONFIG_FILE_BYTES, what="config file", error=SpecError)
+    data = parse_yaml(raw, source=f"config file {path}", error=SpecError)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -209,24 +244,52 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def resolve_spec(*, cli: dict[str, Any] | None = None, config_file: str | Path | None = None,
                  environ: dict[str, str] | None = None) -> RunSpec:
-    """Defaults < config file < environment < command line. Raises SpecError naming the first bad value."""
+    """Defaults < config file < environment < command line. Raises SpecError naming the first bad value and where
+    it came from (the flag, the ``DSBUILD_`` variable, or the config file and key)."""
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if config_file:
-        merged.update(load_config_file(config_file))
-    merged.update(env_values(environ))
-    merged.update({k: v for k, v in (cli or {}).items() if v is not None})
+        from_file = load_config_file(config_file)
+        merged.update(from_file)
+        origin.update({k: f"key {k} in config file {config_file}" for k in from_file})
+    from_env = env_values(environ)
+    merged.update(from_env)
+    origin.update({k: f"environment variable DSBUILD_{k.upper()}={_env_raw(k, environ)!r}" for k in from_env})
+    from_cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    merged.update(from_cli)
+    origin.update({k: "the command line" for k in from_cli})
     try:
-        return RunSpec(**merged)
+        spec = RunSpec(**merged)
     except ValidationError as exc:
-        raise SpecError(_one_sentence(exc)) from None
+        raise SpecError(_one_sentence(exc, origin)) from None
+    spec._origin = origin
+    return spec
 
 
-def _one_sentence(exc: ValidationError) -> str:
+def _env_raw(name: str, environ: dict[str, str] | None) -> str:
+    return (os.environ if environ is None else environ).get(f"DSBUILD_{name.upper()}", "")
+
+
+def _one_sentence(exc: ValidationError, origin: dict[str, str] | None = None) -> str:
+    origin = origin or {}
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ())) or "options"
+    name = str(err["loc"][0]) if err.get("loc") else ""
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    where = f" (from {origin[name]})" if name in origin else ""
     if err.get("type") == "extra_forbidden":
-        return f"unknown option {loc!r}"
+        return f"unknown option {loc!r}{_did_you_mean(name)}{where}"
     if err.get("type") == "literal_error":
-        return f"invalid value {err.get('input')!r} for {loc.replace('_', '-')}: {msg}"
-    return f"invalid {loc.replace('_', '-')}: {msg}" if loc != "options" else msg
+        return f"invalid value {err.get('input')!r} for {loc.replace('_', '-')}: {msg}{where}"
+    if loc != "options":
+        return f"invalid {loc.replace('_', '-')}: {msg}{where}"
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, CrossFieldError):
+        sources = [f"{f.replace('_', '-')} from {origin[f]}" if f in origin else
+                   f"{f.replace('_', '-')} is the default {RunSpec.model_fields[f].default!r}" for f in cause.fields]
+        return f"{msg} ({'; '.join(sources)})"
+    return msg
+
+
+def _did_you_mean(name: str) -> str:
+    return did_you_mean(name.replace("-", "_"), RunSpec.model_fields)

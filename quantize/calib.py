@@ -7,9 +7,13 @@ same corpus, tokenizer and sizes always give the same prompts.
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
+from typing import Callable, TextIO
 
 import torch
+from tqdm.auto import tqdm
 
 from builder.errors import QuantizationError
 from builder.model.tokenizer import corpus_files
@@ -35,3 +39,41 @@ def calibration_tokens(tokenizer_json: str | Path, *, count: int, seq_len: int,
     starts = [(i * span) // max(count, 1) for i in range(count)]
     idx = (torch.tensor(starts)[:, None] + torch.arange(seq_len)[None, :]) % len(ids)
     return stream[idx]
+
+
+class CalibrationProgress:
+    """How far one calibration pass over the prompts is: prompts and tokens done, elapsed time and ETA. A tqdm bar
+    when ``stream`` is a terminal; otherwise (a log file, CI) a line through ``log`` at every tenth of the pass."""
+
+    def __init__(self, what: str, *, prompts: int, tokens_per_prompt: int, log: Callable[[str], None],
+                 stream: TextIO | None = None):
+        self.what, self.prompts, self.tokens_per_prompt, self.log = what, prompts, tokens_per_prompt, log
+        self.done = 0
+        self.next_tenth = 1
+        self.t0 = time.perf_counter()
+        stream = stream if stream is not None else sys.stderr
+        self.bar = (tqdm(total=prompts, unit="prompt", desc=what, file=stream, leave=False, dynamic_ncols=True)
+                    if stream.isatty() else None)
+
+    def step(self) -> None:
+        """One prompt calibrated."""
+        self.done += 1
+        tokens = self.done * self.tokens_per_prompt
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{tokens} tokens", refresh=False)
+            self.bar.update(1)
+            return
+        if self.done * 10 >= self.next_tenth * self.prompts:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / self.done * (self.prompts - self.done)
+            total = self.prompts * self.tokens_per_prompt
+            self.log(f"{self.what}: {self.done}/{self.prompts} prompts, {tokens}/{total} tokens, {elapsed:.0f} s, "
+                     f"ETA {eta:.0f} s")
+            self.next_tenth = self.done * 10 // self.prompts + 1
+
+    def __enter__(self) -> "CalibrationProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -18,6 +18,7 @@ from builder.model.catalog import is_mtp_tensor
 from builder.model.config import ModelConfig
 from builder.model.hf_compat import load_hf_model
 from builder.model.safetensors_io import write_index, write_safetensors
+from builder.safeio import dumps_json
 from quantize.fp8_tensor import FP8_MAX
 from quantize.hf_experts import unfuse_experts
 
@@ -34,7 +35,7 @@ def float_model(tensors: Iterable[tuple[str, torch.Tensor]], config_json: str | 
         size = write_safetensors(Path(tmp) / "model.safetensors", state)
         write_index(tmp, {n: "model.safetensors" for n in state}, total_size=size)
         del state
-        (Path(tmp) / "config.json").write_text(json.dumps(raw))
+        (Path(tmp) / "config.json").write_text(dumps_json(raw))
         model = load_hf_model(tmp, dtype=dtype)
     if unfuse:
         unfuse_experts(model)

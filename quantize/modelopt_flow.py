@@ -30,6 +30,7 @@ from builder.model.catalog import Dtype, build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME, TORCH_DTYPES, read_header, write_index
 from quantize import registry
+from quantize.calib import CalibrationProgress
 from quantize.hf_model import float_model
 from quantize.report import reference_float
 from quantize.stream import Planned, TensorReader, computed, passthrough
@@ -44,6 +45,17 @@ def modelopt_config(mode: str) -> dict[str, Any]:
     return cfg
 
 
+# How many times ModelOpt 0.47's calibration algorithms run the forward loop (modelopt/torch/quantization/
+# model_calib.py: ``max_calibrate`` once; ``awq_lite`` once to cache activation statistics, once to search scales).
+PASSES = {"max": 1, "awq_lite": 2}
+
+
+def calibration_passes(cfg: dict[str, Any]) -> int | None:
+    algorithm = cfg.get("algorithm", "max")
+    method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+    return PASSES.get(method)
+
+
 def quantize_and_export(src: Path, export_dir: Path, *, mode: str, tokens: torch.Tensor,
                         progress: Callable[[str], None] = print) -> None:
     import modelopt.torch.quantization as mtq
@@ -53,15 +65,22 @@ def quantize_and_export(src: Path, export_dir: Path, *, mode: str, tokens: torch
         model = float_model(((n, reference_float(ref, n)) for n in ref.names if not n.endswith("weight_scale_inv")),
                             src / "config.json", dtype=torch.bfloat16)
 
+    cfg = modelopt_config(mode)
+    passes = calibration_passes(cfg)
+    done = [0]
+
     def forward_loop(m):
-        with torch.no_grad():
+        done[0] += 1
+        what = f"calibrate {mode} pass {done[0]}" + (f" of {passes}" if passes and done[0] <= passes else "")
+        with torch.no_grad(), CalibrationProgress(what, prompts=len(tokens), tokens_per_prompt=tokens.shape[1],
+                                                  log=progress) as bar:
             for i in range(len(tokens)):
                 m(tokens[i: i + 1])
-        progress(f"calibrated on {len(tokens)} prompts")
+                bar.step()
 
     # ModelOpt prints progress to stdout, which belongs to the CLI's --json output: send it to stderr.
     with contextlib.redirect_stdout(sys.stderr):
-        mtq.quantize(model, modelopt_config(mode), forward_loop)
+        mtq.quantize(model, cfg, forward_loop)
         export_hf_checkpoint(model, export_dir=str(export_dir))
 
 

@@ -25,8 +25,10 @@ from builder.errors import QuantizationError
 from builder.model.catalog import Dtype, build_catalog
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import INDEX_NAME
+from builder.plan.hardware import load_hardware
 from quantize import modelopt_flow as mf
 from quantize import registry, report, w4afp8
+from quantize.calib import CalibrationProgress
 from quantize.calib import calibration_tokens as tokens
 from quantize.hf_model import float_model
 from quantize.modelopt_flow import gpu_commands
@@ -36,7 +38,6 @@ SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.jso
 # TensorRT-LLM treats these as unquantized in a DeepSeek FP8_BLOCK_SCALES checkpoint and dequantizes them at load
 # (``_torch/model_config.py``: kv_b_proj's blocks need not align with heads; eh_proj is BF16).
 FP8_BLOCK_EXCLUDES = ["*kv_b_proj*", "*k_b_proj*", "*eh_proj"]
-BLACKWELL = ("b100", "b200", "b300", "gb200", "gb300")
 # Calibration and the logits report load the model's float weights in memory; above this they are refused here.
 MAX_IN_MEMORY_FRACTION = 0.4
 
@@ -48,6 +49,7 @@ class QuantJob:
     mode: str
     kv_cache_dtype: str = "fp8"
     gpu: str | None = None
+    hardware_file: Path | None = None  # the GPU table's overrides (--hardware-file), where --gpu is looked up
     calib_size: int = 16
     calib_seq_len: int = 64
     corpus: Path | None = None
@@ -59,15 +61,12 @@ class QuantJob:
         return "FP8" if self.kv_cache_dtype == "fp8" else None
 
 
-def check_gpu(mode: str, gpu: str | None) -> None:
-    if mode != "nvfp4":
-        return
-    if gpu is None:
-        raise QuantizationError("--quant nvfp4 needs a Blackwell GPU (B200/GB200/B300) and this plan targets no GPU "
-                                "(a CPU-only build); pass --gpu b200 or choose fp8 / w4afp8")
-    if not gpu.lower().startswith(BLACKWELL):
-        raise QuantizationError(f"--quant nvfp4 needs a Blackwell GPU (B200/GB200/B300) but the plan targets {gpu}, "
-                                f"which has no FP4 tensor cores; use --quant w4afp8 (INT4 experts) or fp8 on it")
+def check_gpu(mode: str, gpu: str | None, *, hardware_file: Path | None = None) -> None:
+    """The planner's check (``HardwareTable.quant_refusal``): the format runs on the target GPU (no --gpu: CPU)."""
+    table = load_hardware(hardware_file)
+    refusal = table.quant_refusal(mode, table.gpu(gpu or "cpu"))
+    if refusal:
+        raise QuantizationError(f"--quant {refusal}")
 
 
 def hf_quant_config(quant_algo: str | None, kv_cache_quant_algo: str | None, **extra: Any) -> dict[str, Any]:
@@ -274,7 +273,9 @@ def run_w4afp8(job: QuantJob) -> dict[str, Any]:
     with TensorReader(job.src) as reader:
         model = float_model(((n, report.reference_float(reader, n)) for n in reader.names
                              if not n.endswith("weight_scale_inv")), job.src / "config.json", dtype=torch.bfloat16)
-        scales = w4afp8.calibrate_expert_inputs(model, tokens, cfg)
+        with CalibrationProgress("calibrate w4afp8 expert inputs", prompts=len(tokens),
+                                 tokens_per_prompt=tokens.shape[1], log=job.log) as bar:
+            scales = w4afp8.calibrate_expert_inputs(model, tokens, cfg, progress=lambda _done: bar.step())
         del model
         shards = w4afp8.plan_shards(reader, cfg, scales)
         total = sum(e.nbytes for s in shards for e in s)
@@ -322,7 +323,7 @@ MODES: dict[str, Callable[[QuantJob], dict[str, Any]]] = {
 def quantize(job: QuantJob) -> dict[str, Any]:
     if job.mode not in MODES:
         raise QuantizationError(f"unknown quantization mode {job.mode!r}; choose one of {sorted(MODES)}")
-    check_gpu(job.mode, job.gpu)
+    check_gpu(job.mode, job.gpu, hardware_file=job.hardware_file)
     t0 = time.perf_counter()
     info = MODES[job.mode](job)
     info["mode"] = job.mode

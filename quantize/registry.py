@@ -22,31 +22,36 @@ class QuantFormat:
     archs: frozenset[str]  # GPU architectures whose TensorRT-LLM kernels run it
     calibrated: bool  # needs calibration data (model in memory) rather than a streaming conversion
     modelopt_cfg: str | None = None  # ModelOpt ``mtq`` preset that produces it
-    needs: str = ""  # the GPUs it needs, in words, for refusals
+    needs: str = ""  # the GPU architectures it needs, in words, for refusals
+    cpu_builds: bool = True  # a CPU-only build (no --gpu) makes it for the reference engine
 
     def runs_on(self, arch: str) -> bool:
-        """CPU builds (no --gpu) run every format in the reference engine."""
-        return arch == "cpu" or arch in self.archs
+        return arch in self.archs or (arch == "cpu" and self.cpu_builds)
 
-    def refusal(self, *, gpu: str, arch: str) -> str | None:
+    def refusal(self, *, gpu: str, arch: str, gpus: tuple[str, ...] = ()) -> str | None:
+        """Why ``gpu`` (of ``arch``) cannot take this format, or None. ``gpus``: the GPUs dsbuild knows that can
+        (the caller's GPU table), named in the sentence."""
         if self.runs_on(arch):
             return None
-        return f"{self.name} needs {self.needs}; {gpu} is {arch}"
+        known = f" ({', '.join(gpus)})" if gpus else ""
+        target = "this build targets no GPU (a CPU-only build)" if arch == "cpu" else f"{gpu} is {arch}"
+        usable = [f.name for f in FORMATS.values() if f.runs_on(arch)]
+        return f"{self.name} needs {self.needs}{known}; {target}, which takes --quant {', '.join(usable)}"
 
 
 _HOPPER_ON = frozenset({"hopper", "blackwell"})
 
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     QuantFormat("fp8", "DeepSeek's 128x128 block FP8, verified and hard-linked", "FP8_BLOCK_SCALES", "fp8",
-                _HOPPER_ON | {"ada"}, calibrated=False, needs="FP8 tensor cores (Ada, Hopper or Blackwell)"),
+                _HOPPER_ON | {"ada"}, calibrated=False, needs="FP8 tensor cores: Ada, Hopper or Blackwell GPUs"),
     QuantFormat("fp8-tensor", "per-tensor FP8 (ModelOpt FP8_DEFAULT_CFG)", "FP8", "fp8", _HOPPER_ON | {"ada"},
-                calibrated=True, modelopt_cfg="FP8_DEFAULT_CFG", needs="FP8 tensor cores (Ada, Hopper or Blackwell)"),
+                calibrated=True, modelopt_cfg="FP8_DEFAULT_CFG", needs="FP8 tensor cores: Ada, Hopper or Blackwell GPUs"),
     QuantFormat("w4afp8", "INT4 routed experts + FP8 activations, the rest block FP8 (TensorRT-LLM W4A8)",
-                "MIXED_PRECISION", "fp8", frozenset({"hopper"}), calibrated=True, needs="Hopper GPUs (h100, h200)"),
+                "MIXED_PRECISION", "fp8", frozenset({"hopper"}), calibrated=True, needs="Hopper GPUs"),
     QuantFormat("int4-awq", "W4A16 AWQ (ModelOpt INT4_AWQ_CFG)", "W4A16_AWQ", "bf16",
                 frozenset(GPU_ARCHS), calibrated=True, modelopt_cfg="INT4_AWQ_CFG", needs="a GPU"),
     QuantFormat("nvfp4", "NVFP4 (ModelOpt NVFP4_DEFAULT_CFG)", "NVFP4", "fp4", frozenset({"blackwell"}),
-                calibrated=True, modelopt_cfg="NVFP4_DEFAULT_CFG", needs="Blackwell GPUs (b200)"),
+                calibrated=True, modelopt_cfg="NVFP4_DEFAULT_CFG", needs="Blackwell GPUs", cpu_builds=False),
     QuantFormat("bf16", "dequantized BF16", None, "bf16", frozenset(GPU_ARCHS), calibrated=False, needs="a GPU"),
 )}
 

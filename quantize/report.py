@@ -67,8 +67,11 @@ def weight_sqnr(src: Path, quant: Path, *, mode: str) -> dict[str, Any]:
 
 
 def _db(v: float) -> float | str:
-    """JSON has no infinity: a lossless tensor's SQNR is written as the string "inf"."""
-    return v if math.isfinite(v) else "inf"
+    """JSON has no infinity: a lossless tensor's SQNR is written as the string "inf" (an all-zero reference with
+    noise as "-inf"; an undefined one as null)."""
+    if math.isfinite(v):
+        return v
+    return None if math.isnan(v) else "inf" if v > 0 else "-inf"
 
 
 def logits_quality(src: Path, quant: Path, *, mode: str, tokens: torch.Tensor) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator, TypeVar, Union
 import torch
 
 from builder.atomic import atomic_path
-from builder.errors import CheckpointError
+from builder.errors import CheckpointError, QuantizationError
 from builder.model.catalog import Dtype
 from builder.model.safetensors_io import (DTYPE_OF_TORCH, TORCH_DTYPES, CheckpointLayout, shard_file_name,
                                           validate_checkpoint, write_index)
@@ -263,6 +263,10 @@ def _write_files(files: list[tuple[Path, list[Planned]]], *, metadata: dict[str,
                         e = entries[ei]
                         if chunk.dtype is not torch.uint8 and DTYPE_OF_TORCH.get(chunk.dtype) is not e.dtype:
                             raise CheckpointError(f"{e.name}: produced {chunk.dtype}, planned {e.dtype.value}")
+                        if not _finite(chunk):
+                            raise QuantizationError(
+                                f"quantize computed non-finite values (NaN or infinity) for {e.name!r}: a source "
+                                "value or scale is too large for the output format; refusing to write it")
                         data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
                         fh.write(data)
                         written[ei] += data.nbytes
@@ -277,6 +281,15 @@ def _write_files(files: list[tuple[Path, list[Planned]]], *, metadata: dict[str,
     finally:
         stream.close()  # stops the workers (pending pieces cancelled) before the caller closes its readers
     return sizes
+
+
+def _finite(chunk: torch.Tensor) -> bool:
+    """A computed piece holds no NaN or infinity (raw bytes, uint8, are copies of fetch-checked tensors)."""
+    if chunk.dtype is torch.float8_e4m3fn:  # no infinity; NaN is S.1111.111
+        return not bool(((chunk.view(torch.uint8) & 0x7F) == 0x7F).any())
+    if chunk.is_floating_point():
+        return bool(torch.isfinite(chunk).all())
+    return True
 
 
 def source_shards(reader: TensorReader) -> list[list[str]]:

@@ -1,5 +1,7 @@
 """``dsbuild serve`` as a background process on free loopback ports, for ``make bench`` and the serving tests:
-started, waited for until it says it is serving, and always stopped (SIGTERM, then SIGKILL after a minute)."""
+started with port 0 (``dsbuild serve`` chooses free ports and prints them, so no other process can take them
+between choosing and binding here), waited for until it says it is serving, and always stopped (SIGTERM, then
+SIGKILL after a minute)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from builder.errors import ServeError
-from triton_repo.server import free_port, free_ports
-
 READY_LINE = "serving on"
+CHOSEN_LINE = "free ports chosen: "  # dsbuild serve's line for ports asked as 0: "http 127.0.0.1:N, grpc ..."
 
 
 @dataclass
@@ -36,25 +37,24 @@ def serve_in_background(repo: Path, *, log_file: Path, ready_timeout: float, exi
     """``env``: the server's environment (default: this process's); ``on_line``: called with every stderr line;
     ``openai``: also the OpenAI-compatible endpoint, on another free port."""
 
-    ports = free_ports()
-    cmd = [sys.executable, "-m", "builder.cli", "serve", "--repo", str(repo), "--http-port", str(ports.http),
-           "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--log-file", str(log_file)]
-    openai_url = None
+    cmd = [sys.executable, "-m", "builder.cli", "serve", "--repo", str(repo), "--http-port", "0", "--grpc-port", "0",
+           "--metrics-port", "0", "--log-file", str(log_file)]
     if openai:
-        port = free_port()
-        cmd += ["--openai-port", str(port)]
-        openai_url = f"127.0.0.1:{port}"
+        cmd += ["--openai-port", "0"]
     if exit_timeout is not None:
         cmd += ["--exit-timeout", str(exit_timeout)]
     proc = subprocess.Popen(cmd, env=env if env is not None else dict(os.environ), stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = threading.Event()
+    chosen: dict[str, str] = {}
 
     def pump() -> None:
         for line in proc.stderr:
             lines.append(line)
             if on_line is not None:
                 on_line(line)
+            if line.startswith(CHOSEN_LINE) and not chosen:
+                chosen.update(part.split(" ", 1) for part in line[len(CHOSEN_LINE):].strip().split(", "))
             if READY_LINE in line:
                 ready.set()
     threading.Thread(target=pump, daemon=True).start()
@@ -67,7 +67,7 @@ def serve_in_background(repo: Path, *, log_file: Path, ready_timeout: float, exi
             if time.monotonic() > deadline:
                 raise ServeError(f"dsbuild serve did not get {repo} ready within {ready_timeout:.0f} s: "
                                  + "".join(lines[-20:]))
-        yield BackgroundServer(proc, f"127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", lines, openai_url)
+        yield BackgroundServer(proc, chosen["http"], chosen["grpc"], lines, chosen.get("openai"))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

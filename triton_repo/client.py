@@ -4,16 +4,18 @@ even a non-streaming request goes over the stream API) and HTTP (Triton's genera
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from builder.errors import ServeError
+from builder.errors import ServeError, SpecError
 from builder.sampling_params import SamplingParams
 from triton_repo.interface import INPUTS, MODEL_NAME
 
@@ -40,6 +42,98 @@ class GenerateResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Triton's default ports (tritonserver --http-port / --grpc-port).
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+SCHEMES = {"http": "http", "https": "http", "grpc": "grpc"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a Triton server listens and how to talk to it: ``protocol`` grpc or http, ``address`` HOST:PORT, and
+    for http the URL scheme (http or https)."""
+
+    protocol: str
+    address: str
+    scheme: str = "http"
+
+    @property
+    def http_base(self) -> str:
+        return f"{self.scheme}://{self.address}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme if self.protocol == 'http' else 'grpc'}://{self.address}"
+
+
+def endpoint(url: str, protocol: str | None = None, *, default: str = "grpc") -> Endpoint:
+    """Parse ``--url``: ``HOST:PORT`` (``protocol``, else ``default``) or a URL whose scheme says the protocol
+    (``http://``, ``https://``, ``grpc://``); a scheme and a ``protocol`` that disagree are refused. A missing port
+    is Triton's default for the protocol."""
+    raw = url.strip()
+    if "://" in raw:
+        scheme, _, rest = raw.partition("://")
+        scheme = scheme.lower()
+        if scheme not in SCHEMES:
+            raise SpecError(f"--url {url!r}: unknown scheme {scheme!r}; use http://, https://, grpc:// or HOST:PORT")
+        if protocol is not None and protocol != SCHEMES[scheme]:
+            raise SpecError(f"--url {url!r} is {SCHEMES[scheme]} but --protocol says {protocol}; drop one of them")
+        protocol = SCHEMES[scheme]
+    else:
+        scheme, rest = "http", raw
+        protocol = protocol or default
+    host_port = rest.split("/", 1)[0]
+    parsed = urllib.parse.urlsplit(f"//{host_port}")
+    try:
+        port = parsed.port
+    except ValueError:
+        raise SpecError(f"--url {url!r} has an invalid port") from None
+    if not parsed.hostname:
+        raise SpecError(f"--url {url!r} names no host; give HOST:PORT (e.g. 127.0.0.1:8001)")
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return Endpoint(protocol, f"{host}:{port or DEFAULT_PORTS[protocol]}", scheme if protocol == "http" else "http")
+
+
+def speaks_http(address: str, *, timeout: float = 2.0) -> bool:
+    """Whether ``address`` answers HTTP/1.1 at all (any status: Triton's HTTP port answers /v2/health/live)."""
+    conn = http.client.HTTPConnection(address, timeout=timeout)
+    try:
+        conn.request("GET", "/v2/health/live")
+        conn.getresponse().read()
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
+def speaks_grpc(address: str, *, timeout: float = 2.0) -> bool:
+    """Whether ``address`` is a Triton gRPC endpoint (its ServerLive answers)."""
+    import tritonclient.grpc as grpcclient
+
+    try:
+        with grpcclient.InferenceServerClient(url=address) as client:
+            client.is_server_live(client_timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001 - tritonclient raises its own types for every transport failure
+        return False
+
+
+def wrong_port_hint(ep: Endpoint) -> str:
+    """After ``ep`` could not be reached: what the port speaks instead, if it is Triton's other protocol."""
+    if ep.protocol == "grpc" and speaks_http(ep.address):
+        return (f"; {ep.address} answers HTTP: this looks like Triton's HTTP port. Use the http protocol "
+                f"(--protocol http or --url http://{ep.address}) or Triton's gRPC port "
+                f"({DEFAULT_PORTS['grpc']} unless the server was started otherwise)")
+    if ep.protocol == "http" and speaks_grpc(ep.address):
+        return (f"; {ep.address} answers gRPC: this looks like Triton's gRPC port. Use the grpc protocol "
+                f"(--protocol grpc or --url grpc://{ep.address}) or Triton's HTTP port "
+                f"({DEFAULT_PORTS['http']} unless the server was started otherwise)")
+    return ""
+
+
+class _Unreachable(ServeError):
+    """The endpoint did not answer in its protocol (connection refused or closed, not the model's refusal)."""
 
 
 def request_fields(opts: GenerateOptions) -> dict[str, Any]:
@@ -100,7 +194,10 @@ def generate_grpc(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, t
             except queue.Empty:
                 raise ServeError(f"no response from {url} within {timeout:.0f} s") from None
             if error is not None:
-                raise ServeError(f"the server refused the request: {error.message() if hasattr(error, 'message') else error}")
+                message = error.message() if hasattr(error, "message") else str(error)
+                if "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
+                    raise _Unreachable(f"cannot reach Triton's gRPC endpoint at {url}: {message}")
+                raise ServeError(f"the server refused the request: {message}")
             response = result.get_response()
             final = response.parameters.get("triton_final_response")
             is_final = bool(final.bool_param) if final is not None else True
@@ -118,7 +215,11 @@ def generate_grpc(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, t
             if is_final:
                 break
     except InferenceServerException as exc:
-        raise ServeError(f"gRPC request to {url} failed: {exc.message()}") from None
+        # A broken stream raises here with its cause delivered to the callback: report the cause.
+        cause = next((e for _, e in _drain(events) if e is not None), exc)
+        if "UNAVAILABLE" in str(cause.status()):
+            raise _Unreachable(f"cannot reach Triton's gRPC endpoint at {url}: {cause.message()}") from None
+        raise ServeError(f"gRPC request to {url} failed: {cause.message()}") from None
     finally:
         try:
             client.stop_stream()
@@ -128,8 +229,17 @@ def generate_grpc(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, t
     return out
 
 
-def _http_post(url: str, path: str, body: dict[str, Any], timeout: float):
-    req = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode(), method="POST",
+def _drain(events: queue.Queue) -> list:
+    out = []
+    while True:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def _http_post(base: str, path: str, body: dict[str, Any], timeout: float):
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
     try:
         return urllib.request.urlopen(req, timeout=timeout)
@@ -140,8 +250,10 @@ def _http_post(url: str, path: str, body: dict[str, Any], timeout: float):
         except json.JSONDecodeError:
             pass
         raise ServeError(f"the server refused the request (HTTP {exc.code}): {detail}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ServeError(f"cannot reach http://{url}: {getattr(exc, 'reason', exc)}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        # A gRPC (HTTP/2) port answers HTTP/1.1 with bytes that are no status line (BadStatusLine).
+        why = getattr(exc, "reason", None) or f"no HTTP/1.1 answer ({type(exc).__name__})"
+        raise _Unreachable(f"cannot reach Triton's HTTP endpoint at {base}: {why}") from None
 
 
 def _apply(out: GenerateResult, data: dict[str, Any], t0: float, on_text: Callable[[str], None] | None) -> None:
@@ -163,11 +275,13 @@ def _apply(out: GenerateResult, data: dict[str, Any], t0: float, on_text: Callab
 
 def generate_http(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, timeout: float = 300,
                   on_text: Callable[[str], None] | None = None) -> GenerateResult:
-    """One request over HTTP's generate extension (server-sent events when streaming)."""
+    """One request over HTTP's generate extension (server-sent events when streaming). ``url``: HOST:PORT or a
+    ``http(s)://`` base URL."""
     t0 = time.perf_counter()
     out = GenerateResult(text="", finish_reason="")
     path = f"/v2/models/{model}/generate_stream" if opts.stream else f"/v2/models/{model}/generate"
-    with _http_post(url, path, request_fields(opts), timeout) as resp:
+    base = endpoint(url, "http").http_base
+    with _http_post(base, path, request_fields(opts), timeout) as resp:
         if not opts.stream:
             _apply(out, json.loads(resp.read()), t0, on_text)
         else:
@@ -179,10 +293,14 @@ def generate_http(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, t
     return out
 
 
-def generate(url: str, opts: GenerateOptions, *, protocol: str = "grpc", model: str = MODEL_NAME,
+def generate(url: str, opts: GenerateOptions, *, protocol: str | None = None, model: str = MODEL_NAME,
              timeout: float = 300, on_text: Callable[[str], None] | None = None) -> GenerateResult:
-    if protocol == "grpc":
-        return generate_grpc(url, opts, model=model, timeout=timeout, on_text=on_text)
-    if protocol == "http":
-        return generate_http(url, opts, model=model, timeout=timeout, on_text=on_text)
-    raise ServeError(f"unknown protocol {protocol!r}; choose grpc or http")
+    """One request to the server at ``url`` (see :func:`endpoint`: a scheme says the protocol, else ``protocol``,
+    else gRPC). When the port does not answer in that protocol but in Triton's other one, the error says so."""
+    ep = endpoint(url, protocol)
+    try:
+        if ep.protocol == "grpc":
+            return generate_grpc(ep.address, opts, model=model, timeout=timeout, on_text=on_text)
+        return generate_http(ep.http_base, opts, model=model, timeout=timeout, on_text=on_text)
+    except _Unreachable as exc:
+        raise ServeError(f"{exc}{wrong_port_hint(ep)}") from None

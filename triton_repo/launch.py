@@ -18,6 +18,7 @@ import yaml
 
 from builder.errors import LayoutError
 from builder.layout import Layout
+from builder.trtllm.container import INSTALL_DSBUILD, INSTALL_OPENAI_DEPS
 
 DEFAULT_GPUS_PER_NODE = 8
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
@@ -64,8 +65,8 @@ def openai_command(*, repo: str, port: str, triton_url: str) -> str:
             f"--triton-url {triton_url}")
 
 
-OPENAI_MISSING = ("the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild source> "
-                  "&& pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)")
+OPENAI_MISSING = (f"the OpenAI endpoint needs dsbuild in this container: {INSTALL_DSBUILD} && {INSTALL_OPENAI_DEPS} "
+                  "(docs/serving-openai.md)")
 
 
 def k8s_name(run_name: str) -> str:

@@ -8,7 +8,6 @@ CPU flavour: the same model name and tensor interface, served by dsbuild's refer
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 
 from builder.errors import PackageError
 from builder.layout import Layout
+from builder.safeio import dumps_json
 from builder.trtllm.contract import require_conforming
 from triton_repo import interface, launch
 from triton_repo.render import render_text, render_tree, template_dir
@@ -155,7 +155,7 @@ def write_package(p: PackageInputs, out: Path) -> dict[str, Any]:
     render_repository(p, out / "triton_repo")
     render_launch(p, out / "launch")
     info = describe(p)
-    (out / "package.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (out / "package.json").write_text(dumps_json(info) + "\n", encoding="utf-8")
     return info
 
 

@@ -80,6 +80,30 @@ def free_ports(host: str = LOOPBACK) -> Ports:
             s.close()
 
 
+def resolve_ports(ports: Ports, host: str = LOOPBACK, *, extra: tuple[int, ...] = ()) -> tuple[Ports, tuple[int, ...]]:
+    """``ports`` (and ``extra`` ports, e.g. the OpenAI endpoint's) with every 0 replaced by a free port on ``host``,
+    all distinct from each other and from the ports given (tritonserver itself takes no 0). The ports are free
+    when chosen; another process could take one before tritonserver binds it, which then fails to start."""
+    wanted = [ports.http, ports.grpc, ports.metrics, *extra]
+    taken = {p for p in wanted if p}
+    socks = []
+    try:
+        for i, p in enumerate(wanted):
+            while p == 0:
+                s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((host, 0))
+                socks.append(s)  # held open until all are chosen, so they differ
+                candidate = s.getsockname()[1]
+                if candidate not in taken:
+                    p = candidate
+            wanted[i] = p
+            taken.add(p)
+    finally:
+        for s in socks:
+            s.close()
+    return Ports(*wanted[:3]), tuple(wanted[3:])
+
+
 def find_installation(*, prefer: str | None = None) -> Installation:
     """The container's tritonserver when running in NVIDIA's Triton container, else the pytriton wheel's."""
     container_bin = CONTAINER_ROOT / "bin" / "tritonserver"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import ModelConfigError
+from builder.safeio import parse_json, read_bounded
 
 # The config.json of a file larger than this is not a config: refuse before parsing it.
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -111,6 +112,24 @@ class ModelConfig:
     def is_fp8_block(self) -> bool:
         return self.quantization is not None and self.quantization.quant_method == "fp8"
 
+    @property
+    def catalog_size_bound(self) -> tuple[int, int]:
+        """(tensors, parameters) the catalogue of this config holds at most, from the counts alone: checked before
+        anything is allocated by them. Per layer: every linear layer with a scale and an activation scale, for
+        the routed experts, the shared experts, the dense MLP, attention and the indexer, plus norms and router."""
+        layers = self.num_hidden_layers + self.num_nextn_predict_layers
+        experts = self.n_routed_experts + self.n_shared_experts
+        tensors = layers * (3 * 3 * (experts + 1) + 64) + 8
+        h, heads = self.hidden_size, self.num_attention_heads
+        attention = (h * self.q_lora_rank + self.q_lora_rank * heads * self.qk_head_dim
+                     + h * (self.kv_lora_rank + self.qk_rope_head_dim)
+                     + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+                     + heads * self.v_head_dim * h
+                     + self.q_lora_rank * self.index_n_heads * self.index_head_dim + h * self.index_head_dim)
+        mlp = 3 * h * max(self.intermediate_size, self.moe_intermediate_size * experts) + h * self.n_routed_experts
+        params = layers * (attention + mlp + 3 * h) + 2 * self.vocab_size * h * (1 + self.num_nextn_predict_layers)
+        return tensors, params
+
     # ----- (de)serialisation -----
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "config.json") -> "ModelConfig":
@@ -143,16 +162,10 @@ class ModelConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise ModelConfigError(f"no config.json at {path}")
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ModelConfigError(f"{path} is {size} bytes; a config.json over {MAX_CONFIG_BYTES} bytes is refused")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelConfigError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        raw = read_bounded(path, limit=MAX_CONFIG_BYTES, what="model config", error=ModelConfigError)
+        return cls.from_dict(parse_json(raw, source=str(path), error=ModelConfigError), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The HF ``config.json`` content (raw keys kept, modelled keys authoritative)."""
@@ -182,6 +195,18 @@ class ModelConfig:
 
         for name in _POSITIVE:
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name, most in _LIMITS.items():
+            value = getattr(self, name)
+            need(value is None or value <= most, f"{name} = {value} is larger than dsbuild accepts (at most {most})")
+        need(self.n_shared_experts >= 0, f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        need(0 < self.rms_norm_eps < 1, f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        need(0 < self.routed_scaling_factor <= 1e4,
+             f"routed_scaling_factor must be in (0, 10000], got {self.routed_scaling_factor}")
+        tensors, params = self.catalog_size_bound
+        need(tensors <= MAX_CATALOG_TENSORS, f"describes up to {tensors} tensors; dsbuild's catalogue holds at "
+             f"most {MAX_CATALOG_TENSORS} (the real DeepSeek-V3.2 has about 92,000)")
+        need(params <= MAX_CATALOG_PARAMS, f"describes up to {params:.2e} parameters; dsbuild accepts at most "
+             f"{MAX_CATALOG_PARAMS:.0e} (the real DeepSeek-V3.2 has 6.9e11)")
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
              f"first_k_dense_replace {self.first_k_dense_replace} is outside 0..num_hidden_layers ({self.num_hidden_layers})")
         need(self.num_key_value_heads == self.num_attention_heads,
@@ -236,8 +261,35 @@ _POSITIVE = [
     "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
     "n_routed_experts", "num_experts_per_tok", "n_group", "max_position_embeddings",
 ]
-# Refuse absurd values from untrusted configs before anything allocates by them.
+# Refuse absurd values from untrusted configs before anything allocates by them: each size at most ~10-100x the
+# real DeepSeek-V3.2's (in the comments), and the whole catalogue at most ~10x its tensors and ~30x its parameters.
 _MAX_INT = 1 << 24
+_LIMITS = {
+    "vocab_size": 1 << 22,  # 129280
+    "hidden_size": 1 << 16,  # 7168
+    "intermediate_size": 1 << 18,  # 18432
+    "moe_intermediate_size": 1 << 16,  # 2048
+    "num_hidden_layers": 1024,  # 61
+    "num_attention_heads": 1024,  # 128
+    "num_key_value_heads": 1024,  # 128
+    "q_lora_rank": 1 << 15,  # 1536
+    "kv_lora_rank": 1 << 14,  # 512
+    "qk_nope_head_dim": 4096,  # 128
+    "qk_rope_head_dim": 4096,  # 64
+    "v_head_dim": 4096,  # 128
+    "n_routed_experts": 4096,  # 256
+    "n_shared_experts": 64,  # 1
+    "num_experts_per_tok": 4096,  # 8
+    "n_group": 4096,  # 8
+    "topk_group": 4096,  # 4
+    "num_nextn_predict_layers": 16,  # 1
+    "max_position_embeddings": 1 << 24,  # 163840
+    "index_n_heads": 1024,  # 64
+    "index_head_dim": 4096,  # 128
+    "index_topk": 1 << 20,  # 2048
+}
+MAX_CATALOG_TENSORS = 1_000_000
+MAX_CATALOG_PARAMS = 2 * 10**13
 
 
 def _coerce(value: Any, kind: type, name: str, source: str) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from builder.model.safetensors_io import write_index, write_safetensors
+from builder.safeio import dumps_json
 from quantize.dequant import iter_float
 
 
@@ -43,7 +44,7 @@ def write_dequantized_checkpoint(src: str | Path, dst: str | Path, *, dtype: tor
     write_index(dst, {n: "model-00001-of-000001.safetensors" for n in tensors}, total_size=size)
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    (dst / "config.json").write_text(dumps_json(cfg))
     for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (src / extra).exists():
             shutil.copy2(src / extra, dst / extra)

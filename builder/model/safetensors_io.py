@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,10 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from builder.atomic import atomic_path, atomic_write_text
+from builder.atomic import atomic_path, atomic_write_json
 from builder.errors import CheckpointError
 from builder.paths import safe_relpath
+from builder.safeio import parse_json, read_bounded
 from builder.model.catalog import Dtype
 
 # The real checkpoint's largest header is a few hundred KB; 100 MB is the format's own cap.
@@ -69,10 +72,7 @@ def parse_header_bytes(raw: bytes, *, file_size: int, source: str = "<bytes>") -
         raise CheckpointError(f"{source} is truncated: header needs {8 + header_len} bytes, file has {file_size}")
     if len(raw) < 8 + header_len:
         raise CheckpointError(f"{source} is truncated inside its header")
-    try:
-        header = json.loads(raw[8: 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{source} has a header that is not valid JSON ({type(exc).__name__})") from None
+    header = parse_json(raw[8: 8 + header_len], source=f"the header of {source}", error=CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{source} has a header that is not a JSON object")
     data_size = file_size - 8 - header_len
@@ -82,14 +82,23 @@ def parse_header_bytes(raw: bytes, *, file_size: int, source: str = "<bytes>") -
     tensors: dict[str, TensorHeader] = {}
     for name, entry in header.items():
         tensors[name] = _parse_entry(name, entry, source)
+    # The data section must be covered exactly, as the safetensors library itself requires when it opens the file
+    # (build does; docs/hardening-facts.md ST-1): tensors back to back from byte 0, no gap, nothing after the last.
     spans = sorted(tensors.values(), key=lambda t: (t.begin, t.end))
+    # Data past the end first: it is what a truncated download looks like, and it explains any gap it causes.
+    end = max((t.end for t in spans), default=0)
+    if end > data_size:
+        raise CheckpointError(f"{source}: tensor data ends at byte {end} but the file holds only {data_size} data bytes")
     cursor = 0
     for t in spans:
         if t.begin < cursor:
             raise CheckpointError(f"{source}: tensor {t.name!r} overlaps the tensor before it (offset {t.begin} < {cursor})")
+        if t.begin > cursor:
+            raise CheckpointError(f"{source}: {t.begin - cursor} bytes at data offset {cursor} belong to no tensor "
+                                  f"(a gap before {t.name!r})")
         cursor = t.end
-    if cursor > data_size:
-        raise CheckpointError(f"{source}: tensor data ends at byte {cursor} but the file holds only {data_size} data bytes")
+    if cursor < data_size:
+        raise CheckpointError(f"{source}: {data_size - cursor} trailing bytes after the last tensor belong to no tensor")
     return SafetensorsHeader(source, header_len, tensors, dict(metadata))
 
 
@@ -119,8 +128,11 @@ def _parse_entry(name: str, entry: Any, source: str) -> TensorHeader:
 def read_header(path: str | Path) -> SafetensorsHeader:
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as fh:  # a FIFO must not hang the open
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{path} is not a regular file")
+            size = st.st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path} is truncated: {len(head)} bytes, no safetensors header")
@@ -149,10 +161,7 @@ class CheckpointIndex:
 def parse_index_bytes(raw: bytes, *, source: str = "model.safetensors.index.json") -> CheckpointIndex:
     if len(raw) > MAX_INDEX_BYTES:
         raise CheckpointError(f"{source} is {len(raw)} bytes, over the {MAX_INDEX_BYTES}-byte limit")
-    try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(source))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{source} is not valid JSON ({type(exc).__name__})") from None
+    data = parse_json(raw, source=source, error=CheckpointError, object_pairs_hook=_reject_duplicate_keys(source))
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise CheckpointError(f"{source} has no weight_map object")
     weight_map: dict[str, str] = {}
@@ -179,15 +188,9 @@ def _reject_duplicate_keys(source: str):
 
 def read_index(path: str | Path) -> CheckpointIndex:
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise CheckpointError(f"{path} is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"no index at {path}") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
+    if not (path.exists() or path.is_symlink()):
+        raise CheckpointError(f"no index at {path}")
+    raw = read_bounded(path, limit=MAX_INDEX_BYTES, what="checkpoint index", error=CheckpointError)
     return parse_index_bytes(raw, source=str(path))
 
 
@@ -252,13 +255,51 @@ def validate_checkpoint(root: str | Path, *, expected: Mapping[str, Any] | None 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Values
+
+FLOAT_DTYPES = (Dtype.BF16, Dtype.F16, Dtype.F32)  # FP8 has no infinity; its NaN codes are checked by quantize
+FINITE_CHUNK = 16 << 20
+
+
+def check_finite(layout: CheckpointLayout, *, dtypes: Iterable[Dtype] = FLOAT_DTYPES) -> int:
+    """Refuse (CheckpointError naming the tensor) a checkpoint whose floating-point tensors hold a NaN or an
+    infinity: read in file order, ``FINITE_CHUNK`` bytes at a time. Returns the number of tensors checked."""
+    wanted = set(dtypes)
+    checked = 0
+    for shard, header in sorted(layout.headers.items()):
+        tensors = sorted((t for t in header.tensors.values() if t.dtype in wanted), key=lambda t: t.begin)
+        if not tensors:
+            continue
+        base = 8 + header.header_len
+        with open(layout.root / shard, "rb", buffering=0) as fh:
+            for t in tensors:
+                step = FINITE_CHUNK - FINITE_CHUNK % t.dtype.itemsize
+                for start in range(t.begin, t.end, step):
+                    n = min(step, t.end - start)
+                    raw = os.pread(fh.fileno(), n, base + start)
+                    if len(raw) != n:
+                        raise CheckpointError(f"{layout.root / shard} ended while reading {t.name!r}")
+                    finite = torch.isfinite(torch.frombuffer(bytearray(raw), dtype=TORCH_DTYPES[t.dtype]))
+                    if not bool(finite.all()):
+                        raise CheckpointError(f"tensor {t.name!r} ({t.dtype.value}, in {shard}) holds non-finite "
+                                              f"values (at least {int((~finite).sum())} NaN or infinity)")
+                checked += 1
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None) -> int:
-    """Write atomically (temp file in the same directory, fsync, rename). Returns the file size."""
+    """Write atomically (temp file in the same directory, fsync, rename). Returns the file size. A floating-point
+    tensor holding NaN or infinity (computed by the caller: a fused or absorbed weight) is refused, naming it."""
     from safetensors.torch import save_file
 
     path = Path(path)
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.dtype in DTYPE_OF_TORCH and t.dtype.itemsize > 1 \
+                and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"refusing to write tensor {name!r} to {path.name}: it holds NaN or infinite values")
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {"format": "pt"}))
         with open(tmp, "r+b") as fh:
@@ -284,7 +325,7 @@ def _sort_metadata_in_place(fh) -> None:
 
 def write_index(root: str | Path, weight_map: Mapping[str, str], *, total_size: int) -> None:
     body = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write_text(Path(root) / INDEX_NAME, json.dumps(body, indent=2) + "\n")
+    atomic_write_json(Path(root) / INDEX_NAME, body)
 
 
 def shard_file_name(i: int, n: int) -> str:

@@ -159,7 +159,8 @@ def render_table(result: PlanResult, *, limit: int = 15) -> None:
     table = Table(title=title, title_justify="left", caption="memory in GiB per GPU (M: MiB)")
     for col in ("#", "layout", "GPUs", "weights", "KV", "act+rsv", "max seqs", "batch", "step ms", "TTFT ms",
                 "tok/s/GPU", "tok/s/user", "bound", "notes"):
-        table.add_column(col, justify="right" if col not in ("layout", "bound", "notes") else "left")
+        table.add_column(col, justify="right" if col not in ("layout", "bound", "notes") else "left",
+                         max_width=70 if col == "notes" else None)  # a long note wraps at words, never cut
     distinct = distinct_layouts(result)
     shown = [lp for lp in distinct if lp.requested or distinct.index(lp) < limit]
     twins = {id(lp): eps for lp, eps in distinct.twins.items()}
@@ -175,7 +176,7 @@ def render_table(result: PlanResult, *, limit: int = 15) -> None:
                       _gib(m.get("activations", 0) + m.get("reserve", 0)), str(d["max_concurrent_sequences"]),
                       str(lp.batch), f"{d['decode_step_ms']:.2f}" if lp.decode else "-",
                       f"{d['ttft_ms']:.0f}" if lp.prefill else "-", f"{lp.tokens_per_s_per_gpu:.1f}",
-                      f"{lp.tokens_per_s_per_user:.1f}", d["bound"] or "-", notes[:70],
+                      f"{lp.tokens_per_s_per_user:.1f}", d["bound"] or "-", notes,
                       style=None if lp.feasible else "red")
     console = Console(width=200)
     console.print(table)

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from builder.errors import SpecError
+from builder.errors import SpecError, did_you_mean
+from builder.safeio import parse_yaml, read_bounded
+from quantize import registry as quant_formats
 
 Arch = Literal["ampere", "ada", "hopper", "blackwell", "cpu"]
 ScaleUp = Literal["nvlink", "pcie", "shm"]
@@ -47,6 +49,7 @@ MIB = 1 << 20
 EFFICIENCY_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration" / "efficiency.yaml"
 EFFICIENCY_FIELDS = ("hbm_efficiency", "compute_efficiency", "attention_efficiency", "layer_overhead_us",
                      "draft_overhead_us")
+MAX_HARDWARE_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -141,32 +144,41 @@ NETWORKS: dict[str, Network] = {n.name: n for n in (
 FP8_KV_ARCHS = frozenset({"ada", "hopper", "blackwell", "cpu"})
 
 
+# Every number in a hardware file is finite (pydantic's allow_inf_nan=False) and inside these bounds: the planner
+# divides by bandwidths, peaks and memory, so those must be positive; a zero FP8/FP4 peak means "none"; the upper
+# bound (1e15) leaves room for "free" resources in what-if files (a test makes HBM 1e9 TB/s to isolate the compute
+# term) and stays far from float overflow in the planner's arithmetic.
+_Positive = Annotated[float, Field(gt=0, le=1e15)]
+_NonNegative = Annotated[float, Field(ge=0, le=1e15)]
+_Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
 class _GPUOverride(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     arch: Arch | None = None
-    memory_gib: float | None = None
-    hbm_tb_s: float | None = None
-    bf16_tflops: float | None = None
-    fp8_tflops: float | None = None
-    fp4_tflops: float | None = None
+    memory_gib: _Positive | None = None
+    hbm_tb_s: _Positive | None = None
+    bf16_tflops: _Positive | None = None
+    fp8_tflops: _NonNegative | None = None
+    fp4_tflops: _NonNegative | None = None
     scale_up: ScaleUp | None = None
-    scale_up_gb_s: float | None = None
-    scale_up_latency_us: float | None = None
-    gpus_per_node: int | None = None
-    hbm_efficiency: float | None = None
-    compute_efficiency: float | None = None
-    attention_efficiency: float | None = None
-    link_efficiency: float | None = None
-    runtime_reserve_gib: float | None = None
-    layer_overhead_us: float | None = None
-    draft_overhead_us: float | None = None
+    scale_up_gb_s: _Positive | None = None
+    scale_up_latency_us: _NonNegative | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
+    hbm_efficiency: _Fraction | None = None
+    compute_efficiency: _Fraction | None = None
+    attention_efficiency: _Fraction | None = None
+    link_efficiency: _Fraction | None = None
+    runtime_reserve_gib: _NonNegative | None = None
+    layer_overhead_us: _NonNegative | None = None
+    draft_overhead_us: _NonNegative | None = None
 
 
 class _NetworkOverride(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    gb_s: float | None = None
-    latency_us: float | None = None
-    efficiency: float | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    gb_s: _Positive | None = None
+    latency_us: _NonNegative | None = None
+    efficiency: _Fraction | None = None
 
 
 class _HardwareFile(BaseModel):
@@ -182,13 +194,21 @@ class HardwareTable:
 
     def gpu(self, name: str) -> GPU:
         if name not in self.gpus:
-            raise SpecError(f"unknown GPU {name!r}; known: {', '.join(sorted(self.gpus))} (or add it in --hardware-file)")
+            raise SpecError(f"unknown GPU {name!r}{did_you_mean(name, self.gpus)}; known: {', '.join(sorted(self.gpus))} "
+                            "(or add it in --hardware-file)", option="gpu")
         return self.gpus[name]
+
+    def quant_refusal(self, quant: str, gpu: GPU) -> str | None:
+        """Why ``gpu`` cannot take weight format ``quant`` (the planner's and the quantize stage's one check),
+        naming the GPUs of this table that can; None when it can."""
+        fmt = quant_formats.get(quant)
+        able = tuple(sorted(g.name for g in self.gpus.values() if g.arch != "cpu" and fmt.runs_on(g.arch)))
+        return fmt.refusal(gpu=gpu.name, arch=gpu.arch, gpus=able)
 
     def network(self, name: str) -> Network:
         if name not in self.networks:
-            raise SpecError(f"unknown network {name!r}; known: {', '.join(sorted(self.networks))} "
-                            "(or add it in --hardware-file)")
+            raise SpecError(f"unknown network {name!r}{did_you_mean(name, self.networks)}; known: "
+                            f"{', '.join(sorted(self.networks))} (or add it in --hardware-file)", option="network")
         return self.networks[name]
 
 
@@ -198,20 +218,16 @@ def load_hardware(path: str | Path | None = None) -> HardwareTable:
     if path is None:
         return HardwareTable(gpus, networks)
     path = Path(path)
+    raw = parse_yaml(read_bounded(path, limit=MAX_HARDWARE_FILE_BYTES, what="hardware file", error=SpecError),
+                     source=f"hardware file {path}", error=SpecError) or {}
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         data = _HardwareFile.model_validate(raw)
-    except FileNotFoundError:
-        raise SpecError(f"hardware file {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpecError(f"hardware file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise SpecError(f"hardware file {path}: {where}: {err['msg']}") from None
     for name, over in data.gpus.items():
         values = over.model_dump(exclude_none=True)
-        _check_positive(path, name, values)
         if name in gpus:
             gpus[name] = replace(gpus[name], **values)
         else:
@@ -225,7 +241,6 @@ def load_hardware(path: str | Path | None = None) -> HardwareTable:
             gpus[name] = GPU(name=name, **(FITTED.get(values["arch"], {}) | values))
     for name, over in data.networks.items():
         values = over.model_dump(exclude_none=True)
-        _check_positive(path, name, values)
         if name in networks:
             networks[name] = replace(networks[name], **values)
         elif "gb_s" not in values:
@@ -234,14 +249,6 @@ def load_hardware(path: str | Path | None = None) -> HardwareTable:
             values.setdefault("latency_us", 10.0)
             networks[name] = Network(name=name, **values)
     return HardwareTable(gpus, networks)
-
-
-def _check_positive(path: Path, name: str, values: dict[str, Any]) -> None:
-    for key, v in values.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-            raise SpecError(f"hardware file {path}: {name}.{key} must not be negative, got {v}")
-        if key.endswith("efficiency") and not 0 < v <= 1:
-            raise SpecError(f"hardware file {path}: {name}.{key} must be in (0, 1], got {v}")
 
 
 @dataclass(frozen=True)

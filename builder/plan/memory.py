@@ -273,7 +273,6 @@ def mla_copy_bytes_per_layer(cat: WeightCatalog, layout: Layout, *, blackwell: b
 
 def trtllm_rank_bytes(cat: WeightCatalog, layout: Layout, w: RankWeights, *, stage: int, mtp: bool,
                       blackwell: bool) -> TrtllmBytes:
-    cfg = cat.cfg
     embedding = 0
     if stage == 0:
         embed_spec = next(s for s in cat.specs if s.kind is Kind.EMBED)

@@ -43,7 +43,8 @@ class LayoutPlan:
     workload: Workload = field(default_factory=Workload, repr=False)
     runtime: str = "tensorrt-llm"  # what holds the weights: "tensorrt-llm" (GPU flavour) or "reference" (CPU)
     requested: bool = False
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why it is infeasible (none: feasible)
+    unbuildable: list[str] = field(default_factory=list)  # those reasons that a later stage refuses as well
     warnings: list[str] = field(default_factory=list)
     weights_per_stage: list[int] = field(default_factory=list)  # what the runtime holds, max over the stage's ranks
     weights_per_rank: list[int] = field(default_factory=list)  # rank-file bytes, global rank order pp*tp + tp_rank
@@ -68,6 +69,16 @@ class LayoutPlan:
     @property
     def feasible(self) -> bool:
         return not self.reasons
+
+    @property
+    def buildable(self) -> bool:
+        """The pipeline can write it (--allow-infeasible builds an infeasible but buildable layout)."""
+        return not self.unbuildable
+
+    def refuse(self, reason: str, *, buildable: bool = True) -> None:
+        self.reasons.append(reason)
+        if not buildable:
+            self.unbuildable.append(reason)
 
     @property
     def gpus_per_replica(self) -> int:
@@ -137,7 +148,7 @@ class LayoutPlan:
             "name": self.name, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "moe_tp": lay.moe_tp,
             "attention_dp": lay.attention_dp, "replicas": self.replicas, "gpus": self.gpus,
             "gpus_per_replica": self.gpus_per_replica, "requested": self.requested, "feasible": self.feasible,
-            "reasons": list(self.reasons), "warnings": list(self.warnings), "meets_slo": self.meets_slo,
+            "buildable": self.buildable, "reasons": list(self.reasons), "warnings": list(self.warnings), "meets_slo": self.meets_slo,
             "runtime": self.runtime,
             "memory_per_gpu_gib": memory,
             "weights_per_stage_gib": [round(w / GIB, 3) for w in self.weights_per_stage],

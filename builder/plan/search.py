@@ -65,7 +65,7 @@ def batch_limits(workload: Workload, layout: Layout, replicas: int) -> tuple[int
 
 
 def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant: str, kv_cache_dtype: str,
-                    workload: Workload, catalog: mem.WeightCatalog) -> LayoutPlan:
+                    workload: Workload, catalog: mem.WeightCatalog, hardware: HardwareTable | None = None) -> LayoutPlan:
     gpu = cluster.gpu
     world = layout.world_size
     replicas = max(1, cluster.gpus // world)
@@ -73,9 +73,9 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
     lp = LayoutPlan(layout=layout, replicas=replicas, workload=workload,
                     runtime="reference" if gpu.arch == "cpu" else "tensorrt-llm")
     lp.capacity = gpu.memory_bytes
-    refusal = quant_formats.get(quant).refusal(gpu=gpu.name, arch=gpu.arch)
-    if refusal:
-        lp.reasons.append(refusal)
+    refusal = (hardware or load_hardware()).quant_refusal(quant, gpu)
+    if refusal:  # the quantize stage refuses it too: no --allow-infeasible makes it buildable
+        lp.refuse(refusal, buildable=False)
     if kv_cache_dtype == "fp8" and gpu.arch not in FP8_KV_ARCHS:
         lp.reasons.append(f"an FP8 KV cache needs FP8 support; {gpu.name} ({gpu.arch}) has none (use --kv-cache-dtype bf16)")
     if spec.draft_len and not catalog.mtp_layers:
@@ -87,8 +87,8 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
         lp.warnings.append(f"{cluster.gpus % world} of {cluster.gpus} GPUs stay idle ({replicas} replica(s) of {world})")
     try:
         weights = mem.stage_weights(catalog, layout)
-    except LayoutError as exc:
-        lp.reasons.append(str(exc))
+    except LayoutError as exc:  # the sharding rules' own check: the build stage refuses it too
+        lp.refuse(str(exc), buildable=False)
         return lp
     stages = layout.stage_layers(cfg.num_hidden_layers)
     mtp_on_last = len(catalog.mtp_layers) if catalog.mtp_layers and (spec.draft_len or lp.runtime == "reference") \
@@ -251,7 +251,7 @@ def plan_cluster(*, model: str | ModelConfig, gpu: str | None = None, nodes: int
     plans = []
     for layout in layouts:
         lp = evaluate_layout(cfg, layout, cluster, quant=quant, kv_cache_dtype=kv_cache_dtype, workload=workload,
-                             catalog=catalog)
+                             catalog=catalog, hardware=table)
         lp.requested = requested is not None and layout == requested
         plans.append(lp)
     plans.sort(key=LayoutPlan.sort_key)

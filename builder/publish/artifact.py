@@ -3,12 +3,18 @@
 One OCI image manifest per deployment (``artifactType`` :data:`ARTIFACT_TYPE`), its config blob a small JSON
 summary of the run, and these layers (titles are paths relative to the run directory):
 
-- every file of ``engines/`` and, with ``--include-weights``, ``quantized/`` as its own uncompressed layer (rank
-  shards are content-addressed, so an unchanged rank is never uploaded twice, and a pull verifies each against
-  ``manifest.json`` as it streams);
-- ``plan/`` and each sub-directory of ``package/`` (``triton_repo``, ``launch``) as one reproducible tar+gzip
-  layer (sorted members, fixed owner and mtime, gzip mtime 0: the same files give the same digest);
-- files of ``package/`` itself (its ``Dockerfile``) as single layers, and ``manifest.json`` last.
+- every top-level file of ``engines/``, ``package/`` (its ``Dockerfile``) and, with ``--include-weights``,
+  ``quantized/`` as its own uncompressed layer (rank shards are content-addressed, so an unchanged rank is never
+  uploaded twice, and a pull verifies each against ``manifest.json`` as it streams);
+- ``plan/``, and the sub-directories of ``package/`` (``triton_repo/``, ``launch/``) and of ``engines/``, as one
+  reproducible tar+gzip layer per stage directory (sorted members, fixed owner and mtime, gzip mtime 0: the same
+  files give the same digest), in ORAS's directory-layer form so that ``oras pull`` and oras-py unpack it where
+  ``dsbuild pull`` does (docs/upstream-facts.md#U-ORAS-1, #U-ORAS-2): media type
+  ``application/vnd.oci.image.layer.v1.tar+gzip``, titled with the stage directory's name (no ``/``: the oras CLI
+  unpacks under the title, oras-py into the title's parent, which agree only for a top-level title), every member
+  under that name, annotations ``io.deis.oras.content.unpack: "true"`` and ``io.deis.oras.content.digest`` (the
+  uncompressed tar's digest);
+- ``manifest.json`` last.
 
 A file of ``LARGE_FILE_BYTES`` or more is never put into a tar: it becomes its own layer wherever it lives.
 """
@@ -29,13 +35,17 @@ ARTIFACT_TYPE = "application/vnd.dsbuild.deployment.v1"
 CONFIG_MEDIA_TYPE = "application/vnd.dsbuild.deployment.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.dsbuild.manifest.v1+json"
 DOCKERFILE_MEDIA_TYPE = "application/vnd.dsbuild.dockerfile.v1"
+DOCKERFILE_TITLE = "Dockerfile"  # push's rendered Dockerfile when the run's package/ has none
 TAR_SUFFIX = ".tar+gzip"
+DIR_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"  # ORAS's (and OCI's) gzipped tar layer
 TITLE = "org.opencontainers.image.title"
+ORAS_UNPACK = "io.deis.oras.content.unpack"  # "true": a gzipped tar of the directory named by the title
+ORAS_DIGEST = "io.deis.oras.content.digest"  # the digest of the uncompressed tar
 LARGE_FILE_BYTES = 64 << 20
 READ_BYTES = 1 << 20
 
-# Stage name -> how its directory becomes layers. "files": one layer per top-level file, a tar per sub-directory;
-# "bundle": the whole directory as one tar.
+# Stage name -> how its directory becomes layers. "files": one layer per top-level file, its sub-directories in one
+# tar; "bundle": the whole directory as one tar.
 STAGE_LAYOUT = {"plan": "bundle", "build": "files", "quantize": "files", "package": "files"}
 DEFAULT_STAGES = ("plan", "build", "package")
 WEIGHTS_STAGE = "quantize"
@@ -53,11 +63,6 @@ _FILE_TYPES = {  # (stage, pattern) -> media type of a single-file layer; first 
     ("*", "*.safetensors"): "application/vnd.dsbuild.file.v1+safetensors",
     ("*", "*"): "application/vnd.dsbuild.file.v1",
 }
-_DIR_TYPES = {
-    ("plan", ""): "application/vnd.dsbuild.plan.v1",
-    ("package", "triton_repo"): "application/vnd.dsbuild.triton-repo.v1",
-    ("package", "launch"): "application/vnd.dsbuild.launch.v1",
-}
 
 
 @dataclass
@@ -68,14 +73,17 @@ class Layer:
     digest: str = ""
     size: int = 0
     members: list[dict[str, Any]] = field(default_factory=list)  # manifest entries a tar holds
+    tar_digest: str = ""  # a tar layer's uncompressed digest (ORAS_DIGEST)
 
     @property
     def is_tar(self) -> bool:
-        return self.media_type.endswith(TAR_SUFFIX)
+        return self.media_type == DIR_MEDIA_TYPE
 
     def descriptor(self) -> dict[str, Any]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size,
-                "annotations": {TITLE: self.title}}
+        annotations = {TITLE: self.title}
+        if self.is_tar:
+            annotations |= {ORAS_UNPACK: "true", ORAS_DIGEST: self.tar_digest}
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size, "annotations": annotations}
 
 
 def file_media_type(stage: str, name: str) -> str:
@@ -85,29 +93,22 @@ def file_media_type(stage: str, name: str) -> str:
     raise AssertionError("the catch-all pattern matches every name")
 
 
-def dir_media_type(stage: str, sub: str) -> str:
-    base = _DIR_TYPES.get((stage, sub)) or f"application/vnd.dsbuild.{stage}.dir.v1"
-    return base + TAR_SUFFIX
-
-
 def plan_layers(run_dir: Path, stage_entries: dict[str, dict[str, Any]]) -> list[Layer]:
     """The layers for the chosen stages' manifest outputs (tar layers not yet built: see :func:`build_tar`)."""
     layers: list[Layer] = []
     for stage, entry in stage_entries.items():
         stage_dir = entry["dir"]
-        groups: dict[str, list[dict[str, Any]]] = {}
+        in_tar: list[dict[str, Any]] = []
         for out in sorted(entry.get("outputs", []), key=lambda o: o["path"]):
             inner = PurePosixPath(out["path"]).relative_to(stage_dir)
             if out["size"] >= LARGE_FILE_BYTES or (STAGE_LAYOUT.get(stage, "files") == "files" and len(inner.parts) == 1):
                 layers.append(Layer(title=out["path"], media_type=file_media_type(stage, inner.name),
                                     source=run_dir / out["path"], digest="sha256:" + out["sha256"], size=out["size"],
                                     members=[out]))
-                continue
-            group = "" if STAGE_LAYOUT.get(stage) == "bundle" else inner.parts[0]
-            groups.setdefault(group, []).append(out)
-        for group, members in groups.items():
-            title = stage_dir if not group else f"{stage_dir}/{group}"
-            layers.append(Layer(title=title, media_type=dir_media_type(stage, group), source=Path(), members=members))
+            else:
+                in_tar.append(out)
+        if in_tar:
+            layers.append(Layer(title=stage_dir, media_type=DIR_MEDIA_TYPE, source=Path(), members=in_tar))
     return layers
 
 
@@ -123,8 +124,11 @@ class _HashingWriter(io.RawIOBase):
         self.size += len(b)
         return self.fh.write(b)
 
+    def tell(self) -> int:  # tarfile asks where it starts
+        return self.size
 
-class _HashingReader(io.RawIOBase):
+
+class HashingReader(io.RawIOBase):
     def __init__(self, fh: BinaryIO):
         self.fh, self.sha = fh, hashlib.sha256()
 
@@ -139,11 +143,12 @@ class _HashingReader(io.RawIOBase):
 
 def build_tar(layer: Layer, *, run_dir: Path, work: Path) -> None:
     """Write ``layer``'s members as a reproducible tar.gz under ``work``, checking each file against its sha256."""
-    target = work / (layer.title.replace("/", "__") + ".tar.gz")
+    target = work / (layer.title + ".tar.gz")
     with open(target, "wb") as raw:
         hashing = _HashingWriter(raw)
         with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, mtime=0, compresslevel=6) as gz:  # type: ignore[arg-type]
-            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            plain = _HashingWriter(gz)  # type: ignore[arg-type]
+            with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for out in layer.members:
                     path = run_dir / out["path"]
                     info = tarfile.TarInfo(out["path"])
@@ -151,7 +156,7 @@ def build_tar(layer: Layer, *, run_dir: Path, work: Path) -> None:
                     info.mode = 0o755 if path.stat().st_mode & 0o100 else 0o644
                     info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
                     with open(path, "rb") as fh:
-                        reader = _HashingReader(fh)
+                        reader = HashingReader(fh)
                         try:
                             tar.addfile(info, reader)  # type: ignore[arg-type]
                         except OSError:  # tarfile's "unexpected end of data": the file shrank
@@ -160,3 +165,4 @@ def build_tar(layer: Layer, *, run_dir: Path, work: Path) -> None:
                         raise VerificationError(f"{out['path']} does not match its sha256 in manifest.json; the run "
                                                 "directory changed after it was built")
     layer.source, layer.digest, layer.size = target, "sha256:" + hashing.sha.hexdigest(), hashing.size
+    layer.tar_digest = "sha256:" + plain.sha.hexdigest()

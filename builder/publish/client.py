@@ -12,10 +12,10 @@ them (Basic or Bearer-token challenge), a bounded retry of a whole blob upload o
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, BinaryIO, Callable, Mapping
 
 import jsonschema
@@ -28,14 +28,17 @@ import requests
 
 from builder.errors import RegistryError, VerificationError
 from builder.publish.credentials import Credentials, find_credentials
-from builder.publish.reference import OciReference
+from builder.publish.reference import OciReference, is_loopback_host
+from builder.publish.schema import OCI_MANIFEST
 from builder.retry import Backoff, retry
+from builder.redact import redact_urls
+from builder.safeio import dumps_json, parse_json
 
 CHUNK_BYTES = 32 << 20  # one PATCH; also the most a transfer holds in memory
 READ_BYTES = 1 << 20
+MAX_RESPONSE_BYTES = 4 << 20  # any answer but a blob (manifest, token, error): dsbuild's bound (docs/hardening-facts.md OCI-1)
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 300
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 Progress = Callable[[int], None]
 
 
@@ -50,18 +53,35 @@ class TransferStats:
 
 
 def _oci_error(resp: requests.Response) -> str:
+    """The first error of an OCI error body, shortened; empty when the body is not one."""
     try:
-        errors = resp.json().get("errors") or []
-        first = errors[0]
-        return f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
-    except (ValueError, AttributeError, IndexError, TypeError):
+        first = (resp.json().get("errors") or [])[0]
+        text = f"{first.get('code', '')}: {first.get('message', '')}".strip(": ")
+    except (ValueError, AttributeError, IndexError, TypeError, KeyError, RecursionError,
+            requests.exceptions.RequestException):
         return ""
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _tls_failure(registry: str, detail: str) -> str:
+    """The sentence for a failed TLS handshake: a plain-HTTP registry (OpenSSL reads its HTTP answer as a TLS record
+    of the wrong version) or a certificate that does not verify."""
+    if "CERTIFICATE_VERIFY_FAILED" in detail or "certificate verify failed" in detail:
+        return (f"the TLS certificate of {registry} does not verify; trust its CA (REQUESTS_CA_BUNDLE) or pass "
+                "--insecure to skip verification")
+    if "WRONG_VERSION_NUMBER" in detail or "wrong version number" in detail or "record layer failure" in detail:
+        return (f"{registry} answers plain HTTP, not TLS: pass --plain-http (--insecure only skips TLS certificate "
+                "verification, as in oras; it no longer means plain HTTP)")
+    return f"TLS handshake with {registry} failed; for a plain-HTTP registry pass --plain-http"
 
 
 class RegistryClient(oras.provider.Registry):
-    def __init__(self, ref: OciReference, *, insecure: bool = False, retries: int = 3, backoff_s: float = 0.5,
-                 chunk_bytes: int = CHUNK_BYTES, environ: Mapping[str, str] | None = None):
-        super().__init__(hostname=ref.registry, insecure=insecure, tls_verify=True)
+    def __init__(self, ref: OciReference, *, plain_http: bool = False, insecure: bool = False, retries: int = 3,
+                 backoff_s: float = 0.5, chunk_bytes: int = CHUNK_BYTES, environ: Mapping[str, str] | None = None):
+        """``plain_http``: http:// instead of https://; ``insecure``: TLS without certificate verification (the oras
+        CLI's ``--plain-http`` and ``--insecure``: docs/upstream-facts.md#U-ORAS-3; oras-py's own ``insecure``
+        argument means plain HTTP, hence the mapping)."""
+        super().__init__(hostname=ref.registry, insecure=plain_http, tls_verify=not insecure)
         self.ref = ref
         self.container = oras.container.Container(ref.oras_target(), registry=ref.registry)
         self.retries = retries
@@ -75,13 +95,18 @@ class RegistryClient(oras.provider.Registry):
 
     # --- the request path -------------------------------------------------------------------------------------
 
-    def _send(self, method: str, url: str, **kw: Any) -> requests.Response:
+    def _send(self, method: str, url: str, *, stream: bool = False, **kw: Any) -> requests.Response:
+        """One request. The body is always streamed: unless the caller streams a successful answer itself (a blob,
+        read up to its declared size), it is read here, at most :data:`MAX_RESPONSE_BYTES` (a manifest, a token, an
+        error body), so no answer can fill memory or disk."""
         try:
-            return self.session.request(method, url, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-                                        verify=self._tls_verify, allow_redirects=True, **kw)
-        except requests.exceptions.SSLError:
-            raise RegistryError(f"TLS handshake with {self.ref.registry} failed; for a plain-HTTP registry pass "
-                                "--insecure") from None
+            resp = self.session.request(method, url, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                                        verify=self._tls_verify, allow_redirects=True, stream=True, **kw)
+            if not stream or not resp.ok:
+                self._read_bounded_body(resp, f"{method} {_path(url)}")
+            return resp
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(_tls_failure(self.ref.registry, str(exc))) from None
         except requests.exceptions.ConnectionError as exc:
             reason = "connection refused" if "refused" in str(exc).lower() else "connection failed or was dropped"
             raise RegistryError(f"cannot reach registry {self.ref.registry} ({reason}) during "
@@ -89,6 +114,20 @@ class RegistryClient(oras.provider.Registry):
         except requests.exceptions.Timeout:
             raise RegistryError(f"registry {self.ref.registry} did not answer {method} {_path(url)} "
                                 "in time", transient=True) from None
+        except requests.exceptions.RequestException as exc:  # a broken chunked body, too many redirects, ...
+            raise RegistryError(f"registry {self.ref.registry}: {method} {_path(url)} failed "
+                                f"({type(exc).__name__})",
+                                transient=isinstance(exc, requests.exceptions.ChunkedEncodingError)) from None
+
+    def _read_bounded_body(self, resp: requests.Response, what: str) -> None:
+        body = bytearray()
+        for chunk in resp.iter_content(chunk_size=64 << 10):
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
+                resp.close()
+                raise RegistryError(f"registry {self.ref.registry} answered {what} with more than "
+                                    f"{MAX_RESPONSE_BYTES} bytes; refusing to read on")
+        resp._content = bytes(body)  # where requests keeps a body it has read: .json() and .content use it
 
     def do_request(self, url: str, method: str = "GET", data: Any = None, headers: dict | None = None,
                    json: dict | None = None, stream: bool = False) -> requests.Response:  # noqa: A002 (oras' API)
@@ -129,21 +168,43 @@ class RegistryClient(oras.provider.Registry):
 
     def _request_token(self, h: Any, creds: Credentials | None) -> str:
         # The distribution token protocol: GET realm?service=..&scope=.. with Basic credentials (or anonymously).
-        if not h.realm or not str(h.realm).startswith(("https://", "http://")):
-            raise RegistryError(f"registry {self.ref.registry} sent a Bearer challenge without a usable realm")
+        realm = self._checked_realm(h.realm, creds)
         params = {k: v for k, v in (("service", h.service), ("scope", h.scope)) if v}
         headers = {"Authorization": creds.basic_header()} if creds else {}
-        answer = self._send("GET", h.realm, params=params, headers=headers)
+        answer = self._send("GET", realm, params=params, headers=headers)
         if answer.status_code in (401, 403):
             who = f"user {creds.username!r} (from {creds.source})" if creds else "anonymous access"
             raise RegistryError(f"the token service of {self.ref.registry} refused {who}")
         if answer.status_code != 200:
             raise RegistryError(f"the token service of {self.ref.registry} answered HTTP {answer.status_code}")
-        try:
-            body = answer.json()
-            return str(body.get("token") or body["access_token"])
-        except (ValueError, KeyError, AttributeError):
-            raise RegistryError(f"the token service of {self.ref.registry} gave no token") from None
+        body = parse_json(answer.content, source=f"the token of {self.ref.registry}", error=RegistryError)
+        token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token or len(token) > 16384:
+            raise RegistryError(f"the token service of {self.ref.registry} gave no token")
+        return token
+
+    def _checked_realm(self, realm: Any, creds: Credentials | None) -> str:
+        """The token service URL a Bearer challenge names, if dsbuild may send it the registry's credentials.
+
+        Stricter than docker, containerd and oras, which send them to any realm (docs/hardening-facts.md AUTH-2):
+        over HTTPS to any host (a separate auth host is the spec's own example), over plain HTTP only when the realm
+        and the registry are both this machine; never to a realm carrying user-info of its own. Redirects from the
+        realm to another host or scheme drop the Authorization header (requests' ``should_strip_auth``).
+        Anonymous token requests carry no secret and may go anywhere a realm may."""
+        parts = urlsplit(str(realm or ""))
+        shown = f"{parts.scheme}://{parts.hostname}{parts.path}" if parts.hostname else redact_urls(str(realm))[:100]
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise RegistryError(f"registry {self.ref.registry} sent a Bearer challenge without a usable realm "
+                                f"({shown!r})")
+        if parts.username is not None or parts.password is not None:
+            raise RegistryError(f"registry {self.ref.registry} names a token service with credentials of its own "
+                                f"({redact_urls(str(realm))[:100]!r}); refusing it")
+        if creds is not None and parts.scheme == "http" and not (is_loopback_host(parts.hostname)
+                                                                 and self.ref.is_loopback):
+            raise RegistryError(f"refusing to send the credentials for {self.ref.registry} to the token service "
+                                f"{shown} over plain HTTP; dsbuild sends them over HTTP only when the registry and "
+                                "its token service are both on this machine")
+        return str(realm)
 
     def check(self, resp: requests.Response, what: str, ok: tuple[int, ...] = (200, 201, 202, 204)) -> requests.Response:
         if resp.status_code in ok:
@@ -270,7 +331,7 @@ class RegistryClient(oras.provider.Registry):
     def put_manifest(self, manifest: dict[str, Any], *, tag: str) -> str:
         """Upload an image manifest under ``tag``; returns its digest (``sha256:...``)."""
         jsonschema.validate(manifest, schema=oras.schemas.manifest)  # oras' OCI image-manifest schema
-        body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+        body = dumps_json(manifest, compact=True, sort_keys=True).encode()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         url = f"{self.prefix}://{self.container.manifest_url(tag)}"
 
@@ -296,17 +357,18 @@ class RegistryClient(oras.provider.Registry):
         digest = "sha256:" + hashlib.sha256(resp.content).hexdigest()
         if self.ref.digest and digest != self.ref.digest:
             raise VerificationError(f"registry answered {self.ref} with a manifest whose digest is {digest}")
-        try:
-            manifest = resp.json()
-        except ValueError:
-            raise RegistryError(f"the manifest of {self.ref} is not JSON") from None
-        if not isinstance(manifest, dict) or manifest.get("mediaType", OCI_MANIFEST) != OCI_MANIFEST:
+        manifest = parse_json(resp.content, source=f"the manifest of {self.ref}", error=RegistryError)
+        if isinstance(manifest, dict) and manifest.get("mediaType") not in (OCI_MANIFEST, None):
             raise RegistryError(f"{self.ref} is not an OCI image manifest (an index or a Docker v2 image?)")
         return manifest, digest
 
     def download_blob_to(self, *, digest: str, size: int, out: BinaryIO, title: str,
                          progress: Progress | None = None) -> None:
         """Stream blob ``digest`` into ``out``, hashing as it goes; a mismatch is a VerificationError."""
+        def too_long(n: int | str) -> VerificationError:
+            return VerificationError(f"{title}: the registry sends {n} bytes, the artifact manifest records {size}; "
+                                     "refusing to read past the recorded size")
+
         def attempt() -> None:
             out.seek(0)
             out.truncate()
@@ -314,8 +376,13 @@ class RegistryClient(oras.provider.Registry):
             got = 0
             with self.check(self.do_request(f"{self.prefix}://{self.container.get_blob_url(digest)}", "GET",
                                             stream=True), f"downloading {title}") as resp:
+                announced = resp.headers.get("Content-Length", "")
+                if announced.isdigit() and int(announced) > size:
+                    raise too_long(announced)
                 try:
                     for block in resp.iter_content(chunk_size=READ_BYTES):
+                        if got + len(block) > size:  # never write (or keep reading) past what the manifest says
+                            raise too_long(f"more than {got + len(block)}")
                         h.update(block)
                         out.write(block)
                         got += len(block)

@@ -13,11 +13,10 @@ from typing import Any, Mapping
 
 from builder.errors import PackageError
 from builder.trtllm import PINNED_VERSION
-from builder.trtllm.contract import allow_list
+from builder.trtllm.container import CONTAINER_IMAGE, INSTALL_DSBUILD, INSTALL_OPENAI_DEPS
 
-# One pin for the whole project: the Triton image that ships the pinned TensorRT-LLM (its allow-list data file).
 TENSORRT_LLM_VERSION = PINNED_VERSION
-TRITON_IMAGE = allow_list(PINNED_VERSION)["container"]
+TRITON_IMAGE = CONTAINER_IMAGE
 TEMPLATE = Path(__file__).with_name("Dockerfile.tmpl")
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _MULTILINE_OK = {"copy_lines"}
@@ -51,6 +50,8 @@ def dockerfile_values(*, annotations: Mapping[str, str], run_name: str, stage_di
         "quantization": annotations["io.dsbuild.quantization"], "layout": annotations["io.dsbuild.layout"],
         "gpu": annotations["io.dsbuild.gpu"], "dsbuild_version": annotations["io.dsbuild.version"],
         "model_repository": repo, "copy_lines": "\n".join(copies),
+        "install_dsbuild": INSTALL_DSBUILD.replace("<dsbuild checkout>", "/opt/dsbuild-src"),
+        "install_openai_deps": INSTALL_OPENAI_DEPS,
     }
 
 

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
 from builder import __version__
 from builder.errors import RegistryError, SpecError, VerificationError
 from builder.pipeline import MANIFEST, _fault_pause, run_lock, sha256_file
 from builder.publish.artifact import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, DEFAULT_STAGES, DOCKERFILE_MEDIA_TYPE,
-                                      MANIFEST_MEDIA_TYPE, TITLE, WEIGHTS_STAGE, Layer, build_tar, plan_layers)
+                                      DOCKERFILE_TITLE, MANIFEST_MEDIA_TYPE, TITLE, WEIGHTS_STAGE, Layer, build_tar,
+                                      plan_layers)
 from builder.publish.client import CHUNK_BYTES, OCI_MANIFEST, Progress, RegistryClient, TransferStats
 from builder.publish.dockerfile import TENSORRT_LLM_VERSION, TRITON_IMAGE, dockerfile_values, render_dockerfile
 from builder.publish.reference import OciReference
+from builder.publish.schema import check_run_manifest
+from builder.safeio import dumps_json, parse_json, read_bounded
 
 # Where a fetch stage records the hub commit it resolved (first key present wins).
 COMMIT_KEYS = ("commit", "commit_sha", "sha", "revision_sha")
@@ -40,18 +43,24 @@ class PushResult:
         return out
 
 
+MAX_RUN_MANIFEST_BYTES = 64 << 20
+
+
 def load_run_manifest(run_dir: Path) -> dict[str, Any]:
+    """``run_dir``'s manifest.json, checked: its schema, and every listed path a safe relative path inside its stage's
+    directory (push reads nothing else)."""
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
         raise SpecError(f"run directory {run_dir} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecError(f"{run_dir} has no {MANIFEST}; is it a dsbuild run directory?") from None
-    except (ValueError, UnicodeDecodeError):
-        raise SpecError(f"{path} is not valid JSON") from None
+    if not os.path.lexists(path):
+        raise SpecError(f"{run_dir} has no {MANIFEST}; is it a dsbuild run directory?")
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        raise VerificationError(f"{path} is a symbolic link out of the run directory; push reads only files inside it")
+    data = parse_json(read_bounded(path, limit=MAX_RUN_MANIFEST_BYTES, what="run manifest", error=SpecError),
+                      source=str(path), error=SpecError)
     if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
         raise SpecError(f"{path} is not a dsbuild run manifest (no stages)")
+    check_run_manifest(data, what=str(path), error=VerificationError)
     return data
 
 
@@ -112,9 +121,22 @@ def select_stages(manifest: Mapping[str, Any], *, include_weights: bool, log: Ca
 
 
 def check_files(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every file push will read is a regular file inside ``run_dir`` of the size manifest.json records: no
+    directory on the way is a symbolic link, and a file that is one points inside the run, or is the Hugging Face
+    cache blob fetch linked across filesystems (``.../blobs/<its sha256>``)."""
+    root = run_dir.resolve()
     for entry in entries.values():
         for out in entry.get("outputs", []):
             p = run_dir / out["path"]
+            if p.parent.resolve() != root / PurePosixPath(out["path"]).parent:
+                raise VerificationError(f"{out['path']} lies under a symbolic link that leaves {run_dir}; push reads "
+                                        "only files inside the run directory")
+            if p.is_symlink():
+                target = p.resolve()
+                blob = target.parent.name == "blobs" and target.name == out["sha256"]
+                if not (target.is_relative_to(root) or blob):
+                    raise VerificationError(f"{out['path']} is a symbolic link to {target}, outside {run_dir}; push "
+                                            "reads only files inside the run directory")
             if not p.is_file():
                 raise VerificationError(f"{out['path']} is listed in manifest.json but missing from {run_dir}")
             if p.stat().st_size != out["size"]:
@@ -122,8 +144,8 @@ def check_files(run_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None
                                         f"{out['size']}; the run directory changed after it was built")
 
 
-def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False, insecure: bool = False,
-             environ: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
+def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False, plain_http: bool = False,
+             insecure: bool = False, environ: Mapping[str, str] | None = None, log: Callable[[str], None] = print,
              progress: Callable[[int], Progress] | None = None, chunk_bytes: int = CHUNK_BYTES) -> PushResult:
     """Push ``run_dir`` to ``ref`` (its tag, or the default tag); ``progress(total_bytes)`` returns a per-byte hook."""
     if ref.digest:
@@ -136,7 +158,8 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
         check_files(run_dir, entries)
         annotations = artifact_annotations(manifest, stages)
         target = ref if ref.tag else ref.with_tag(default_tag(manifest, annotations))
-        client = RegistryClient(target, insecure=insecure, chunk_bytes=chunk_bytes, environ=environ)
+        client = RegistryClient(target, plain_http=plain_http, insecure=insecure, chunk_bytes=chunk_bytes,
+                                environ=environ)
         client.ping()
         layers = plan_layers(run_dir, entries)
         with tempfile.TemporaryDirectory(prefix="dsbuild-push-") as tmp:
@@ -150,8 +173,8 @@ def push_run(*, run_dir: Path, ref: OciReference, include_weights: bool = False,
                                 digest="sha256:" + sha256_file(run_dir / MANIFEST),
                                 size=(run_dir / MANIFEST).stat().st_size))
             config_path = work / "config.json"
-            config_path.write_text(json.dumps(_config(manifest, entries, annotations), sort_keys=True,
-                                              separators=(",", ":")))
+            config_path.write_text(dumps_json(_config(manifest, entries, annotations), compact=True,
+                                              sort_keys=True))
             config = Layer(title="config", media_type=CONFIG_MEDIA_TYPE, source=config_path,
                            digest="sha256:" + sha256_file(config_path), size=config_path.stat().st_size)
             total = sum(layer.size for layer in layers) + config.size
@@ -177,7 +200,7 @@ def _rendered_dockerfile(work: Path, manifest: Mapping[str, Any], annotations: M
                                                stage_dirs=stage_dirs))
     path = work / "Dockerfile"
     path.write_text(text, encoding="utf-8")
-    return Layer(title="Dockerfile", media_type=DOCKERFILE_MEDIA_TYPE, source=path,
+    return Layer(title=DOCKERFILE_TITLE, media_type=DOCKERFILE_MEDIA_TYPE, source=path,
                  digest="sha256:" + sha256_file(path), size=path.stat().st_size)
 
 

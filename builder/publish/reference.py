@@ -7,10 +7,12 @@ for telling a registry host from a repository component: the first component is 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from builder.errors import RegistryError
+from builder.redact import redact_urls
 
 SCHEME = "oci://"
 # OCI distribution spec, "Pulling manifests": <name> and <reference> patterns.
@@ -19,7 +21,17 @@ _TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 _HOST = re.compile(r"(?:\[[0-9a-fA-F:]+\]|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*)"
                    r"(?::[0-9]{1,5})?")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (with or without IPv6 brackets): this machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,7 @@ class OciReference:
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in LOOPBACK_HOSTS
+        return is_loopback_host(self.host)
 
     @property
     def reference(self) -> str:
@@ -60,7 +72,12 @@ class OciReference:
 
 
 def parse_reference(text: str, *, require_tag: bool = False, allow_digest: bool = True) -> OciReference:
-    """Parse ``oci://REGISTRY/REPO[:TAG|@sha256:...]``; every malformed part is a RegistryError naming it."""
+    """Parse ``oci://REGISTRY/REPO[:TAG|@sha256:...]``; every malformed part is a RegistryError naming it.
+    A reference carrying ``user:password@`` is refused, and its credentials are never repeated in the message."""
+    shown = redact_urls(text)
+    if shown != text:
+        raise RegistryError(f"reference {shown!r} carries credentials; dsbuild takes them from DSBUILD_REGISTRY_USER "
+                            "and DSBUILD_REGISTRY_PASSWORD or the docker config, never from a reference")
     if not text.startswith(SCHEME):
         raise RegistryError(f"reference {text!r} must start with {SCHEME} (e.g. oci://registry.example.com/team/model:tag)")
     rest = text[len(SCHEME):]

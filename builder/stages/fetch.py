@@ -3,8 +3,9 @@
 Three sources, one result: the generated tiny model (made once in the cache), a local directory (validated in
 place), or a hub repository (``builder.hub``: commit resolved first, files verified against their oids while they
 download into the HF cache). Either way the files are hard-linked (across filesystems: symlinked) into ``weights/``,
-never copied, and ``weights/`` is then checked like any checkpoint: safetensors headers, the index, and the tensors
-``config.json`` implies. With ``--skip-mtp`` only shards holding needed tensors are kept (and downloaded), and the
+never copied, and ``weights/`` is then checked like any checkpoint: safetensors headers (every data byte of a shard
+in exactly one tensor, as build's reader requires), the index, the tensors ``config.json`` implies, and no NaN or
+infinity in a BF16/F16/F32 tensor (FP8 NaN codes: quantize). Fetch refuses what a later stage would. With ``--skip-mtp`` only shards holding needed tensors are kept (and downloaded), and the
 index written to ``weights/`` names exactly the tensors of the kept shards.
 """
 
@@ -19,15 +20,15 @@ from builder.errors import CheckpointError
 from builder.model.catalog import catalog_by_name, is_mtp_tensor
 from builder.model.config import ModelConfig
 from builder.model.generated import ensure_tiny, tiny_cache_key
-from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
+from builder.model.safetensors_io import INDEX_NAME, check_finite, read_header, read_index, validate_checkpoint
 from builder.model.selection import path_selected, select_shards
-from builder.model.source import resolve_model
+from builder.model.source import check_has_weights, resolve_model
 from builder.paths import safe_relpath
 from builder.pipeline import Stage, StageContext
 from builder.rundir import WEIGHTS
 from builder.specs import RunSpec
 
-VERSION = "2"
+VERSION = "3"  # 3: full shard coverage and finite float tensors checked
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "hf_quant_config.json", INDEX_NAME)
 REQUIRED = ("config.json", INDEX_NAME)
@@ -60,8 +61,14 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
         # The commit, not the revision name, identifies the bytes: `main` today and its sha give the same key.
         repo = hub_repo_of(spec)
         return {"source": "hub", "repo": src.ref, "commit": hub.resolve_commit(repo, spec.revision)}
-    raise CheckpointError(f"model {spec.model!r} is a built-in config preset without weights; "
-                          "fetch needs 'tiny', a local checkpoint directory or a hub repo id")
+    check_has_weights(spec.model)
+    raise AssertionError(f"unhandled model source {src.kind}")
+
+
+def preflight(spec: RunSpec, stages: tuple[str, ...] = ()) -> None:
+    """The model names something with weights (resolving it also checks the name, with a did-you-mean)."""
+    resolve_model(spec.model)
+    check_has_weights(spec.model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,6 +117,7 @@ def materialize(files: dict[str, Path], out: Path, *, skip_mtp: bool, include: l
             "weight_map": dict(sorted(sel.weight_map.items()))})
     try:
         layout = validate_checkpoint(out, expected=expected_tensors(cfg, sel.weight_map, skip_mtp=skip_mtp))
+        finite_checked = check_finite(layout)
     except CheckpointError as exc:
         # The links in the temporary ``out`` vanish with it: name the user's own files instead.
         message = str(exc)
@@ -121,7 +129,7 @@ def materialize(files: dict[str, Path], out: Path, *, skip_mtp: bool, include: l
         digests.update(linked)
     return {"shards": len(sel.shards), "tensors": len(layout.index.weight_map),
             "dropped_shards": len(sel.dropped_shards), "dropped_tensors": sel.dropped_tensors,
-            "kept_mtp_tensors": len(sel.kept_mtp_tensors)}
+            "kept_mtp_tensors": len(sel.kept_mtp_tensors), "finite_tensors_checked": finite_checked}
 
 
 def directory_files(root: Path, *, include: list[str], exclude: list[str]) -> dict[str, Path]:
@@ -240,6 +248,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 STAGE = Stage(name="fetch", version=VERSION, output=WEIGHTS, upstream=(), run=run, tools=("safetensors",),
-              key_inputs=key_inputs, describe=dry_run_plan)
+              key_inputs=key_inputs, describe=dry_run_plan, preflight=preflight)
 
 __all__ = ["STAGE", "SMALL_FILES", "link_or_copy", "materialize", "fetch_from_hub", "dry_run_plan"]

@@ -14,11 +14,12 @@ from typing import Any
 import yaml
 
 import builder
-from builder.errors import PackageError
+from builder.errors import LayoutError, PackageError
 from builder.pipeline import Stage, StageContext
 from builder.rundir import LLM_API_FILE, PACKAGE, RunDir
 from builder.specs import RunSpec
 from builder.trtllm import PINNED_VERSION
+from triton_repo.launch import topology
 from triton_repo.package import PackageInputs, relative_engine_dir, write_package
 from triton_repo.render import template_dir
 from triton_repo.versions import pin
@@ -87,9 +88,25 @@ def key_inputs(spec: RunSpec, upstream: dict[str, Any]) -> dict[str, Any]:
     return {"templates": h.hexdigest(), "dsbuild_src": str(Path(builder.__file__).resolve().parent.parent)}
 
 
+def preflight(spec: RunSpec, stages: tuple[str, ...] = ()) -> None:
+    """The GPU flavour's launch files spread the ranks over the nodes: refuse a shape they cannot take up front
+    (``triton_repo.launch.topology``, the check rendering them makes)."""
+    if flavour_of(spec) == "gpu":
+        topology(spec.layout, nodes=spec.nodes, node_gpus=spec.gpus_per_node)
+
+
+def refusal(spec: RunSpec) -> str | None:
+    """:func:`preflight`'s refusal as a sentence, or None."""
+    try:
+        preflight(spec)
+    except LayoutError as exc:
+        return str(exc)
+    return None
+
+
 def describe(spec: RunSpec, extra: dict[str, Any]) -> str:
     return f"render the {flavour_of(spec)} Triton repository (TensorRT-LLM {PINNED_VERSION}) and launch files"
 
 
 STAGE = Stage(name="package", version=VERSION, output=PACKAGE, upstream=("build",), run=run,
-              tools=("nvidia-pytriton",), key_inputs=key_inputs, describe=describe)
+              tools=("nvidia-pytriton",), key_inputs=key_inputs, describe=describe, preflight=preflight)

@@ -1,8 +1,9 @@
 """plan stage: evaluate the requested layout on the target cluster (and every alternative) before anything is
-downloaded; refuse an infeasible one unless ``--allow-infeasible``; write ``plan.json`` and ``plan.png``.
+downloaded; refuse an infeasible one (one that a later stage cannot build: always; one that only does not fit:
+unless ``--allow-infeasible``); write ``plan.json`` and ``plan.png``.
 
-The refusal runs in ``key_inputs``, so it applies on every run, cached or not, and toggling the flag does not
-change the stage key (nothing downstream rebuilds).
+The refusal is the stage's preflight, so it applies on every run, cached or not, before any stage starts, and
+toggling the flag does not change the stage key (nothing downstream rebuilds).
 """
 
 from __future__ import annotations
@@ -13,30 +14,44 @@ from builder.atomic import atomic_write_json
 from builder.errors import LayoutError
 from builder.pipeline import Stage, StageContext
 from builder.plan.plot import plot_plan
-from builder.plan.spec import plan_for_spec
+from builder.plan.spec import alternatives, layout_fields, layout_flags, plan_for_spec
 from builder.rundir import PLAN
 from builder.specs import RunSpec
+from builder.stages import package
 
 VERSION = "2"
 
 
-def check_requested(spec: RunSpec, result=None) -> None:
-    """Raise LayoutError naming every reason when the spec's layout is infeasible and not allowed."""
+def check_requested(spec: RunSpec, stages: tuple[str, ...] = (), result=None) -> None:
+    """Raise LayoutError naming every reason when the spec's layout is infeasible: always when a stage of this run
+    (``stages``) would refuse it too (a sharding rule, a weight format the GPU cannot run, launch files that cannot
+    spread its ranks), otherwise unless --allow-infeasible. The message suggests only layouts that pass the same
+    checks, and --allow-infeasible only where it would work."""
     result = result or plan_for_spec(spec)
     req = result.requested
-    if req is not None and not req.feasible and not spec.allow_infeasible:
-        raise LayoutError(f"layout {spec.layout.name} is not feasible: {'; '.join(req.reasons)} "
-                          "(pass --allow-infeasible to build it anyway)")
+    if req is None:
+        return
+    packaged = "package" in stages
 
+    def later_refusals(s: RunSpec, lp) -> list[str]:
+        return list(lp.unbuildable) + ([r] if packaged and (r := package.refusal(s)) else [])
 
-def _key_inputs(spec: RunSpec, upstream: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    check_requested(spec)
-    return {}
+    refused = later_refusals(spec, req)
+    if req.feasible and not refused or not refused and spec.allow_infeasible:
+        return
+    options = [f"{lp.layout.name} ({layout_flags(lp.layout)})" for lp in alternatives(
+        spec, result, accept=lambda lp: not later_refusals(spec.model_copy(update=layout_fields(lp.layout)), lp))]
+    instead = f"; feasible instead: {', '.join(options)}" if options else ""
+    if refused:
+        raise LayoutError(f"cannot build {spec.layout.name}: {'; '.join(dict.fromkeys(req.reasons + refused))}"
+                          f"{instead}")
+    raise LayoutError(f"layout {spec.layout.name} is not feasible: {'; '.join(req.reasons)}{instead}"
+                      f"{' or' if options else ';'} pass --allow-infeasible to build it anyway")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     result = plan_for_spec(ctx.spec)
-    check_requested(ctx.spec, result)
+    check_requested(ctx.spec, result=result)
     out = result.to_dict()
     out["allowed_infeasible"] = bool(result.requested and not result.requested.feasible)
     atomic_write_json(ctx.out / "plan.json", out)
@@ -52,7 +67,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "plan": summary}
 
 
-STAGE = Stage(name="plan", version=VERSION, output=PLAN, upstream=(), run=run, key_inputs=_key_inputs,
+STAGE = Stage(name="plan", version=VERSION, output=PLAN, upstream=(), run=run, preflight=check_requested,
               tools=("matplotlib",),
               describe=lambda spec, extra: f"plan layout {spec.layout.name} for {spec.model}")
 

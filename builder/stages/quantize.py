@@ -15,7 +15,7 @@ VERSION = "2"
 def run(ctx: StageContext) -> dict[str, Any]:
     spec = ctx.spec
     return quantize(QuantJob(src=ctx.inputs["fetch"], out=ctx.out, mode=spec.quant, kv_cache_dtype=spec.kv_cache_dtype,
-                             gpu=spec.gpu, calib_size=spec.calib_size, calib_seq_len=spec.calib_seq_len, log=ctx.log))
+                             gpu=spec.gpu, hardware_file=spec.hardware_file, calib_size=spec.calib_size, calib_seq_len=spec.calib_seq_len, log=ctx.log))
 
 
 def key_inputs(spec, upstream: dict[str, Any]) -> dict[str, Any]:

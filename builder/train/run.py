@@ -20,6 +20,7 @@ from builder.model import trained as builtin
 from builder.model.hf_compat import iter_dequantized
 from builder.model.tiny import make_tiny, tiny_config
 from builder.model.tokenizer import corpus_sha256, train_tokenizer
+from builder.safeio import dumps_json
 from builder.train.data import TokenData
 from builder.train.model import TinyDeepseekV32, load_weights
 from builder.train.trainer import RECIPES, SMALL_EVAL_SEQUENCES, TrainConfig, evaluate, train, with_steps
@@ -33,7 +34,7 @@ def _worker(cfg_dict: dict, tokenizer_json: str, out_dir: str, progress_q) -> No
     data = TokenData.from_tokenizer(Tokenizer.from_str(tokenizer_json))
     result = train(cfg, data, progress=lambda step, loss: progress_q.put((cfg.preset, step, loss)))
     save_file({k: v.contiguous() for k, v in result.weights.items()}, str(Path(out_dir) / "weights.safetensors"))
-    (Path(out_dir) / "metrics.json").write_text(json.dumps(result.metrics))
+    (Path(out_dir) / "metrics.json").write_text(dumps_json(result.metrics))
     progress_q.put((cfg.preset, None, None))
 
 

@@ -98,7 +98,7 @@ def render(spec, cfg: ModelConfig) -> LlmApiConfig:
         "max_batch_size": max_batch,
         "max_num_tokens": max_tokens,
         "max_seq_len": max_seq,
-        "trust_remote_code": False,
+        "trust_remote_code": spec.trust_remote_code,  # --trust-remote-code; off by default
         "kv_cache_config": {
             "dtype": "fp8" if spec.kv_cache_dtype == "fp8" else "auto",
             "free_gpu_memory_fraction": float(spec.kv_cache_free_fraction),

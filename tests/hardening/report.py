@@ -17,7 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FUZZ_FILES = ["tests/unit/test_fuzz_parsers.py", "tests/hardening/test_fuzz_references.py"]
+FUZZ_FILES = ["tests/unit/test_fuzz_parsers.py", "tests/hardening/test_fuzz_references.py",
+              "tests/hardening/test_safe_io.py::test_parse_json_fuzz_returns_strict_json_or_raises_the_given_error",
+              "tests/hardening/test_safe_io.py::test_parse_yaml_fuzz_returns_or_raises_the_given_error"]
 
 
 def read_log(path: Path) -> list[dict]:
@@ -42,6 +44,63 @@ def fuzz_counts() -> dict[str, int]:
         if m and test:
             counts[test] += int(m.group(1))
     return dict(counts)
+
+
+# Issue 18's classes (docs: what was tried per class and what held). Cases name their class with ``item=``.
+ISSUE_18 = {
+    1: "A sampling value fails at most its own request: a served TP2 model answers a normal request beside and after "
+       "each with the same text; a dead engine rank makes `dsbuild serve` restart the server",
+    4: "A shard with a gap or trailing bytes is refused at fetch (every data byte in exactly one tensor)",
+    5: "config.json values bounded by what the catalogue can hold; huge integers and deep nesting read safely",
+    6: "Non-finite weights refused naming the tensor (fetch, quantize's own output); every JSON written is strict",
+    7: "A stage is complete only if its files match manifest.json (kills at every commit step, same-size edits)",
+    8: "<parent>/latest replaced only when dsbuild made it; refused before any stage otherwise",
+    10: "--config / --hardware-file read at most their limit, whatever the path is (directory, device, FIFO)",
+    11: "Hardware numbers finite, positive and bounded",
+    12: "pull writes only the files the verified manifest.json lists, each once",
+    13: "Artifact manifest and pulled manifest.json checked against a schema first, one sentence on failure",
+    14: "No blob read past its declared size; no other answer past 4 MiB; no tar unpacked past its listed files",
+    15: "push reads only safe relative paths inside the run",
+    16: "Registry credentials only to an HTTPS realm, or over HTTP when registry and realm are this machine",
+    17: "URL user-info redacted in library logs and in every error dsbuild prints",
+}
+
+
+def _issue_18(entries: list[dict]) -> list[str]:
+    by_item: dict[int, list[dict]] = collections.defaultdict(list)
+    for e in entries:
+        if e.get("item") in ISSUE_18:
+            by_item[e["item"]].append(e)
+    if not by_item:
+        return []
+    out = ["## Issue 18: attacks tried per class", "",
+           "Every row counts cases that ran and held (the test asserts the refusal, its one sentence, and that "
+           "nothing was half-written, replaced, sent or leaked).", "",
+           "| item | class | cases held | of which | examples |", "| --- | --- | --- | --- | --- |"]
+    for item, title in ISSUE_18.items():
+        cases = by_item.get(item, [])
+        kinds = collections.Counter({"bad_inputs": "refused inputs", "commit_kills": "kills / edits",
+                                     "checks": "checks", "secrets": "secret scans",
+                                     "serving_requests": "served requests"}.get(e["kind"], e["kind"])
+                                    for e in cases)
+        names = sorted({e["name"] for e in cases})
+        shown = ", ".join(f"`{n}`" for n in names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else "")
+        out.append(f"| {item} | {title} | {len(cases)} | "
+                   f"{', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))} | {shown} |")
+    out += ["", "Item 16 is stricter than docker, containerd and oras, which send the registry's credentials to "
+            "whatever token realm the registry names, plain HTTP and other hosts included; it follows the direction "
+            "of go-containerregistry, oras-dotnet and dotnet/sdk (docs/hardening-facts.md AUTH-2). A registry whose "
+            "token service is plain HTTP on another host cannot be used with credentials from dsbuild."]
+    kills = [e for e in entries if e["kind"] == "commit_kills" and "point" in e]
+    if kills:
+        out += ["", "Commit-step kills (item 7): where the SIGKILL landed, whether the stage had been built before "
+                "(a forced rebuild whose output then differs), what the rerun reported.", "",
+                "| stage | point | rebuild | listed after the kill | rerun |", "| --- | --- | --- | --- | --- |"]
+        for e in sorted(kills, key=lambda e: (e["name"], e["point"], e["rebuilt"])):
+            out.append(f"| {e['name']} | {e['point']} | {'yes, output changed' if e.get('tampered') else 'yes' if e['rebuilt'] else 'no'} "
+                       f"| {'yes' if e['listed_after_kill'] else 'no'} | {e['rerun']} |")
+    out.append("")
+    return out
 
 
 def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
@@ -74,7 +133,7 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
     for name, n in rounds.items():
         out.append(f"| concurrent `dsbuild run` pairs on one run dir ({name}), result = clean run | {n} |")
     for e in by_kind["secrets"]:
-        detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("kind", "name"))
+        detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("kind", "name", "item"))
         out.append(f"| secrets: {e['name']} | {detail} |")
     requests = by_kind["serving_requests"]
     if requests:
@@ -84,7 +143,14 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
     for e in by_kind["load"]:
         out.append(f"| serving load: {e['streams']} streams + malformed for {e['duration_s']} s | "
                    f"{e['valid_requests']} valid (all text-equal), {e['malformed_requests']} malformed (all errors) |")
+    checks = by_kind["checks"]
+    if by_kind["commit_kills"]:
+        out.append(f"| kills at a commit step or same-size edits of a built stage (item 7), rerun = clean run | "
+                   f"{len(by_kind['commit_kills'])} |")
+    if checks:
+        out.append(f"| other checks (strict JSON scan, valid pulls, realms allowed, ...) | {len(checks)} |")
     out.append("")
+    out += _issue_18(entries)
 
     if bad:
         out += ["## Bad inputs", "", "| case | exit code | error (one sentence) |", "| --- | --- | --- |"]
@@ -94,6 +160,10 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
             out.append(f"| `{name}` | {e.get('exit_code', '')} | {msg} |")
         out += ["", "Exit codes: " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) +
                 " (builder/errors.py; the tmpfs, registry and template cases check theirs in the test).", ""]
+    if checks:
+        out += ["## Other checks", "", "| check | item | what held |", "| --- | --- | --- |"]
+        out += [f"| `{e['name']}` | {e.get('item', '')} | {e.get('detail', '')} |" for e in checks]
+        out.append("")
     if fuzz:
         out += ["## Fuzz examples", "", "| test | examples |", "| --- | --- |"]
         out += [f"| `{t}` | {n} |" for t, n in sorted(fuzz.items())]
@@ -114,7 +184,7 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
         out.append("")
     for e in by_kind["load"]:
         out += ["## Serving under load", "", "| figure | value |", "| --- | --- |"]
-        out += [f"| {k} | {v} |" for k, v in e.items() if k not in ("kind", "name")]
+        out += [f"| {k} | {v} |" for k, v in e.items() if k not in ("kind", "name", "item")]
         out.append("")
     return "\n".join(out)
 

@@ -7,6 +7,10 @@ within 1.5 x S's measured wall time, and SIGKILLs the group. One kill in four in
 (builder/pipeline.py) to land between "stage wrote everything" and the rename. After every kill the manifest must
 list only complete outputs (each exists with its size and sha256); the rerun must give the same stage keys and
 the same sha256 for every output as the clean run, and leave no temporary directory.
+
+Issue 18 item 7: a second test stops S at each step of committing it (before the rename, between the rename and the
+manifest write, between the manifest write and the completion record), once on a first build and once on a forced
+rebuild whose output differs from the recorded one, kills it there, and checks the rerun.
 """
 
 from __future__ import annotations
@@ -87,10 +91,11 @@ class Harness:
         self.complete("package", self.clean)
         return {s: e["wall_s"] for s, e in manifest(self.clean)["stages"].items()}
 
-    def prepared(self, stage: str, name: str) -> Path:
-        """A run directory holding the clean run's stages before ``stage``, hard-linked, manifest cut there."""
+    def prepared(self, stage: str, name: str, *, including: bool = False) -> Path:
+        """A run directory holding the clean run's stages before ``stage`` (``including`` it), hard-linked,
+        manifest cut there."""
         run_dir = self.root / "kills" / name / "r"
-        upstream = ORDER[:ORDER.index(stage)]
+        upstream = ORDER[:ORDER.index(stage) + including]
         run_dir.mkdir(parents=True)
         m = manifest(self.clean)
         m["stages"] = {s: e for s, e in m["stages"].items() if s in upstream}
@@ -141,6 +146,51 @@ class Harness:
         return point
 
 
+def tamper(run_dir: Path, stage: str) -> str:
+    """Change the first output of ``stage`` in place, same size: what a stage whose output is not bit-for-bit
+    reproducible (plan.json records its search time) leaves when it is rebuilt under an unchanged key."""
+    victim = sorted(p for p in (run_dir / OUTPUT[stage]).rglob("*") if p.is_file() and p.stat().st_size)[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    os.unlink(victim)  # a hard link shared with the clean run: write a new file, never through the link
+    victim.write_bytes(bytes(data))
+    return victim.relative_to(run_dir).as_posix()
+
+
+def kill_at_commit_step(h: Harness, stage: str, point: str, *, rebuilt: bool) -> dict:
+    """SIGKILL ``dsbuild S`` paused at ``point`` of committing S (builder/pipeline.py FAULT_POINTS). ``rebuilt``:
+    the run already holds S complete and S is forced to rebuild, and the rebuilt output differs from the recorded
+    one (tampered while paused, after the rename). Then: the manifest never lists content that differs, and the
+    rerun reports S cached only if its files are what the manifest records, and ends equal to the clean run."""
+    name = f"commit-{stage}-{point}-{'rebuilt' if rebuilt else 'first'}"
+    run_dir = h.prepared(stage, name, including=rebuilt)
+    args = (stage, "--force", stage) if rebuilt else (stage,)
+    proc = h.dsbuild(*args, run_dir=run_dir, extra_env={"DSBUILD_FAULT_PAUSE": f"{stage}@{point}:60"})
+    try:
+        while "fault-pause" not in (line := proc.stdout.readline()):
+            assert line, proc.stderr.read()
+        tampered = tamper(run_dir, stage) if rebuilt and point != "before-rename" else None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    listed = manifest(run_dir)["stages"]
+    if point != "after-manifest":  # until the new entry is written the manifest lists only what is on disk
+        assert_manifest_lists_only_complete_outputs(run_dir)
+    rerun = h.dsbuild(stage, "--json", run_dir=run_dir)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    status = {r["stage"]: r["status"] for r in json.loads(out)["stages"]}[stage]
+    if tampered:
+        assert status == "built", (name, tampered, status)
+    assert_manifest_lists_only_complete_outputs(run_dir)
+    upto = ORDER[:ORDER.index(stage) + 1]
+    assert digests(run_dir, upto) == digests(h.clean, upto)
+    assert not [p.name for p in run_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    shutil.rmtree(run_dir.parent)
+    return {"point": point, "rebuilt": rebuilt, "listed_after_kill": stage in listed, "rerun": status,
+            "tampered": tampered}
+
+
 def run_kills(h: Harness, stage: str, kills: int, label: str) -> None:
     walls = h.clean_run()
     points = [h.kill_once(stage, seed=1000 * ORDER.index(stage) + i, wall=max(walls[stage], 0.02),
@@ -172,6 +222,52 @@ def _param(stage: str):
 def test_sigkill_stage_then_rerun_equals_clean_run(stage, kills, tmp_path, base_env, local_model):
     label = "fetch-local" if stage == "fetch" else stage
     run_kills(Harness(tmp_path, base_env, local_model), stage, kills, label)
+
+
+COMMIT_POINTS = ("before-rename", "after-rename", "after-manifest")
+FAST_COMMIT = {("quantize", "after-rename", True)}
+
+
+@pytest.fixture(scope="module")
+def shared_clean(tmp_path_factory, cache_dir, tiny_ckpt) -> Harness:
+    """One clean run for all the commit-step kills (each works in a directory of its own, hard-linked from it)."""
+    root = tmp_path_factory.mktemp("commit-kills")
+    model = root / "model"
+    shutil.copytree(tiny_ckpt, model)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
+    h = Harness(root, {**base, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(cache_dir), "OMP_NUM_THREADS": "1"},
+                str(model))
+    h.clean_run()
+    return h
+
+
+@pytest.mark.parametrize("stage,point,rebuilt", [
+    pytest.param(stage, point, rebuilt, id=f"{stage}-{point}-{'rebuilt' if rebuilt else 'first'}",
+                 marks=() if (stage, point, rebuilt) in FAST_COMMIT else pytest.mark.slow)
+    for stage in ("fetch", "quantize", "build", "package") for point in COMMIT_POINTS for rebuilt in (False, True)])
+def test_sigkill_at_every_commit_step_then_rerun_is_clean(stage, point, rebuilt, shared_clean):
+    """Issue 18 item 7: a kill between a stage's rename and its manifest write (and at the other commit steps)
+    never leaves content the rerun calls cached while it differs from manifest.json."""
+    result = kill_at_commit_step(shared_clean, stage, point, rebuilt=rebuilt)
+    record.add("commit_kills", stage, item=7, **result)
+
+
+def test_same_size_edit_of_a_cached_output_is_rebuilt(shared_clean):
+    """The old cache check compared sizes: a same-size change to a built file was reported cached."""
+    h = shared_clean
+    run_dir = h.prepared("build", "edited", including=True)  # plan, fetch, quantize, build complete (hard links)
+    changed = [tamper(run_dir, s) for s in ("quantize", "build")]
+    proc = h.dsbuild("build", "--json", run_dir=run_dir)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    status = {r["stage"]: r["status"] for r in json.loads(out)["stages"]}
+    assert status["quantize"] == "built" and status["build"] == "built", (status, changed)
+    assert status["fetch"] == "cached"
+    assert_manifest_lists_only_complete_outputs(run_dir)
+    assert digests(run_dir, ORDER[:4]) == digests(h.clean, ORDER[:4])
+    shutil.rmtree(run_dir.parent)
+    record.add("commit_kills", "same-size-edit", item=7, point="edited-after-completion", rebuilt=True,
+               listed_after_kill=True, rerun="built", tampered=", ".join(changed))
 
 
 @pytest.mark.server

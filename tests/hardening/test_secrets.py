@@ -59,8 +59,8 @@ def test_planted_token_and_password_appear_nowhere(tmp_path, tiny_ckpt):
             ref = f"oci://{reg.address}/team/tiny:secret"
             dsb("run", "--model", HUB_REPO, "--out", "build/r", "-v")
             dsb("plan", "--model", HUB_REPO, "--plot", "plan.png", "--json")
-            dsb("push", "build/r", ref, "--insecure", "-v")
-            dsb("pull", ref, "pulled", "--insecure", "--json")
+            dsb("push", "build/r", ref, "--plain-http", "-v")
+            dsb("pull", ref, "pulled", "--plain-http", "--json")
             registry_log = reg.log()
         # The secrets were really used: the gated hub saw the token, the htpasswd registry let the push through.
         assert server.gets(".safetensors") and all(r.authorization == f"Bearer {TOKEN}"

@@ -164,7 +164,7 @@ def check(served, before: str, case: str, outcome: tuple[int, str], alongside: s
 def test_extreme_sampling_values_fail_at_most_themselves(served, before, case, fields, expect):
     outcome, alongside = beside(served, lambda: send_http(served, fields))
     check(served, before, case, outcome, alongside, expect)
-    record.add("serving_requests", case, protocol="http", outcome="answered" if expect is ANSWERED else "refused",
+    record.add("serving_requests", case, item=1, protocol="http", outcome="answered" if expect is ANSWERED else "refused",
                normal_text_unchanged=True)
 
 
@@ -172,7 +172,7 @@ def test_extreme_sampling_values_fail_at_most_themselves(served, before, case, f
 def test_non_finite_sampling_values_are_refused_and_fail_nothing_else(served, before, case, name, value, expect):
     outcome, alongside = beside(served, lambda: send_grpc(served, name, value))
     check(served, before, case, outcome, alongside, expect)
-    record.add("serving_requests", case, protocol="grpc", outcome="refused", normal_text_unchanged=True)
+    record.add("serving_requests", case, item=1, protocol="grpc", outcome="refused", normal_text_unchanged=True)
 
 
 def test_z_a_dead_engine_rank_fails_its_requests_and_serve_restarts_the_server(served, before):
@@ -210,5 +210,5 @@ def test_z_a_dead_engine_rank_fails_its_requests_and_serve_restarts_the_server(s
     assert "the CPU model's engine cannot continue" in log and "restarting tritonserver (1/2)" in log, log[-2000:]
     assert ready(served)
     assert normal(served) == before
-    record.add("serving_requests", "engine rank killed", protocol="grpc", outcome="request failed, server restarted",
+    record.add("serving_requests", "engine rank killed", item=1, protocol="grpc", outcome="request failed, server restarted",
                normal_text_unchanged=True)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -466,3 +467,45 @@ def test_two_processes_sharing_a_cache_download_each_file_once(tmp_path, serve, 
     for i in range(2):
         assert (tmp_path / f"build/node{i}/weights" / BIG_SHARD).stat().st_ino == blob.stat().st_ino
     assert_blobs_honest(tmp_path)
+
+
+def _closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then closed): connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _retry_lines(stderr: str) -> tuple[list[str], float]:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    retries = [line for line in lines if line.startswith("hub: ")]
+    waits = sum(float(line.rsplit(" in ", 1)[1].removesuffix(" s")) for line in retries)
+    return retries, waits
+
+
+def test_unreachable_hub_is_one_line_per_retry_and_one_sentence(dsb, tmp_path):
+    """huggingface_hub's hf_hub_download alone would print ten lines and sleep 23 s (1+2+4+8+8) before failing."""
+    port = _closed_port()
+    for args in (["plan", "--model", REPO_ID],
+                 ["fetch", "--model", "deepseek-ai/DeepSeek-V3.2", "--gpu", "h200-sxm", "--nodes", "2", "--tp", "8",
+                  "--pp", "2", "--out", "build/r"]):
+        res = dsb(*args, env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+        assert res.returncode == 4, res.stderr
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        retries, waits = _retry_lines(res.stderr)
+        assert lines[:-1] == retries, lines  # nothing but the retry lines and the final sentence
+        assert len(retries) == 3 and waits <= 4, retries
+        assert all(f"ConnectError from http://127.0.0.1:{port}; retry" in line for line in retries), retries
+        assert lines[-1].startswith(f"error: cannot reach the hub at http://127.0.0.1:{port} (ConnectError)"), lines
+
+
+def test_plan_reads_config_json_from_the_hub_then_from_the_cache_when_the_hub_is_gone(dsb, serve, hub_server,
+                                                                                       tmp_path):
+    serve()
+    first = dsb("plan", "--model", REPO_ID, "--json")
+    assert first.returncode == 0, first.stderr
+    assert len(hub_server.gets("/config.json")) == 1  # that one file, through dsbuild's own client
+    again = dsb("plan", "--model", REPO_ID, "--json", env={"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"})
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["layouts"] == json.loads(first.stdout)["layouts"]
+    assert len(_retry_lines(again.stderr)[0]) == 3  # it said it was retrying, then used the cached copy

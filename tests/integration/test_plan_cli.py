@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.unit.test_plan_rank_bytes import header_tensor_bytes
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -42,23 +44,57 @@ def test_no_feasible_layout_exits_nonzero_with_the_reasons(dsbuild):
 
 
 def test_run_refuses_an_infeasible_layout_unless_allowed(dsbuild, tmp_path):
-    res = dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2")
+    # `build` stops before the launch files: an infeasible layout is refused unless --allow-infeasible, and the
+    # refusal offers the flag and layouts the planner finds feasible.
+    res = dsbuild("build", "--gpu", "h100-sxm", "--gpus-per-node", "2")
     assert res.returncode == 2
     assert "layout tp2pp2ep1 is not feasible" in res.stderr and "needs 4 GPUs" in res.stderr
-    assert "--allow-infeasible" in res.stderr
-    assert not list(tmp_path.rglob("manifest.json"))  # refused before any stage ran
-    # Allowed through the plan, the stages up to build run; package still refuses to render launch files for a
-    # cluster shape that cannot host the ranks (its own check, with its own message).
+    assert "--allow-infeasible" in res.stderr and "feasible instead: " in res.stderr
+    assert not (tmp_path / "build").exists()  # refused before any stage ran, nothing left behind
     ok = dsbuild("build", "--gpu", "h100-sxm", "--gpus-per-node", "2", "--allow-infeasible", "--json")
     assert ok.returncode == 0, ok.stderr
-    pkg = dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2", "--allow-infeasible")
-    assert pkg.returncode != 0 and "need 4 GPUs per node, but nodes have 2" in pkg.stderr
     run_dir = tmp_path / json.loads(ok.stdout)["run_dir"]
     plan = json.loads((run_dir / "plan" / "plan.json").read_text())
     assert plan["requested"]["feasible"] is False and plan["allowed_infeasible"] is True
+    # `run` renders launch files, which cannot spread 4 ranks over 2-GPU nodes: refused up front, with or without
+    # the flag, and the flag is not suggested (it would not help); --nodes 2 is, and so are feasible layouts.
+    for extra in ((), ("--allow-infeasible",)):
+        pkg = dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2", *extra)
+        assert pkg.returncode == 2 and "cannot build tp2pp2ep1" in pkg.stderr, pkg.stderr
+        assert "need 4 GPUs per node, but nodes have 2; use --nodes 2" in pkg.stderr
+        assert "allow-infeasible" not in pkg.stderr
+        assert "package" not in json.loads((run_dir / "manifest.json").read_text())["stages"]
+    suggested = pkg.stderr.split("feasible instead: ")[1]
+    flags = suggested.split(", ")[0].split("(")[1].rstrip(")").split()
+    assert dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2", *flags, "--dry-run").returncode == 0
+    assert dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2", "--nodes", "2",
+                   "--dry-run").returncode == 0
     # The flag is not part of any key: dropping it again still refuses, even though every stage is cached.
     again = dsbuild("build", "--gpu", "h100-sxm", "--gpus-per-node", "2")
     assert again.returncode == 2 and "not feasible" in again.stderr
+
+
+@pytest.mark.parametrize("args,reason", [
+    (["--tp", "3"], "TP 3 does not divide the 16 attention heads"),
+    (["--pp", "8"], "PP 8 is larger than the model's 4 layers"),
+    (["--tp", "4", "--ep", "8"], "EP 8 must divide TP 4"),
+    (["--quant", "nvfp4", "--gpu", "h200-sxm"], "nvfp4 needs Blackwell GPUs (b200, gb200); h200-sxm is hopper"),
+    (["--quant", "nvfp4"], "nvfp4 needs Blackwell GPUs (b200, gb200); this build targets no GPU"),
+])
+def test_what_a_later_stage_refuses_is_refused_at_plan_and_only_what_works_is_suggested(dsbuild, tmp_path, args,
+                                                                                         reason):
+    for extra in ((), ("--allow-infeasible",)):
+        res = dsbuild("run", *args, *extra)
+        assert res.returncode == 2 and reason in res.stderr, res.stderr
+        assert "pass --allow-infeasible" not in res.stderr
+        assert not (tmp_path / "build").exists()
+    if "feasible instead: " in res.stderr:  # every suggested layout passes the same checks, through package
+        for option in res.stderr.split("feasible instead: ")[1].strip().split("), "):
+            flags = option.split("(")[1].rstrip(")").split()
+            other = [a for i, a in enumerate(args) if a not in ("--tp", "--pp", "--ep")
+                     and (i == 0 or args[i - 1] not in ("--tp", "--pp", "--ep"))]
+            ok = dsbuild("run", *other, *flags, "--dry-run")
+            assert ok.returncode == 0, (flags, ok.stderr)
 
 
 def test_run_writes_plan_json_and_png_whose_weights_match_the_rank_files(dsbuild, tmp_path):

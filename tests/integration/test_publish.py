@@ -54,7 +54,7 @@ def listed_files(run_dir: Path, stages=("plan", "build")) -> dict[str, bytes]:
 
 def test_push_pull_round_trip_is_byte_identical_and_repush_uploads_nothing(tiny_run, registry, tmp_path):
     ref = f"oci://{registry.address}/dsbuild/tiny"
-    first = dsb("push", str(tiny_run), ref, "--insecure", "--json", cwd=tmp_path)
+    first = dsb("push", str(tiny_run), ref, "--plain-http", "--json", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     pushed = json.loads(first.stdout)
     tag = pushed["reference"].rsplit(":", 1)[1]
@@ -62,7 +62,7 @@ def test_push_pull_round_trip_is_byte_identical_and_repush_uploads_nothing(tiny_
     assert pushed["stats"]["blobs_uploaded"] == registry.completed_uploads() == pushed["layers"] + 1  # + config
     assert "note: stage package is not built" not in first.stderr  # `dsbuild run` includes the package stage
 
-    again = dsb("push", str(tiny_run), f"{ref}:{tag}", "--insecure", "--json", cwd=tmp_path)
+    again = dsb("push", str(tiny_run), f"{ref}:{tag}", "--plain-http", "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     stats = json.loads(again.stdout)["stats"]
     assert stats["blobs_uploaded"] == 0 and stats["bytes_uploaded"] == 0
@@ -70,7 +70,7 @@ def test_push_pull_round_trip_is_byte_identical_and_repush_uploads_nothing(tiny_
     assert json.loads(again.stdout)["digest"] == pushed["digest"]  # same run, same manifest
 
     out = tmp_path / "pulled"
-    pulled = dsb("pull", f"{ref}:{tag}", str(out), "--insecure", cwd=tmp_path)
+    pulled = dsb("pull", f"{ref}:{tag}", str(out), "--plain-http", cwd=tmp_path)
     assert pulled.returncode == 0, pulled.stderr
     assert listed_files(out) == listed_files(tiny_run)
     assert not (out / "weights").exists() and not (out / "quantized").exists()  # not pushed by default
@@ -83,20 +83,20 @@ def test_push_pull_round_trip_is_byte_identical_and_repush_uploads_nothing(tiny_
         assert lint.returncode == 0, lint.stdout
 
     # Pull refuses to clobber, and names the missing tag.
-    again = dsb("pull", f"{ref}:{tag}", str(out), "--insecure", cwd=tmp_path)
+    again = dsb("pull", f"{ref}:{tag}", str(out), "--plain-http", cwd=tmp_path)
     assert again.returncode == 10 and "is not empty" in again.stderr
-    notag = dsb("pull", ref, str(tmp_path / "p2"), "--insecure", cwd=tmp_path)
+    notag = dsb("pull", ref, str(tmp_path / "p2"), "--plain-http", cwd=tmp_path)
     assert notag.returncode == 10 and "names no tag or digest; pull needs one" in notag.stderr
-    missing = dsb("pull", f"{ref}:nope", str(tmp_path / "p3"), "--insecure", cwd=tmp_path)
+    missing = dsb("pull", f"{ref}:nope", str(tmp_path / "p3"), "--plain-http", cwd=tmp_path)
     assert missing.returncode == 10 and "does not exist in the registry" in missing.stderr
     assert not (tmp_path / "p2").exists() and not (tmp_path / "p3").exists()
 
     # --include-weights adds quantized/, whose shards are new blobs; pull by digest works too.
-    heavy = dsb("push", str(tiny_run), f"{ref}:with-weights", "--insecure", "--include-weights", "--json", cwd=tmp_path)
+    heavy = dsb("push", str(tiny_run), f"{ref}:with-weights", "--plain-http", "--include-weights", "--json", cwd=tmp_path)
     assert heavy.returncode == 0, heavy.stderr
     heavy = json.loads(heavy.stdout)
     assert heavy["stats"]["blobs_skipped"] >= pushed["layers"] - 2  # engines and plan already there
-    by_digest = dsb("pull", f"{ref}@{heavy['digest']}", str(tmp_path / "p4"), "--insecure", cwd=tmp_path)
+    by_digest = dsb("pull", f"{ref}@{heavy['digest']}", str(tmp_path / "p4"), "--plain-http", cwd=tmp_path)
     assert by_digest.returncode == 0, by_digest.stderr
     assert listed_files(tmp_path / "p4", ("plan", "build", "quantize")) == listed_files(tiny_run, ("plan", "build", "quantize"))
 
@@ -104,7 +104,7 @@ def test_push_pull_round_trip_is_byte_identical_and_repush_uploads_nothing(tiny_
 @pytest.mark.skipif(SKOPEO_BIN is None, reason="skopeo is not installed (.ci/run installs it)")
 def test_skopeo_reads_the_artifact(tiny_run, registry, tmp_path):
     ref = f"{registry.address}/dsbuild/tiny:skopeo"
-    assert dsb("push", str(tiny_run), f"oci://{ref}", "--insecure", cwd=tmp_path).returncode == 0
+    assert dsb("push", str(tiny_run), f"oci://{ref}", "--plain-http", cwd=tmp_path).returncode == 0
     raw = subprocess.run([SKOPEO_BIN, "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
                          capture_output=True, text=True, timeout=60)
     assert raw.returncode == 0, raw.stderr
@@ -114,7 +114,7 @@ def test_skopeo_reads_the_artifact(tiny_run, registry, tmp_path):
     assert manifest["annotations"]["io.dsbuild.layout"] == "tp2pp2ep1"
     titles = {layer["annotations"]["org.opencontainers.image.title"]: layer["mediaType"] for layer in manifest["layers"]}
     assert titles["engines/rank0.safetensors"] == "application/vnd.dsbuild.engine.rank.v1+safetensors"
-    assert titles["plan"] == "application/vnd.dsbuild.plan.v1.tar+gzip"
+    assert titles["plan"] == titles["package"] == "application/vnd.oci.image.layer.v1.tar+gzip"
     assert titles["manifest.json"] == "application/vnd.dsbuild.manifest.v1+json"
     config = subprocess.run([SKOPEO_BIN, "inspect", "--config", "--raw", "--tls-verify=false", f"docker://{ref}"],
                             capture_output=True, text=True, timeout=60)
@@ -132,7 +132,7 @@ def test_htpasswd_registry_accepts_right_and_rejects_wrong_credentials(tiny_run,
         outputs = []
 
         def push(env, *extra):
-            proc = dsb("push", str(tiny_run), ref, "--insecure", *extra, env=env, cwd=tmp_path)
+            proc = dsb("push", str(tiny_run), ref, "--plain-http", *extra, env=env, cwd=tmp_path)
             outputs.append(proc.stdout + proc.stderr)
             return proc
 
@@ -151,7 +151,7 @@ def test_htpasswd_registry_accepts_right_and_rejects_wrong_credentials(tiny_run,
         (docker / "config.json").write_text(json.dumps(
             {"auths": {reg.address: {"auth": base64.b64encode(f"alice:{PASSWORD}".encode()).decode()}}}))
         out = tmp_path / "pulled"
-        pulled = dsb("pull", ref, str(out), "--insecure", "--json", env={"DOCKER_CONFIG": str(docker)}, cwd=tmp_path)
+        pulled = dsb("pull", ref, str(out), "--plain-http", "--json", env={"DOCKER_CONFIG": str(docker)}, cwd=tmp_path)
         outputs.append(pulled.stdout + pulled.stderr)
         assert pulled.returncode == 0, pulled.stderr
         assert listed_files(out) == listed_files(tiny_run)
@@ -171,15 +171,15 @@ def test_bearer_token_registry(tiny_run, registry, tmp_path):
     """A registry behind the distribution token protocol (as Harbor, GHCR, ECR-style services speak it)."""
     with run_proxy(registry.address, bearer=("bob", PASSWORD)) as proxy:
         ref = f"oci://{proxy['address']}/dsbuild/tiny:bearer"
-        wrong = dsb("push", str(tiny_run), ref, "--insecure",
+        wrong = dsb("push", str(tiny_run), ref, "--plain-http",
                     env={"DSBUILD_REGISTRY_USER": "bob", "DSBUILD_REGISTRY_PASSWORD": "nope"}, cwd=tmp_path)
         assert wrong.returncode == 10 and "token service of" in wrong.stderr and "refused user 'bob'" in wrong.stderr
         env = {"DSBUILD_REGISTRY_USER": "bob", "DSBUILD_REGISTRY_PASSWORD": PASSWORD}
-        right = dsb("push", str(tiny_run), ref, "--insecure", "--json", env=env, cwd=tmp_path)
+        right = dsb("push", str(tiny_run), ref, "--plain-http", "--json", env=env, cwd=tmp_path)
         assert right.returncode == 0, right.stderr
         assert proxy["tokens_issued"] == 1  # one token, reused for every request
         out = tmp_path / "pulled"
-        assert dsb("pull", ref, str(out), "--insecure", env=env, cwd=tmp_path).returncode == 0
+        assert dsb("pull", ref, str(out), "--plain-http", env=env, cwd=tmp_path).returncode == 0
         assert listed_files(out) == listed_files(tiny_run)
         assert PASSWORD not in right.stdout + right.stderr + wrong.stderr
 
@@ -187,7 +187,7 @@ def test_bearer_token_registry(tiny_run, registry, tmp_path):
 def test_registry_answering_500_gives_one_clear_error(tiny_run, registry, tmp_path):
     with run_proxy(registry.address, fail_uploads_with=500) as proxy:
         t0 = time.perf_counter()
-        proc = dsb("push", str(tiny_run), f"oci://{proxy['address']}/dsbuild/tiny:t", "--insecure", cwd=tmp_path)
+        proc = dsb("push", str(tiny_run), f"oci://{proxy['address']}/dsbuild/tiny:t", "--plain-http", cwd=tmp_path)
         assert time.perf_counter() - t0 < 60
     assert proc.returncode == 10
     err = proc.stderr.strip().splitlines()[-1]
@@ -198,13 +198,13 @@ def test_registry_answering_500_gives_one_clear_error(tiny_run, registry, tmp_pa
 
 def test_connection_dropped_mid_upload_is_retried_and_the_artifact_is_consistent(tiny_run, registry, tmp_path):
     with run_proxy(registry.address, drop_after_patch_bytes=5_000_000) as proxy:
-        proc = dsb("push", str(tiny_run), f"oci://{proxy['address']}/dsbuild/tiny:drop", "--insecure", "--json",
+        proc = dsb("push", str(tiny_run), f"oci://{proxy['address']}/dsbuild/tiny:drop", "--plain-http", "--json",
                    cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         stats = json.loads(proc.stdout)["stats"]
         assert proxy["dropped"] == 1 and stats["upload_resumes"] == 1 and stats["upload_attempts_failed"] == 0
     out = tmp_path / "pulled"
-    assert dsb("pull", f"oci://{registry.address}/dsbuild/tiny:drop", str(out), "--insecure", cwd=tmp_path).returncode == 0
+    assert dsb("pull", f"oci://{registry.address}/dsbuild/tiny:drop", str(out), "--plain-http", cwd=tmp_path).returncode == 0
     assert listed_files(out) == listed_files(tiny_run)
 
 
@@ -214,7 +214,7 @@ def test_cut_off_chunk_resumes_the_upload_session_where_the_registry_stopped(tin
     chunk = 1 << 20
     with run_proxy(registry.address, drop_after_patch_bytes=5 * chunk + 10) as proxy:
         result = push_run(run_dir=tiny_run, ref=parse_reference(f"oci://{proxy['address']}/dsbuild/tiny:resume"),
-                          insecure=True, chunk_bytes=chunk, log=lambda m: None,
+                          plain_http=True, chunk_bytes=chunk, log=lambda m: None,
                           environ={"DOCKER_CONFIG": str(tmp_path)})
     assert proxy["dropped"] == 1 and result.stats.upload_resumes == 1 and result.stats.upload_attempts_failed == 0
     # Every chunk reached the registry exactly once: the cut-off one was resent, nothing from a blob's start.
@@ -224,7 +224,7 @@ def test_cut_off_chunk_resumes_the_upload_session_where_the_registry_stopped(tin
     big_chunks = sum(-(-size // chunk) for size in sizes)
     assert registry.patch_requests() == big_chunks + result.stats.blobs_uploaded - len(sizes)
     out = tmp_path / "pulled"
-    assert dsb("pull", f"oci://{registry.address}/dsbuild/tiny:resume", str(out), "--insecure", cwd=tmp_path).returncode == 0
+    assert dsb("pull", f"oci://{registry.address}/dsbuild/tiny:resume", str(out), "--plain-http", cwd=tmp_path).returncode == 0
     assert listed_files(out) == listed_files(tiny_run)
 
 
@@ -232,7 +232,7 @@ def test_push_killed_midway_then_retried_completes(tiny_run, registry, tmp_path)
     ref = f"oci://{registry.address}/dsbuild/tiny:killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "DSBUILD_FAULT_PAUSE": "push:60",
            "DOCKER_CONFIG": str(tmp_path / "none")}
-    proc = subprocess.Popen([*DSBUILD, "push", str(tiny_run), ref, "--insecure"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([*DSBUILD, "push", str(tiny_run), ref, "--plain-http"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -242,16 +242,16 @@ def test_push_killed_midway_then_retried_completes(tiny_run, registry, tmp_path)
         proc.wait(timeout=30)
     before = registry.completed_uploads()
     assert before >= 2
-    gone = dsb("pull", ref, str(tmp_path / "early"), "--insecure", cwd=tmp_path)
+    gone = dsb("pull", ref, str(tmp_path / "early"), "--plain-http", cwd=tmp_path)
     assert gone.returncode == 10 and "does not exist in the registry" in gone.stderr  # no manifest, no tag
 
-    retry = dsb("push", str(tiny_run), ref, "--insecure", "--json", cwd=tmp_path)
+    retry = dsb("push", str(tiny_run), ref, "--plain-http", "--json", cwd=tmp_path)
     assert retry.returncode == 0, retry.stderr
     stats = json.loads(retry.stdout)["stats"]
     assert stats["blobs_skipped"] == before  # what the killed push finished is not sent again
     assert registry.completed_uploads() == before + stats["blobs_uploaded"]
     out = tmp_path / "pulled"
-    assert dsb("pull", ref, str(out), "--insecure", cwd=tmp_path).returncode == 0
+    assert dsb("pull", ref, str(out), "--plain-http", cwd=tmp_path).returncode == 0
     assert listed_files(out) == listed_files(tiny_run)
 
 
@@ -262,11 +262,11 @@ def test_corrupt_files_are_named_on_push_and_on_pull(tiny_run, registry, tmp_pat
     data = bytearray(rank.read_bytes())
     data[-1] ^= 0xFF
     rank.write_bytes(bytes(data))  # same size, other bytes
-    bad = dsb("push", str(run), f"oci://{registry.address}/dsbuild/tiny:bad", "--insecure", cwd=tmp_path)
+    bad = dsb("push", str(run), f"oci://{registry.address}/dsbuild/tiny:bad", "--plain-http", cwd=tmp_path)
     assert bad.returncode == 11 and "engines/rank1.safetensors does not match its sha256 in manifest.json" in bad.stderr
 
     ref = f"oci://{registry.address}/dsbuild/tiny:good"
-    assert dsb("push", str(tiny_run), ref, "--insecure", cwd=tmp_path).returncode == 0
+    assert dsb("push", str(tiny_run), ref, "--plain-http", cwd=tmp_path).returncode == 0
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     sha = next(f["sha256"] for f in manifest["stages"]["build"]["outputs"] if f["path"] == "engines/rank0.safetensors")
     blob = next((registry.root / "data").rglob(f"blobs/sha256/{sha[:2]}/{sha}/data"))
@@ -274,7 +274,7 @@ def test_corrupt_files_are_named_on_push_and_on_pull(tiny_run, registry, tmp_pat
     stored[100] ^= 0xFF
     blob.write_bytes(bytes(stored))  # the registry now serves other bytes for that digest
     out = tmp_path / "pulled"
-    pulled = dsb("pull", ref, str(out), "--insecure", cwd=tmp_path)
+    pulled = dsb("pull", ref, str(out), "--plain-http", cwd=tmp_path)
     assert pulled.returncode == 11 and pulled.stderr.strip().startswith("error: engines/rank0.safetensors:"), pulled.stderr
     assert not out.exists() and not list(tmp_path.glob(".pulled.tmp-*"))  # nothing half-written
 
@@ -297,7 +297,7 @@ def test_bad_push_inputs_are_one_sentence_errors(tiny_run, tmp_path):
         ((str(tiny_run), "oci://dsbuild/tiny:t"), 10, "no valid registry host"),
     ]
     for args, code, message in cases:
-        proc = dsb("push", *args, "--insecure", cwd=tmp_path)
+        proc = dsb("push", *args, "--plain-http", cwd=tmp_path)
         assert proc.returncode == code and message in proc.stderr, (args, proc.returncode, proc.stderr)
         lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("note: ")]
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
@@ -309,8 +309,8 @@ def test_package_directories_round_trip_as_tar_layers(registry, tmp_path):
     run = tmp_path / "run"
     synthetic_run(run, write_manifest=True)
     ref = f"oci://{registry.address}/dsbuild/pkg:t"
-    assert dsb("push", str(run), ref, "--insecure", cwd=tmp_path).returncode == 0
-    raw = dsb("pull", ref, str(tmp_path / "pulled"), "--insecure", cwd=tmp_path)
+    assert dsb("push", str(run), ref, "--plain-http", cwd=tmp_path).returncode == 0
+    raw = dsb("pull", ref, str(tmp_path / "pulled"), "--plain-http", cwd=tmp_path)
     assert raw.returncode == 0, raw.stderr
     out = tmp_path / "pulled"
     assert listed_files(out, ("plan", "build", "package")) == listed_files(run, ("plan", "build", "package"))
@@ -318,3 +318,60 @@ def test_package_directories_round_trip_as_tar_layers(registry, tmp_path):
     assert not (out / "Dockerfile").exists()  # the package's own Dockerfile is used, none rendered
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
         ["manifest.json", *[f for f in listed_files(run, ("plan", "build", "package")) if f != "manifest.json"]])
+
+
+def _tree(root: Path) -> dict[str, tuple[bytes, bool]]:
+    """Every file under ``root``: its bytes and whether it is executable."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), os.access(p, os.X_OK))
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_oras_py_pulls_the_tree_dsbuild_pull_does(tiny_run, registry, tmp_path):
+    """ORAS's directory layers (docs/upstream-facts.md#U-ORAS-1/2): an ORAS client pulls plan/ and package/ as
+    directories, not as gzip files, into the same tree `dsbuild pull` writes (and the run holds)."""
+    oras_provider = pytest.importorskip("oras.provider")
+    ref = f"{registry.address}/dsbuild/tiny:oras"
+    assert dsb("push", str(tiny_run), f"oci://{ref}", "--plain-http", cwd=tmp_path).returncode == 0
+    ours = tmp_path / "dsbuild-pull"
+    pulled = dsb("pull", f"oci://{ref}", str(ours), "--plain-http", cwd=tmp_path)
+    assert pulled.returncode == 0, pulled.stderr
+    theirs = tmp_path / "oras-pull"
+    oras = oras_provider.Registry(hostname=registry.address, insecure=True)  # oras-py's insecure: plain HTTP
+    oras.pull(target=ref, outdir=str(theirs))
+    assert (theirs / "plan").is_dir() and (theirs / "package" / "launch").is_dir()
+    assert (theirs / "package" / "triton_repo").is_dir()
+    assert _tree(theirs) == _tree(ours)
+    assert {k: v[0] for k, v in _tree(ours).items() if k != "Dockerfile"} == \
+        {k: v for k, v in listed_files(tiny_run, ("plan", "build", "package")).items()}
+
+
+def test_pull_checks_the_oras_digest_of_a_directory_layer(tiny_run, registry, tmp_path):
+    """A directory layer whose io.deis.oras.content.digest does not match its uncompressed tar is refused (as the oras
+    CLI refuses it), though every file in it matches manifest.json."""
+    oras_provider = pytest.importorskip("oras.provider")
+    ref = f"{registry.address}/dsbuild/tiny:orasdigest"
+    assert dsb("push", str(tiny_run), f"oci://{ref}", "--plain-http", cwd=tmp_path).returncode == 0
+    client = oras_provider.Registry(hostname=registry.address, insecure=True)
+    manifest = client.get_manifest(ref)
+    plan = next(la for la in manifest["layers"] if la["annotations"]["org.opencontainers.image.title"] == "plan")
+    plan["annotations"]["io.deis.oras.content.digest"] = "sha256:" + "0" * 64
+    bad = f"{registry.address}/dsbuild/tiny:orasdigest-bad"
+    assert client.upload_manifest(manifest, client.get_container(bad)).status_code == 201
+    out = tmp_path / "pulled"
+    proc = dsb("pull", f"oci://{bad}", str(out), "--plain-http", cwd=tmp_path)
+    assert proc.returncode == 11, proc.stderr
+    assert "plan: its uncompressed tar does not match the io.deis.oras.content.digest annotation" in proc.stderr
+    assert not out.exists()
+
+
+def test_insecure_is_tls_without_verification_and_names_plain_http(tiny_run, registry, tmp_path):
+    """--insecure means what it means in oras (skip TLS verification); against a plain-HTTP registry it says to use
+    --plain-http, for push and pull alike."""
+    ref = f"oci://{registry.address}/dsbuild/tiny:flags"
+    for args in (["push", str(tiny_run), ref], ["pull", ref, str(tmp_path / "p")]):
+        proc = dsb(*args, "--insecure", cwd=tmp_path)
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"{registry.address} answers plain HTTP, not TLS: pass --plain-http" in last, proc.stderr
+        assert "--insecure only skips TLS certificate verification" in last
+    assert not (tmp_path / "p").exists()

@@ -18,9 +18,15 @@ from quantize.formats import mode_of_checkpoint, quantized_catalog
 from quantize.modes import QuantJob, quantize
 
 
-def run_mode(src: Path, out: Path, mode: str, **kw) -> dict:
+def run_mode(src: Path, out: Path, mode: str, *, log: list[str] | None = None, **kw) -> dict:
+    """``quantize`` on 4 prompts of 32 tokens; the progress lines it logs are appended to ``log``."""
     out.mkdir(parents=True, exist_ok=True)
-    return quantize(QuantJob(src=src, out=out, mode=mode, log=lambda m: None, calib_size=4, calib_seq_len=32, **kw))
+    lines = log if log is not None else []
+    return quantize(QuantJob(src=src, out=out, mode=mode, log=lines.append, calib_size=4, calib_seq_len=32, **kw))
+
+
+def calibration_lines(log: list[str]) -> list[str]:
+    return [line for line in log if line.startswith("calibrate ")]
 
 
 def assert_matches_catalog(src: Path, out: Path, mode: str) -> dict:
@@ -38,11 +44,12 @@ def assert_matches_catalog(src: Path, out: Path, mode: str) -> dict:
 @pytest.fixture(scope="module")
 def outputs(tiny_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant-modes")
-    return {m: (run_mode(tiny_ckpt, root / m, m, report_logits=False), root / m) for m in ("fp8", "bf16", "w4afp8")}
+    logs = {m: [] for m in ("fp8", "bf16", "w4afp8")}
+    return {m: (run_mode(tiny_ckpt, root / m, m, log=logs[m], report_logits=False), root / m, logs[m]) for m in logs}
 
 
 def test_fp8_passthrough_schema_and_config(outputs, tiny_ckpt):
-    info, out = outputs["fp8"]
+    info, out, _ = outputs["fp8"]
     hq = assert_matches_catalog(tiny_ckpt, out, "fp8")
     assert hq["quantization"]["quant_algo"] == "FP8_BLOCK_SCALES" and hq["quantization"]["group_size"] == 128
     assert hq["quantization"]["kv_cache_quant_algo"] == "FP8"
@@ -79,7 +86,7 @@ def test_fp8_refuses_nan_weights_and_bad_scales(tiny_ckpt, tmp_path):
 
 
 def test_bf16_schema_and_exact_dequantization(outputs, tiny_ckpt):
-    _, out = outputs["bf16"]
+    _, out, _ = outputs["bf16"]
     hq = assert_matches_catalog(tiny_ckpt, out, "bf16")
     assert hq["quantization"]["quant_algo"] is None
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -91,7 +98,7 @@ def test_w4afp8_layout_is_tensorrt_llm_s(outputs, tiny_ckpt):
     from quantize import int4
     from quantize.stream import TensorReader
 
-    info, out = outputs["w4afp8"]
+    info, out, _ = outputs["w4afp8"]
     hq = assert_matches_catalog(tiny_ckpt, out, "w4afp8")
     assert hq["quantization"] == {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": "FP8"}
     qc = json.loads((out / "quant_cfg.json").read_text())
@@ -123,7 +130,7 @@ def test_w4afp8_layout_is_tensorrt_llm_s(outputs, tiny_ckpt):
 
 
 def test_nvfp4_is_refused_for_hopper_and_cpu_plans(tiny_ckpt, tmp_path):
-    with pytest.raises(QuantizationError, match="needs a Blackwell GPU .* but the plan targets h200-sxm"):
+    with pytest.raises(QuantizationError, match=r"nvfp4 needs Blackwell GPUs \(b200, gb200\); h200-sxm is hopper"):
         run_mode(tiny_ckpt, tmp_path / "h", "nvfp4", gpu="h200-sxm")
     with pytest.raises(QuantizationError, match="targets no GPU"):
         run_mode(tiny_ckpt, tmp_path / "c", "nvfp4")
@@ -131,20 +138,36 @@ def test_nvfp4_is_refused_for_hopper_and_cpu_plans(tiny_ckpt, tmp_path):
 
 
 def test_cli_nvfp4_on_hopper_exits_with_one_sentence(dsbuild, tmp_path):
-    # The plan stage refuses first; forced past it, the quantize stage refuses on its own.
-    res = dsbuild("quantize", "--quant", "nvfp4", "--gpu", "h200-sxm")
-    assert res.returncode != 0 and "nvfp4" in res.stderr and "h200-sxm" in res.stderr, res.stderr
-    res = dsbuild("quantize", "--quant", "nvfp4", "--gpu", "h200-sxm", "--allow-infeasible")
-    assert res.returncode == QuantizationError.exit_code, res.stderr
-    assert "nvfp4 needs a Blackwell GPU" in res.stderr and "h200-sxm" in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
+    # The quantize stage would refuse it, so the plan refuses it up front, --allow-infeasible or not (the quantize
+    # stage's own check, the same function, is test_nvfp4_is_refused_for_hopper_and_cpu_plans).
+    for extra in ((), ("--allow-infeasible",)):
+        res = dsbuild("quantize", "--quant", "nvfp4", "--gpu", "h200-sxm", *extra)
+        assert res.returncode == 2, res.stderr
+        assert "nvfp4 needs Blackwell GPUs (b200, gb200); h200-sxm is hopper" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("quantized/*.safetensors"))
+
+
+def test_calibrated_modes_show_progress(outputs):
+    """Every tenth of a calibration pass is a line with prompts, tokens, time and ETA (4 prompts: each one)."""
+    lines = calibration_lines(outputs["w4afp8"][2])
+    assert len(lines) == 4, lines
+    for i, line in enumerate(lines, 1):
+        assert line.startswith(f"calibrate w4afp8 expert inputs: {i}/4 prompts, {32 * i}/128 tokens, "), line
+        assert line.endswith(" s") and " ETA " in line, line
+    assert calibration_lines(outputs["fp8"][2]) == calibration_lines(outputs["bf16"][2]) == []  # nothing calibrated
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fp8-tensor", "int4-awq", "nvfp4"])
 def test_modelopt_modes_schema_and_quality(mode, tiny_ckpt, tmp_path):
-    run_mode(tiny_ckpt, tmp_path / mode, mode, gpu="b200")
+    log: list[str] = []
+    run_mode(tiny_ckpt, tmp_path / mode, mode, gpu="b200", log=log)
+    # progress of each of ModelOpt's passes over the prompts: max calibration one, AWQ two (cache, then search)
+    passes = {"fp8-tensor": 1, "int4-awq": 2, "nvfp4": 1}[mode]
+    ends = [line for line in calibration_lines(log) if " 4/4 prompts, 128/128 tokens, " in line]
+    assert [line.split(":")[0] for line in ends] == [f"calibrate {mode} pass {k} of {passes}"
+                                                     for k in range(1, passes + 1)], log
     hq = assert_matches_catalog(tiny_ckpt, tmp_path / mode, mode)
     q = hq["quantization"]
     assert hq["producer"]["name"] == "modelopt"

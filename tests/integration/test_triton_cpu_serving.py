@@ -153,7 +153,7 @@ def raw_grpc(served):
 
     import tritonclient.grpc as grpcclient
 
-    def send(inputs: dict[str, tuple[str, np.ndarray]]):
+    def send(inputs: dict[str, tuple[str, np.ndarray]], parameters: dict | None = None):
         events: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(served.grpc)
         client.start_stream(callback=lambda result, error: events.put((result, error)))
@@ -162,7 +162,7 @@ def raw_grpc(served):
             t = grpcclient.InferInput(name, list(arr.shape), dtype)
             t.set_data_from_numpy(arr)
             tensors.append(t)
-        client.async_stream_infer("tensorrt_llm", tensors)
+        client.async_stream_infer("tensorrt_llm", tensors, parameters=parameters)
         try:
             return events.get(timeout=60)
         finally:
@@ -204,6 +204,13 @@ def test_malformed_grpc_requests_get_an_error_and_the_server_keeps_serving(serve
 
 @pytest.mark.parametrize("body,message", [
     ({"sampling_param_max_tokens": 4}, "text_input"),
+    # Fields that are not inputs arrive as request parameters: refused by name, never dropped (issue 21 item 1).
+    ({"text_input": "hi", "max_token": 4}, "unknown request field 'max_token' (did you mean 'max_tokens'?)"),
+    ({"text_input": "hi", "sampling_param_max_token": 4}, "(did you mean 'sampling_param_max_tokens'?)"),
+    ({"text_input": "hi", "repetition_penalty": 1.2}, "repetition_penalty is not supported"),
+    ({"text_input": "hi", "beam_width": 2}, "beam_width 2 is not supported"),
+    ({"text_input": "hi", "max_tokens": 4, "sampling_param_max_tokens": 4}, "given twice"),
+    ({"text_input": "hi", "parameters": {"top_k": "many"}}, "sampling_param_top_k must be a number"),
     ({"text_input": "hi", "sampling_param_max_tokens": -1}, "at least 1"),
     ({"text_input": "hi", "sampling_param_max_tokens": 10 ** 9}, "max_seq_len"),
     ({"text_input": "hi", "sampling_param_max_tokens": "many"}, "Unable to parse"),  # Triton refuses the type
@@ -220,6 +227,24 @@ def test_malformed_http_requests_get_an_error_and_the_server_keeps_serving(serve
     assert generate(served.http, opts(PROMPTS[1]), protocol="http").text == expected[(PROMPTS[1], "greedy")][0]
 
 
+def test_ensemble_field_names_are_honoured_over_http_and_grpc(served, expected, raw_grpc):
+    """TensorRT-LLM's ensemble names (max_tokens, temperature, ...) as generate-body keys or request parameters
+    reach the engine: the same text as the llmapi input names give, and Triton's own keys (id) pass."""
+    prompt = PROMPTS[0]
+    want = expected[(prompt, "greedy")][0]
+    for body in ({"text_input": prompt, "max_tokens": 8, "temperature": 0.0, "id": "r1"},
+                 {"text_input": prompt, "parameters": {"max_tokens": 8}}):
+        req = urllib.request.Request(f"http://{served.http}/v2/models/tensorrt_llm/generate",
+                                     data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())
+        assert out["text_output"] == want, body  # 8 tokens, not the 16 a dropped max_tokens would give
+    result, error = raw_grpc({"text_input": text(prompt)}, {"max_tokens": 8, "top_k": 1})
+    assert error is None and result.as_numpy("text_output")[0].decode() == want
+    result, error = raw_grpc({"text_input": text(prompt)}, {"max_tokens": 8, "maxtokens": 1})
+    assert error is not None and "unknown request field 'maxtokens'" in error.message()
+
+
 def test_generate_command_over_both_protocols(served, expected):
     for protocol, url in (("grpc", served.grpc), ("http", served.http)):
         proc = run_dsbuild("generate", "--url", url, "--protocol", protocol, "--prompt", PROMPTS[2],
@@ -234,6 +259,24 @@ def test_generate_command_over_both_protocols(served, expected):
                        str(PENALIZED["frequency_penalty"]), "--json", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["text"] == expected[(LOOPING, "penalized")][0]
+
+
+def test_generate_url_scheme_sets_the_protocol_and_a_wrong_port_is_named(served, expected):
+    want = expected[(PROMPTS[2], "greedy")][0]
+    for url, extra in ((f"http://{served.http}", []), (f"http://{served.http}", ["--protocol", "http"]),
+                       (f"grpc://{served.grpc}", [])):
+        proc = run_dsbuild("generate", "--url", url, *extra, "--prompt", PROMPTS[2], "--max-tokens", "8", "--json",
+                           cwd=REPO)
+        assert proc.returncode == 0, (url, proc.stderr)
+        assert json.loads(proc.stdout)["text"] == want
+    # gRPC (the default) against the HTTP port, and HTTP against the gRPC port: one sentence saying which port it is.
+    for url, extra, says in ((served.http, [], "this looks like Triton's HTTP port"),
+                             (served.grpc, ["--protocol", "http"], "this looks like Triton's gRPC port")):
+        proc = run_dsbuild("generate", "--url", url, *extra, "--prompt", "x", "--max-tokens", "2", cwd=REPO)
+        assert proc.returncode == 9, proc.stderr
+        assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = run_dsbuild("generate", "--url", f"http://{served.http}", "--protocol", "grpc", "--prompt", "x", cwd=REPO)
+    assert proc.returncode == 2 and "is http but --protocol says grpc" in proc.stderr
 
 
 # Issue 11's demo: what `make serve` + `dsbuild generate` prints for Austen-like prompts, with the penalties that stop

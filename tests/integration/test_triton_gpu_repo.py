@@ -32,13 +32,19 @@ def test_gpu_repository_fails_only_for_missing_tensorrt_llm(tmp_path):
 
 def test_serve_command_reports_the_load_failure(tmp_path, dsbuild):
     write_package(fixed_inputs("gpu", "1.2.1"), tmp_path / "package")
-    from triton_repo.server import free_ports
+    from triton_repo.server import free_port
 
-    ports = free_ports()
-    proc = dsbuild("serve", "--repo", str(tmp_path / "package" / "triton_repo"), "--http-port", str(ports.http),
-                   "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), "--ready-timeout", "120",
-                   timeout=200)
+    # Port 0: dsbuild serve chooses free ports and prints them (tritonserver itself would print its usage text).
+    metrics = free_port()
+    proc = dsbuild("serve", "--repo", str(tmp_path / "package" / "triton_repo"), "--http-port", "0",
+                   "--grpc-port", "0", "--metrics-port", str(metrics), "--ready-timeout", "120", timeout=200)
     assert proc.returncode == 9, proc.stderr
+    chosen = next(l for l in proc.stderr.splitlines() if l.startswith("free ports chosen: "))
+    parts = dict(p.split(" ") for p in chosen.removeprefix("free ports chosen: ").split(", "))
+    assert set(parts) == {"http", "grpc"}  # only those asked as 0; metrics kept its port
+    ports = {int(v.rsplit(":", 1)[1]) for v in parts.values()}
+    assert len(ports) == 2 and 0 not in ports and metrics not in ports
+    assert "Usage:" not in proc.stderr and "--http-port" not in proc.stderr
     assert "model tensorrt_llm failed to load" in proc.stderr
     assert "No module named 'tensorrt_llm'" in proc.stderr
 

@@ -68,6 +68,7 @@ class Faults:
     corrupt_times: dict[str, int] = field(default_factory=dict)  # path -> serve flipped bytes this many times
     # path (or "api/revision", "api/tree") -> answer 500 this many times
     error500_times: dict[str, int] = field(default_factory=dict)
+    error429_times: dict[str, int] = field(default_factory=dict)  # path -> answer 429 (Retry-After: 1) this many times
     gated_token: str | None = None  # resolve needs "Authorization: Bearer <token>", else 401 GatedRepo
     extra_tree_entries: list[dict[str, Any]] = field(default_factory=list)  # e.g. a "../evil" path
     bytes_per_s: float | None = None  # throttle GET bodies (for kill -9 mid-download)
@@ -260,6 +261,8 @@ def _handler_for(server: HubServer):
                 return self._error(404, "EntryNotFound", "Entry not found")
             if self.command == "GET" and server._take(faults.error500_times, path):
                 return self._error(500, None, "Internal Error - We're working hard to fix this as soon as possible!")
+            if self.command == "GET" and server._take(faults.error429_times, path):
+                return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
             start = 0
             rng = self.headers.get("Range")
             if rng and rng.startswith("bytes="):

@@ -132,9 +132,10 @@ def test_the_checks_can_fail(tmp_path):
 
 @pytest.mark.parametrize("module", ["builder.layout", "builder.errors", "builder.paths", "builder.atomic",
                                     "builder.retry", "builder.rundir", "builder.sampling_params",
-                                    "quantize.registry"])
+                                    "builder.safeio", "builder.redact", "quantize.registry"])
 def test_foundation_modules_import_nothing_above_them(module):
     graph, _ = import_graph()
     foundations = {"builder.errors", "builder.paths", "builder.atomic", "builder.retry", "builder.rundir",
-                   "builder.layout", "builder.sampling_params", "quantize.registry", "builder"}
+                   "builder.layout", "builder.sampling_params", "builder.safeio", "builder.redact", "quantize.registry",
+                   "builder"}
     assert graph[module] <= foundations, f"{module} imports {sorted(graph[module] - foundations)}"

@@ -13,7 +13,7 @@ import pytest
 
 from builder.errors import LayoutError
 from builder.model.config import ModelConfig
-from builder.plan import plan_cluster
+from builder.plan.search import plan_cluster
 from builder.shard.rules import plan_ranks
 from builder.layout import Layout
 from builder.shard.writer import rank_file, write_all_ranks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.errors import SpecError
-from builder.plan import plan_cluster
+from builder.plan.search import plan_cluster
 from builder.plan.hardware import GPUS, Cluster, NETWORKS, load_hardware
 from builder.plan.perf import Placement, expert_fraction_read
 from builder.layout import Layout
@@ -151,7 +151,7 @@ def test_hardware_file_overrides_and_adds_entries(tmp_path):
 @pytest.mark.parametrize("text,msg", [
     ("gpus:\n  h200-sxm: {memory: 1}\n", "h200-sxm.memory"),
     ("gpus:\n  new-gpu: {memory_gib: 10}\n", "new GPU 'new-gpu' needs"),
-    ("gpus:\n  h200-sxm: {hbm_efficiency: 2}\n", "must be in (0, 1]"),
+    ("gpus:\n  h200-sxm: {hbm_efficiency: 2}\n", "hbm_efficiency: Input should be less than or equal to 1"),
     ("gpus: [1, 2\n", "not valid YAML"),
 ])
 def test_bad_hardware_files_are_named(tmp_path, text, msg):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from builder.errors import SpecError
-from builder.plan import plan_cluster
+from builder.plan.search import plan_cluster
 from builder.plan.perf import DEFAULT_ACCEPTANCE, Speculation
 
 LAYER_US, DRAFT_US = 100.0, 300.0

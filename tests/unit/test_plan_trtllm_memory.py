@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.plan import plan_cluster
+from builder.plan.search import plan_cluster
 
 GIB = 1 << 30
 V, H = 129280, 7168  # vocabulary, hidden size

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import base64
+import gzip
+import hashlib
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from builder.errors import PackageError, RegistryError, VerificationError
-from builder.publish.artifact import Layer, build_tar, dir_media_type, file_media_type, plan_layers
+from builder.publish.artifact import (DIR_MEDIA_TYPE, ORAS_DIGEST, ORAS_UNPACK, Layer, build_tar, file_media_type,
+                                     plan_layers)
 from builder.publish.credentials import find_credentials
 from builder.publish.dockerfile import TRITON_IMAGE, dockerfile_values, render_dockerfile, render_strict
 from builder.publish.push import artifact_annotations, default_tag
@@ -99,23 +103,34 @@ def test_layers_media_types_and_reproducible_tars(tmp_path):
     layers = plan_layers(run, manifest["stages"])
     by_title = {layer.title: layer for layer in layers}
     assert by_title["engines/rank0.safetensors"].media_type == "application/vnd.dsbuild.engine.rank.v1+safetensors"
-    assert by_title["package/triton_repo"].media_type == "application/vnd.dsbuild.triton-repo.v1.tar+gzip"
-    assert by_title["package/launch"].media_type == dir_media_type("package", "launch")
-    assert by_title["plan"].media_type == "application/vnd.dsbuild.plan.v1.tar+gzip"
+    # ORAS's directory layers (docs/upstream-facts.md#U-ORAS-1/2): one per stage directory, titled with its name
+    assert by_title["package"].media_type == by_title["plan"].media_type == DIR_MEDIA_TYPE
+    assert DIR_MEDIA_TYPE == "application/vnd.oci.image.layer.v1.tar+gzip"
+    assert not [t for t in by_title if t.startswith(("package/triton_repo", "package/launch"))]
+    assert all("/" not in layer.title for layer in layers if layer.is_tar)
+    members = {m["path"] for m in by_title["package"].members}
+    assert "package/triton_repo/tensorrt_llm/config.pbtxt" in members and any(m.startswith("package/launch/")
+                                                                              for m in members)
     assert file_media_type("quantize", "model-00001-of-00002.safetensors").endswith("checkpoint.shard.v1+safetensors")
     digests = []
     for i in range(2):  # the same files, built twice at different times, give the same blob
         work = tmp_path / f"w{i}"
         work.mkdir()
-        layer = Layer(title=by_title["package/triton_repo"].title, media_type="x", source=Path(),
-                      members=by_title["package/triton_repo"].members)
+        layer = Layer(title="package", media_type=DIR_MEDIA_TYPE, source=Path(), members=by_title["package"].members)
         build_tar(layer, run_dir=run, work=work)
-        digests.append(layer.digest)
+        digests.append((layer.digest, layer.tar_digest))
         os.utime(run / "package/triton_repo/tensorrt_llm/config.pbtxt", (1, 1))
     assert digests[0] == digests[1]
+    # the annotations say: unpack me, and this is the digest of the tar inside the gzip (checked independently)
+    annotations = layer.descriptor()["annotations"]
+    assert annotations[ORAS_UNPACK] == "true" and annotations["org.opencontainers.image.title"] == "package"
+    tar_bytes = gzip.decompress(layer.source.read_bytes())
+    assert annotations[ORAS_DIGEST] == "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+    with tarfile.open(layer.source) as tar:
+        assert all(name.startswith("package/") for name in tar.getnames())
     (run / "package/triton_repo/tensorrt_llm/1/model.yaml").write_bytes(b"a: 2")  # same size, other bytes
     with pytest.raises(VerificationError, match="package/triton_repo/tensorrt_llm/1/model.yaml does not match"):
-        build_tar(by_title["package/triton_repo"], run_dir=run, work=tmp_path / "w0")
+        build_tar(by_title["package"], run_dir=run, work=tmp_path / "w0")
 
 
 def test_default_tag_and_annotations(tmp_path):

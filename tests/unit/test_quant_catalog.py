@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from builder.layout import Layout
 from builder.model.config import preset
 from builder.model.tiny import tiny_config
 from builder.shard.rules import plan_ranks
-from builder.layout import Layout
 from quantize.formats import quantized_catalog
 from quantize.registry import NAMES
 
@@ -74,3 +74,21 @@ def test_rank_writer_reads_per_tensor_scalar_scales(tmp_path):
     got = load_file(tmp_path / "rank0.safetensors")
     assert got["a.weight_scale"].shape == () and float(got["a.weight_scale"]) == 0.5
     assert got["a.weight"].shape == (2, 2)
+
+
+def test_every_registered_format_has_a_writer_a_layout_and_a_spec_value():
+    """The registry is the one list of formats: the quantize stage, the stored layouts and the spec accept exactly
+    its names (a format added to the registry alone, or to a writer alone, fails here)."""
+    import typing
+
+    from builder.specs import RunSpec
+    from quantize.formats import quantized_catalog
+    from quantize.modes import MODES
+    from quantize.registry import FORMAT_OF_ALGO, FORMATS, NAMES
+
+    assert set(MODES) == set(FORMATS) == set(NAMES)
+    assert set(typing.get_args(RunSpec.model_fields["quant"].annotation)) == set(NAMES)
+    assert len(FORMAT_OF_ALGO) == len(FORMATS)  # quant_algo identifies the format of a written checkpoint
+    cfg = preset("deepseek-v3.2")
+    for name in NAMES:
+        assert quantized_catalog(cfg, name).quant_algo == FORMATS[name].quant_algo

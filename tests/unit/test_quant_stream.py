@@ -223,10 +223,24 @@ def test_fp8_verification_of_weights_read_together_names_the_first_bad_one(tmp_p
             scale[1, 2] = float("inf")
         name = f"model.layers.0.mlp.{w}.weight"
         entries += [computed(name, Dtype.F8_E4M3, codes.shape, lambda c=codes: [c]),
-                    computed(name + "_scale_inv", Dtype.F32, scale.shape, lambda s=scale: [s])]
+                    # raw bytes: the writer refuses to compute an infinite scale, a damaged source may hold one
+                    computed(name + "_scale_inv", Dtype.F32, scale.shape, lambda s=scale: [s.view(torch.uint8)])]
     write_checkpoint(tmp_path, [entries])
     want = ("block-FP8 weight 'model.layers.0.mlp.b.weight' holds NaN values" if bad != "scale of c" else
             "'model.layers.0.mlp.c.weight_scale_inv' holds non-finite or non-positive scales")
     with TensorReader(tmp_path) as reader, pytest.raises(QuantizationError) as err:
         verify_block_fp8(reader)
     assert str(err.value) == want
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_the_writer_refuses_computed_non_finite_values_naming_the_tensor(tmp_path, value):
+    # Issue 18 item 6: what quantize computes (a dequantized band, a scale) is checked as it is written.
+    from builder.errors import QuantizationError
+
+    band = torch.ones(4, 8, dtype=torch.bfloat16)
+    band[3, 7] = value
+    entries = [computed("a.weight", Dtype.BF16, (8, 8), lambda: [torch.ones(4, 8, dtype=torch.bfloat16), band])]
+    with pytest.raises(QuantizationError, match="non-finite values .* for 'a.weight'"):
+        write_checkpoint(tmp_path, [entries])
+    assert not list(tmp_path.iterdir())

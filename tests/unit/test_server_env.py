@@ -62,6 +62,15 @@ def test_free_ports_are_distinct():
     assert len({ports.http, ports.grpc, ports.metrics}) == 3
 
 
+def test_zero_ports_become_distinct_free_ports_and_given_ones_stay():
+    fixed = server.free_port()
+    ports, extra = server.resolve_ports(server.Ports(0, fixed, 0), extra=(0, 0))
+    assert ports.grpc == fixed
+    chosen = [ports.http, ports.metrics, *extra]
+    assert 0 not in chosen and len(set(chosen) | {fixed}) == 5
+    assert server.resolve_ports(server.Ports(1, 2, 3)) == (server.Ports(1, 2, 3), ())
+
+
 def test_missing_repository_is_refused(tmp_path):
     with pytest.raises(ServeError, match="does not exist"):
         server.TritonServer(repo=tmp_path / "nope").start()

@@ -6,6 +6,7 @@ Inter-token latency (ITL) is every gap between consecutive streamed responses, p
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -200,8 +201,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"dsbuild bench: {cfg['protocol']} {cfg['url']}, ISL {cfg['isl']['mean']}, OSL {cfg['osl']['mean']}, "
                  f"{cfg['num_requests']} requests per level; {TPOT_DEFINITION}", fontsize=9)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -16,7 +16,7 @@ from builder.errors import ServeError, SpecError
 from builder.sampling_params import SamplingParams
 from triton_repo.bench.prompts import Length, Prompt, PromptTokenizer, load_dataset
 from triton_repo.bench.stream import RequestRecord, stream_grpc, stream_http, stream_openai
-from triton_repo.client import GenerateOptions
+from triton_repo.client import Endpoint, GenerateOptions, wrong_port_hint
 from triton_repo.interface import MODEL_NAME
 
 
@@ -166,7 +166,8 @@ def check_server(cfg: BenchConfig) -> None:
         finally:
             client.close()
     except Exception as exc:  # tritonclient raises its own exception types for every transport failure
-        raise ServeError(f"cannot reach a Triton server at {cfg.url} over {cfg.protocol}: {exc}") from None
+        hint = wrong_port_hint(Endpoint(cfg.protocol, cfg.url))
+        raise ServeError(f"cannot reach a Triton server at {cfg.url} over {cfg.protocol}: {exc}{hint}") from None
     if not ready:
         raise ServeError(f"the server at {cfg.url} does not have model {cfg.model} ready")
 

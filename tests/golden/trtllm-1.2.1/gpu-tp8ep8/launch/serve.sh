@@ -29,7 +29,7 @@ while [ "$#" -gt 0 ]; do
 done
 start_openai() {  # $1: the host of Triton's rank 0
   [ -n "$OPENAI_PORT" ] || return 0
-  python3 -c 'import triton_repo.openai_api.app' || { echo "serve.sh: the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild source> && pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)" >&2; exit 2; }
+  python3 -c 'import triton_repo.openai_api.app' || { echo "serve.sh: the OpenAI endpoint needs dsbuild in this container: pip install --no-deps <dsbuild checkout> && pip install 'tritonclient[grpc]' starlette 'uvicorn[standard]' (docs/serving-openai.md)" >&2; exit 2; }
   python3 -m builder.cli openai --repo "$REPO" --host 0.0.0.0 --port "$OPENAI_PORT" --triton-url "$1:$GRPC_PORT" &
 }
 

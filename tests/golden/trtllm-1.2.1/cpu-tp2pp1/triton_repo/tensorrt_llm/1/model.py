@@ -58,20 +58,27 @@ class Job:
     last_token_ns: int = 0
 
 
-def _scalar(request, name, default):
+def _scalar(request, name, default, fields=None):
+    """One input's value: its tensor, else the request field standing for it (``fields``: input name -> value
+    from the request's parameters, see ``_fields``), else ``default``."""
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        return default
+        return (fields or {}).get(name, default)
+    if name in (fields or {}):
+        raise BadRequest(f"{name} is given twice: as an input and as a request field")
     arr = tensor.as_numpy()
     if arr.size != 1:
         raise BadRequest(f"{name} must hold exactly one value, got shape {list(arr.shape)}")
     return arr.reshape(-1)[0].item()
 
 
-def _strings(request, name):
+def _strings(request, name, fields=None):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
-        return []
+        value = (fields or {}).get(name, [])
+        return [value] if isinstance(value, str) else [str(v) for v in value]
+    if name in (fields or {}):
+        raise BadRequest(f"{name} is given twice: as an input and as a request field")
     out = []
     for v in tensor.as_numpy().reshape(-1):
         out.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
@@ -101,10 +108,12 @@ class TritonPythonModel:
         from builder.engine.service import EngineService, GenerationRequest, SpeculativeOptions
         from builder.engine.text import encode_prompt
         from builder.errors import RequestError
-        from builder.sampling_params import SamplingParams
+        from builder.sampling_params import SamplingParams, inputs_from_parameters
 
         self.GenerationRequest, self.SamplingParams, self.RequestError = GenerationRequest, SamplingParams, RequestError
         self.DecodeStream = DecodeStream
+        self.inputs_from_parameters = inputs_from_parameters
+        self.input_names = tuple(i["name"] for i in self.model_config.get("input", []))
         self.encode_prompt = encode_prompt
         mode = params.get("speculative_mode") or "none"
         speculative = None
@@ -135,10 +144,11 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                if _scalar(request, "stop", False):
+                fields = self._fields(request)
+                if _scalar(request, "stop", False, fields):
                     self._cancel(request.request_id(), sender)
                     continue
-                job = self._parse(request, sender)
+                job = self._parse(request, sender, fields)
             except BadRequest as exc:
                 self._send_error(sender, str(exc))
                 continue
@@ -158,9 +168,22 @@ class TritonPythonModel:
                                                on_start=self._log_batch)
         return None
 
-    def _parse(self, request, sender):
+    def _fields(self, request):
+        """Request fields that are not inputs (Triton's generate endpoint turns every unknown JSON key into a
+        request parameter): TensorRT-LLM's ensemble names of our inputs become those inputs, anything else is
+        refused, so no field is dropped silently (builder.sampling_params.inputs_from_parameters)."""
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except ValueError:
+            raise BadRequest("the request's parameters are not valid JSON") from None
+        try:
+            return self.inputs_from_parameters(parameters, inputs=self.input_names)
+        except self.RequestError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def _parse(self, request, sender, fields):
         arrival = time.time_ns()
-        texts = _strings(request, "text_input")
+        texts = _strings(request, "text_input", fields)
         if not texts:
             raise BadRequest("text_input is missing from the request")
         if len(texts) != 1:
@@ -173,18 +196,18 @@ class TritonPythonModel:
         except Exception as exc:
             raise BadRequest(str(exc)) from None
         try:  # the one validation of sampling parameters (builder.sampling_params)
-            sampling = self.SamplingParams.from_triton(lambda name, default: _scalar(request, name, default),
-                                                       lambda name: _strings(request, name))
+            sampling = self.SamplingParams.from_triton(lambda name, default: _scalar(request, name, default, fields),
+                                                       lambda name: _strings(request, name, fields))
         except self.RequestError as exc:
             raise BadRequest(str(exc)) from None
         if self.max_seq_len and len(prompt_ids) + sampling.max_tokens > self.max_seq_len:
             raise BadRequest(f"prompt ({len(prompt_ids)} tokens) plus sampling_param_max_tokens "
                              f"({sampling.max_tokens}) exceeds the model's max_seq_len {self.max_seq_len}")
-        if int(_scalar(request, "sampling_param_best_of", 1)) != 1:
+        if int(_scalar(request, "sampling_param_best_of", 1, fields)) != 1:
             raise BadRequest("sampling_param_best_of other than 1 is not supported by the CPU flavour")
         return Job(sender=sender, request_id=request.request_id() or "", prompt_ids=prompt_ids, sampling=sampling,
-                   streaming=bool(_scalar(request, "streaming", False)),
-                   exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True)),
+                   streaming=bool(_scalar(request, "streaming", False, fields)),
+                   exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True, fields)),
                    prompt_text=prompt, arrival_ns=arrival, decoder=self.DecodeStream(skip_special_tokens=True))
 
     def _cancel(self, request_id, sender):
