@@ -5,13 +5,14 @@ batched call. Then the packaged repository is served by a real tritonserver (127
 streaming at each concurrency level. Prints tokens/s and the ratios served / direct; ``--json`` for machines,
 ``--plot FILE.png`` for people.
 
-    PYTHONPATH=. python benchmarks/bench_serve.py --concurrency 1,4,16 --max-tokens 16 --plot serve.png
+    PYTHONPATH=. python benchmarks/bench_serve.py --concurrency 1,4,16 --max-tokens 16 --repeats 3 --plot serve.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -96,19 +97,30 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="requests per client thread at each level")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure direct then served this many times on the same run; ratios per repeat and median")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    repeats = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         run = args.run or build_run(Path(tmp), args.tp, args.pp)
-        base = direct(run / "engines", levels, args.max_tokens)
-        srv = served(run / "package" / "triton_repo", levels, args.max_tokens, args.rounds)
+        for _ in range(max(1, args.repeats)):
+            load = os.getloadavg()[0]
+            base = direct(run / "engines", levels, args.max_tokens)
+            srv = served(run / "package" / "triton_repo", levels, args.max_tokens, args.rounds)
+            repeats.append((base, srv, load))
+    base, srv, _ = repeats[-1]
     rows = [{"concurrency": c, **srv[c], "direct_batch_tokens_per_s": base[f"batch{c}"],
              "served_over_direct_sequential": srv[c]["tokens_per_s"] / base["sequential"],
-             "served_over_direct_batch": srv[c]["tokens_per_s"] / base[f"batch{c}"]} for c in levels]
+             "served_over_direct_batch": srv[c]["tokens_per_s"] / base[f"batch{c}"],
+             "served_over_direct_batch_per_repeat": [s[c]["tokens_per_s"] / b[f"batch{c}"] for b, s, _ in repeats],
+             "served_over_direct_batch_median": statistics.median(
+                 s[c]["tokens_per_s"] / b[f"batch{c}"] for b, s, _ in repeats)} for c in levels]
     result = {"direct_sequential_tokens_per_s": base["sequential"], "server_ready_s": srv[0]["ready_s"],
-              "max_tokens": args.max_tokens, "levels": rows}
+              "max_tokens": args.max_tokens, "repeats": len(repeats),
+              "load_1min_at_start_of_each_repeat": [round(l, 2) for _, _, l in repeats], "levels": rows}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -120,6 +132,11 @@ def main() -> None:
             print(f"{r['concurrency']:>4} {r['tokens_per_s']:>12.1f} {r['direct_batch_tokens_per_s']:>12.1f} "
                   f"{r['served_over_direct_sequential']:>12.2f} {r['served_over_direct_batch']:>8.2f} "
                   f"{r['ttft_ms']:>8.1f} {r['latency_ms']:>10.1f}")
+        if len(repeats) > 1:
+            print(f"served / direct batch over {len(repeats)} repeats (load {result['load_1min_at_start_of_each_repeat']}):")
+            for r in rows:
+                print(f"{r['concurrency']:>4} median {r['served_over_direct_batch_median']:.2f}  each "
+                      + " ".join(f"{x:.2f}" for x in r["served_over_direct_batch_per_repeat"]))
     if args.plot:
         import matplotlib
 

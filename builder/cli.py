@@ -611,6 +611,7 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
                      speculative: SpeculativeOptions | None = None) -> None:
     from builder.engine.service import EngineService, GenerationRequest
     from builder.engine.text import encode_prompt
+    from builder.errors import ServeError
 
     with EngineService(engine_dir, threads_per_rank=threads_per_rank, python_executable=python_executable) as svc:
         tok = svc.tokenizer()
@@ -632,6 +633,10 @@ def _generate_direct(*, engine_dir: Path, threads_per_rank: int | None, python_e
                 shown[0] = now
         res = svc.generate([req], on_token=on_token, speculative=speculative)[0]
         wall = time.perf_counter() - t0
+    if res.finish_reason == "error":  # this request's own failure (e.g. non-finite logits): one sentence
+        if shown[0]:
+            click.echo("", err=False)
+        raise ServeError(f"generation failed after {len(res.token_ids)} token(s): {res.error}")
     text = tok.decode(res.token_ids)
     if not as_json and text.startswith(shown[0]):
         click.echo(text[len(shown[0]):], nl=False)

@@ -10,12 +10,18 @@ that checks the values. Torch-free, so clients import it without paying for torc
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from builder.errors import RequestError, did_you_mean
 
 UINT64_MAX = (1 << 64) - 1
+INT32_MAX = (1 << 31) - 1
+# The FP32 range: every float field travels to Triton as FP32, so a value must survive that conversion (no
+# overflow to infinity, no underflow of a non-zero value to 0). docs/sampling.md states every range and why.
+FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 2.0 ** -149  # the smallest positive FP32 (a subnormal)
 DEFAULT_MAX_TOKENS = 16  # what a request that names no max_tokens gets (TensorRT-LLM's llmapi model likewise)
 
 
@@ -56,7 +62,12 @@ class SamplingParams:
 
     # ----- the one validation point -----
     def validate(self) -> "SamplingParams":
-        """Raise RequestError naming the first bad field; returns self."""
+        """Raise RequestError naming the first bad field; returns self.
+
+        TensorRT-LLM's C++ SamplingConfig checks temperature >= 0, top_k >= 0 and top_p in (0, 1], and leaves the
+        penalties unchecked (docs/sampling.md, with the source); dsbuild adds what its wire types need: integers
+        within their Triton type, floats finite and neither overflowing nor vanishing in FP32. Every value these
+        rules accept is safe for the engine's sampling arithmetic (``builder.engine.sampling``: float64, bounded)."""
         def bad(name: str, rule: str) -> RequestError:
             return RequestError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
@@ -64,19 +75,21 @@ class SamplingParams:
             value = getattr(self, f.name)
             if f.type == "int" and not _is_int(value) or f.type == "float" and not _is_number(value):
                 raise bad(f.name, f"a{'n integer' if f.type == 'int' else ' number'}")
+            if f.type == "float" and not _fits_fp32(value):
+                raise bad(f.name, f"a finite number that FP32 can carry (0, or a magnitude from about "
+                                  f"{FP32_TINY:.2g} to {FP32_MAX:.3g})")
         if self.max_tokens < 1:
             raise bad("max_tokens", "at least 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", ">= 0")
-        if self.top_k < 0:
-            raise bad("top_k", ">= 0 (0 = off)")
+        if self.max_tokens > INT32_MAX:
+            raise bad("max_tokens", f"at most {INT32_MAX} (INT32)")
+        if self.temperature < 0:
+            raise bad("temperature", ">= 0 (0 = greedy)")
+        if not 0 <= self.top_k <= INT32_MAX:
+            raise bad("top_k", f"in [0, {INT32_MAX}] (0 = off)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= UINT64_MAX):
             raise bad("seed", f"an integer in [0, {UINT64_MAX}]")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise bad(name, "a finite number")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "a list of non-empty strings")
         return self
@@ -155,6 +168,18 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fits_fp32(v: float) -> bool:
+    """Finite, and FP32 (round to nearest, as the clients' numpy conversion does) neither overflows it nor turns a
+    non-zero value into 0."""
+    if not math.isfinite(v):
+        return False
+    try:
+        as_fp32 = struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # some Python builds raise instead of rounding to infinity
+        return False
+    return math.isfinite(as_fp32) and (as_fp32 == 0) == (v == 0)
 
 
 # ----- request fields that are not inputs: aliases and refusals (docs/request-fields.md) -----

@@ -34,6 +34,12 @@ from builder.errors import ServeError
 CONTAINER_ROOT = Path("/opt/tritonserver")
 DEFAULT_EXIT_TIMEOUT_S = 20
 LOOPBACK = "127.0.0.1"
+# Log lines after which a served model cannot answer again until tritonserver restarts (``serve_forever``):
+# Triton 2.51's own line for a crashed python-backend stub, and the CPU model's line for an engine whose ranks can
+# no longer work together (its ENGINE_BROKEN, triton_repo/templates/trtllm-1.2.1/cpu/tensorrt_llm/1/model.py; the
+# Python backend of Triton 2.51 has no hook by which a model could mark itself not ready).
+UNHEALTHY_MARKERS = {"is not healthy": "python-backend stub is not healthy",
+                     "dsbuild cpu model: the engine cannot continue": "the CPU model's engine cannot continue"}
 
 
 @dataclass(frozen=True)
@@ -372,10 +378,10 @@ class TritonServer:
             if gone:
                 return f"python-backend stub process {sorted(gone)[0]} died"
         log = self.log_text()
-        for marker in ("is not healthy",):
+        for marker, what in UNHEALTHY_MARKERS.items():
             if marker in log:
                 line = next((l for l in log.splitlines() if marker in l), marker)
-                return f"python-backend stub is not healthy: {line.strip()[-200:]}"
+                return f"{what}: {line.strip()[-200:]}"
         for name in models:
             if not self.model_ready(name):
                 return f"model {name} is no longer ready"

@@ -96,15 +96,19 @@ class Comm:
         return x
 
     def broadcast_json(self, obj: Any = None, *, src: int = 0) -> Any:
-        """``obj`` from ``src`` to every rank, as UTF-8 JSON in a byte tensor (length first)."""
+        """``obj`` from ``src`` to every rank, as UTF-8 JSON in a byte tensor (length first). ``None`` is a length
+        of 0 alone: one 8-byte broadcast (a running batch's step with nothing joining or leaving)."""
         if not self.distributed:
             return obj
         if self.rank == src:
-            raw = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(self.device)
-            n = torch.tensor([raw.numel()], dtype=torch.int64, device=self.device)
+            raw = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(self.device) \
+                if obj is not None else None
+            n = torch.tensor([0 if raw is None else raw.numel()], dtype=torch.int64, device=self.device)
         else:
             n = torch.zeros(1, dtype=torch.int64, device=self.device)
         dist.broadcast(n, src=src)
+        if int(n.item()) == 0:
+            return None
         if self.rank != src:
             raw = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
         dist.broadcast(raw, src=src)

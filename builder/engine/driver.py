@@ -4,14 +4,20 @@ Rank 0 (:class:`Driver`, inside ``EngineService`` or the torchrun entry point) v
 one JSON command and takes part in it; ranks 1..N-1 (:func:`serve`, in ``builder.engine.worker`` and
 ``builder.engine.torchrun``) execute each command as it arrives. :func:`decode` is where plain and speculative
 decoding are told apart.
+
+Commands: ``generate`` (a batch call: every rank decodes the same requests to the end), ``logits``, ``stats``,
+``stop``, and ``batch``, which opens a running batch (continuous batching): from then on rank 0 broadcasts one
+update per iteration -- the requests that join (id + request), the ids that leave (cancelled) -- or ``None`` when
+nothing changes (8 bytes), and every rank applies it with :func:`advance`; ``{"end": true}`` closes the batch and
+returns the ranks to the command loop.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from builder.engine.generate import Engine
-from builder.engine.sampling import GenerationRequest, GenerationResult, validate_request
+from builder.engine.generate import Engine, RunningBatch
+from builder.engine.sampling import GenerationRequest, GenerationResult, RequestState, validate_request
 from builder.engine.speculative import SpeculativeDecoder, SpeculativeOptions, check_options
 from builder.sampling_params import SamplingParams
 
@@ -40,12 +46,40 @@ def execute(engine: Engine, cmd: dict[str, Any]) -> Any:
     raise ValueError(f"unknown engine command {op!r}")
 
 
+def advance(batch: RunningBatch, update: dict[str, Any] | None) -> list[RequestState]:
+    """One iteration of a running batch, the same on every rank: the requests named in ``update["leave"]`` end,
+    those in ``update["join"]`` are prefilled (first token), every row then gets one more token; returns the
+    requests that finished in this iteration."""
+    update = update or {}
+    batch.end(update.get("leave", ()))
+    gone = batch.retire()
+    batch.join([(item["id"], GenerationRequest.from_dict(item["request"])) for item in update.get("join", ())])
+    gone += batch.retire()  # a request can end at its first token
+    if batch.seqs:
+        batch.step()
+        gone += batch.retire()
+    return gone
+
+
+def follow_batch(engine: Engine) -> None:
+    """Ranks 1..N-1 inside a ``batch`` command: apply rank 0's updates until it ends the batch."""
+    batch = RunningBatch(engine)
+    while True:
+        update = engine.comm.broadcast_json(src=0)
+        if update is not None and update.get("end"):
+            return
+        advance(batch, update)
+
+
 def serve(engine: Engine) -> None:
     """Ranks 1..N-1: execute rank 0's commands until it broadcasts a stop."""
     while True:
         cmd = engine.comm.broadcast_json(src=0)
         if cmd.get("op") == "stop":
             return
+        if cmd.get("op") == "batch":
+            follow_batch(engine)
+            continue
         execute(engine, cmd)
 
 
@@ -65,6 +99,22 @@ class Driver:
                                          "speculative": speculative.to_dict() if speculative else None,
                                          "micro_batches": micro_batches}, src=0)
         return decode(self.engine, requests, on_token=on_token, speculative=speculative, micro_batches=micro_batches)
+
+    # ----- a running batch (continuous batching): open, advance per iteration, close -----
+    def open_batch(self, *, on_token: Callable[[Any, int], None] | None = None) -> RunningBatch:
+        self.engine.comm.broadcast_json({"op": "batch"}, src=0)
+        return RunningBatch(self.engine, on_token=on_token)
+
+    def advance(self, batch: RunningBatch, *, join: list[tuple[int, GenerationRequest]] = (),
+                leave: list[int] = ()) -> list[RequestState]:
+        """One iteration; ``join``: (id, request) pairs already checked with :func:`validate_request`."""
+        update = {"join": [{"id": k, "request": r.to_dict()} for k, r in join], "leave": list(leave)} \
+            if join or leave else None
+        self.engine.comm.broadcast_json(update, src=0)
+        return advance(batch, update)
+
+    def close_batch(self) -> None:
+        self.engine.comm.broadcast_json({"end": True}, src=0)
 
     def prompt_logits(self, prompts: list[list[int]]) -> list:
         for i, p in enumerate(prompts):

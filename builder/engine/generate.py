@@ -2,13 +2,15 @@
 per-sequence caches, PP hand-off of activations, sampling on one rank and a broadcast of the chosen tokens.
 
 Every rank runs the same loop on the same (broadcast) requests, so all ranks agree on shapes and on when to stop
-without further messages; only the sampled tokens travel each step.
+without further messages; only the sampled tokens travel each step. Plain decoding is one loop,
+:class:`RunningBatch`, whose requests join and leave at token boundaries (TensorRT-LLM's in-flight batching): a
+batch call joins all its requests at once, a serving scheduler (``builder.engine.driver``) joins them as they come.
 """
 
 from __future__ import annotations
 
 import resource
-from typing import Callable
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -18,7 +20,15 @@ from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import Comm
 from builder.engine.kv_cache import KVCache, StepPositions
 from builder.engine.model import StageModel
-from builder.engine.sampling import Bookkeeping, GenerationRequest, GenerationResult, max_new_tokens
+from builder.engine.sampling import (
+    Bookkeeping,
+    GenerationRequest,
+    GenerationResult,
+    RequestState,
+    choose,
+    max_new_tokens,
+    new_sequence,
+)
 
 
 def peak_rss_bytes() -> int:
@@ -131,25 +141,14 @@ class Engine:
         through the stages one after another, for comparison)."""
         if micro_batches and self.comm.layout.pp > 1 and len(requests) > 1:
             return self._generate_pipelined(requests, on_token)
-        comm = self.comm
-        B = len(requests)
-        tokens, lens = self._batch([r.prompt_ids for r in requests])
-        capacity = int(lens.max()) + max_new_tokens(requests)
-        cache = self.model.new_cache(batch=B, capacity=capacity)
-        book = Bookkeeping(requests, comm, on_token)
-        zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
-        logits = self.forward(tokens, StepPositions(zeros, tokens.shape[1]), cache, lens - 1)
-        step = 0
+        batch = RunningBatch(self, on_token=on_token)
+        batch.join(list(enumerate(requests)))
+        states = list(batch.seqs)
         while True:
-            chosen = book.choose(range(B), logits)
-            if book.all_done():
-                break
-            starts = (lens + step).to(comm.device)  # the position of the token just chosen
-            logits = self.forward(chosen[:, None].cpu(), StepPositions(starts, 1), cache, None)
-            if logits is not None:
-                logits = logits[:, 0]
-            step += 1
-        return book.results()
+            batch.retire()
+            if not batch.seqs:
+                return [s.result() for s in states]
+            batch.step()
 
     def _generate_pipelined(self, requests: list[GenerationRequest],
                             on_token: Callable[[int, int], None] | None) -> list[GenerationResult]:
@@ -178,7 +177,7 @@ class Engine:
             if finished is not None:
                 mb = groups[finished]
                 mb.advance(book.choose(mb.rows, logits))
-                mb.done = all(book.reasons[b] is not None for b in mb.rows)
+                mb.done = all(book.done(b) for b in mb.rows)
             for work in sends:
                 work.wait()
             sends.clear()
@@ -226,3 +225,98 @@ class _MicroBatch:
     def advance(self, chosen: torch.Tensor) -> None:
         self.tokens = chosen[:, None].cpu()
         self.step += 1
+
+
+class RunningBatch:
+    """Plain decoding of a batch whose requests join and leave at token boundaries, as TensorRT-LLM's in-flight
+    batching does. Collective: every rank applies the same joins, steps and leaves in the same order (the serving
+    protocol in ``builder.engine.driver`` carries them), so every rank holds the same rows.
+
+    Row ``b`` of the batch is row ``b`` of a pool of KV-cache rows; a request that joins is prefilled into the next
+    free rows and its first token sampled; :meth:`step` feeds every row's pending token through the model and
+    samples the next; :meth:`retire` drops the finished rows, moving the last rows into their places so the live
+    rows stay contiguous (one row copy per layer). Under attention-DP a row's cache lives on the TP rank whose share
+    of the batch it is in, and shares shift when the batch changes size, so there finished rows stay in the batch
+    (as padding, their tokens ignored) and requests join only an empty batch."""
+
+    def __init__(self, engine: Engine, *, on_token: Callable[[Any, int], None] | None = None):
+        self.engine, self.comm, self.on_token = engine, engine.comm, on_token
+        self.seqs: list[RequestState] = []
+        self.pending = torch.zeros(0, dtype=torch.long)  # [B] each row's next input: its last chosen token
+        self.positions = torch.zeros(0, dtype=torch.long)  # [B] the position that token takes
+        self.cache: KVCache | None = None
+        self.regroups = not engine.model.attention_dp
+
+    @property
+    def accepts_joins(self) -> bool:
+        return self.regroups or not self.seqs
+
+    def join(self, items: list[tuple[Any, GenerationRequest]]) -> list[RequestState]:
+        """Prefill the requests (``(key, request)`` pairs, already validated) into new rows and choose their first
+        tokens; returns their states."""
+        if not items:
+            return []
+        if not self.accepts_joins:
+            raise RuntimeError("requests can join an attention-DP batch only when it is empty")
+        engine, comm = self.engine, self.comm
+        requests = [r for _, r in items]
+        tokens, lens = engine._batch([r.prompt_ids for r in requests])
+        B, n = len(self.seqs), len(items)
+        if self.regroups:
+            need = -(-max(len(r.prompt_ids) + r.sampling.max_tokens for r in requests) // 64) * 64
+            if self.cache is None:
+                self.cache = engine.model.new_cache(batch=n, capacity=need)
+            else:  # rows double when they run out, so a growing batch copies its cache O(log B) times
+                rows = B + n if B + n <= self.cache.rows else max(B + n, 2 * self.cache.rows)
+                self.cache = self.cache.grown(rows=rows, capacity=need)
+            cache = self.cache.view(B, B + n)
+        else:  # finished rows keep stepping until all are done: room for the longest request's whole run
+            self.cache = cache = engine.model.new_cache(batch=n, capacity=int(lens.max()) + max_new_tokens(requests))
+        zeros = torch.zeros(n, dtype=torch.long, device=comm.device)
+        logits = engine.forward(tokens, StepPositions(zeros, tokens.shape[1]), cache, lens - 1)
+        states = [new_sequence(key, r, comm) for key, r in items]
+        self.seqs += states
+        first = choose(comm, states, logits, self.on_token)
+        self.pending = torch.cat([self.pending, first.cpu()])
+        self.positions = torch.cat([self.positions, lens])
+        return states
+
+    def step(self) -> None:
+        """One token for every row: its pending token through the model, the next one chosen."""
+        comm, B = self.comm, len(self.seqs)
+        cache = self.cache.view(0, B) if self.regroups else self.cache
+        logits = self.engine.forward(self.pending[:, None], StepPositions(self.positions.to(comm.device), 1), cache,
+                                     None)
+        if logits is not None:
+            logits = logits[:, 0]
+        self.pending = choose(comm, self.seqs, logits, self.on_token).cpu()
+        self.positions = self.positions + 1
+
+    def end(self, keys, reason: str = "cancelled") -> None:
+        """End the running requests named by ``keys`` (the caller's cancellation); :meth:`retire` removes them."""
+        wanted = set(keys)
+        for s in self.seqs:
+            if s.key in wanted and not s.done:
+                s.reason = reason
+
+    def retire(self) -> list[RequestState]:
+        """Remove the finished rows (under attention-DP only once all are finished); returns them."""
+        done = [b for b, s in enumerate(self.seqs) if s.done]
+        if not done or (not self.regroups and len(done) < len(self.seqs)):
+            return []
+        if not self.regroups:
+            gone, self.seqs = self.seqs, []
+            self.pending, self.positions, self.cache = self.pending[:0], self.positions[:0], None
+            return gone
+        gone = [self.seqs[b] for b in done]
+        # The last live rows move into the holes below them: one row copy per finished row at most.
+        n = len(self.seqs) - len(done)
+        holes = [b for b in range(n) if self.seqs[b].done]
+        movers = [b for b in range(n, len(self.seqs)) if not self.seqs[b].done]
+        perm = list(range(n))
+        for dst, src in zip(holes, movers):
+            self.cache.move_row(src, dst)
+            perm[dst] = src
+        self.seqs = [self.seqs[b] for b in perm]
+        self.pending, self.positions = self.pending[perm], self.positions[perm]
+        return gone

@@ -51,7 +51,7 @@ def write(cache: torch.Tensor, values: torch.Tensor, step: StepPositions) -> tor
 class KVCache:
     def __init__(self, cfg: ModelConfig, layers: list[int], *, batch: int, capacity: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        self.capacity = capacity
+        self.capacity, self.rows = capacity, batch
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.layers = {
             i: LayerCache(torch.zeros(batch, capacity, width, dtype=dtype, device=device),
@@ -65,3 +65,36 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(c.latent.nbytes + (c.index_k.nbytes if c.index_k is not None else 0) for c in self.layers.values())
+
+    # ----- a running batch's pool of rows (builder.engine.generate.RunningBatch) -----
+    def view(self, start: int, stop: int) -> "KVCache":
+        """Rows ``start..stop-1`` as a cache of their own, sharing storage (writes land in this cache)."""
+        out = object.__new__(KVCache)
+        out.capacity, out.rows = self.capacity, stop - start
+        out.layers = {i: LayerCache(c.latent[start:stop], None if c.index_k is None else c.index_k[start:stop])
+                      for i, c in self.layers.items()}
+        return out
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``src``'s contents into row ``dst`` (a finished row's place taken by a live one)."""
+        for c in self.layers.values():
+            c.latent[dst] = c.latent[src]
+            if c.index_k is not None:
+                c.index_k[dst] = c.index_k[src]
+
+    def grown(self, *, rows: int, capacity: int) -> "KVCache":
+        """A cache of at least ``rows`` x ``capacity`` holding this one's contents (this one when it is that big)."""
+        if rows <= self.rows and capacity <= self.capacity:
+            return self
+        out = object.__new__(KVCache)
+        out.capacity, out.rows = max(capacity, self.capacity), max(rows, self.rows)
+        out.layers = {}
+        for i, c in self.layers.items():
+            parts = [c.latent] + ([c.index_k] if c.index_k is not None else [])
+            bigger = []
+            for t in parts:
+                n = t.new_zeros(out.rows, out.capacity, t.shape[-1])
+                n[: self.rows, : self.capacity] = t
+                bigger.append(n)
+            out.layers[i] = LayerCache(bigger[0], bigger[1] if len(bigger) > 1 else None)
+        return out

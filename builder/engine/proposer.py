@@ -35,6 +35,7 @@ class DecodeState:
     active: list[bool]
     gens: list[torch.Generator] = field(default_factory=list)  # sampler rank only
     sampler: bool = False
+    draft_errors: dict[int, str] = field(default_factory=dict)  # sampler rank: rows whose drafting raised
 
 
 class Proposer(Protocol):
@@ -70,7 +71,11 @@ def draft_tokens_collectively(comm: Comm, logits_rows: torch.Tensor | None, stat
         picks = []
         for b, req in enumerate(state.requests):
             history = state.history[b] + [int(d[b]) for d in previous] if req.sampling.penalized else None
-            t, dist = choose_draft(logits_rows[b], req.sampling, state.gens[b] if state.gens else None, history)
+            try:
+                t, dist = choose_draft(logits_rows[b], req.sampling, state.gens[b] if state.gens else None, history)
+            except Exception as exc:  # this request fails at its verification; the broadcast goes on
+                state.draft_errors.setdefault(b, f"{type(exc).__name__}: {exc}")
+                t, dist = 0, None
             picks.append(t)
             q[b].append(dist)
         chosen = torch.tensor(picks, dtype=torch.long, device=comm.device)

@@ -39,19 +39,21 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # generated tokens; a stop token ends generation and is not included
-    finish_reason: str  # "length" | "stop"
+    finish_reason: str  # "length" | "stop" | "cancelled" | "error"
     total_draft_tokens: int = 0
     total_accepted_draft_tokens: int = 0
     target_forwards: int = 0  # forward passes of the target model that served this request (prefill included)
+    error: str | None = None  # finish_reason "error": why this request (and only it) failed
 
     @property
     def acceptance_rate(self) -> float:
         return self.total_accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
 
 
-def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int = 0) -> None:
-    """What the model can take: a prompt in its vocabulary that fits its positions, valid sampling parameters."""
-    what = f"request {index}"
+def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int | None = 0) -> None:
+    """What the model can take: a prompt in its vocabulary that fits its positions, valid sampling parameters.
+    Errors name ``request INDEX`` (a request of a batch call) or, for None, "the request"."""
+    what = "the request" if index is None else f"request {index}"
     if not req.prompt_ids:
         raise RequestError(f"{what} has an empty prompt")
     bad = [t for t in list(req.prompt_ids) + list(req.stop_token_ids) if not 0 <= int(t) < cfg.vocab_size]
@@ -66,6 +68,11 @@ def validate_request(req: GenerationRequest, cfg: ModelConfig, index: int = 0) -
                            f"model's {cfg.max_position_embeddings}")
 
 
+# A token id the sampler rank broadcasts in place of a request's token when its sampling failed: every rank then ends
+# that request (finish_reason "error") and only that request.
+FAILED = -1
+
+
 def penalize(logits: torch.Tensor, history: Sequence[int], *, presence_penalty: float,
              frequency_penalty: float) -> torch.Tensor:
     """A row of logits minus ``frequency_penalty * count[t] + presence_penalty * (count[t] > 0)``, where
@@ -78,12 +85,19 @@ def penalize(logits: torch.Tensor, history: Sequence[int], *, presence_penalty: 
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()) -> torch.Tensor:
-    """A row of logits as float32 on the host, divided by the temperature (when sampling) and then penalized:
+    """A row of logits as float64 on the host, divided by the temperature (when sampling) and then penalized:
     TensorRT-LLM's order (cpp/tensorrt_llm/kernels/penaltyKernels.cu, batchApplyPenalty: the logit is multiplied
     by 1/temperature, then the presence and frequency penalties are subtracted). Greedy requests penalize the raw
     logits and take the argmax. ``history``: the request's prompt and generated tokens (unused without
-    penalties)."""
-    logits = logits.to(torch.float32).cpu()
+    penalties).
+
+    Overflow-safe by construction (docs/sampling.md): the logits are finite FP32 values (checked here: a model that
+    produced NaN/Inf fails this request), ``SamplingParams.validate`` keeps the temperature 0 or >= 2**-149 and
+    |penalty| <= FP32_MAX, and a count is at most the context length (< 2**31); so |logit / temperature| < 2.5e83
+    and |penalty * count| < 7.4e47, far inside float64's 1.8e308, and no value here is ever Inf or NaN."""
+    logits = logits.to(torch.float64).cpu()
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model produced non-finite logits")
     if params.temperature > 0:
         logits = logits / params.temperature
     return penalize(logits, history, presence_penalty=params.presence_penalty,
@@ -100,9 +114,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, history: Sequence[int] = ()) -> torch.Tensor:
-    """The sampling distribution of a row of logits (temperature > 0): temperature, penalties, then top-k, then
-    top-p. Speculative sampling applies this same function to the target's and the draft's logits (with the same
-    history, so that both distributions are the penalized ones)."""
+    """The sampling distribution of a row of logits (temperature > 0), float64: temperature, penalties, then
+    top-k, then top-p. Speculative sampling applies this same function to the target's and the draft's logits
+    (with the same history, so that both distributions are the penalized ones). The row's largest value is finite
+    and softmax subtracts it, so the most likely token has probability >= 1/V and none is NaN: a temperature far
+    below the logits' spacing gives the argmax (ties shared), the limit of sampling as the temperature falls."""
     logits = adjusted_logits(logits, params, history)
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -115,63 +131,147 @@ def probabilities(logits: torch.Tensor, params: SamplingParams, history: Sequenc
     return torch.softmax(logits, dim=-1)
 
 
+def new_generator(request: GenerationRequest) -> torch.Generator:
+    """The request's own generator (sampler rank): seeded by the request, else from the OS."""
+    g = torch.Generator()
+    g.manual_seed(request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63))
+    return g
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One request's decoding state, the same on every rank (its generator only on the sampler rank): the tokens
+    chosen so far, and once it ends, why. ``key`` is the caller's name for it (its index in a batch call, its id in
+    a running batch), what ``on_token`` is called with."""
+
+    key: Any
+    request: GenerationRequest
+    gen: torch.Generator | None = None
+    out: list[int] = field(default_factory=list)
+    reason: str | None = None  # "length" | "stop" | "cancelled" | "error"; None while it runs
+    error: str | None = None  # reason "error": why (known on rank 0)
+    callback_error: str | None = None  # rank 0: its on_token callback raised; the caller ends the request
+    stops: frozenset = frozenset()
+
+    def __post_init__(self) -> None:
+        self.stops = frozenset(self.request.stop_token_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def history(self) -> list[int]:
+        """The prompt and generated tokens, which its penalties count (empty when it has none)."""
+        req = self.request
+        return list(req.prompt_ids) + self.out if req.sampling.penalized else []
+
+    def record(self, tokens: list[int], on_token: Callable[[Any, int], None] | None) -> None:
+        """Append new tokens until a stop token (not kept) or ``max_tokens`` ends it. ``on_token`` (rank 0 only)
+        sees each kept token; if it raises, the request is marked for the caller to end (a callback never breaks
+        the collective step the ranks are in)."""
+        for t in tokens:
+            if self.reason is not None:
+                return
+            if t in self.stops:
+                self.reason = "stop"
+                return
+            self.out.append(t)
+            if on_token is not None and self.callback_error is None:
+                try:
+                    on_token(self.key, t)
+                except Exception as exc:  # the caller's failure, reported with this request alone
+                    self.callback_error = f"{type(exc).__name__}: {exc}"
+            if len(self.out) >= self.request.sampling.max_tokens:
+                self.reason = "length"
+
+    def fail(self, message: str) -> None:
+        self.reason, self.error = "error", message
+
+    def result(self) -> GenerationResult:
+        """What the caller gets (on rank 0): a failed callback makes it an error too."""
+        reason, error = self.reason or "length", self.error
+        if self.callback_error is not None and error is None:
+            reason, error = "error", f"the token callback failed: {self.callback_error}"
+        return GenerationResult(token_ids=self.out, finish_reason=reason, error=error,
+                                target_forwards=len(self.out) + (self.reason == "stop"))
+
+
+def new_sequence(key: Any, request: GenerationRequest, comm: Comm) -> RequestState:
+    return RequestState(key, request, gen=new_generator(request) if comm.rank == comm.sampler_rank else None)
+
+
+def sample_isolated(seq: RequestState, pick: Callable[[RequestState], int]) -> int:
+    """``pick(seq)`` on the sampler rank, or FAILED (the reason kept on ``seq``) if it raises: one request's
+    failure must not leave the sampler rank out of the broadcast every rank is waiting in."""
+    try:
+        return pick(seq)
+    except Exception as exc:
+        seq.error = f"sampling failed: {type(exc).__name__}: {exc}"
+        return FAILED
+
+
+def share_failures(comm: Comm, seqs: list[RequestState], failed: list[bool]) -> None:
+    """Every rank: end the requests whose token came back FAILED, with the sampler rank's reason also on rank 0
+    (one more broadcast, only in a step where something failed)."""
+    if not any(failed):
+        return
+    reasons = [s.error if f else None for s, f in zip(seqs, failed)]
+    if comm.sampler_rank != 0:
+        reasons = comm.broadcast_json(reasons if comm.rank == comm.sampler_rank else None, src=comm.sampler_rank)
+    for seq, f, why in zip(seqs, failed, reasons):
+        if f:
+            seq.fail(why or "sampling failed")
+
+
+def choose(comm: Comm, seqs: list[RequestState], logits: torch.Tensor | None,
+           on_token: Callable[[Any, int], None] | None) -> torch.Tensor:
+    """Collective: the next token of each of ``seqs`` (row i of ``logits``, on the sampler rank, belongs to
+    ``seqs[i]``), sampled on the sampler rank with each request's own generator, broadcast, recorded everywhere.
+    Returns them (0 for requests already finished or failed just now). A request whose sampling raises fails
+    alone."""
+    chosen = torch.zeros(len(seqs), dtype=torch.long, device=comm.device)
+    if comm.rank == comm.sampler_rank:
+        picks = [0 if s.done else sample_isolated(s, lambda s, i=i: sample(logits[i], s.request.sampling, s.gen,
+                                                                           s.history()))
+                 for i, s in enumerate(seqs)]
+        chosen = torch.tensor(picks, dtype=torch.long, device=comm.device)
+    comm.broadcast(chosen, src=comm.sampler_rank)
+    tokens = chosen.cpu().tolist()
+    share_failures(comm, seqs, [t == FAILED for t in tokens])
+    for seq, t in zip(seqs, tokens):
+        if t != FAILED:
+            seq.record([t], on_token if comm.rank == 0 else None)
+    return chosen.clamp(min=0)
+
+
 class Bookkeeping:
-    """Per-request sampling state and results, the same on every rank: the sampler rank draws each request's
-    token with the request's own seeded generator, broadcasts the chosen tokens, and every rank records them (stop
-    tokens, length limits, streaming). Plain, pipelined and speculative decoding share it."""
+    """The sequences of one batch call (static membership), indexed by row: plain, pipelined and speculative
+    decoding share it. ``on_token(row, token)`` streams on rank 0."""
 
     def __init__(self, requests: list[GenerationRequest], comm: Comm, on_token: Callable[[int, int], None] | None):
         self.requests, self.comm, self.on_token = requests, comm, on_token
         self.sampler = comm.rank == comm.sampler_rank
-        self.gens = []
-        if self.sampler:
-            for r in requests:
-                g = torch.Generator()
-                g.manual_seed(r.sampling.seed if r.sampling.seed is not None else secrets.randbits(63))
-                self.gens.append(g)
-        self.out: list[list[int]] = [[] for _ in requests]
-        self.reasons: list[str | None] = [None] * len(requests)
-        self.stops = [set(r.stop_token_ids) for r in requests]
+        self.seqs = [new_sequence(b, r, comm) for b, r in enumerate(requests)]
 
     def choose(self, rows, logits: torch.Tensor | None) -> torch.Tensor:
-        """Sample the next token of requests ``rows`` (row i of ``logits`` belongs to ``rows[i]``) on the sampler
-        rank, broadcast them, record them everywhere; returns them (0 for requests already finished)."""
-        rows = list(rows)
-        chosen = torch.zeros(len(rows), dtype=torch.long, device=self.comm.device)
-        if self.sampler:
-            chosen = torch.tensor([sample(logits[i], self.requests[b].sampling, self.gens[b], self.history(b))
-                                   if self.reasons[b] is None else 0 for i, b in enumerate(rows)],
-                                  dtype=torch.long, device=self.comm.device)
-        self.comm.broadcast(chosen, src=self.comm.sampler_rank)
-        for b, t in zip(rows, chosen.cpu().tolist()):
-            self.record(b, [t])
-        return chosen
-
-    def history(self, b: int) -> list[int]:
-        """Request ``b``'s prompt and generated tokens, which its penalties count (empty when it has none)."""
-        req = self.requests[b]
-        return list(req.prompt_ids) + self.out[b] if req.sampling.penalized else []
+        """The next token of requests ``rows`` (row i of ``logits`` belongs to ``rows[i]``); 0 for finished ones."""
+        return choose(self.comm, [self.seqs[b] for b in rows], logits, self.on_token)
 
     def record(self, b: int, tokens: list[int]) -> None:
-        """Append request ``b``'s new tokens until a stop token (not kept) or its ``max_tokens`` ends it."""
-        for t in tokens:
-            if self.reasons[b] is not None:
-                return
-            if t in self.stops[b]:
-                self.reasons[b] = "stop"
-                return
-            self.out[b].append(t)
-            if self.on_token is not None and self.comm.rank == 0:
-                self.on_token(b, t)
-            if len(self.out[b]) >= self.requests[b].sampling.max_tokens:
-                self.reasons[b] = "length"
+        self.seqs[b].record(tokens, self.on_token if self.comm.rank == 0 else None)
+
+    def done(self, b: int) -> bool:
+        return self.seqs[b].done
 
     def all_done(self) -> bool:
-        return all(r is not None for r in self.reasons)
+        return all(s.done for s in self.seqs)
+
+    @property
+    def gens(self) -> list[torch.Generator | None]:
+        return [s.gen for s in self.seqs]
 
     def results(self) -> list[GenerationResult]:
-        return [GenerationResult(token_ids=o, finish_reason=r, target_forwards=len(o) + (r == "stop"))
-                for o, r in zip(self.out, self.reasons)]
+        return [s.result() for s in self.seqs]
 
 
 def max_new_tokens(requests: list[GenerationRequest]) -> int:

@@ -8,18 +8,27 @@ killed host never leaves busy orphans, the repository path passed in ``PYTHONPAT
 python-backend stub runs isolated and its ``sys.executable`` may be wrong: pass ``python_executable=``), and a
 long gloo timeout so idle groups survive. One multi-rank service per process at a time (torch.distributed has one
 default group per process); a world of one runs in-process without torch.distributed.
+
+Two ways in: :meth:`EngineService.generate`, a batch call that returns when all its requests are done, and
+:meth:`EngineService.scheduler`, continuous batching for a server: requests submitted from any thread join the
+running batch at the next token boundary and leave it when done or cancelled (:class:`Scheduler`). A request's own
+failure (its sampling) fails that request alone; only a failure of the ranks themselves (a dead rank, a broken
+collective) makes the service unusable, reported by :attr:`EngineService.broken`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -31,15 +40,15 @@ from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import LONG_TIMEOUT, backend_for, make_comm
 from builder.engine.driver import Driver
 from builder.engine.generate import Engine
-from builder.engine.sampling import GenerationRequest, GenerationResult
+from builder.engine.sampling import GenerationRequest, GenerationResult, validate_request
 from builder.engine.speculative import SpeculativeOptions
 from builder.engine.worker import DTYPES, ready_key
-from builder.errors import ServeError
+from builder.errors import RequestError, ServeError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
 
-__all__ = ["EngineService", "GenerationRequest", "GenerationResult", "SpeculativeOptions"]
+__all__ = ["EngineService", "GenerationRequest", "GenerationResult", "Scheduler", "SpeculativeOptions"]
 
 
 def _die_with_parent() -> None:
@@ -71,6 +80,7 @@ class EngineService:
         self._broken: str | None = None  # why the ranks can no longer run collectives together
         self._log_dir = None
         self._lock = threading.Lock()  # one collective at a time (a Triton model may call from several threads)
+        self._scheduler: Scheduler | None = None
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // self.world)
         dtype_name = _dtype_name(dtype)
         if self.world > 1:
@@ -159,6 +169,19 @@ class EngineService:
         """Per rank: peak/current RSS, loaded weight bytes and rank-file tensor bytes."""
         return self._collective(self._driver.rank_stats)
 
+    def scheduler(self, *, max_batch: int = 16, window_s: float = 0.0,
+                  speculative: SpeculativeOptions | None = None) -> "Scheduler":
+        """The service's continuous-batching scheduler (made on the first call; later calls return it)."""
+        self._check_open()
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self, max_batch=max_batch, window_s=window_s, speculative=speculative)
+        return self._scheduler
+
+    @property
+    def broken(self) -> str | None:
+        """Why the ranks can no longer work together (the service must be replaced), else None."""
+        return self._broken
+
     def _collective(self, call):
         """Run one command on every rank. A rank that dies mid-command breaks every later collective too, so the
         first failure is turned into one error naming the rank and its last log lines, and every later call gets
@@ -169,7 +192,9 @@ class EngineService:
                 raise ServeError(self._broken)
             try:
                 return call()
-            except RuntimeError as exc:
+            except RequestError:
+                raise  # refused on rank 0 before anything was broadcast
+            except Exception as exc:
                 if self.world == 1:
                     raise
                 self._broken = self._failure(exc)
@@ -197,6 +222,8 @@ class EngineService:
     def close(self, timeout: float = 10.0) -> None:
         if self._closed:
             return
+        if self._scheduler is not None:
+            self._scheduler.close(timeout=timeout)
         self._closed = True
         if self.world > 1 and hasattr(self, "_driver"):
             # A request still running in another thread finishes first; a stuck one is cut off by the kill below.
@@ -241,4 +268,201 @@ class EngineService:
         try:
             self._kill_workers()
         except Exception:
+            pass
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted request: its callbacks and whether it was cancelled."""
+
+    id: int
+    request: GenerationRequest
+    on_token: Callable[[int], None] | None
+    on_done: Callable[[GenerationResult], None]
+    on_start: Callable[[int], None] | None = None
+    cancelled: bool = False
+    started_ns: int = 0  # when it joined a batch (time.time_ns)
+
+
+class Scheduler:
+    """Continuous batching on rank 0 (TensorRT-LLM's in-flight batching, for the reference engine): requests are
+    submitted from any thread; one scheduling thread runs them on every rank as a running batch, where a request
+    joins at the next token boundary after it arrives (up to ``max_batch`` rows) and leaves when it finishes or is
+    cancelled. ``on_token(token)`` and ``on_done(result)`` run on the scheduling thread, between steps: keep them
+    short (hand the work to another thread). ``window_s``: when the batch is empty, how long the first request
+    waits for others to share its prefill.
+
+    Speculative decoding and attention-DP layouts run whole batches instead (a batch forms from what is waiting and
+    decodes to its end, as before): their per-row state does not follow rows that come and go."""
+
+    def __init__(self, service: EngineService, *, max_batch: int, window_s: float,
+                 speculative: SpeculativeOptions | None):
+        self.service, self.max_batch, self.window_s = service, max(1, max_batch), max(0.0, window_s)
+        self.speculative = speculative
+        self.continuous = speculative is None and not service.engine.model.attention_dp
+        self._inbox: queue.Queue[Ticket | None] = queue.Queue()
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._in_flight: list[Ticket] = []  # the scheduling thread's running requests (failed together if it must)
+        self._thread = threading.Thread(target=self._loop, name="dsbuild-scheduler", daemon=True)
+        self._thread.start()
+
+    # ----- any thread -----
+    def submit(self, request: GenerationRequest, *, on_done: Callable[[GenerationResult], None],
+               on_token: Callable[[int], None] | None = None,
+               on_start: Callable[[int], None] | None = None) -> Ticket:
+        """Queue ``request``; ``on_done`` gets its result (finish_reason "error" with the reason when it fails),
+        ``on_token`` each token as it is chosen, ``on_start`` the size of the batch it joins."""
+        ticket = Ticket(next(self._ids), request, on_token, on_done, on_start)
+        if self._stopping.is_set() or self.service.broken:
+            self._deliver(ticket, self._failed(self.service.broken or "the engine service is closed"))
+            return ticket
+        self._inbox.put(ticket)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """End the request at the next token boundary (its result: finish_reason "cancelled")."""
+        ticket.cancelled = True
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=timeout)
+
+    # ----- the scheduling thread -----
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            first = self._inbox.get()
+            if first is None:
+                break
+            waiting = self._gather([first])
+            with self.service._lock:
+                try:
+                    if self.service.broken:
+                        raise ServeError(self.service.broken)
+                    if self.continuous:
+                        self._run_batch(waiting)
+                    else:
+                        self._run_whole(waiting)
+                except Exception as exc:
+                    # With several ranks they may now be out of step: the service cannot go on. A world of one
+                    # has no peers to lose; its next batch starts afresh.
+                    why = self.service.broken or f"the engine failed: {type(exc).__name__}: {exc}"
+                    if self.service.world > 1 and not self.service.broken:
+                        why = self.service._broken = self.service._failure(exc)
+                    for t in self._in_flight + waiting + self._drain():
+                        self._deliver(t, self._failed(why))
+                    self._in_flight = []
+        for t in self._drain():
+            self._deliver(t, self._failed("the engine service closed before this request ran"))
+
+    def _gather(self, waiting: list[Ticket]) -> list[Ticket]:
+        """What is queued, after waiting up to ``window_s`` for up to ``max_batch`` requests."""
+        deadline = time.monotonic() + self.window_s
+        while len(waiting) < self.max_batch:
+            try:
+                left = deadline - time.monotonic()
+                t = self._inbox.get(timeout=left) if left > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if t is None:
+                self._stopping.set()
+                break
+            waiting.append(t)
+        return waiting
+
+    def _drain(self) -> list[Ticket]:
+        out = []
+        while True:
+            try:
+                t = self._inbox.get_nowait()
+            except queue.Empty:
+                return out
+            if t is not None:
+                out.append(t)
+
+    def _admit(self, waiting: list[Ticket], room: int) -> list[Ticket]:
+        """Up to ``room`` valid, uncancelled requests from the front of ``waiting`` (removed from it); the others
+        are answered at once (refused: an error naming the problem; cancelled: empty)."""
+        out = []
+        while waiting and len(out) < room:
+            t = waiting.pop(0)
+            if t.cancelled:
+                self._deliver(t, GenerationResult(token_ids=[], finish_reason="cancelled"))
+                continue
+            try:
+                validate_request(t.request, self.service.engine.cfg, None)
+            except RequestError as exc:
+                self._deliver(t, self._failed(str(exc)))
+                continue
+            out.append(t)
+        now = time.time_ns()
+        for t in out:
+            t.started_ns = now
+        return out
+
+    def _run_batch(self, waiting: list[Ticket]) -> None:
+        """One running batch, from the first request until nothing runs or waits."""
+        driver = self.service._driver
+        running: dict[int, Ticket] = {}
+
+        def token(key: int, tok: int) -> None:
+            t = running[key]
+            if t.on_token is not None:
+                t.on_token(tok)
+
+        batch = driver.open_batch(on_token=token)
+        while True:
+            if not self._stopping.is_set():
+                waiting += self._drain()
+            joins = self._admit(waiting, self.max_batch - len(batch.seqs)) if batch.accepts_joins else []
+            running.update((t.id, t) for t in joins)
+            self._started(joins, len(batch.seqs) + len(joins))
+            self._in_flight = list(running.values())
+            leave = [s.key for s in batch.seqs if running[s.key].cancelled or s.callback_error is not None]
+            if not joins and not batch.seqs:
+                break
+            for seq in driver.advance(batch, join=[(t.id, t.request) for t in joins], leave=leave):
+                self._deliver(running.pop(seq.key), seq.result())
+        self._in_flight = []
+        driver.close_batch()
+
+    def _run_whole(self, waiting: list[Ticket]) -> None:
+        """Speculative decoding / attention-DP: batches of what waits, each decoded to its end."""
+        while waiting:
+            batch = self._admit(waiting, self.max_batch)
+            if not batch:
+                continue
+
+            def token(i: int, tok: int) -> None:
+                if batch[i].on_token is not None:
+                    batch[i].on_token(tok)
+
+            self._in_flight = batch
+            self._started(batch, len(batch))
+            results = self.service._driver.generate([t.request for t in batch], on_token=token,
+                                                    speculative=self.speculative)
+            self._in_flight = []
+            for t, r in zip(batch, results):
+                self._deliver(t, r)
+            waiting += self._drain()
+
+    @staticmethod
+    def _started(tickets: list[Ticket], size: int) -> None:
+        for t in tickets:
+            if t.on_start is not None:
+                try:
+                    t.on_start(size)
+                except Exception:  # a caller's logging hook must not stop the batch
+                    pass
+
+    @staticmethod
+    def _failed(message: str) -> GenerationResult:
+        return GenerationResult(token_ids=[], finish_reason="error", error=message)
+
+    @staticmethod
+    def _deliver(ticket: Ticket, result: GenerationResult) -> None:
+        try:
+            ticket.on_done(result)
+        except Exception:  # the caller's callback failed; nothing more the scheduler can do for it
             pass

@@ -36,12 +36,14 @@ from builder.engine.kv_cache import StepPositions
 from builder.engine.mtp import MTPProposer, bundle_has_mtp
 from builder.engine.proposer import DecodeState, Proposer
 from builder.engine.sampling import (
+    FAILED,
     Bookkeeping,
     GenerationRequest,
     GenerationResult,
     adjusted_logits,
     max_new_tokens,
     probabilities,
+    share_failures,
 )
 from builder.errors import RequestError
 
@@ -151,8 +153,8 @@ class SpeculativeDecoder:
         cache = engine.model.new_cache(batch=B, capacity=capacity)
         self.proposer.start(batch=B, capacity=capacity)
         book = Bookkeeping(requests, comm, on_token)
-        sampler, reasons = book.sampler, book.reasons
-        results = [GenerationResult(token_ids=out, finish_reason="length", target_forwards=1) for out in book.out]
+        sampler = book.sampler
+        results = [GenerationResult(token_ids=s.out, finish_reason="length", target_forwards=1) for s in book.seqs]
 
         # Prefill: the target over the prompts, its first token exactly as plain decoding samples it.
         zeros = torch.zeros(B, dtype=torch.long, device=comm.device)
@@ -169,7 +171,7 @@ class SpeculativeDecoder:
         first_ids = first.cpu().tolist()
         state = DecodeState(requests=requests, draft_len=N, pending=first.cpu(), positions=lens.clone(),
                             history=[list(r.prompt_ids) + [first_ids[b]] for b, r in enumerate(requests)],
-                            active=[r is None for r in reasons], gens=book.gens, sampler=sampler)
+                            active=[not book.done(b) for b in range(B)], gens=book.gens, sampler=sampler)
         self.proposer.prefill(tokens, lens, normed, first)
 
         while any(state.active):
@@ -183,9 +185,12 @@ class SpeculativeDecoder:
                     normed = engine.model.final_norm(hidden)
                     logits = engine.model.head_logits(normed)  # [B, N+1, V] (collective over the last stage's TP)
             if sampler:
-                outcome = self._verify(state, drafts, round_.q, logits).to(comm.device)
+                outcome = self._verify(state, book, drafts, round_.q, logits).to(comm.device)
             comm.broadcast(outcome, src=comm.sampler_rank)
             outcome = outcome.cpu()
+            failed = (outcome[:, 0] == FAILED).tolist()
+            share_failures(comm, book.seqs, failed)
+            outcome[:, 0].clamp_(min=0)
             accepted = outcome[:, 0].clone()
             new_tokens = torch.zeros(B, dtype=torch.long)
             old_positions = state.positions.clone()
@@ -193,8 +198,9 @@ class SpeculativeDecoder:
                 a = int(accepted[b])
                 new = outcome[b, 1:a + 2].tolist()
                 new_tokens[b] = new[-1]
-                if not state.active[b]:  # finished rows stay put (bounded cache use); their outputs are ignored
-                    new_tokens[b] = state.pending[b]
+                if not state.active[b] or failed[b]:  # finished rows stay put (bounded cache use); their outputs
+                    new_tokens[b] = state.pending[b]  # are ignored
+                    state.active[b] = False
                     continue
                 res = results[b]
                 res.total_draft_tokens += N
@@ -203,22 +209,32 @@ class SpeculativeDecoder:
                 book.record(b, new)
                 state.history[b].extend(new)
                 state.positions[b] += a + 1
-                state.active[b] = reasons[b] is None
+                state.active[b] = not book.done(b)
             accepted[state.positions == old_positions] = 0  # rows that were already finished
             self.proposer.accept(state, accepted, new_tokens, drafts, normed, old_positions)
             state.pending = new_tokens
-        for b, r in enumerate(reasons):
-            results[b].finish_reason = r or "length"
+        for b, seq in enumerate(book.seqs):
+            results[b].finish_reason, results[b].error = seq.reason or "length", seq.error
         return results
 
-    def _verify(self, state: DecodeState, drafts: torch.Tensor, q, logits: torch.Tensor) -> torch.Tensor:
+    def _verify(self, state: DecodeState, book: Bookkeeping, drafts: torch.Tensor, q,
+                logits: torch.Tensor) -> torch.Tensor:
+        """Sampler rank: [accepted, tokens...] per row; accepted FAILED for a row whose drafting or verification
+        raised (that request alone fails)."""
         B, N = drafts.shape
         out = torch.zeros(B, N + 2, dtype=torch.long)
         for b, req in enumerate(state.requests):
             if not state.active[b]:
                 continue
-            a, new = verify_row(req, state.history[b], drafts[b].tolist(), logits[b],
-                                None if req.sampling.greedy else q[b], state.gens[b])
+            try:
+                if b in state.draft_errors:
+                    raise RuntimeError(state.draft_errors.pop(b))
+                a, new = verify_row(req, state.history[b], drafts[b].tolist(), logits[b],
+                                    None if req.sampling.greedy else q[b], state.gens[b])
+            except Exception as exc:
+                book.seqs[b].error = f"sampling failed: {type(exc).__name__}: {exc}"
+                out[b, 0] = FAILED
+                continue
             out[b, 0] = a
             out[b, 1:a + 2] = torch.tensor(new, dtype=torch.long)
         return out

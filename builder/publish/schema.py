@@ -15,7 +15,7 @@ import jsonschema
 
 from builder.errors import DsbuildError, UnsafePathError
 from builder.paths import safe_relpath
-from builder.publish.artifact import TAR_SUFFIX, TITLE
+from builder.publish.artifact import DIR_MEDIA_TYPE, TITLE
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 STAGES_ANNOTATION = "io.dsbuild.stages"
@@ -103,18 +103,16 @@ def check_schema(doc: Any, schema: Mapping[str, Any], *, what: str, error: type[
 
 
 def check_artifact_manifest(doc: Any, *, what: str, error: type[DsbuildError]) -> list[str]:
-    """Check an artifact manifest; its layers' titles, each a safe relative path, unique, none inside a file's."""
+    """Check an artifact manifest; its layers' titles, each a safe relative path, unique, none inside a file layer's
+    (a file layer may lie inside a directory layer's title: ``package/package.json`` beside the ``package`` tar)."""
     check_schema(doc, ARTIFACT_SCHEMA, what=what, error=error)
-    titles, files = [], set()
+    titles = []
     for i, layer in enumerate(doc["layers"]):
         try:
             titles.append(safe_relpath(layer["annotations"][TITLE], what="layer title"))
         except UnsafePathError as exc:
             raise error(f"{what} is malformed: layers[{i}]: {exc}") from None
-        if not str(layer.get("mediaType", "")).endswith(TAR_SUFFIX):
-            files.add(titles[-1])
-    # A directory layer (package/ as one tar) may sit beside file layers under the same directory (package/package.json,
-    # package/Dockerfile); nothing may lie inside a file layer.
+    files = {t for t, layer in zip(titles, doc["layers"]) if layer["mediaType"] != DIR_MEDIA_TYPE}
     _unique_and_not_nested(titles, what=f"{what}: layer title", error=error, files=files)
     return titles
 
@@ -140,6 +138,7 @@ def check_run_manifest(doc: Any, *, what: str, error: type[DsbuildError]) -> dic
 
 def _unique_and_not_nested(paths: list[str], *, what: str, error: type[DsbuildError],
                            files: set[str] | None = None) -> None:
+    """Each path once, and none inside one of ``files`` (default: every path is a file)."""
     seen: set[str] = set()
     for p in paths:
         if p in seen:

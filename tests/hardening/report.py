@@ -48,6 +48,8 @@ def fuzz_counts() -> dict[str, int]:
 
 # Issue 18's classes (docs: what was tried per class and what held). Cases name their class with ``item=``.
 ISSUE_18 = {
+    1: "A sampling value fails at most its own request: a served TP2 model answers a normal request beside and after "
+       "each with the same text; a dead engine rank makes `dsbuild serve` restart the server",
     4: "A shard with a gap or trailing bytes is refused at fetch (every data byte in exactly one tensor)",
     5: "config.json values bounded by what the catalogue can hold; huge integers and deep nesting read safely",
     6: "Non-finite weights refused naming the tensor (fetch, quantize's own output); every JSON written is strict",
@@ -78,7 +80,8 @@ def _issue_18(entries: list[dict]) -> list[str]:
     for item, title in ISSUE_18.items():
         cases = by_item.get(item, [])
         kinds = collections.Counter({"bad_inputs": "refused inputs", "commit_kills": "kills / edits",
-                                     "checks": "checks", "secrets": "secret scans"}.get(e["kind"], e["kind"])
+                                     "checks": "checks", "secrets": "secret scans",
+                                     "serving_requests": "served requests"}.get(e["kind"], e["kind"])
                                     for e in cases)
         names = sorted({e["name"] for e in cases})
         shown = ", ".join(f"`{n}`" for n in names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else "")
@@ -132,6 +135,11 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
     for e in by_kind["secrets"]:
         detail = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("kind", "name", "item"))
         out.append(f"| secrets: {e['name']} | {detail} |")
+    requests = by_kind["serving_requests"]
+    if requests:
+        outcomes = collections.Counter(e["outcome"] for e in requests)
+        out.append("| served TP2 model: bad sampling requests beside a normal one, the normal text unchanged "
+                   "after each | " + ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items())) + " |")
     for e in by_kind["load"]:
         out.append(f"| serving load: {e['streams']} streams + malformed for {e['duration_s']} s | "
                    f"{e['valid_requests']} valid (all text-equal), {e['malformed_requests']} malformed (all errors) |")
@@ -168,9 +176,15 @@ def render(entries: list[dict], fuzz: dict[str, int], command: str) -> str:
             out.append(f"| {name} | {sum('into-stage' in p for p in pts)} | {pts.count('before-rename')} | "
                        f"{pts.count('finished-before-kill')} |")
         out.append("")
+    if requests:
+        out += ["## A request can only fail itself (served TP2 model)", "",
+                "| bad request | protocol | outcome | normal request beside it and after it |", "| --- | --- | --- | --- |"]
+        out += [f"| {e['name']} | {e['protocol']} | {e['outcome']} | "
+                f"{'same text as before' if e['normal_text_unchanged'] else 'CHANGED'} |" for e in requests]
+        out.append("")
     for e in by_kind["load"]:
         out += ["## Serving under load", "", "| figure | value |", "| --- | --- |"]
-        out += [f"| {k} | {v} |" for k, v in e.items() if k not in ("kind", "name")]
+        out += [f"| {k} | {v} |" for k, v in e.items() if k not in ("kind", "name", "item")]
         out.append("")
     return "\n".join(out)
 

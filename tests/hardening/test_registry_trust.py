@@ -138,7 +138,7 @@ CASES = [
     ("tar-member-twice", launch_as_tar([(RUN_SH, b"#!/bin/sh\n"), (RUN_SH, b"#!/bin/sh\n")]), 11, "the artifact carries package/launch/run.sh twice"),
     ("tar-member-outside-its-title", launch_as_tar([(RUN_SH, b"#!/bin/sh\n"), ("engines/config.json", b"{}")]), 11, "holds engines/config.json, outside the directory it is titled"),
     ("tar-member-a-symlink", launch_as_tar([("package/launch/link", None), (RUN_SH, b"#!/bin/sh\n")]), 11, "holds package/launch/link, which is not a regular file"),
-    ("tar-over-a-file-layer", launch_as_tar([(RUN_SH, b"#!/bin/sh\n")], keep_file_layer=True), 11, "the artifact carries package/launch/run.sh twice"),
+    ("tar-over-a-file-layer", launch_as_tar([(RUN_SH, b"#!/bin/sh\n")], keep_file_layer=True), 10, "layer title 'package/launch/run.sh' lies inside 'package/launch', which is a file"),
     ("dockerfile-title-with-another-type", dockerfile_title_other_type, 11, "carries Dockerfile, which manifest.json does not list"),
     ("stages-annotation-names-an-unlisted-stage", unlisted_stage_in_annotation, 11, "says it holds stage fetch, which its manifest.json does not list"),
     ("missing-mediaType", edited(lambda d: d.pop("mediaType")), 10, "is malformed: the document: 'mediaType' is a required property"),
@@ -405,7 +405,7 @@ REALMS = [
 def test_credentials_go_only_to_an_https_realm_or_this_machine(name, registry, realm, with_creds, allowed):
     env = {"DSBUILD_REGISTRY_USER": "carol", "DSBUILD_REGISTRY_PASSWORD": "pw-9f8e"} if with_creds else {"HOME": "/nonexistent"}
     client = RegistryClient(parse_reference(f"oci://{registry}/team/run:v1"), environ=env,
-                            insecure=registry.startswith("127."), retries=0)
+                            plain_http=registry.startswith("127."), retries=0)
     rec = _Recorder(f'Bearer realm="{realm}",service="reg",scope="repository:team/run:pull"')
     client.session = rec  # type: ignore[assignment]
     secret = base64.b64encode(b"carol:pw-9f8e").decode()

@@ -27,8 +27,8 @@ def _closed_port() -> int:
 
 @pytest.mark.server
 def test_huggingface_hub_retry_warnings_do_not_show_hf_endpoint_credentials(dsbuild, tmp_path, tiny_ckpt):
-    """The hub answers 429 twice to a shard: huggingface_hub logs 'HTTP Error 429 thrown while requesting GET
-    <url>' and 'Retrying in ...' for each, with HF_ENDPOINT's user-info in the URL; the fetch still succeeds."""
+    """The hub answers 429 twice to a shard and once to config.json with HF_ENDPOINT carrying user-info; the fetch
+    retries and succeeds, and the token is printed nowhere (the library's own log lines: the filter tests below)."""
     server = HubServer().start()
     try:
         repo = served_repo("acme/creds", tiny_ckpt)
@@ -44,7 +44,8 @@ def test_huggingface_hub_retry_warnings_do_not_show_hf_endpoint_credentials(dsbu
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
     assert TOKEN not in out
-    assert "HTTP Error 429 thrown while requesting GET http://***@127.0.0.1" in proc.stderr, proc.stderr
+    # The 429s were answered (and retried): dsbuild's retry lines and any library line went by without the token.
+    assert repo.faults.error429_times[shard] == 0 and repo.faults.error429_times["config.json"] == 0
     assert TOKEN not in (tmp_path / "build" / "r" / "manifest.json").read_text()
     record.add("secrets", "hf-endpoint-user-info-in-retry-warnings", item=17,
                retry_lines=proc.stderr.count("thrown while requesting"), token_seen=0)
@@ -53,14 +54,14 @@ def test_huggingface_hub_retry_warnings_do_not_show_hf_endpoint_credentials(dsbu
 CARRIES = "carries credentials; dsbuild takes them from DSBUILD_REGISTRY_USER"
 CLI_CASES = [
     ("pull-reference-with-password", ["pull", f"oci://carol:{PASSWORD}@127.0.0.1:{{port}}/team/run:v1", "dest",
-                                      "--insecure"], 10, "reference 'oci://***@127.0.0.1:"),
+                                      "--plain-http"], 10, "reference 'oci://***@127.0.0.1:"),
     ("pull-reference-password-with-at-sign", ["pull", f"oci://carol:{PASSWORD}@x@127.0.0.1:{{port}}/team/run:v1",
                                               "dest", "-v"], 10, CARRIES),
     ("push-reference-with-password", ["push", "run", f"oci://carol:{PASSWORD}@127.0.0.1:{{port}}/team/run:v1",
-                                      "--insecure", "-v"], 10, CARRIES),
+                                      "--plain-http", "-v"], 10, CARRIES),
     ("push-reference-user-only", ["push", "run", "oci://carol@127.0.0.1:{port}/team/run:v1"], 10, CARRIES),
     ("fetch-unreachable-endpoint-with-token", ["fetch", "--model", "acme/creds", "--out", "build/r", "-v"], 4,
-     "cannot be reached"),
+     "cannot reach the hub at http://127.0.0.1:"),
 ]
 
 

@@ -57,3 +57,30 @@ def test_verify_exits_11_beyond_tolerance(run_dir, dsbuild):
 def test_generate_refuses_a_directory_that_is_not_a_bundle(dsbuild, tmp_path):
     res = dsbuild("generate", "--engine", str(tmp_path), "--prompt", "x")
     assert res.returncode == 3 and "is not an engine bundle" in res.stderr
+
+
+def test_generate_with_extreme_sampling_values_ends_cleanly(run_dir, dsbuild):
+    """Issue 18 item 3: finite extremes the sampling rules accept (a subnormal temperature, penalties near FP32's
+    largest) generate without a traceback -- a temperature of 1e-40 is the T -> 0 limit, the greedy tokens --
+    and values FP32 cannot carry are refused in one sentence naming the flag's field."""
+    engines = str(run_dir / "engines")
+
+    def run(*extra, **kw):
+        return dsbuild("generate", "--engine", engines, "--prompt", "The river", "--max-tokens", "6",
+                       "--ignore-eos", "--json", *extra, **kw)
+
+    greedy = json.loads(run("--temperature", "0", check=True).stdout)
+    tiny = run("--temperature", "1e-40", "--seed", "3")
+    assert tiny.returncode == 0 and "Traceback" not in tiny.stderr, tiny.stderr
+    assert json.loads(tiny.stdout)["token_ids"] == greedy["token_ids"]
+    for extra in (("--presence-penalty", "-3e38"), ("--frequency-penalty", "-3e38", "--temperature", "0.8"),
+                  ("--temperature", "3.4e38", "--seed", "1"), ("--temperature", "1.4e-45", "--top-p", "1.4e-45")):
+        res = run(*extra)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, (extra, res.stderr)
+        out = json.loads(res.stdout)
+        assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length", extra
+    for extra, field in ((("--temperature", "1e-50"), "temperature"), (("--presence-penalty", "-1e39"),
+                                                                       "presence_penalty")):
+        res = run(*extra)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"{field} must be a finite number that FP32 can carry" in res.stderr

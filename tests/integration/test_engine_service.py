@@ -126,3 +126,43 @@ def test_a_missing_python_for_workers_is_a_clear_error(bundle_tp2):
 
     with pytest.raises(ServeError, match="python executable '/nonexistent/python3' does not exist"):
         EngineService(bundle_tp2, python_executable="/nonexistent/python3")
+
+
+def test_a_dead_rank_fails_the_scheduled_requests_and_the_service_says_so(bundle_tp2):
+    """Continuous batching (``EngineService.scheduler``): a killed rank fails the running request with the rank
+    named, ``broken`` says why, and a later request is answered with that error at once, never queued forever."""
+    import threading
+
+    from builder.engine.service import EngineService, GenerationRequest
+
+    with EngineService(bundle_tp2, threads_per_rank=1) as svc:
+        sched = svc.scheduler(max_batch=4)
+        tokens, results, seen = [], {}, threading.Condition()
+
+        def done(name):
+            def on_done(res):
+                with seen:
+                    results[name] = res
+                    seen.notify_all()
+            return on_done
+
+        def on_token(tok):
+            with seen:
+                tokens.append(tok)
+                seen.notify_all()
+
+        sched.submit(GenerationRequest([5, 6, 7], SamplingParams(max_tokens=400)), on_done=done("victim"),
+                     on_token=on_token)
+        with seen:
+            assert seen.wait_for(lambda: len(tokens) >= 2 or "victim" in results, timeout=120)
+        svc._procs[0].kill()
+        with seen:
+            assert seen.wait_for(lambda: "victim" in results, timeout=120)
+        res = results["victim"]
+        assert res.finish_reason == "error" and "engine rank 1 exited" in res.error
+        assert svc.broken and "engine rank 1 exited" in svc.broken
+        t0 = time.monotonic()
+        sched.submit(GenerationRequest([5, 6], SamplingParams(max_tokens=2)), on_done=done("later"))
+        with seen:
+            assert seen.wait_for(lambda: "later" in results, timeout=30)
+        assert results["later"].error == svc.broken and time.monotonic() - t0 < 5

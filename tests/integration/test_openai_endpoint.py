@@ -274,3 +274,14 @@ def test_bench_protocol_openai(served, run, tmp_path):
     assert level["ok"] == 4 and level["errors"] == 0, level["error_list"]
     assert all(r["output_tokens"] == 6 and r["finish_reason"] == "length" for r in level["requests"])
     assert level["token_count_check"]["streamed_vs_max_tokens_mismatched"] == []
+
+
+def test_zz_sigterm_after_clients_left_mid_stream_stops_tritonserver_cleanly(served):
+    """Requests whose clients went away (above) must still end with Triton's FINAL flag (the Python backend needs
+    it even for a cancelled request), or Triton counts them in flight at shutdown and exits 1 after its timeout."""
+    import signal
+
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=60) == 0
+    log = "".join(served.stderr_lines)
+    assert "tritonserver stopped (exit code 0)" in log, log[-2000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from builder.engine.sampling import GenerationRequest
 from builder.sampling_params import SamplingParams
 from tests.support.engines import (
     GEN_TOKENS,
@@ -46,7 +47,8 @@ def bundles(tiny_ckpt, tmp_path_factory):
 
 
 def task(prompts):
-    return {"logits": prompts, "generate": [{"prompt_ids": p, "max_tokens": GEN_TOKENS} for p in prompts]}
+    return {"logits": prompts,
+            "generate": [GenerationRequest(p, SamplingParams(max_tokens=GEN_TOKENS)).to_dict() for p in prompts]}
 
 
 def check_against_reference(result, logits, reference):

@@ -85,6 +85,39 @@ def test_greedy_speculative_equals_plain_greedy(engine, bundles, mode, n):
     _check_equal_and_exercised(plain, decode(engine, reqs, speculative=_spec(mode, n, bundles)), n)
 
 
+
+@pytest.mark.parametrize("mode,where", [("mtp", "verify"), ("mtp", "draft"), ("draft", "verify")])
+def test_a_request_whose_speculative_sampling_fails_mid_generation_fails_alone(engine, bundles, monkeypatch, mode,
+                                                                               where):
+    """Issue 18 item 2 in speculative decoding: the poisoned request's verification (or drafting) raises after it
+    has produced tokens; it ends with finish_reason "error" and its reason, the others of the batch get exactly
+    the tokens they get without it."""
+    import builder.engine.proposer as proposer
+    import builder.engine.speculative as speculative
+
+    reqs = _requests(3)
+    spec = _spec(mode, 2, bundles)
+    alone = decode(engine, [reqs[0], reqs[2]], speculative=spec)
+    poisoned = GenerationRequest(reqs[1].prompt_ids, SamplingParams(max_tokens=GEN, temperature=0.7, seed=666))
+    module, name = (speculative, "verify_row") if where == "verify" else (proposer, "choose_draft")
+    real, calls = getattr(module, name), {"n": 0}
+
+    def failing(*args, **kw):
+        req_or_logits = args[0]
+        params = req_or_logits.sampling if where == "verify" else args[1]
+        if params.seed == 666:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise RuntimeError("injected sampling failure")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, failing)
+    got = decode(engine, [reqs[0], poisoned, reqs[2]], speculative=spec)
+    assert got[1].finish_reason == "error" and "injected sampling failure" in got[1].error
+    assert len(got[1].token_ids) >= 1  # it failed mid-generation, after tokens
+    assert [got[0].token_ids, got[2].token_ids] == [alone[0].token_ids, alone[1].token_ids]
+    assert [got[0].finish_reason, got[2].finish_reason] == [alone[0].finish_reason, alone[1].finish_reason]
+
 @pytest.mark.parametrize("mode", ["mtp", "draft"])
 def test_penalized_greedy_speculative_equals_penalized_plain_greedy(engine, bundles, mode):
     """Each request its own presence/frequency penalties: the verifier and the drafter count the emitted tokens

@@ -74,3 +74,14 @@ def test_zero_ports_become_distinct_free_ports_and_given_ones_stay():
 def test_missing_repository_is_refused(tmp_path):
     with pytest.raises(ServeError, match="does not exist"):
         server.TritonServer(repo=tmp_path / "nope").start()
+
+
+def test_the_cpu_models_engine_broken_line_is_an_unhealthy_marker():
+    """`dsbuild serve` restarts tritonserver on the line the CPU model logs when its engine cannot continue
+    (tests/hardening/test_serving_requests.py kills a rank of a served model to see it happen)."""
+    import re
+
+    template = Path(server.__file__).parent / "templates" / "trtllm-1.2.1" / "cpu" / "tensorrt_llm" / "1" / "model.py"
+    line = re.search(r'^ENGINE_BROKEN = "([^"]+)"', template.read_text(), re.M)
+    assert line and line.group(1) in server.UNHEALTHY_MARKERS
+    assert "is not healthy" in server.UNHEALTHY_MARKERS  # Triton 2.51's own line for a crashed stub

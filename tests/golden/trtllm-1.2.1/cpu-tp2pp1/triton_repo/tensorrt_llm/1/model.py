@@ -1,11 +1,19 @@
 """CPU flavour of the ``tensorrt_llm`` Triton model: dsbuild's reference engine behind TensorRT-LLM's llmapi tensor
 interface, for hosts without a GPU (and for dsbuild's own end-to-end tests).
 
-The model is decoupled: ``execute`` validates each request, answers bad ones at once with an error, and queues the
-rest. One batching thread takes up to ``engine_max_batch_size`` queued requests (waiting ``batch_window_ms`` for
-more to arrive), runs them together through ``EngineService.generate`` (rank 0 here, the other TP x PP ranks as
-worker processes) and streams tokens back as they come. As in TensorRT-LLM 1.2.x, every streamed response carries
-the cumulative text, and the last one is flagged final and carries the whole text and the finish reason.
+The model is decoupled: ``execute`` validates each request, answers bad ones at once with an error, and submits the
+rest to the engine's scheduler (``builder.engine.service.Scheduler``): continuous batching, as TensorRT-LLM's
+in-flight batching does -- a request joins the running batch (rank 0 here, the other TP x PP ranks as worker
+processes) at the next token boundary and leaves it when it ends. The scheduler hands each chosen token to this
+model's response thread, which turns tokens into text incrementally, matches stop strings and sends the responses,
+so the engine never waits for a response to be built. As in TensorRT-LLM 1.2.x, every streamed response carries the
+cumulative text, and the last one is flagged final and carries the whole text and the finish reason;
+``stream_interval`` (an LLM-API option of TensorRT-LLM, default 1) sends a streamed response every N tokens.
+
+One request's failure (its sampling) answers that request with an error and nothing else. If the engine's ranks
+themselves can no longer work together, every request gets that error and the model logs ``ENGINE_BROKEN`` once;
+``dsbuild serve`` watches the log for it (``triton_repo.server.UNHEALTHY_MARKERS``) and restarts tritonserver, which
+is not ready while it restarts (Triton 2.51's Python backend has no hook by which a model marks itself not ready).
 """
 
 import json
@@ -20,12 +28,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+ENGINE_BROKEN = "dsbuild cpu model: the engine cannot continue"  # a key of triton_repo.server.UNHEALTHY_MARKERS
+
 
 class BadRequest(Exception):
     """A request the model refuses; the message goes back to the client."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     sender: object
     request_id: str
@@ -34,6 +44,8 @@ class Job:
     streaming: bool
     exclude_input: bool
     prompt_text: str
+    decoder: object = None  # tokenizers' DecodeStream: the text grows by each token's new characters
+    ticket: object = None  # the scheduler's handle (cancellation)
     tokens: list = field(default_factory=list)
     text: str = ""
     pending: object = None  # the latest streamed response, held back so that the last one can carry FINAL
@@ -42,7 +54,6 @@ class Job:
     finish_reason: str = ""
     stop_reason: str = ""
     arrival_ns: int = 0
-    first_scheduled_ns: int = 0
     first_token_ns: int = 0
     last_token_ns: int = 0
 
@@ -86,26 +97,29 @@ class TritonPythonModel:
             sys.path.insert(0, src)
             os.environ["PYTHONPATH"] = os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         engine_dir = os.path.normpath(os.path.join(model_dir, params["engine_dir"]))
-        self.max_batch = max(1, int(params.get("engine_max_batch_size") or 8))
-        self.window_s = max(0.0, float(params.get("batch_window_ms") or 0)) / 1000.0
+        max_batch = max(1, int(params.get("engine_max_batch_size") or 8))
+        window_s = max(0.0, float(params.get("batch_window_ms") or 0)) / 1000.0
+        self.stream_interval = max(1, int(params.get("stream_interval") or 1))
         self.max_seq_len = int(params.get("max_seq_len") or 0)
         threads = int(params.get("threads_per_rank") or 0) or None
         # dsbuild is importable only now (dsbuild_src above): its modules are bound here, not at module level.
+        from tokenizers.decoders import DecodeStream
+
         from builder.engine.service import EngineService, GenerationRequest, SpeculativeOptions
         from builder.engine.text import encode_prompt
         from builder.errors import RequestError
         from builder.sampling_params import SamplingParams, inputs_from_parameters
 
         self.GenerationRequest, self.SamplingParams, self.RequestError = GenerationRequest, SamplingParams, RequestError
+        self.DecodeStream = DecodeStream
         self.inputs_from_parameters = inputs_from_parameters
         self.input_names = tuple(i["name"] for i in self.model_config.get("input", []))
         self.encode_prompt = encode_prompt
         mode = params.get("speculative_mode") or "none"
-        self.speculative = None
+        speculative = None
         if mode != "none":
             draft = os.path.join(model_dir, params.get("draft_engine_dir", "")) if mode == "draft" else None
-            self.speculative = SpeculativeOptions(mode=mode, draft_len=int(params.get("draft_len") or 1),
-                                                  draft_engine=draft)
+            speculative = SpeculativeOptions(mode=mode, draft_len=int(params.get("draft_len") or 1), draft_engine=draft)
         # The stub's sys.executable is the python3 found on PATH; engine workers must use the same interpreter.
         python = sys.executable or shutil.which("python3")
         self.engine = EngineService(engine_dir, device="cpu", threads_per_rank=threads, python_executable=python)
@@ -113,14 +127,17 @@ class TritonPythonModel:
         # As TensorRT-LLM does by default (and `dsbuild generate --engine`): stop at the model's end-of-sentence.
         eos = self.engine.bundle.cfg.raw.get("eos_token_id")
         self.stop_token_ids = [int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
-        self.queue = queue.Queue()
         self.by_request_id = {}
         self.lock = threading.RLock()  # guards sends and the FINAL flag of every job
         self.forget_lock = threading.Lock()
         self.stopping = threading.Event()
-        self.loop = threading.Thread(target=self._batching_loop, name="dsbuild-batching", daemon=True)
-        self.loop.start()
-        pb_utils.Logger.log_info(f"dsbuild cpu model: engine {engine_dir}, batch {self.max_batch}")
+        self.broken_logged = False
+        self.outbox = queue.SimpleQueue()  # (job, token) and (job, result) from the scheduler, in order
+        self.responder = threading.Thread(target=self._respond_loop, name="dsbuild-responses", daemon=True)
+        self.responder.start()
+        self.scheduler = self.engine.scheduler(max_batch=max_batch, window_s=window_s, speculative=speculative)
+        pb_utils.Logger.log_info(f"dsbuild cpu model: engine {engine_dir}, batch {max_batch}, "
+                                 f"{'continuous' if self.scheduler.continuous else 'whole-batch'} batching")
 
     # -- requests ----------------------------------------------------------------------------------------------
     def execute(self, requests):
@@ -144,7 +161,11 @@ class TritonPythonModel:
             if job.request_id:
                 with self.forget_lock:
                     self.by_request_id.setdefault(job.request_id, []).append(job)
-            self.queue.put(job)
+            req = self.GenerationRequest(prompt_ids=job.prompt_ids, sampling=job.sampling,
+                                         stop_token_ids=list(self.stop_token_ids))
+            job.ticket = self.scheduler.submit(req, on_token=lambda tok, job=job: self.outbox.put((job, tok)),
+                                               on_done=lambda res, job=job: self.outbox.put((job, res)),
+                                               on_start=self._log_batch)
         return None
 
     def _fields(self, request):
@@ -187,7 +208,7 @@ class TritonPythonModel:
         return Job(sender=sender, request_id=request.request_id() or "", prompt_ids=prompt_ids, sampling=sampling,
                    streaming=bool(_scalar(request, "streaming", False, fields)),
                    exclude_input=bool(_scalar(request, "sampling_param_exclude_input_from_output", True, fields)),
-                   prompt_text=prompt, arrival_ns=arrival)
+                   prompt_text=prompt, arrival_ns=arrival, decoder=self.DecodeStream(skip_special_tokens=True))
 
     def _cancel(self, request_id, sender):
         if not request_id:
@@ -196,68 +217,35 @@ class TritonPythonModel:
         with self.forget_lock:
             jobs = list(self.by_request_id.pop(request_id, []))
         for job in jobs:
-            job.done = True
-            job.finish_reason = job.finish_reason or "cancelled"
-            self._send_final(job, None)  # the engine may keep computing this batch; the client need not wait
+            self._stop_job(job, "cancelled")
+            self._send_final(job, None)  # the request leaves the batch at the next token; the client need not wait
         self._send_error(sender, "Request cancelled by client", pb_utils.TritonError.CANCELLED)
 
-    # -- batching ----------------------------------------------------------------------------------------------
-    def _take_batch(self):
-        try:
-            first = self.queue.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        if first is None:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.window_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                job = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                self.stopping.set()
-                break
-            batch.append(job)
-        return batch
+    def _stop_job(self, job, reason, stop_reason=""):
+        """The job wants no more tokens: record why and take it out of the running batch."""
+        if not job.done:
+            job.done, job.finish_reason, job.stop_reason = True, reason, stop_reason
+        if job.ticket is not None:
+            self.scheduler.cancel(job.ticket)
 
-    def _batching_loop(self):
-        while not self.stopping.is_set():
-            batch = [j for j in self._take_batch() if not self._already_finished(j)]
-            if not batch:
-                continue
-            pb_utils.Logger.log_info(f"dsbuild cpu model: batch of {len(batch)} request(s)")
-            now = time.time_ns()
-            for job in batch:
-                job.first_scheduled_ns = now
-            self._run(batch)
+    def _log_batch(self, size):
+        pb_utils.Logger.log_info(f"dsbuild cpu model: batch of {size} request(s)")
 
-    def _run(self, batch):
-        requests = [self.GenerationRequest(prompt_ids=j.prompt_ids, sampling=j.sampling,
-                                           stop_token_ids=list(self.stop_token_ids)) for j in batch]
-        try:
-            results = self.engine.generate(requests, on_token=lambda i, tok: self._on_token(batch[i], tok),
-                                           speculative=self.speculative)
-        except Exception as exc:
-            if len(batch) > 1 and not any(j.tokens for j in batch):
-                # One request the engine refuses must not fail the others: run them one by one.
-                for job in batch:
-                    self._run([job])
+    # -- the response thread -----------------------------------------------------------------------------------
+    def _respond_loop(self):
+        while True:
+            item = self.outbox.get()
+            if item is None:
                 return
-            for job in batch:
-                self._send_error(job.sender, f"generation failed: {type(exc).__name__}: {exc}")
-                self._forget(job)
-            return
-        for job, result in zip(batch, results):
-            self._finish(job, result)
-
-    def _already_finished(self, job):
-        if job.done:  # cancelled while queued
-            self._send_final(job, None)
-            return True
-        return False
+            job, what = item
+            try:
+                if isinstance(what, int):
+                    self._on_token(job, what)
+                else:
+                    self._finish(job, what)
+            except Exception as exc:  # answer this request, keep serving the others
+                self._stop_job(job, "error")
+                self._send_error(job.sender, f"generation failed: {type(exc).__name__}: {exc}", final_for=job)
 
     def _on_token(self, job, token):
         if job.done:
@@ -266,27 +254,37 @@ class TritonPythonModel:
         job.first_token_ns = job.first_token_ns or now
         job.last_token_ns = now
         job.tokens.append(token)
-        job.text = self.tokenizer.decode(job.tokens)
-        for s in job.sampling.stop:
-            at = job.text.find(s)
-            if at >= 0:
-                job.text = job.text[:at]
-                job.done, job.finish_reason, job.stop_reason = True, "stop", s
-                break
+        piece = job.decoder.step(self.tokenizer, token)  # None until the token completes a character
+        if piece:
+            before = len(job.text)
+            job.text += piece
+            for s in job.sampling.stop:  # only where a match could newly have appeared
+                at = job.text.find(s, max(0, before - len(s) + 1))
+                if at >= 0:
+                    job.text = job.text[:at]
+                    self._stop_job(job, "stop", s)
+                    break
         if job.sender.is_cancelled():
-            job.done, job.finish_reason = True, "cancelled"
+            self._stop_job(job, "cancelled")
             return
-        if job.streaming:
+        if job.streaming and len(job.tokens) % self.stream_interval == 0:
             with self.lock:
                 if job.pending is not None and not job.final_sent:
                     self._send(job.sender, job.pending, 0)
                 job.pending = self._response(job, None)
 
     def _finish(self, job, result):
+        if result.finish_reason == "error":
+            self._forget(job)
+            if self.engine.broken and not self.broken_logged:
+                self.broken_logged = True
+                pb_utils.Logger.log_error(f"{ENGINE_BROKEN}: {self.engine.broken}")
+            self._send_error(job.sender, f"generation failed: {result.error}", final_for=job)
+            return
         if not job.done:
             job.finish_reason = result.finish_reason
         # The engine's final token list is authoritative (the streamed ids are the same tokens).
-        if job.finish_reason != "stop" and job.finish_reason != "cancelled":
+        if job.finish_reason not in ("stop", "cancelled"):
             job.tokens = list(result.token_ids)
             job.text = self.tokenizer.decode(job.tokens)
         self._send_final(job, result)
@@ -297,8 +295,10 @@ class TritonPythonModel:
             if job.final_sent:
                 return
             job.final_sent = True
-            if not job.sender.is_cancelled():
-                self._send(job.sender, self._response(job, result), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            # A cancelled request still needs the FINAL flag (python_backend README, "Request Cancellation
+            # Handling"), or Triton keeps it -- and the model -- alive until its shutdown times out.
+            response = None if job.sender.is_cancelled() else self._response(job, result)
+            self._send(job.sender, response, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _forget(self, job):
         if job.request_id:
@@ -314,6 +314,7 @@ class TritonPythonModel:
         drafted = int(getattr(result, "total_draft_tokens", 0) or 0) if result is not None else 0
         accepted = int(getattr(result, "total_accepted_draft_tokens", 0) or 0) if result is not None else 0
         text = job.text if job.exclude_input else job.prompt_text + job.text
+        started = job.ticket.started_ns if job.ticket is not None else 0
         tensors = [
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
             pb_utils.Tensor("finish_reason", np.array([job.finish_reason.encode()], dtype=np.object_)),
@@ -322,7 +323,7 @@ class TritonPythonModel:
             pb_utils.Tensor("total_accepted_draft_tokens", np.array([accepted], dtype=np.int32)),
             pb_utils.Tensor("total_draft_tokens", np.array([drafted], dtype=np.int32)),
             pb_utils.Tensor("arrival_time_ns", np.array([job.arrival_ns], dtype=np.int64)),
-            pb_utils.Tensor("first_scheduled_time_ns", np.array([job.first_scheduled_ns], dtype=np.int64)),
+            pb_utils.Tensor("first_scheduled_time_ns", np.array([started], dtype=np.int64)),
             pb_utils.Tensor("first_token_time_ns", np.array([job.first_token_ns], dtype=np.int64)),
             pb_utils.Tensor("last_token_time_ns", np.array([job.last_token_ns], dtype=np.int64)),
             pb_utils.Tensor("num_input_tokens", np.array([len(job.prompt_ids)], dtype=np.int32)),
@@ -336,19 +337,17 @@ class TritonPythonModel:
         except Exception as exc:  # the client went away; nothing else to do for it
             pb_utils.Logger.log_warn(f"dsbuild cpu model: could not send a response: {exc}")
 
-    def _send_error(self, sender, message, code=None):
+    def _send_error(self, sender, message, code=None, *, final_for=None):
+        if final_for is not None:
+            with self.lock:
+                if final_for.final_sent:
+                    return
+                final_for.final_sent = True
         error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
         self._send(sender, pb_utils.InferenceResponse(error=error), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
         self.stopping.set()
-        self.queue.put(None)
-        self.loop.join(timeout=30)
-        while True:  # answer whatever is still queued, so no client waits forever
-            try:
-                job = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                self._send_error(job.sender, "the model was unloaded before this request ran")
-        self.engine.close(timeout=10.0)
+        self.engine.close(timeout=10.0)  # the scheduler answers whatever it still holds
+        self.outbox.put(None)
+        self.responder.join(timeout=30)
