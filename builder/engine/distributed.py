@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from builder.layout import Layout
 
-# Idle serving groups must not hit gloo's 30-minute default (FACTS §3b).
+# Idle serving groups must not hit gloo's 30-minute default (docs/upstream-facts.md#U-TDIST-1).
 LONG_TIMEOUT = timedelta(days=7)
 
 

@@ -2,7 +2,7 @@
 processes), used by ``dsbuild generate/verify``, the Triton CPU model and the benchmarks.
 
 All ranks join one ``torch.distributed.TCPStore`` created here on 127.0.0.1 (port 0: the OS picks) and passed as
-``store=`` (FACTS §3b: mixing with ``init_method=tcp://`` breaks). Workers are started with
+``store=`` (docs/upstream-facts.md#U-TDIST-2: mixing with ``init_method=tcp://`` breaks). Workers are started with
 ``subprocess.Popen([python, "-m", "builder.engine.worker", ...])`` -- never fork -- with ``PR_SET_PDEATHSIG`` so a
 killed host never leaves busy orphans, the repository path passed in ``PYTHONPATH`` explicitly (a Triton
 python-backend stub runs isolated and its ``sys.executable`` may be wrong: pass ``python_executable=``), and a
