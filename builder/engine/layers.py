@@ -1,7 +1,7 @@
 """The layers of one rank: MLA with a latent cache and weight absorption, the DSA indexer, dense MLP, MoE with the
 noaux_tc router, norms. Semantics follow transformers 5.14.1 ``DeepseekV32ForCausalLM``
-(docs/upstream-facts.md#U-HF-1..3); tensor parallelism follows ``builder.shard.rules`` (each layer computes its rank's partial sum; the caller's all-reduce
-completes it).
+(docs/upstream-facts.md#U-HF-1..3); tensor parallelism follows ``builder.shard.rules`` (each layer computes its
+rank's partial sum; the caller's all-reduce completes it).
 """
 
 from __future__ import annotations
