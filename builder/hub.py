@@ -277,14 +277,10 @@ def remote_tensors(repo: HubRepo, commit: str) -> dict[str, RemoteTensor]:
     if repo.offline:
         raise HubError(f"HF_HUB_OFFLINE is set and the cache at {repo.cache_dir} has no safetensors headers for "
                        f"{repo.repo_id}@{commit[:12]}; fetch it once online")
-    from huggingface_hub import HfApi
-
     try:
         meta = call_with_retries(lambda: HfApi(endpoint=repo.endpoint).get_safetensors_metadata(
-            repo.repo_id, revision=commit))
+            repo.repo_id, revision=commit), repo=repo)
     except Exception as exc:  # noqa: BLE001 - parse errors and HTTP errors alike become one sentence
-        from huggingface_hub import errors as hf
-
         if isinstance(exc, (hf.SafetensorsParsingError, hf.NotASafetensorsRepoError)):
             raise CheckpointError(f"{repo.repo_id}@{commit[:12]}: {exc}") from None
         raise hub_error(repo, exc, what=f"read the safetensors headers of {repo.repo_id}@{commit[:12]}") from None
