@@ -29,7 +29,7 @@ def test_cpu_default_then_gpu_package(dsbuild, tmp_path):
     gpu = json.loads(dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h200-sxm",
                              "--model-path", "/lustre/ckpt/ds32", "--json", check=True).stdout)
     info = {s["stage"]: s for s in gpu["stages"]}["package"]["info"]
-    assert info["flavour"] == "gpu" and info["total_gpus"] == 2
+    assert info["flavour"] == "gpu" and info["total_gpus"] == 8  # one node of 8: four TP2 replicas
     assert info["image"] == "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
     # model.yaml = the build's llm_api.yaml + model + triton_config
     model_yaml = yaml.safe_load((run / "package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
@@ -43,8 +43,10 @@ def test_cpu_default_then_gpu_package(dsbuild, tmp_path):
 
 def test_bad_package_options_fail_cleanly(dsbuild, tmp_path):
     dsbuild("build", "--tp", "2", "--pp", "1", "--out", "build/r", check=True)
-    uneven = dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h200-sxm", "--nodes", "3")
-    assert uneven.returncode != 0 and "cannot be spread evenly over 3 nodes" in uneven.stderr
+    # 3 nodes x 8 GPUs hold 12 TP2 replicas (replica-aware launch files); 13 cannot be deployed.
+    too_many = dsbuild("package", "--tp", "2", "--pp", "1", "--out", "build/r", "--gpu", "h200-sxm", "--nodes", "3",
+                       "--replicas", "13")
+    assert too_many.returncode != 0 and "--replicas 13" in too_many.stderr, too_many.stderr
     assert not (tmp_path / "build/r/package").exists()
     assert not list((tmp_path / "build/r").glob(".package*"))
 

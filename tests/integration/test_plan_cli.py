@@ -61,7 +61,8 @@ def test_run_refuses_an_infeasible_layout_unless_allowed(dsbuild, tmp_path):
     for extra in ((), ("--allow-infeasible",)):
         pkg = dsbuild("run", "--gpu", "h100-sxm", "--gpus-per-node", "2", *extra)
         assert pkg.returncode == 2 and "cannot build tp2pp2ep1" in pkg.stderr, pkg.stderr
-        assert "need 4 GPUs per node, but nodes have 2; use --nodes 2" in pkg.stderr
+        assert "the layout needs 4 GPUs (TP 2 x PP 2); the cluster has 2" in pkg.stderr
+        assert "--nodes 2 or more" in pkg.stderr
         assert "allow-infeasible" not in pkg.stderr
         assert "package" not in json.loads((run_dir / "manifest.json").read_text())["stages"]
     suggested = pkg.stderr.split("feasible instead: ")[1]

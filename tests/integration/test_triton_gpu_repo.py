@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.server]
 
 def test_gpu_repository_fails_only_for_missing_tensorrt_llm(tmp_path):
     write_package(fixed_inputs("gpu", "1.2.1"), tmp_path / "package")
+    (tmp_path / "quantized").mkdir()  # the checkpoint model.yaml names, under the deploy directory (checked first)
     with TritonServer(repo=tmp_path / "package" / "triton_repo", log_path=tmp_path / "triton.log") as server:
         index = server.wait_ready(models=None, timeout=120)
         assert server.live()
@@ -32,6 +33,7 @@ def test_gpu_repository_fails_only_for_missing_tensorrt_llm(tmp_path):
 
 def test_serve_command_reports_the_load_failure(tmp_path, dsbuild):
     write_package(fixed_inputs("gpu", "1.2.1"), tmp_path / "package")
+    (tmp_path / "quantized").mkdir()  # the checkpoint model.yaml names, under the deploy directory (checked first)
     from triton_repo.server import free_port
 
     # Port 0: dsbuild serve chooses free ports and prints them (tritonserver itself would print its usage text).
