@@ -35,10 +35,12 @@ def test_cpu_default_then_gpu_package(dsbuild, tmp_path):
     model_yaml = yaml.safe_load((run / "package/triton_repo/tensorrt_llm/1/model.yaml").read_text())
     built = yaml.safe_load((run / "engines/llm_api.yaml").read_text())
     assert model_yaml["model"] == "/lustre/ckpt/ds32"
-    assert model_yaml["triton_config"] == {"max_batch_size": 0, "decoupled": True}
+    # An absolute path the user chose is not resolved under the deploy directory.
+    assert model_yaml["triton_config"] == {"max_batch_size": 0, "decoupled": True, "deploy_relative_paths": []}
     assert {k: v for k, v in model_yaml.items() if k not in ("model", "triton_config")} == built
     assert built["tensor_parallel_size"] == 2 and built["pipeline_parallel_size"] == 1
-    assert sorted(p.name for p in (run / "package/launch").iterdir()) == ["lws.yaml", "serve.sh", "slurm.sbatch"]
+    assert sorted(p.name for p in (run / "package/launch").iterdir()) == ["kubexec.sh", "lws.yaml", "serve.sh",
+                                                                       "slurm.sbatch"]
 
 
 def test_bad_package_options_fail_cleanly(dsbuild, tmp_path):
