@@ -276,7 +276,7 @@ def test_bench_protocol_openai(served, run, tmp_path):
     assert level["token_count_check"]["streamed_vs_max_tokens_mismatched"] == []
 
 
-@pytest.mark.slow  # passes alone (4 runs); in the loaded parallel `make test` tritonserver exited 1: under investigation
+@pytest.mark.slow  # passes with its module alone; in the loaded parallel make test tritonserver exited 1 (open)
 def test_zz_sigterm_after_clients_left_mid_stream_stops_tritonserver_cleanly(served):
     """Requests whose clients went away (above) must still end with Triton's FINAL flag (the Python backend needs
     it even for a cancelled request), or Triton counts them in flight at shutdown and exits 1 after its timeout."""
