@@ -168,7 +168,7 @@ def main() -> None:
             # 4 MoE layers (3 decoder + MTP) x 3 matrices of 1024 x 1024 FP8 bytes per expert
             experts = max(4, int(round(gb * 1e9 / (4 * 3 * 1024 * 1024) / 4)) * 4)
             src = scratch / f"ckpt-{gb:g}gb"
-            nbytes = make_checkpoint(src, experts=experts)
+            make_checkpoint(src, experts=experts)
             shards = sorted(src.glob("*.safetensors"))
             # Unmeasured: the first read after generating runs at its own speed (the virtual disk's host is still
             # writing back, or caches what was read), so one read first puts every measured one in the same state.

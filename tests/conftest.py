@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.hub_server import HubServer
+
 REPO = Path(__file__).resolve().parent.parent
 DSBUILD = [sys.executable, "-m", "builder.cli"]
 
@@ -43,6 +45,20 @@ def run_dsbuild(*args: str, cwd: Path, env: dict[str, str] | None = None, timeou
     if check and proc.returncode != 0:
         raise AssertionError(f"dsbuild {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def isolated_env(**settings: str) -> dict[str, str]:
+    """This process's environment without the user's hub, token and dsbuild settings (HF_*, HUGGING*, DSBUILD_*),
+    with hub telemetry off and this checkout importable, plus ``settings``: what a CLI subprocess under test sees."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
+    return {**base, "PYTHONPATH": str(REPO), "HF_HUB_DISABLE_TELEMETRY": "1", **settings}
+
+
+@pytest.fixture
+def hub_server():
+    """A local Hugging Face hub on 127.0.0.1 (tests/support/hub_server.py), stopped after the test."""
+    with HubServer() as server:
+        yield server
 
 
 @pytest.fixture

@@ -145,15 +145,25 @@ class _HashingWriter(io.RawIOBase):
 
 
 class HashingReader(io.RawIOBase):
-    def __init__(self, fh: BinaryIO):
-        self.fh, self.sha = fh, hashlib.sha256()
+    """Hashes what passes through; with ``limit``, refuses to give more than that many bytes in all (a pulled
+    layer's gzip stream may not expand past what its listed files hold)."""
+
+    def __init__(self, fh: BinaryIO, *, limit: int | None = None, title: str = ""):
+        self.fh, self.sha, self.left, self.title = fh, hashlib.sha256(), limit, title
 
     def readable(self) -> bool:
         return True
 
     def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        if self.left is not None:  # ask for one byte more than allowed, so an overflow is seen, not truncated
+            n = self.left + 1 if n is None or n < 0 else min(n, self.left + 1)
         b = self.fh.read(n)
         self.sha.update(b)
+        if self.left is not None:
+            self.left -= len(b)
+            if self.left < 0:
+                raise VerificationError(f"{self.title} expands to more than its listed files hold; refusing to "
+                                        "unpack on")
         return b
 
 

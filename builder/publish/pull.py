@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import shutil
 import tarfile
@@ -189,9 +188,8 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
         listed = [f["size"] for name, f in expected.items() if name.startswith(title.rstrip("/") + "/")]
         limit = sum(-(-n // 512) * 512 + 4096 for n in listed) + 20 * 512
         try:
-            plain = HashingReader(gzip.GzipFile(fileobj=blob, mode="rb"))  # type: ignore[arg-type]
-            bounded = _Bounded(plain, limit, title)
-            with tarfile.open(fileobj=bounded, mode="r|") as tar:
+            plain = HashingReader(gzip.GzipFile(fileobj=blob, mode="rb"), limit=limit, title=title)  # type: ignore[arg-type]
+            with tarfile.open(fileobj=plain, mode="r|") as tar:
                 for member in tar:
                     name = safe_relpath(member.name, what=f"member of {title}")
                     if not member.isreg():
@@ -219,7 +217,7 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
                     if h.hexdigest() != f["sha256"]:
                         raise VerificationError(f"{name} does not match the sha256 manifest.json records for it")
                     seen.add(name)
-            while bounded.read(READ_BYTES):  # the tar's end blocks and padding: the whole stream is digested
+            while plain.read(READ_BYTES):  # the tar's end blocks and padding: the whole stream is digested
                 pass
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise VerificationError(f"{title} is not a readable tar.gz ({type(exc).__name__})") from None
@@ -228,19 +226,3 @@ def _pull_tar(client: RegistryClient, layer: Mapping[str, Any], root: Path, expe
         raise VerificationError(f"{title}: its uncompressed tar does not match the {ORAS_DIGEST} annotation")
 
 
-class _Bounded(io.RawIOBase):
-    """A reader that refuses to give more than ``limit`` bytes in all (a decompressed layer)."""
-
-    def __init__(self, fh: Any, limit: int, title: str):
-        self.fh, self.left, self.title = fh, limit, title
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
-        want = self.left + 1 if n is None or n < 0 else min(n, self.left + 1)
-        data = self.fh.read(want)
-        self.left -= len(data)
-        if self.left < 0:
-            raise VerificationError(f"{self.title} expands to more than its listed files hold; refusing to unpack on")
-        return data

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DSBUILD, REPO
+from tests.conftest import DSBUILD, isolated_env
+from tests.support.hub_server import served_repo
 from tests.hardening import record
 
 ORDER = ["plan", "fetch", "quantize", "build", "package"]
@@ -202,8 +203,7 @@ def run_kills(h: Harness, stage: str, kills: int, label: str) -> None:
 
 @pytest.fixture
 def base_env(cache_dir):
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
-    return {**base, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    return isolated_env(XDG_CACHE_HOME=str(cache_dir), OMP_NUM_THREADS="1")
 
 
 @pytest.fixture
@@ -234,9 +234,7 @@ def shared_clean(tmp_path_factory, cache_dir, tiny_ckpt) -> Harness:
     root = tmp_path_factory.mktemp("commit-kills")
     model = root / "model"
     shutil.copytree(tiny_ckpt, model)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
-    h = Harness(root, {**base, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(cache_dir), "OMP_NUM_THREADS": "1"},
-                str(model))
+    h = Harness(root, isolated_env(XDG_CACHE_HOME=str(cache_dir), OMP_NUM_THREADS="1"), str(model))
     h.clean_run()
     return h
 
@@ -273,24 +271,17 @@ def test_same_size_edit_of_a_cached_output_is_rebuilt(shared_clean):
 @pytest.mark.server
 @pytest.mark.parametrize("kills", [pytest.param(FAST_KILLS, id="fast"),
                                    pytest.param(SLOW_KILLS, id="slow", marks=pytest.mark.slow)])
-def test_sigkill_hub_fetch_then_rerun_equals_clean_run(kills, tmp_path, base_env, tiny_ckpt):
+def test_sigkill_hub_fetch_then_rerun_equals_clean_run(kills, tmp_path, base_env, tiny_ckpt, hub_server):
     """The hub cache is shared by the clean run and every killed fetch, so a kill mid-download leaves partial blobs
     that the rerun must resume and verify."""
-    from tests.support.hub_server import HubServer, served_repo
-
-    server = HubServer().start()
-    try:
-        server.add(served_repo(HUB_REPO, tiny_ckpt))
-        env = {**base_env, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_TELEMETRY": "1",
-               "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-        h = Harness(tmp_path, env, HUB_REPO)
-        walls = h.clean_run()
-        points = []
-        for i in range(kills):
-            shutil.rmtree(tmp_path / "xdg" / "huggingface", ignore_errors=True)  # download again each time
-            points.append(h.kill_once("fetch", seed=5000 + i, wall=max(walls["fetch"], 0.05), name=f"hub-{i}"))
-        killed = [p for p in points if p != "finished-before-kill"]
-        assert len(killed) >= kills // 2, points
-        record.add("kills", "fetch-hub", kills=len(killed), attempts=kills, points=points)
-    finally:
-        server.stop()
+    hub_server.add(served_repo(HUB_REPO, tiny_ckpt))
+    h = Harness(tmp_path, {**base_env, "HF_ENDPOINT": hub_server.url, "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                HUB_REPO)
+    walls = h.clean_run()
+    points = []
+    for i in range(kills):
+        shutil.rmtree(tmp_path / "xdg" / "huggingface", ignore_errors=True)  # download again each time
+        points.append(h.kill_once("fetch", seed=5000 + i, wall=max(walls["fetch"], 0.05), name=f"hub-{i}"))
+    killed = [p for p in points if p != "finished-before-kill"]
+    assert len(killed) >= kills // 2, points
+    record.add("kills", "fetch-hub", kills=len(killed), attempts=kills, points=points)

@@ -5,16 +5,15 @@ loads no pickles and keeps trust_remote_code off unless asked."""
 from __future__ import annotations
 
 import base64
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DSBUILD, REPO
+from tests.conftest import DSBUILD, REPO, isolated_env
 from tests.hardening import record
-from tests.support.hub_server import Faults, HubServer, served_repo
+from tests.support.hub_server import Faults, served_repo
 from tests.support.registry import REGISTRY_BIN, run_registry
 
 HUB_REPO = "acme/secret-tiny"
@@ -36,38 +35,33 @@ def secret_forms() -> list[bytes]:
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_planted_token_and_password_appear_nowhere(tmp_path, tiny_ckpt):
+def test_planted_token_and_password_appear_nowhere(tmp_path, tiny_ckpt, hub_server):
     if not Path(REGISTRY_BIN).exists():
         pytest.skip("docker-registry is not installed")
-    server = HubServer().start()
+    server = hub_server
     outputs: list[str] = []
-    try:
-        server.add(served_repo(HUB_REPO, tiny_ckpt, faults=Faults(gated_token=TOKEN)))
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
-        env = {**base, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "xdg"), "OMP_NUM_THREADS": "1",
-               "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": TOKEN,
-               "DSBUILD_REGISTRY_USER": USER, "DSBUILD_REGISTRY_PASSWORD": PASSWORD}
+    server.add(served_repo(HUB_REPO, tiny_ckpt, faults=Faults(gated_token=TOKEN)))
+    env = isolated_env(XDG_CACHE_HOME=str(tmp_path / "xdg"), OMP_NUM_THREADS="1", HF_ENDPOINT=server.url,
+                       HF_TOKEN=TOKEN, DSBUILD_REGISTRY_USER=USER, DSBUILD_REGISTRY_PASSWORD=PASSWORD)
 
-        def dsb(*args: str) -> subprocess.CompletedProcess:
-            proc = subprocess.run([*DSBUILD, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                  timeout=600)
-            outputs.append(proc.stdout + proc.stderr)
-            assert proc.returncode == 0, (args, proc.stderr)
-            return proc
+    def dsb(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*DSBUILD, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        outputs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, (args, proc.stderr)
+        return proc
 
-        with run_registry(tmp_path / "registry", htpasswd=(USER, PASSWORD)) as reg:
-            ref = f"oci://{reg.address}/team/tiny:secret"
-            dsb("run", "--model", HUB_REPO, "--out", "build/r", "-v")
-            dsb("plan", "--model", HUB_REPO, "--plot", "plan.png", "--json")
-            dsb("push", "build/r", ref, "--plain-http", "-v")
-            dsb("pull", ref, "pulled", "--plain-http", "--json")
-            registry_log = reg.log()
-        # The secrets were really used: the gated hub saw the token, the htpasswd registry let the push through.
-        assert server.gets(".safetensors") and all(r.authorization == f"Bearer {TOKEN}"
-                                                   for r in server.gets(".safetensors"))
-        assert (tmp_path / "pulled" / "manifest.json").is_file() and (tmp_path / "plan.png").stat().st_size > 1000
-    finally:
-        server.stop()
+    with run_registry(tmp_path / "registry", htpasswd=(USER, PASSWORD)) as reg:
+        ref = f"oci://{reg.address}/team/tiny:secret"
+        dsb("run", "--model", HUB_REPO, "--out", "build/r", "-v")
+        dsb("plan", "--model", HUB_REPO, "--plot", "plan.png", "--json")
+        dsb("push", "build/r", ref, "--plain-http", "-v")
+        dsb("pull", ref, "pulled", "--plain-http", "--json")
+        registry_log = reg.log()
+    # The secrets were really used: the gated hub saw the token, the htpasswd registry let the push through.
+    assert server.gets(".safetensors") and all(r.authorization == f"Bearer {TOKEN}"
+                                               for r in server.gets(".safetensors"))
+    assert (tmp_path / "pulled" / "manifest.json").is_file() and (tmp_path / "plan.png").stat().st_size > 1000
 
     forms = secret_forms()
     for text in [*outputs, registry_log]:

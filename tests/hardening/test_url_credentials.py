@@ -13,7 +13,7 @@ import pytest
 from builder import redact
 from tests.hardening import record
 from tests.hardening.test_bad_inputs import assert_one_sentence
-from tests.support.hub_server import Faults, HubServer, served_repo
+from tests.support.hub_server import Faults, served_repo
 
 TOKEN = "hf_URLplantedTOKEN5e4d3c2b1a"
 PASSWORD = "reg-URL-pw-77c1"
@@ -26,21 +26,18 @@ def _closed_port() -> int:
 
 
 @pytest.mark.server
-def test_huggingface_hub_retry_warnings_do_not_show_hf_endpoint_credentials(dsbuild, tmp_path, tiny_ckpt):
+def test_huggingface_hub_retry_warnings_do_not_show_hf_endpoint_credentials(dsbuild, tmp_path, tiny_ckpt,
+                                                                           hub_server):
     """The hub answers 429 twice to a shard and once to config.json with HF_ENDPOINT carrying user-info; the fetch
     retries and succeeds, and the token is printed nowhere (the library's own log lines: the filter tests below)."""
-    server = HubServer().start()
-    try:
-        repo = served_repo("acme/creds", tiny_ckpt)
-        shard = sorted(p for p in repo.files if p.endswith(".safetensors"))[0]
-        repo.faults = Faults(error429_times={shard: 2, "config.json": 1})
-        server.add(repo)
-        endpoint = server.url.replace("http://", f"http://carol:{TOKEN}@")
-        env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg"),
-               "HF_HUB_CACHE": str(tmp_path / "hub")}
-        proc = dsbuild("fetch", "--model", "acme/creds", "--out", "build/r", "-v", env=env, timeout=600)
-    finally:
-        server.stop()
+    repo = served_repo("acme/creds", tiny_ckpt)
+    shard = sorted(p for p in repo.files if p.endswith(".safetensors"))[0]
+    repo.faults = Faults(error429_times={shard: 2, "config.json": 1})
+    hub_server.add(repo)
+    endpoint = hub_server.url.replace("http://", f"http://carol:{TOKEN}@")
+    env = {"HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = dsbuild("fetch", "--model", "acme/creds", "--out", "build/r", "-v", env=env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stderr
     assert TOKEN not in out

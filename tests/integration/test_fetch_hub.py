@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DSBUILD, REPO, run_dsbuild
+from tests.conftest import DSBUILD, isolated_env, run_dsbuild
 from tests.support.hub_server import Faults, HubServer, ServedRepo, served_repo
 
 pytestmark = pytest.mark.server
@@ -27,15 +27,6 @@ REPO_ID = "acme/tiny-v32"
 TOKEN = "hf_PLANTEDtoken0123456789abcdefSECRET"
 MTP_SHARD = "model-00006-of-000007.safetensors"  # the tiny model puts layer num_hidden_layers (MTP) in its own shard
 BIG_SHARD = "model-00003-of-000007.safetensors"
-
-
-@pytest.fixture
-def hub_server():
-    server = HubServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -49,9 +40,7 @@ def serve(hub_server, tiny_ckpt):
 def dsb(tmp_path, hub_server):
     """Run the CLI against the local hub with a fresh HF cache (tmp_path/xdg) and no token."""
     def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
-        full = {**base, "HF_ENDPOINT": hub_server.url, "XDG_CACHE_HOME": str(tmp_path / "xdg"),
-                "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO), **(env or {})}
+        full = isolated_env(HF_ENDPOINT=hub_server.url, XDG_CACHE_HOME=str(tmp_path / "xdg"), **(env or {}))
         return subprocess.run([*DSBUILD, *args], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300)
     return _run
 
@@ -249,8 +238,7 @@ def test_tree_listing_with_dotdot_path_is_refused(fetch, serve, tmp_path):
 
 
 def _start_throttled_fetch(tmp_path: Path, hub_server: HubServer) -> tuple[subprocess.Popen, list[str], dict]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_ENDPOINT": hub_server.url,
-           "XDG_CACHE_HOME": str(tmp_path / "xdg"), "PYTHONPATH": str(REPO)}
+    env = isolated_env(HF_ENDPOINT=hub_server.url, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     cmd = [*DSBUILD, "fetch", "--model", REPO_ID, "--out", "build/run", "--fetch-workers", "2", "--json"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     blobs = hf_cache(tmp_path) / "blobs"
@@ -456,8 +444,7 @@ def test_two_processes_sharing_a_cache_download_each_file_once(tmp_path, serve, 
     """Several nodes fetching onto shared storage at once: the per-blob lock (the one huggingface_hub also takes)
     makes each file travel once, and both runs end verified."""
     repo = serve(faults=Faults(bytes_per_s=20_000_000))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_ENDPOINT": hub_server.url,
-           "XDG_CACHE_HOME": str(tmp_path / "xdg"), "PYTHONPATH": str(REPO)}
+    env = isolated_env(HF_ENDPOINT=hub_server.url, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     procs = [subprocess.Popen([*DSBUILD, "fetch", "--model", REPO_ID, "--out", f"build/node{i}", "--json"],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

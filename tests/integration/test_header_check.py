@@ -8,7 +8,6 @@ only header ranges of the shards were served."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 
@@ -16,9 +15,9 @@ import pytest
 import torch
 
 from builder.model.catalog import Dtype, Kind
-from tests.conftest import DSBUILD, REPO
+from tests.conftest import DSBUILD, isolated_env
 from tests.support.checkpoints import recast, variant
-from tests.support.hub_server import HubServer, served_repo
+from tests.support.hub_server import served_repo
 
 pytestmark = pytest.mark.server
 
@@ -26,20 +25,9 @@ HEADER_RANGE = re.compile(r"^bytes=(0-100000|8-\d+)$")  # what get_safetensors_m
 
 
 @pytest.fixture
-def hub_server():
-    server = HubServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def dsb(tmp_path, hub_server):
     def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DSBUILD_"))}
-        env = {**base, "HF_ENDPOINT": hub_server.url, "XDG_CACHE_HOME": str(tmp_path / "xdg"),
-               "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO)}
+        env = isolated_env(HF_ENDPOINT=hub_server.url, XDG_CACHE_HOME=str(tmp_path / "xdg"))
         return subprocess.run([*DSBUILD, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=timeout)
     return _run

@@ -5,7 +5,6 @@ build stage slices it. ModelOpt modes and the full CLI runs are slow (calibratio
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest

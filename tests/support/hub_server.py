@@ -150,6 +150,12 @@ class HubServer:
         self.httpd.server_close()
         self.thread.join(timeout=10)
 
+    def __enter__(self) -> "HubServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def gets(self, path_suffix: str) -> list[Request]:
         with self.lock:
             return [r for r in self.requests if r.method == "GET" and r.path.endswith(path_suffix)]

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from builder.errors import SpecError
 from builder.model.config import preset
