@@ -235,3 +235,23 @@ def test_uncancelled_requests_complete_normally(deployment):
     text = [t for t in whole.sender.final()[0].output_tensors if t.name == "text_output"][0].array[0]
     assert text == b"xxx" and not any(o.aborted.is_set() for o in deployment.calls["outputs"])
     model.finalize()
+
+
+def test_is_ready_until_the_request_loop_dies(deployment):
+    """docs/tensorrt-llm-contract.md#C-TRITON-8: Triton 26.04+ asks ``is_ready`` on /v2/health/ready; a leader
+    whose request loop has stopped can never answer again and must say so."""
+    model = deployment.module.TritonPythonModel()
+    model.initialize({})
+    assert model.is_ready() is True
+    model.execute([request()])
+    assert wait_for(lambda: request_done(model))
+    assert model.is_ready() is True  # serving a request changes nothing
+    model.loop.call_soon_threadsafe(model.loop.stop)
+    assert wait_for(lambda: not model.loop_thread.is_alive())
+    assert model.is_ready() is False
+    model.finalize()
+
+
+def request_done(model):
+    with model.lock:
+        return not model.tracked

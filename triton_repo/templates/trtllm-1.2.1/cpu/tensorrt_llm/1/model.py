@@ -11,9 +11,10 @@ cumulative text, and the last one is flagged final and carries the whole text an
 ``stream_interval`` (an LLM-API option of TensorRT-LLM, default 1) sends a streamed response every N tokens.
 
 One request's failure (its sampling) answers that request with an error and nothing else. If the engine's ranks
-themselves can no longer work together, every request gets that error and the model logs ``ENGINE_BROKEN`` once;
-``dsbuild serve`` watches the log for it (``triton_repo.server.UNHEALTHY_MARKERS``) and restarts tritonserver, which
-is not ready while it restarts (Triton 2.51's Python backend has no hook by which a model marks itself not ready).
+themselves can no longer work together, every request gets that error, ``is_ready`` answers False (Triton from
+release 26.04 asks it on ``/v2/health/ready``) and the model logs ``ENGINE_BROKEN`` once: the tritonserver 2.51 of CPU
+hosts never asks ``is_ready``, so ``dsbuild serve`` watches the log for that line
+(``triton_repo.server.UNHEALTHY_MARKERS``) and restarts tritonserver (docs/tensorrt-llm-contract.md#C-TRITON-8).
 """
 
 import json
@@ -138,6 +139,10 @@ class TritonPythonModel:
         self.scheduler = self.engine.scheduler(max_batch=max_batch, window_s=window_s, speculative=speculative)
         pb_utils.Logger.log_info(f"dsbuild cpu model: engine {engine_dir}, batch {max_batch}, "
                                  f"{'continuous' if self.scheduler.continuous else 'whole-batch'} batching")
+
+    def is_ready(self):
+        """Ready while the engine's ranks can still work together (one request's failure does not count)."""
+        return not self.engine.broken
 
     # -- requests ----------------------------------------------------------------------------------------------
     def execute(self, requests):

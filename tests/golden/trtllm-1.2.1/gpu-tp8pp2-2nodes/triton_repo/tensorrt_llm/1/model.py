@@ -191,6 +191,14 @@ class TritonPythonModel:
         self.poller.start()
         pb_utils.Logger.log_info(f"dsbuild trtllm model ready: {json.dumps(config, default=str)}")
 
+    def is_ready(self):
+        """Asked on every readiness check by Triton 26.04 and later (docs/tensorrt-llm-contract.md#C-TRITON-8): a
+        leader whose request loop or cancellation poller has died can never answer again. Non-leader MPI ranks
+        serve only the leader and take no requests."""
+        if self.llm is None:
+            return True
+        return self.loop_thread.is_alive() and self.loop.is_running() and self.poller.is_alive()
+
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
