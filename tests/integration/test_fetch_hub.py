@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.trtllm.container import CONTAINER_IMAGE
 from tests.conftest import DSBUILD, isolated_env, run_dsbuild
 from tests.support.hub_server import Faults, HubServer, ServedRepo, served_repo
 
@@ -40,7 +41,7 @@ def serve(hub_server, tiny_ckpt):
 def dsb(tmp_path, hub_server):
     """Run the CLI against the local hub with a fresh HF cache (tmp_path/xdg) and no token."""
     def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        full = isolated_env(HF_ENDPOINT=hub_server.url, XDG_CACHE_HOME=str(tmp_path / "xdg"), **(env or {}))
+        full = isolated_env(**{"HF_ENDPOINT": hub_server.url, "XDG_CACHE_HOME": str(tmp_path / "xdg"), **(env or {})})
         return subprocess.run([*DSBUILD, *args], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300)
     return _run
 
@@ -427,7 +428,7 @@ def test_run_leaves_big_stages_for_the_gpu_host_with_a_command_that_finishes_the
         ("plan", "built"), ("fetch", "built"), ("quantize", "left for GPU host"), ("build", "left for GPU host"),
         ("package", "left for GPU host")]
     left = out["left_for_gpu_host"]
-    assert left["stages"] == ["quantize", "build", "package"] and "TensorRT-LLM container" in left["where"]
+    assert left["stages"] == ["quantize", "build", "package"] and CONTAINER_IMAGE in left["where"]
     assert f"--revision {repo.commit}" in left["command"] and "--out build/run" in left["command"]
     assert not (tmp_path / "build/latest").exists()  # the run is not complete
 
