@@ -536,6 +536,8 @@ def _transfer(repo: HubRepo, commit: str, f: RepoFile, partial: Path, stats: Fet
             with stats.lock:
                 stats.resumed_bytes += have
         first[0] = False
+        if have and have == f.size:  # all there (a kill between the last write and the rename): nothing to ask
+            return _digest_prefix(partial, f).hexdigests()  # for ``bytes=<size>-`` a server answers 416
         with open(partial, "ab") as raw:
             pass
         with open(partial, "r+b") as raw:

@@ -144,6 +144,30 @@ def test_connection_dropped_mid_file_resumes_with_range(fetch, serve, hub_server
     assert_verified_weights(tmp_path, repo)
 
 
+@pytest.mark.parametrize("honest", [True, False], ids=["right-bytes", "wrong-bytes"])
+def test_a_partial_file_already_at_full_size_is_verified_not_requested(fetch, serve, hub_server, tmp_path,
+                                                                       tiny_ckpt, honest):
+    """A kill after a file's last byte was written but before its rename leaves a full-size partial file: asking
+    the hub for ``bytes=<size>-`` gets 416 Range Not Satisfiable. It is hashed instead; right bytes are kept, wrong
+    ones are deleted and downloaded again from zero."""
+    repo = serve()
+    data = bytearray((tiny_ckpt / BIG_SHARD).read_bytes())
+    if not honest:
+        data[len(data) // 2] ^= 0xFF
+    blobs = hf_cache(tmp_path) / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / (repo.files[BIG_SHARD].etag + ".dsbuild.incomplete")).write_bytes(bytes(data))
+    proc = fetch()
+    assert proc.returncode == 0, proc.stderr
+    info = fetch_info(tmp_path)["info"]["fetch"]
+    assert info["resumed_bytes"] == len(data)
+    if honest:
+        assert hub_server.transfers(BIG_SHARD) == [] and info["redownloaded"] == []
+    else:
+        assert [r.range for r in hub_server.transfers(BIG_SHARD)] == [None] and info["redownloaded"] == [BIG_SHARD]
+    assert_verified_weights(tmp_path, repo)
+
+
 @pytest.mark.slow
 def test_wrong_bytes_once_are_deleted_and_downloaded_again(fetch, serve, hub_server, tmp_path):
     repo = serve(faults=Faults(corrupt_times={BIG_SHARD: 1}))
