@@ -36,7 +36,7 @@ from builder.trtllm.contract import check as contract_check
 from builder.trtllm.llm_api import TOKENS_PER_BLOCK, fp8_excludes
 from quantize import registry
 from quantize.formats import mode_of_checkpoint, quantized_catalog
-from quantize.w4afp8 import quant_cfg
+from quantize.w4afp8_config import quant_cfg
 
 MODEL_YAML = "tensorrt_llm/1/model.yaml"
 LAYOUT_KEYS = {"tensor_parallel_size": "tp", "pipeline_parallel_size": "pp", "moe_expert_parallel_size": "ep",

@@ -17,7 +17,8 @@ import torch
 from builder.model.catalog import is_mtp_tensor
 from builder.model.config import ModelConfig
 from builder.model.hf_compat import load_hf_model
-from builder.model.safetensors_io import write_index, write_safetensors
+from builder.model.safetensors_io import write_index
+from builder.model.safetensors_tensors import write_safetensors
 from builder.safeio import dumps_json
 from quantize.fp8_tensor import FP8_MAX
 from quantize.hf_experts import unfuse_experts

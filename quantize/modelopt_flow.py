@@ -28,7 +28,8 @@ import torch
 from builder.errors import QuantizationError
 from builder.model.catalog import Dtype, build_catalog, is_mtp_tensor
 from builder.model.config import ModelConfig
-from builder.model.safetensors_io import INDEX_NAME, TORCH_DTYPES, read_header, write_index
+from builder.model.safetensors_io import INDEX_NAME, read_header, write_index
+from builder.model.safetensors_tensors import TORCH_DTYPES
 from quantize import registry
 from quantize.calib import CalibrationProgress
 from quantize.hf_model import float_model

@@ -33,6 +33,7 @@ from quantize.calib import calibration_tokens as tokens
 from quantize.hf_model import float_model
 from quantize.modelopt_flow import gpu_script
 from quantize.stream import TensorReader, ahead, computed, passthrough, source_shards, write_checkpoint
+from quantize.w4afp8_config import quant_cfg
 
 SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
 # Calibration and the logits report load the model's float weights in memory; above this they are refused here.
@@ -305,7 +306,7 @@ def run_w4afp8(job: QuantJob) -> dict[str, Any]:
     atomic_write_json(job.out / "config.json", raw)
     _copy_small(job.src, job.out)
     atomic_write_json(job.out / "hf_quant_config.json", hf_quant_config("MIXED_PRECISION", job.kv_cache_quant_algo))
-    atomic_write_json(job.out / "quant_cfg.json", w4afp8.quant_cfg(cfg, job.kv_cache_quant_algo))
+    atomic_write_json(job.out / "quant_cfg.json", quant_cfg(cfg, job.kv_cache_quant_algo))
     return {"bytes": total, "calibration": calibration}
 
 

@@ -32,8 +32,8 @@ import torch
 from builder.atomic import atomic_path
 from builder.errors import CheckpointError, QuantizationError
 from builder.model.catalog import Dtype
-from builder.model.safetensors_io import (DTYPE_OF_TORCH, TORCH_DTYPES, CheckpointLayout, shard_file_name,
-                                          validate_checkpoint, write_index)
+from builder.model.safetensors_io import CheckpointLayout, shard_file_name, validate_checkpoint, write_index
+from builder.model.safetensors_tensors import DTYPE_OF_TORCH, TORCH_DTYPES
 from quantize import fp8_block
 from quantize.seqwrite import SequentialWriter
 

@@ -31,7 +31,7 @@ model in memory; for the full model use ``gpu_commands``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -45,32 +45,6 @@ from quantize.formats import EXPERT_KINDS, W4A8_EXPERT_NAMES, quantized_catalog
 from quantize.fp8_tensor import FP8_MAX
 from quantize.hf_experts import PerExpertExperts
 from quantize.stream import Planned, TensorReader, computed, passthrough, source_shards
-
-# TensorRT-LLM module names (the fused q_a/kv_a projection is named kv_a_proj_with_mqa; ``fused_a`` is its legacy key).
-ATTN_LAYERS = ("kv_a_proj_with_mqa", "q_b_proj", "kv_b_proj", "o_proj")
-INDEXER_LAYERS = ("wq_b", "wk")
-MLP_LAYERS = ("gate_up_proj", "down_proj")
-
-
-def quant_cfg(cfg: ModelConfig, kv_cache_quant_algo: str | None) -> dict[str, Any]:
-    fp8 = {"quant_algo": "FP8_BLOCK_SCALES"}
-    layers: dict[str, Any] = {}
-    for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
-        p = f"model.layers.{i}"
-        for n in ATTN_LAYERS:
-            layers[f"{p}.self_attn.{n}"] = fp8
-        if cfg.has_indexer:
-            for n in INDEXER_LAYERS:
-                layers[f"{p}.self_attn.indexer.{n}"] = fp8
-        if not cfg.is_moe_layer(i):
-            for n in MLP_LAYERS:
-                layers[f"{p}.mlp.{n}"] = fp8
-            continue
-        for n in MLP_LAYERS:
-            layers[f"{p}.mlp.shared_experts.{n}"] = fp8
-        layers[f"{p}.mlp.experts"] = fp8 if i >= cfg.num_hidden_layers else {"quant_algo": "W4A8_AWQ"}
-    return {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": kv_cache_quant_algo, "quantized_layers": layers}
-
 
 def expected_act_scales(cfg: ModelConfig) -> list[str]:
     """The ``w{1,2,3}.input_scale`` names the W4A8 loader reads: every routed expert of every main layer."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from builder.model.safetensors_io import write_index, write_safetensors
+from builder.model.safetensors_io import write_index
+from builder.model.safetensors_tensors import write_safetensors
 from builder.safeio import dumps_json
 from quantize.dequant import iter_float
 

@@ -18,7 +18,8 @@ from builder.atomic import atomic_write_json, staging_dir
 from builder.errors import ModelConfigError
 from builder.model.catalog import Dtype, Kind, TensorSpec, build_catalog
 from builder.model.config import PRESETS, ModelConfig
-from builder.model.safetensors_io import TORCH_DTYPES, shard_file_name, write_index, write_safetensors
+from builder.model.safetensors_io import shard_file_name, write_index
+from builder.model.safetensors_tensors import TORCH_DTYPES, write_safetensors
 from builder.model.tokenizer import train_tokenizer, write_tokenizer_files
 from quantize import fp8_block
 

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from builder.errors import BuildError
-from builder.model.safetensors_io import CheckpointLayout, write_safetensors
+from builder.model.safetensors_io import CheckpointLayout
+from builder.model.safetensors_tensors import write_safetensors
 from builder.shard.rules import Piece, RankPlan
 
 

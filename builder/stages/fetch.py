@@ -24,7 +24,8 @@ from builder.model.catalog import catalog_by_name, is_mtp_tensor, policy_dtypes_
 from builder.model.config import ModelConfig
 from builder.model.conformance import Conformance, compare
 from builder.model.generated import ensure_tiny, tiny_cache_key
-from builder.model.safetensors_io import INDEX_NAME, check_finite, read_header, read_index, validate_checkpoint
+from builder.model.safetensors_io import INDEX_NAME, read_header, read_index, validate_checkpoint
+from builder.model.safetensors_tensors import check_finite
 from builder.model.selection import path_selected, select_shards
 from builder.model.source import check_has_weights, resolve_model
 from builder.paths import safe_relpath

@@ -12,7 +12,8 @@ from tests.conftest import REPO
 
 WRITE = """
 import sys, torch
-from builder.model.safetensors_io import write_safetensors, read_header
+from builder.model.safetensors_io import read_header
+from builder.model.safetensors_tensors import write_safetensors
 t = {"b": torch.arange(12, dtype=torch.float32).reshape(3, 4), "a": torch.ones(5, dtype=torch.bfloat16)}
 meta = {k: str(i) for i, k in enumerate(["rank", "tp_rank", "pp_rank", "format", "ep_rank", "zeta", "alpha"])}
 write_safetensors(sys.argv[1], t, metadata=meta)

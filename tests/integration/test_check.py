@@ -13,7 +13,7 @@ import yaml
 
 from builder.check import check_run, quant_cfg_disagreements
 from builder.model.config import preset
-from quantize.w4afp8 import quant_cfg
+from quantize.w4afp8_config import quant_cfg
 
 MODEL_YAML = "package/triton_repo/tensorrt_llm/1/model.yaml"
 

@@ -110,7 +110,7 @@ def test_w4afp8_layout_is_tensorrt_llm_s(outputs, tiny_ckpt):
     assert layers["model.layers.1.self_attn.kv_a_proj_with_mqa"] == {"quant_algo": "FP8_BLOCK_SCALES"}
     assert layers["model.layers.2.self_attn.indexer.wq_b"] == {"quant_algo": "FP8_BLOCK_SCALES"}  # V3.2 indexer
     assert layers["model.layers.2.self_attn.indexer.wk"] == {"quant_algo": "FP8_BLOCK_SCALES"}
-    from quantize.w4afp8 import quant_cfg
+    from quantize.w4afp8_config import quant_cfg
     assert qc == quant_cfg(ModelConfig.from_json_file(tiny_ckpt / "config.json"), "FP8")  # the unit-tested list
     assert layers["model.layers.4.mlp.experts"] == {"quant_algo": "FP8_BLOCK_SCALES"}  # MTP layer kept in FP8
     assert "quantization_config" not in json.loads((out / "config.json").read_text())

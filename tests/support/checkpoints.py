@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from builder.model.catalog import Dtype, Kind, build_catalog
 from builder.model.config import ModelConfig
-from builder.model.safetensors_io import INDEX_NAME, TORCH_DTYPES
+from builder.model.safetensors_io import INDEX_NAME
+from builder.model.safetensors_tensors import TORCH_DTYPES
 
 
 def variant(src: Path, out: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Path:

@@ -5,6 +5,9 @@ is written down here."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 import functools
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from tests.conftest import REPO
 PACKAGES = ("builder", "quantize", "triton_repo")
 # Where importing dsbuild modules inside functions is the design, and why.
 LAZY_IMPORTS_ALLOWED = {
-    "builder/cli.py": "each command imports what it runs, so `dsbuild --help` and `dsbuild plan` start without torch",
+    "builder/cli.py": "each command imports what it runs, so `dsbuild --help`, check, push and pull start without torch",
 }
 
 
@@ -139,3 +142,17 @@ def test_foundation_modules_import_nothing_above_them(module):
                    "builder.layout", "builder.sampling_params", "builder.safeio", "builder.redact", "quantize.registry",
                    "builder"}
     assert graph[module] <= foundations, f"{module} imports {sorted(graph[module] - foundations)}"
+
+
+# Commands that only read headers, manifests and configuration start seconds sooner without torch, which every
+# `dsbuild check/push/pull` (and every subprocess test of them) pays; `dsbuild plan` still imports it (model sources).
+TORCH_FREE = ["builder.check", "builder.publish.push", "builder.publish.pull", "builder.model.safetensors_io",
+              "quantize.w4afp8_config", "builder.cli"]
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_header_and_manifest_commands_do_not_import_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

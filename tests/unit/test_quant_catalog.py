@@ -60,7 +60,8 @@ def test_full_size_calibration_is_refused_with_the_gpu_node_script(tmp_path):
 def test_rank_writer_reads_per_tensor_scalar_scales(tmp_path):
     import torch
 
-    from builder.model.safetensors_io import validate_checkpoint, write_index, write_safetensors
+    from builder.model.safetensors_io import validate_checkpoint, write_index
+    from builder.model.safetensors_tensors import write_safetensors
     from builder.shard.rules import Piece, RankPlan
     from builder.shard.writer import write_rank
 

@@ -11,7 +11,7 @@ from builder.model.catalog import Dtype, Kind
 from builder.model.config import preset
 from builder.model.tiny import tiny_config
 from quantize.formats import quantized_catalog
-from quantize.w4afp8 import quant_cfg
+from quantize.w4afp8_config import quant_cfg
 
 # Catalogue kind -> TensorRT-LLM module (relative to model.layers.L). q_a and kv_a are one fused Linear named
 # kv_a_proj_with_mqa (C-DSV3-1); gate and up are one fused gate_up_proj (C-QCFG-1); the routed experts are one
