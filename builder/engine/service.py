@@ -47,6 +47,8 @@ from builder.errors import RequestError, ServeError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 600.0
+SHUTTING_DOWN = "the engine service is shutting down; the request was stopped"
+CLOSED_BEFORE_RUN = "the engine service closed before this request ran"
 
 __all__ = ["EngineService", "GenerationRequest", "GenerationResult", "Scheduler", "SpeculativeOptions"]
 
@@ -325,6 +327,8 @@ class Scheduler:
         ticket.cancelled = True
 
     def close(self, timeout: float = 10.0) -> None:
+        """Stop: running requests end at the next token boundary (an error saying so; under whole-batch scheduling
+        the batch in flight ends first), queued ones are answered as not run."""
         self._stopping.set()
         self._inbox.put(None)
         self._thread.join(timeout=timeout)
@@ -354,7 +358,7 @@ class Scheduler:
                         self._deliver(t, self._failed(why))
                     self._in_flight = []
         for t in self._drain():
-            self._deliver(t, self._failed("the engine service closed before this request ran"))
+            self._deliver(t, self._failed(CLOSED_BEFORE_RUN))
 
     def _gather(self, waiting: list[Ticket]) -> list[Ticket]:
         """What is queued, after waiting up to ``window_s`` for up to ``max_batch`` requests."""
@@ -413,23 +417,32 @@ class Scheduler:
 
         batch = driver.open_batch(on_token=token)
         while True:
-            if not self._stopping.is_set():
+            # Closing (the server stops): every running request leaves at this token boundary and nothing joins,
+            # so a shutdown never waits for generations whose clients may be long gone.
+            stopping = self._stopping.is_set()
+            if not stopping:
                 waiting += self._drain()
-            joins = self._admit(waiting, self.max_batch - len(batch.seqs)) if batch.accepts_joins else []
+            joins = self._admit(waiting, self.max_batch - len(batch.seqs)) \
+                if batch.accepts_joins and not stopping else []
             running.update((t.id, t) for t in joins)
             self._started(joins, len(batch.seqs) + len(joins))
             self._in_flight = list(running.values())
-            leave = [s.key for s in batch.seqs if running[s.key].cancelled or s.callback_error is not None]
+            leave = [s.key for s in batch.seqs if stopping or running[s.key].cancelled or s.callback_error is not None]
             if not joins and not batch.seqs:
                 break
             for seq in driver.advance(batch, join=[(t.id, t.request) for t in joins], leave=leave):
-                self._deliver(running.pop(seq.key), seq.result())
+                ticket, result = running.pop(seq.key), seq.result()
+                if stopping and result.finish_reason == "cancelled" and not ticket.cancelled:
+                    result = self._failed(SHUTTING_DOWN)
+                self._deliver(ticket, result)
         self._in_flight = []
         driver.close_batch()
+        for t in waiting:
+            self._deliver(t, self._failed(CLOSED_BEFORE_RUN))
 
     def _run_whole(self, waiting: list[Ticket]) -> None:
         """Speculative decoding / attention-DP: batches of what waits, each decoded to its end."""
-        while waiting:
+        while waiting and not self._stopping.is_set():  # a batch in flight runs to its end (no row can leave)
             batch = self._admit(waiting, self.max_batch)
             if not batch:
                 continue
@@ -446,6 +459,8 @@ class Scheduler:
             for t, r in zip(batch, results):
                 self._deliver(t, r)
             waiting += self._drain()
+        for t in waiting:
+            self._deliver(t, self._failed(CLOSED_BEFORE_RUN))
 
     @staticmethod
     def _started(tickets: list[Ticket], size: int) -> None:
