@@ -1,6 +1,9 @@
 """One generation on the Triton server: the ``tensorrt_llm`` model over gRPC bidirectional streaming (tritonclient's
 asyncio client; the model is decoupled, so even a non-streamed request goes over the stream API). Cancelling the
-consumer cancels the gRPC call, which Triton passes on to the model as a cancelled request."""
+consumer before the final response cancels the gRPC call, which Triton passes on to the model as a cancelled request.
+After the final response the call is never cancelled: the client half-closes and waits for Triton to end the RPC.
+Cancelling a stream Triton has answered in full but not yet ended (tritonserver 2.51) left the model referenced, so
+it never unloaded and a SIGTERM ended in "Exit timeout expired" (tests/integration/test_openai_endpoint.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,14 @@ import tritonclient.grpc.aio as grpcclient
 
 from triton_repo.client import GenerateOptions, _first, _grpc_inputs, request_fields
 from triton_repo.interface import MODEL_NAME
+
+
+END_WAIT_S = 10.0  # how long an answered stream may take to be ended by Triton before it is cancelled
+
+
+async def _drain(call) -> None:
+    async for _ in call:  # nothing more is expected; the iteration ends when Triton ends the RPC
+        pass
 
 
 class BackendError(Exception):
@@ -37,6 +48,7 @@ class TritonBackend:
         self.url = url
         self.model = model
         self.client = grpcclient.InferenceServerClient(url=url)
+        self._ending: set[asyncio.Future] = set()  # answered streams waiting for Triton to end them
 
     async def ready(self) -> bool:
         try:
@@ -59,6 +71,7 @@ class TritonBackend:
 
         call = self.client.stream_infer(requests())
         text, reason, prompt_tokens, completion_tokens = "", "", 0, 0
+        seen_final = False
         try:
             async for result, error in call:
                 if error is not None:
@@ -71,6 +84,7 @@ class TritonBackend:
                     reason = str(_first(result, "finish_reason", reason))
                     prompt_tokens = int(_first(result, "num_input_tokens", prompt_tokens))
                     completion_tokens = int(_first(result, "num_output_tokens", completion_tokens))
+                seen_final = final
                 if response.outputs or final:
                     yield Update(text, reason, prompt_tokens, completion_tokens, final)
                 if final:
@@ -81,6 +95,18 @@ class TritonBackend:
             message = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
             raise BackendError(f"Triton at {self.url} is not answering: {message}", reachable=False) from None
         finally:
-            finished.set()
-            call.cancel()  # a no-op once the call is done; otherwise Triton cancels the request
+            finished.set()  # the request iterator ends: the client half-closes the stream
+            if seen_final:
+                self._ending.add(asyncio.ensure_future(self._until_ended(call)))
+            else:
+                call.cancel()  # the consumer left early: Triton cancels the request
         raise BackendError("the stream ended without a final response", reachable=True)
+
+    async def _until_ended(self, call) -> None:
+        """Let Triton end a fully answered stream; cancel it only if it has not ended within ``END_WAIT_S``."""
+        try:
+            await asyncio.wait_for(_drain(call), timeout=END_WAIT_S)
+        except BaseException:  # noqa: BLE001 -- timed out, or the loop is closing: stop waiting either way
+            call.cancel()
+        finally:
+            self._ending.discard(asyncio.current_task())
