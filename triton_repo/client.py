@@ -4,6 +4,7 @@ even a non-streaming request goes over the stream API) and HTTP (Triton's genera
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import queue
@@ -227,6 +228,25 @@ def generate_grpc(url: str, opts: GenerateOptions, *, model: str = MODEL_NAME, t
             client.close()
     out.total_s = time.perf_counter() - t0
     return out
+
+
+ANSWERED_STREAM_END_S = 10.0  # how long Triton may take to end a fully answered stream before it is cancelled
+
+
+async def end_answered_stream(call) -> None:
+    """After the final response of a tritonclient.grpc.aio ``stream_infer`` call whose request iterator has ended:
+    wait for Triton to end the RPC, cancelling it only after ``ANSWERED_STREAM_END_S``. Cancelling (or dropping,
+    which cancels) a stream Triton has answered in full but not yet ended left tritonserver 2.51's model referenced:
+    it never unloaded, and a SIGTERM ended in "Exit timeout expired" with exit code 1."""
+    async def rest() -> None:
+        async for _ in call:  # nothing more is expected; the iteration ends when Triton ends the RPC
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), timeout=ANSWERED_STREAM_END_S)
+    except BaseException:  # noqa: BLE001 -- timed out, or the caller is being cancelled: stop waiting either way
+        call.cancel()
+        raise
 
 
 def _drain(events: queue.Queue) -> list:

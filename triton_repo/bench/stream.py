@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from triton_repo.client import GenerateOptions, _first, _grpc_inputs, request_fields
+from triton_repo.client import GenerateOptions, _first, _grpc_inputs, end_answered_stream, request_fields
 from triton_repo.interface import MODEL_NAME
 
 
@@ -100,9 +100,10 @@ async def stream_grpc(client, record: RequestRecord, opts: GenerateOptions, *, m
         await finished.wait()  # keep the stream open until the final response
 
     line = _Timeline(record)
+    call, answered = client.stream_infer(requests()), False
     try:
         async with asyncio.timeout(timeout):
-            async for result, error in client.stream_infer(requests()):
+            async for result, error in call:
                 if error is not None:
                     record.error = error.message() if hasattr(error, "message") else str(error)
                     break
@@ -111,6 +112,7 @@ async def stream_grpc(client, record: RequestRecord, opts: GenerateOptions, *, m
                     line.response(str(_first(result, "text_output", "")), str(_first(result, "finish_reason", "")))
                 final = response.parameters.get("triton_final_response")
                 if final is None or final.bool_param:
+                    answered = True
                     break
     except TimeoutError:
         record.error = f"no final response within {timeout:.0f} s"
@@ -120,6 +122,13 @@ async def stream_grpc(client, record: RequestRecord, opts: GenerateOptions, *, m
     finally:
         finished.set()
     line.done()
+    if answered:
+        try:
+            await end_answered_stream(call)
+        except Exception:  # noqa: BLE001 -- the request is measured and answered; how its stream closed is not
+            pass
+    else:
+        call.cancel()
     return record
 
 

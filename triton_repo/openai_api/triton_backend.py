@@ -1,9 +1,8 @@
 """One generation on the Triton server: the ``tensorrt_llm`` model over gRPC bidirectional streaming (tritonclient's
 asyncio client; the model is decoupled, so even a non-streamed request goes over the stream API). Cancelling the
 consumer before the final response cancels the gRPC call, which Triton passes on to the model as a cancelled request.
-After the final response the call is never cancelled: the client half-closes and waits for Triton to end the RPC.
-Cancelling a stream Triton has answered in full but not yet ended (tritonserver 2.51) left the model referenced, so
-it never unloaded and a SIGTERM ended in "Exit timeout expired" (tests/integration/test_openai_endpoint.py)."""
+After the final response the call is half-closed and left for Triton to end (``triton_repo.client.end_answered_stream``:
+cancelling an answered stream kept tritonserver 2.51 from unloading the model at shutdown)."""
 
 from __future__ import annotations
 
@@ -14,16 +13,8 @@ from typing import AsyncIterator
 
 import tritonclient.grpc.aio as grpcclient
 
-from triton_repo.client import GenerateOptions, _first, _grpc_inputs, request_fields
+from triton_repo.client import GenerateOptions, _first, _grpc_inputs, end_answered_stream, request_fields
 from triton_repo.interface import MODEL_NAME
-
-
-END_WAIT_S = 10.0  # how long an answered stream may take to be ended by Triton before it is cancelled
-
-
-async def _drain(call) -> None:
-    async for _ in call:  # nothing more is expected; the iteration ends when Triton ends the RPC
-        pass
 
 
 class BackendError(Exception):
@@ -103,10 +94,9 @@ class TritonBackend:
         raise BackendError("the stream ended without a final response", reachable=True)
 
     async def _until_ended(self, call) -> None:
-        """Let Triton end a fully answered stream; cancel it only if it has not ended within ``END_WAIT_S``."""
         try:
-            await asyncio.wait_for(_drain(call), timeout=END_WAIT_S)
-        except BaseException:  # noqa: BLE001 -- timed out, or the loop is closing: stop waiting either way
-            call.cancel()
+            await end_answered_stream(call)
+        except Exception:  # noqa: BLE001 -- not ended in time (then cancelled): nothing waits for this task
+            pass
         finally:
             self._ending.discard(asyncio.current_task())
