@@ -55,6 +55,8 @@ ISSUE_18 = {
     6: "Non-finite weights refused naming the tensor (fetch, quantize's own output); every JSON written is strict",
     7: "A stage is complete only if its files match manifest.json (kills at every commit step, same-size edits)",
     8: "<parent>/latest replaced only when dsbuild made it; refused before any stage otherwise",
+    9: "Every value rendered into slurm.sbatch, serve.sh, lws.yaml and config.pbtxt is validated for its context or "
+       "quoted: hostile values refused at every way in, legal-but-hostile paths stay one literal word",
     10: "--config / --hardware-file read at most their limit, whatever the path is (directory, device, FIFO)",
     11: "Hardware numbers finite, positive and bounded",
     12: "pull writes only the files the verified manifest.json lists, each once",
@@ -74,6 +76,10 @@ def _issue_18(entries: list[dict]) -> list[str]:
     if not by_item:
         return []
     out = ["## Issue 18: attacks tried per class", "",
+           "Items 2 and 3 (one poisoned request among those batched with it fails alone, at every step, on every "
+           "layout; `dsbuild generate` with extreme values ends cleanly) run in `make test`, outside tests/hardening: "
+           "tests/integration/test_continuous_batching.py, tests/integration/test_speculative.py, "
+           "tests/unit/test_sampling_safety.py, tests/integration/test_engine_cli.py; they are not counted here.", "",
            "Every row counts cases that ran and held (the test asserts the refusal, its one sentence, and that "
            "nothing was half-written, replaced, sent or leaked).", "",
            "| item | class | cases held | of which | examples |", "| --- | --- | --- | --- | --- |"]

@@ -94,7 +94,7 @@ def test_hostile_value_is_refused_at_every_way_in(field, value, tmp_path):
     with pytest.raises(SpecError, match=f"invalid {cli_field}"):
         render_launch(inputs(**{field: value}), tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # refused before any file
-    record.add("bad_inputs", f"launch-value-{field}-{slug(value)}", exit_code=2, message=f"invalid {cli_field}")
+    record.add("bad_inputs", f"launch-value-{field}-{slug(value)}", exit_code=2, message=f"invalid {cli_field}", item=9)
 
 
 @pytest.mark.parametrize("name", ['r"; touch PWNED; echo "', "r\n#SBATCH --uid=0", "r;id", "r $(id)", "-r", ".r"])
@@ -104,7 +104,7 @@ def test_a_hostile_run_directory_name_is_refused_before_any_stage(name, dsbuild,
     assert "invalid run-name" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "build" / name / "plan").exists()  # refused before the plan stage ran
     _no_pwned(tmp_path)
-    record.add("bad_inputs", f"run-name-{slug(name)}", exit_code=2, message="invalid run-name")
+    record.add("bad_inputs", f"run-name-{slug(name)}", exit_code=2, message="invalid run-name", item=9)
 
 
 def test_the_build_time_deploy_dir_option_is_gone(dsbuild, tmp_path):
@@ -134,7 +134,8 @@ def test_a_legal_but_hostile_checkpoint_path_stays_one_literal_word(model, tmp_p
     assert [d["kind"] for d in lws] == ["LeaderWorkerSet", "Service", "ServiceAccount", "Role", "RoleBinding"]
     _no_pwned(tmp_path)
     record.add("bad_inputs", f"legal-hostile-model-path-{slug(model[6:])}", exit_code=0,
-               message="accepted: one literal --container-mounts word, model.yaml round-trips, nothing else ran")
+               message="accepted: one literal --container-mounts word, model.yaml round-trips, nothing else ran",
+               item=9)
 
 
 @pytest.mark.parametrize("name", HOSTILE_DIR_NAMES, ids=lambda x: repr(x)[:30])
@@ -166,7 +167,7 @@ def test_a_hostile_deploy_directory_chosen_at_launch_is_only_ever_a_quoted_word(
     assert f"--container-mounts={deploy}:{deploy}" in args and f"--model-repository={deploy}/package/triton_repo" in args
     _no_pwned(tmp_path)
     record.add("bad_inputs", f"hostile-deploy-dir-{slug(name)}", exit_code=0,
-               message="serve.sh/slurm.sbatch pass it as one literal path, nothing else ran")
+               message="serve.sh/slurm.sbatch pass it as one literal path, nothing else ran", item=9)
 
 
 def test_a_deploy_directory_pyxis_cannot_mount_is_refused_at_launch(tmp_path):
