@@ -6,6 +6,10 @@ streaming at each concurrency level. Prints tokens/s and the ratios served / dir
 ``--plot FILE.png`` for people.
 
     PYTHONPATH=. python benchmarks/bench_serve.py --concurrency 1,4,16 --max-tokens 16 --repeats 3 --plot serve.png
+
+``--profile FILE`` (needs ``pip install py-spy``) samples the tritonserver process tree with py-spy while the highest
+level runs and prints where the Python backend stub's busy time goes: the scheduler thread (rank 0's engine step),
+the response thread (detokenization, building and sending responses), request intake; and the other ranks' share.
 """
 
 from __future__ import annotations
@@ -13,7 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import collections
+import re
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -58,7 +67,57 @@ def direct(engines: Path, levels: list[int], max_tokens: int) -> dict[str, float
     return out
 
 
-def served(repo: Path, levels: list[int], max_tokens: int, rounds: int) -> dict[int, dict[str, float]]:
+def start_profile(pid: int, out: Path) -> subprocess.Popen:
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--format", "raw", "--rate", "50",
+                             "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profile(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then exits
+    proc.wait(timeout=60)
+
+
+# Where a sampled stack of the Python backend stub belongs, by the dsbuild frame it passes through (first match).
+STUB_THREADS = [("Scheduler._loop", "scheduler thread: rank 0's engine step"),
+                ("_respond_loop", "response thread: detokenize, build and send responses"),
+                ("execute", "request intake (execute)")]
+ENGINE_PARTS = ["all_reduce", "broadcast", "all_gather", "Indexer.scores", "MLA.", "MoE", "sample"]
+RESPONDER_PARTS = ["_send", "_response", "DecodeStream", "step", "is_cancelled", "_on_token", "_finish"]
+
+
+def profile_breakdown(path: Path) -> dict:
+    """Shares of py-spy's busy samples (idle threads are not sampled): per process kind, per stub thread, and the
+    largest parts of the engine step and of the response thread."""
+    procs, threads, engine, responder = (collections.Counter() for _ in range(4))
+    for line in path.read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        frames = stack.split(";")
+        proc = [f for f in frames if f.startswith("process ")][-1]
+        names = [re.sub(r" \(.*", "", f) for f in frames if not f.startswith("process ")]
+        joined = ";".join(names)
+        if "python_backend_stub" not in proc:
+            procs["other ranks (engine workers)" if "builder" in proc else "tritonserver (C++)"] += int(n)
+            continue
+        procs["Python backend stub (rank 0 + the model)"] += int(n)
+        thread = next((label for key, label in STUB_THREADS if key in joined), "other")
+        threads[thread] += int(n)
+        parts = ENGINE_PARTS if thread.startswith("scheduler") else RESPONDER_PARTS if thread.startswith("response") \
+            else []
+        part = next((k for f in reversed(names) for k in parts if k in f), None)
+        (engine if thread.startswith("scheduler") else responder)[part or "other"] += int(n) if parts else 0
+    total, stub = sum(procs.values()), sum(threads.values())
+
+    def shares(c: collections.Counter, of: int) -> dict[str, float]:
+        return {k: round(v / of, 3) for k, v in c.most_common() if v} if of else {}
+    return {"samples": total, "processes": shares(procs, total), "stub_threads": shares(threads, stub),
+            "engine_step": shares(engine, stub), "response_thread": shares(responder, stub)}
+
+
+def served(repo: Path, levels: list[int], max_tokens: int, rounds: int,
+           profile: Path | None = None) -> dict[int, dict[str, float]]:
     from triton_repo.client import GenerateOptions, generate
     from triton_repo.server import TritonServer
 
@@ -76,12 +135,15 @@ def served(repo: Path, levels: list[int], max_tokens: int, rounds: int) -> dict[
                     results.append(generate(server.grpc_url, GenerateOptions(prompt=PROMPT.format(i=i + r * c), stream=True, sampling=SamplingParams(max_tokens=max_tokens))))
 
             threads = [threading.Thread(target=worker, args=(i,)) for i in range(c)]
+            spy = start_profile(server.proc.pid, profile) if profile is not None and c == max(levels) else None
             t0 = time.perf_counter()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
+            if spy is not None:
+                stop_profile(spy)
             tokens = sum(len(r.responses) for r in results)  # one streamed response per token
             out[c] = {"tokens_per_s": tokens / wall, "ttft_ms": 1000 * statistics.mean(r.first_response_s for r in results),
                       "latency_ms": 1000 * statistics.mean(r.total_s for r in results), "requests": len(results)}
@@ -101,15 +163,19 @@ def main() -> None:
                     help="measure direct then served this many times on the same run; ratios per repeat and median")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--profile", type=Path, help="py-spy raw samples of the highest level's serving (last repeat) "
+                                                  "go here; the breakdown is printed")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     repeats = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         run = args.run or build_run(Path(tmp), args.tp, args.pp)
-        for _ in range(max(1, args.repeats)):
+        for i in range(max(1, args.repeats)):
             load = os.getloadavg()[0]
             base = direct(run / "engines", levels, args.max_tokens)
-            srv = served(run / "package" / "triton_repo", levels, args.max_tokens, args.rounds)
+            last = i == max(1, args.repeats) - 1
+            srv = served(run / "package" / "triton_repo", levels, args.max_tokens, args.rounds,
+                         profile=args.profile if last else None)
             repeats.append((base, srv, load))
     base, srv, _ = repeats[-1]
     rows = [{"concurrency": c, **srv[c], "direct_batch_tokens_per_s": base[f"batch{c}"],
@@ -121,6 +187,8 @@ def main() -> None:
     result = {"direct_sequential_tokens_per_s": base["sequential"], "server_ready_s": srv[0]["ready_s"],
               "max_tokens": args.max_tokens, "repeats": len(repeats),
               "load_1min_at_start_of_each_repeat": [round(l, 2) for _, _, l in repeats], "levels": rows}
+    if args.profile:
+        result["profile"] = profile_breakdown(args.profile)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -137,6 +205,11 @@ def main() -> None:
             for r in rows:
                 print(f"{r['concurrency']:>4} median {r['served_over_direct_batch_median']:.2f}  each "
                       + " ".join(f"{x:.2f}" for x in r["served_over_direct_batch_per_repeat"]))
+        if args.profile:
+            prof = result["profile"]
+            print(f"profile at concurrency {max(levels)} ({prof['samples']} busy samples, py-spy):")
+            for title in ("processes", "stub_threads", "engine_step", "response_thread"):
+                print(f"  {title}: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof[title].items()))
     if args.plot:
         import matplotlib
 
