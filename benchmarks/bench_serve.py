@@ -80,40 +80,40 @@ def stop_profile(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-# Where a sampled stack of the Python backend stub belongs, by the dsbuild frame it passes through (first match).
-STUB_THREADS = [("Scheduler._loop", "scheduler thread: rank 0's engine step"),
-                ("_respond_loop", "response thread: detokenize, build and send responses"),
-                ("execute", "request intake (execute)")]
-ENGINE_PARTS = ["all_reduce", "broadcast", "all_gather", "Indexer.scores", "MLA.", "MoE", "sample"]
-RESPONDER_PARTS = ["_send", "_response", "DecodeStream", "step", "is_cancelled", "_on_token", "_finish"]
+# Where a sampled stack of the Python backend stub belongs, by the dsbuild frame it passes through (first match),
+# and the parts of that thread's work reported (the innermost matching frame names the part).
+ENGINE_STEP, RESPONSES = "scheduler thread: rank 0's engine step", "response thread: detokenize, build and send"
+STUB_THREADS = [("Scheduler._loop", ENGINE_STEP), ("_respond_loop", RESPONSES), ("execute", "request intake (execute)")]
+THREAD_PARTS = {ENGINE_STEP: ["all_reduce", "broadcast", "all_gather", "Indexer.scores", "MLA.", "MoE", "sample"],
+                RESPONSES: ["_send", "_response", "DecodeStream", "step", "is_cancelled", "_on_token", "_finish"]}
 
 
 def profile_breakdown(path: Path) -> dict:
     """Shares of py-spy's busy samples (idle threads are not sampled): per process kind, per stub thread, and the
     largest parts of the engine step and of the response thread."""
-    procs, threads, engine, responder = (collections.Counter() for _ in range(4))
+    procs, threads = collections.Counter(), collections.Counter()
+    parts = {thread: collections.Counter() for thread in THREAD_PARTS}
     for line in path.read_text().splitlines():
-        stack, n = line.rsplit(" ", 1)
-        frames = stack.split(";")
+        stack, count = line.rsplit(" ", 1)
+        n, frames = int(count), stack.split(";")
         proc = [f for f in frames if f.startswith("process ")][-1]
         names = [re.sub(r" \(.*", "", f) for f in frames if not f.startswith("process ")]
-        joined = ";".join(names)
         if "python_backend_stub" not in proc:
-            procs["other ranks (engine workers)" if "builder" in proc else "tritonserver (C++)"] += int(n)
+            procs["other ranks (engine workers)" if "builder" in proc else "tritonserver (C++)"] += n
             continue
-        procs["Python backend stub (rank 0 + the model)"] += int(n)
+        procs["Python backend stub (rank 0 + the model)"] += n
+        joined = ";".join(names)
         thread = next((label for key, label in STUB_THREADS if key in joined), "other")
-        threads[thread] += int(n)
-        parts = ENGINE_PARTS if thread.startswith("scheduler") else RESPONDER_PARTS if thread.startswith("response") \
-            else []
-        part = next((k for f in reversed(names) for k in parts if k in f), None)
-        (engine if thread.startswith("scheduler") else responder)[part or "other"] += int(n) if parts else 0
+        threads[thread] += n
+        if thread in parts:
+            keys = THREAD_PARTS[thread]
+            parts[thread][next((k for f in reversed(names) for k in keys if k in f), "other")] += n
     total, stub = sum(procs.values()), sum(threads.values())
 
     def shares(c: collections.Counter, of: int) -> dict[str, float]:
         return {k: round(v / of, 3) for k, v in c.most_common() if v} if of else {}
     return {"samples": total, "processes": shares(procs, total), "stub_threads": shares(threads, stub),
-            "engine_step": shares(engine, stub), "response_thread": shares(responder, stub)}
+            "engine_step": shares(parts[ENGINE_STEP], stub), "response_thread": shares(parts[RESPONSES], stub)}
 
 
 def served(repo: Path, levels: list[int], max_tokens: int, rounds: int,

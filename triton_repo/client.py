@@ -244,9 +244,11 @@ async def end_answered_stream(call) -> None:
 
     try:
         await asyncio.wait_for(rest(), timeout=ANSWERED_STREAM_END_S)
-    except BaseException:  # noqa: BLE001 -- timed out, or the caller is being cancelled: stop waiting either way
+    except asyncio.CancelledError:
         call.cancel()
         raise
+    except Exception:  # noqa: BLE001 -- not ended in time, or broke after its answer: nothing is left to wait for
+        call.cancel()
 
 
 def _drain(events: queue.Queue) -> list:

@@ -95,7 +95,7 @@ def model_yaml(p: PackageInputs) -> str:
     # would be read against tritonserver's working directory, then as a Hub id: docs/tensorrt-llm-contract.md#C-TRITON-2).
     # An absolute path the user chose (--model-path /lustre/...) names shared storage and stays as given.
     paths = [k for k in DEPLOY_RELATIVE_PATHS
-             if isinstance(_dotted(config, k), str) and not _dotted(config, k).startswith("/")]
+             if isinstance(value := _dotted(config, k), str) and not value.startswith("/")]
     config["triton_config"] = {**TRITON_CONFIG, "deploy_relative_paths": paths}
     header = (f"# dsbuild {p.dsbuild_version}: LLM() arguments for TensorRT-LLM {p.pin.version} (run {p.run_name}),\n"
               "# read by model.py; triton_config sets the model's max_batch_size and decoupled policy. The paths\n"

@@ -335,6 +335,7 @@ class Scheduler:
 
     # ----- the scheduling thread -----
     def _loop(self) -> None:
+        waiting: list[Ticket] = []  # a runner leaves here what it did not start when the scheduler closes
         while not self._stopping.is_set():
             first = self._inbox.get()
             if first is None:
@@ -356,8 +357,8 @@ class Scheduler:
                         why = self.service._broken = self.service._failure(exc)
                     for t in self._in_flight + waiting + self._drain():
                         self._deliver(t, self._failed(why))
-                    self._in_flight = []
-        for t in self._drain():
+                    self._in_flight, waiting = [], []
+        for t in waiting + self._drain():
             self._deliver(t, self._failed(CLOSED_BEFORE_RUN))
 
     def _gather(self, waiting: list[Ticket]) -> list[Ticket]:
@@ -406,7 +407,8 @@ class Scheduler:
         return out
 
     def _run_batch(self, waiting: list[Ticket]) -> None:
-        """One running batch, from the first request until nothing runs or waits."""
+        """One running batch, from the first request until nothing runs or waits (when closing: until nothing runs;
+        what was not started stays in ``waiting``)."""
         driver = self.service._driver
         running: dict[int, Ticket] = {}
 
@@ -437,11 +439,10 @@ class Scheduler:
                 self._deliver(ticket, result)
         self._in_flight = []
         driver.close_batch()
-        for t in waiting:
-            self._deliver(t, self._failed(CLOSED_BEFORE_RUN))
 
     def _run_whole(self, waiting: list[Ticket]) -> None:
-        """Speculative decoding / attention-DP: batches of what waits, each decoded to its end."""
+        """Speculative decoding / attention-DP: batches of what waits, each decoded to its end (when closing, what was
+        not started stays in ``waiting``)."""
         while waiting and not self._stopping.is_set():  # a batch in flight runs to its end (no row can leave)
             batch = self._admit(waiting, self.max_batch)
             if not batch:
@@ -459,8 +460,6 @@ class Scheduler:
             for t, r in zip(batch, results):
                 self._deliver(t, r)
             waiting += self._drain()
-        for t in waiting:
-            self._deliver(t, self._failed(CLOSED_BEFORE_RUN))
 
     @staticmethod
     def _started(tickets: list[Ticket], size: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors.torch import save_file
 
 from builder.atomic import atomic_path
 from builder.errors import CheckpointError
@@ -58,8 +59,6 @@ def check_finite(layout: CheckpointLayout, *, dtypes: Iterable[Dtype] = FLOAT_DT
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], *, metadata: Mapping[str, str] | None = None) -> int:
     """Write atomically (temp file in the same directory, fsync, rename). Returns the file size. A floating-point
     tensor holding NaN or infinity (computed by the caller: a fused or absorbed weight) is refused, naming it."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     for name, t in tensors.items():
         if t.is_floating_point() and t.dtype in DTYPE_OF_TORCH and t.dtype.itemsize > 1 \

@@ -5,16 +5,12 @@ and seeded sampling); one request whose sampling fails -- at any step -- fails a
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from builder.engine.sampling import GenerationRequest
 from builder.sampling_params import SamplingParams
-from tests.support.engines import build_bundle, fixed_prompts
+from tests.support.engines import LAYOUTS, SchedulerClient, build_bundle, fixed_prompts
 
-LAYOUTS = {"tp1": dict(tp=1, pp=1, ep=1), "tp2": dict(tp=2, pp=1, ep=1), "pp2": dict(tp=1, pp=2, ep=1),
-           "tp2-adp": dict(tp=2, pp=1, ep=1, attention_dp=True)}
 SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=7)
 PENALIZED = SamplingParams(max_tokens=10, presence_penalty=0.6, frequency_penalty=0.9)
 
@@ -26,45 +22,6 @@ def svc(request, tiny_ckpt, tmp_path_factory):
     bundle = build_bundle(tiny_ckpt, tmp_path_factory.mktemp("cb") / request.param, **LAYOUTS[request.param])
     with EngineService(bundle, threads_per_rank=1) as service:
         yield service
-
-
-class Client:
-    """Submits to a scheduler and records what comes back, with events to wait on."""
-
-    def __init__(self, sched):
-        self.sched = sched
-        self.tokens: dict[str, list[int]] = {}
-        self.results: dict = {}
-        self.started: dict[str, int] = {}
-        self.finished_order: list[str] = []
-        self.seen = threading.Condition()
-
-    def submit(self, name: str, req: GenerationRequest):
-        self.tokens[name] = []
-
-        def on_token(tok):
-            with self.seen:
-                self.tokens[name].append(tok)
-                self.seen.notify_all()
-
-        def on_done(res):
-            with self.seen:
-                self.results[name] = res
-                self.finished_order.append(name)
-                self.seen.notify_all()
-
-        return self.sched.submit(req, on_token=on_token, on_done=on_done,
-                                 on_start=lambda size: self.started.__setitem__(name, size))
-
-    def wait(self, predicate, timeout=300):
-        with self.seen:
-            assert self.seen.wait_for(predicate, timeout=timeout), (self.tokens, self.results)
-
-    def wait_tokens(self, name, n):
-        self.wait(lambda: len(self.tokens[name]) >= n or name in self.results)
-
-    def wait_done(self, *names):
-        self.wait(lambda: all(n in self.results for n in names))
 
 
 def requests():
@@ -79,7 +36,7 @@ def test_requests_that_join_a_running_batch_get_the_tokens_they_get_alone(svc):
     reqs = requests()
     alone = {name: svc.generate([r])[0] for name, r in reqs.items()}
     sched = svc.scheduler(max_batch=8)
-    client = Client(sched)
+    client = SchedulerClient(sched)
     client.submit("long", reqs["long"])
     client.wait_tokens("long", 3)
     client.submit("sampled", reqs["sampled"])  # joins while "long" runs (seeded: same draws as alone)
@@ -105,7 +62,7 @@ def test_a_cancelled_request_leaves_at_the_next_token_and_the_others_go_on(svc):
     sched = svc.scheduler(max_batch=8)
     if not sched.continuous:
         pytest.skip("whole-batch scheduling (attention-DP) cannot drop a row mid-batch")
-    client = Client(sched)
+    client = SchedulerClient(sched)
     ticket = client.submit("long", GenerationRequest(reqs["long"].prompt_ids, SamplingParams(max_tokens=60)))
     client.submit("penalized", reqs["penalized"])
     client.wait_tokens("long", 3)
@@ -148,7 +105,7 @@ def test_a_request_whose_sampling_fails_mid_generation_fails_alone(svc, monkeypa
     assert [got[0].token_ids, got[2].token_ids] == [alone["long"].token_ids, alone["penalized"].token_ids]
     # The running batch: the same, with the poisoned request joining mid-way.
     calls["n"] = 0
-    client = Client(svc.scheduler(max_batch=8))
+    client = SchedulerClient(svc.scheduler(max_batch=8))
     client.submit("long", reqs["long"])
     client.wait_tokens("long", 2)
     client.submit("poisoned", poisoned)
@@ -175,7 +132,7 @@ def test_extreme_sampling_values_through_the_running_batch_end_cleanly(svc):
                 dict(presence_penalty=3e38, frequency_penalty=3e38, temperature=1e-30),
                 dict(temperature=1e-40, top_p=2.0 ** -149, top_k=1)]
     for i, extreme in enumerate(extremes):
-        client = Client(sched)
+        client = SchedulerClient(sched)
         client.submit("normal", reqs["long"])
         client.submit("extreme", GenerationRequest(reqs["penalized"].prompt_ids,
                                                    SamplingParams(max_tokens=8, seed=i, **extreme)))

@@ -12,8 +12,7 @@ import pytest
 from builder.engine.sampling import GenerationRequest
 from builder.engine.service import CLOSED_BEFORE_RUN, SHUTTING_DOWN, EngineService
 from builder.sampling_params import SamplingParams
-from tests.integration.test_continuous_batching import LAYOUTS, Client
-from tests.support.engines import build_bundle, fixed_prompts
+from tests.support.engines import LAYOUTS, SchedulerClient, build_bundle, fixed_prompts
 
 MAX_TOKENS = 120  # far more tokens than a close takes to land
 
@@ -25,7 +24,7 @@ def test_closing_stops_running_requests_at_a_token_boundary_and_answers_queued_o
     prompt = fixed_prompts()[0]
     with EngineService(bundle, threads_per_rank=1) as service:
         sched = service.scheduler(max_batch=1)
-        client = Client(sched)
+        client = SchedulerClient(sched)
         client.submit("running", GenerationRequest(prompt, SamplingParams(max_tokens=MAX_TOKENS)))
         client.wait_tokens("running", 2)
         client.submit("queued", GenerationRequest(prompt, SamplingParams(max_tokens=4)))

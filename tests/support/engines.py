@@ -7,10 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
+from builder.engine.sampling import GenerationRequest
 from tests.conftest import REPO
 
 # Fixed prompts: lengths above and below the tiny model's index_topk (8), so both dense and sparse DSA run.
@@ -97,3 +99,47 @@ def hf_reference(float_dir: Path, prompts: list[list[int]], gen_tokens: int = GE
 
 def max_rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(got, ref))
+
+
+# Layouts the scheduler tests run on (tests/integration/test_continuous_batching.py, test_service_shutdown.py).
+LAYOUTS = {"tp1": dict(tp=1, pp=1, ep=1), "tp2": dict(tp=2, pp=1, ep=1), "pp2": dict(tp=1, pp=2, ep=1),
+           "tp2-adp": dict(tp=2, pp=1, ep=1, attention_dp=True)}
+
+
+class SchedulerClient:
+    """Submits to an ``EngineService`` scheduler and records what comes back, with events to wait on."""
+
+    def __init__(self, sched):
+        self.sched = sched
+        self.tokens: dict[str, list[int]] = {}
+        self.results: dict = {}
+        self.started: dict[str, int] = {}
+        self.finished_order: list[str] = []
+        self.seen = threading.Condition()
+
+    def submit(self, name: str, req: GenerationRequest):
+        self.tokens[name] = []
+
+        def on_token(tok):
+            with self.seen:
+                self.tokens[name].append(tok)
+                self.seen.notify_all()
+
+        def on_done(res):
+            with self.seen:
+                self.results[name] = res
+                self.finished_order.append(name)
+                self.seen.notify_all()
+
+        return self.sched.submit(req, on_token=on_token, on_done=on_done,
+                                 on_start=lambda size: self.started.__setitem__(name, size))
+
+    def wait(self, predicate, timeout=300):
+        with self.seen:
+            assert self.seen.wait_for(predicate, timeout=timeout), (self.tokens, self.results)
+
+    def wait_tokens(self, name, n):
+        self.wait(lambda: len(self.tokens[name]) >= n or name in self.results)
+
+    def wait_done(self, *names):
+        self.wait(lambda: all(n in self.results for n in names))

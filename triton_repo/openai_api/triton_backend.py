@@ -88,15 +88,9 @@ class TritonBackend:
         finally:
             finished.set()  # the request iterator ends: the client half-closes the stream
             if seen_final:
-                self._ending.add(asyncio.ensure_future(self._until_ended(call)))
+                ending = asyncio.ensure_future(end_answered_stream(call))
+                self._ending.add(ending)
+                ending.add_done_callback(self._ending.discard)
             else:
                 call.cancel()  # the consumer left early: Triton cancels the request
         raise BackendError("the stream ended without a final response", reachable=True)
-
-    async def _until_ended(self, call) -> None:
-        try:
-            await end_answered_stream(call)
-        except Exception:  # noqa: BLE001 -- not ended in time (then cancelled): nothing waits for this task
-            pass
-        finally:
-            self._ending.discard(asyncio.current_task())
