@@ -1,6 +1,6 @@
 # dsbuild: a thin veneer over the `dsbuild` CLI; all logic lives in Python.
 .DELETE_ON_ERROR:
-.PHONY: engine test test-full hardening serve bench push clean distclean setup help
+.PHONY: engine test test-full hardening serve bench bench-report push clean distclean setup help
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -41,6 +41,8 @@ help:
 	@echo "make test        fast test suite;   make test-full   everything"
 	@echo "make serve       serve build/latest with tritonserver on 127.0.0.1 [SERVE_FLAGS=--http-port ...]"
 	@echo "make bench       serve build/latest, benchmark it into build/latest/bench/ [BENCH_FLAGS=...]"
+	@echo "make bench-report  every benchmark BENCH_REPEATS=3 times -> docs/benchmarks.md and the figures README/docs quote"
+	@echo "                  [BENCH_ONLY=plan,engine,serve,push,fetch,quantize,train]"
 	@echo "make clean       remove build/;     make distclean   also the virtualenv"
 
 # The virtualenv is (re)installed whenever pyproject.toml changes.
@@ -74,6 +76,13 @@ push: $(BIN)/dsbuild
 BENCH_FLAGS ?= --concurrency 1,4,16 --isl 64 --osl 32 --num-requests 32
 bench: $(BIN)/dsbuild
 	$(BIN)/python -m triton_repo.bench.serve_and_bench --run build/latest -- $(BENCH_FLAGS)
+
+# Every benchmark, several times, with the machine's load: docs/benchmarks.md, benchmarks/results/report.json, and
+# every <!--fig:...--> figure in README.md and docs/ rewritten from them.
+BENCH_ONLY    ?=
+BENCH_REPEATS ?= 3
+bench-report: $(BIN)/dsbuild
+	PYTHONPATH=. $(BIN)/python benchmarks/report.py --repeats $(BENCH_REPEATS) $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
 
 clean:
 	rm -rf build

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.support.hub_server import HubServer, served_repo  # noqa: E402  (no huggingface_hub import yet)
@@ -51,7 +53,7 @@ def synthetic_config(size_gb: float):
 
 
 def write_synthetic_checkpoint(out: Path, cfg) -> int:
-    """Safetensors shards (one per layer, like make-tiny) with random bytes, the index, and config.json."""
+    """Safetensors shards (one per layer, like make-tiny) with random finite values, the index, and config.json."""
     from builder.model.catalog import build_catalog
     from builder.model.safetensors_io import INDEX_NAME, shard_file_name
 
@@ -61,7 +63,9 @@ def write_synthetic_checkpoint(out: Path, cfg) -> int:
                                                                 else "embed"), []).append(t)
     order = ["embed", *sorted(k for k in groups if isinstance(k, int)), "head"]
     out.mkdir(parents=True, exist_ok=True)
-    noise = os.urandom(64 << 20)
+    # Random bytes with each byte's top two bits cleared and its lowest set: every BF16, F32 and FP8 value they make
+    # is finite and positive (no all-ones exponent, no sign bit, a nonzero exponent), which fetch's checks require.
+    noise = ((np.frombuffer(os.urandom(64 << 20), dtype=np.uint8) & 0x3F) | 0x01).tobytes()
     weight_map, total = {}, 0
     for i, key in enumerate(order, start=1):
         name = shard_file_name(i, len(order))

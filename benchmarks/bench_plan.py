@@ -7,14 +7,15 @@ a naive planner would run per candidate). Usage: ``python benchmarks/bench_plan.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
-from builder.model.config import preset
-from builder.plan.search import plan_cluster
-from builder.plan.memory import clear_caches
-from builder.shard.rules import plan_ranks
 from builder.layout import Layout
+from builder.model.config import preset
+from builder.plan.memory import clear_caches
+from builder.plan.search import plan_cluster
+from builder.shard.rules import plan_ranks
 from quantize.formats import quantized_catalog
 
 LIMIT_S = 1.0
@@ -24,10 +25,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", default="h200-sxm")
     ap.add_argument("--quant", default="fp8")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args()
+    say = (lambda *a, **k: None) if args.json else print
+    searches = []
     cfg = preset("deepseek-v3.2")
     worst = 0.0
-    print(f"{'cluster':>18} {'layouts':>8} {'feasible':>8} {'search s':>9}  recommended")
+    say(f"{'cluster':>18} {'layouts':>8} {'feasible':>8} {'search s':>9}  recommended")
     for nodes in (1, 2, 4, 8):
         clear_caches()
         t0 = time.perf_counter()
@@ -35,17 +39,21 @@ def main() -> int:
         dt = time.perf_counter() - t0
         worst = max(worst, dt)
         rec = r.recommended.name if r.recommended else "-"
-        print(f"{nodes:>3} x 8 {args.gpu:>10} {len(r.layouts):>8} {sum(lp.feasible for lp in r.layouts):>8} "
+        searches.append({"gpus": nodes * 8, "layouts": len(r.layouts), "search_s": dt, "recommended": rec})
+        say(f"{nodes:>3} x 8 {args.gpu:>10} {len(r.layouts):>8} {sum(lp.feasible for lp in r.layouts):>8} "
               f"{dt:>9.3f}  {rec}")
     t0 = time.perf_counter()
     qc = quantized_catalog(cfg, args.quant)
     plan_ranks(cfg, Layout(tp=8, pp=1, ep=8), qc.specs, weight_shapes=qc.logical_shapes)
     naive = time.perf_counter() - t0
     layouts = len(r.layouts)
-    print(f"baseline: plan_ranks over the full catalogue ({len(qc.specs)} tensors), one layout: {naive:.2f} s; "
+    say(f"baseline: plan_ranks over the full catalogue ({len(qc.specs)} tensors), one layout: {naive:.2f} s; "
           f"x {layouts} layouts ~ {naive * layouts:.0f} s")
-    print(f"64-GPU search: {dt:.3f} s (limit {LIMIT_S} s); ratio naive/planner = {naive * layouts / dt:.0f}x")
-    print(f"slowest search: {worst:.3f} s -> {'PASS' if worst < LIMIT_S else 'FAIL'}")
+    say(f"64-GPU search: {dt:.3f} s (limit {LIMIT_S} s); ratio naive/planner = {naive * layouts / dt:.0f}x")
+    if args.json:
+        print(json.dumps({"searches": searches, "naive_one_layout_s": naive, "naive_over_planner_64": naive * layouts / dt,
+                          "slowest_search_s": worst, "limit_s": LIMIT_S}, indent=2))
+    say(f"slowest search: {worst:.3f} s -> {'PASS' if worst < LIMIT_S else 'FAIL'}")
     return 0 if worst < LIMIT_S else 1
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from builder.model.config import preset  # noqa: E402
 from builder.safeio import dumps_json  # noqa: E402
 from tests.support.registry import run_registry  # noqa: E402
 
@@ -33,9 +34,11 @@ BASELINE = "oras-py Registry.push (baseline)"
 
 
 def make_run(root: Path, *, total_bytes: int, ranks: int) -> int:
-    """A synthetic run directory (plan, engines with ``ranks`` big rank files, package) with its manifest."""
+    """A synthetic run directory (plan, engines with ``ranks`` big rank files, package) with its manifest; its
+    engines/config.json holds a real model config, since ``dsbuild pull`` checks the run before renaming it."""
+    engine_config = json.dumps({"model": preset("deepseek-v3.2").to_dict()}).encode()
     stages = {"plan": ("plan", {"plan.json": b'{"layout": "bench"}'}),
-              "build": ("engines", {"config.json": b'{"bench": true}'}),
+              "build": ("engines", {"config.json": engine_config}),
               "package": ("package", {"triton_repo/tensorrt_llm/config.pbtxt": b'backend: "python"',
                                       "launch/run.sh": b"#!/bin/sh\nexec tritonserver\n"})}
     manifest = {"dsbuild_version": "bench", "run_name": root.name,

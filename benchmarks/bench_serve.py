@@ -2,8 +2,10 @@
 
 Baselines, in this process: ``EngineService.generate`` one request at a time, and all of a level's requests in one
 batched call. Then the packaged repository is served by a real tritonserver (127.0.0.1) and driven over gRPC
-streaming at each concurrency level. Prints tokens/s and the ratios served / direct; ``--json`` for machines,
-``--plot FILE.png`` for people.
+streaming at each concurrency level, and, right after each gRPC level, through the OpenAI-compatible endpoint
+(``dsbuild openai`` in front of the same server, streamed ``/v1/completions`` with the official ``openai`` client,
+tokens counted from ``usage.completion_tokens``) with the same prompts and concurrency. Prints tokens/s and the
+ratios served / direct and OpenAI / gRPC; ``--json`` for machines, ``--plot FILE.png`` for people.
 
     PYTHONPATH=. python benchmarks/bench_serve.py --concurrency 1,4,16 --max-tokens 16 --repeats 3 --plot serve.png
 
@@ -15,9 +17,10 @@ the response thread (detokenization, building and sending responses), request in
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
-import collections
 import re
 import shutil
 import signal
@@ -116,37 +119,77 @@ def profile_breakdown(path: Path) -> dict:
             "engine_step": shares(parts[ENGINE_STEP], stub), "response_thread": shares(parts[RESPONSES], stub)}
 
 
-def served(repo: Path, levels: list[int], max_tokens: int, rounds: int,
+def run_level(concurrency: int, rounds: int, request) -> tuple[list, float]:
+    """``concurrency`` client threads, each sending ``rounds`` requests one after another; results and wall time."""
+    results = []
+
+    def worker(i: int) -> None:
+        for r in range(rounds):
+            results.append(request(PROMPT.format(i=i + r * concurrency)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def openai_request(client, max_tokens: int):
+    """One streamed completion: (output tokens the endpoint counted, seconds to the first text, seconds in all)."""
+    def request(prompt: str) -> tuple[int, float, float]:
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        for chunk in client.completions.create(model="tensorrt_llm", prompt=prompt, max_tokens=max_tokens,
+                                               temperature=0, stream=True, stream_options={"include_usage": True}):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return tokens, first or 0.0, time.perf_counter() - t0
+    return request
+
+
+def served(repo: Path, levels: list[int], max_tokens: int, rounds: int, *, openai_too: bool = True,
            profile: Path | None = None) -> dict[int, dict[str, float]]:
+    import openai
+
     from triton_repo.client import GenerateOptions, generate
-    from triton_repo.server import TritonServer
+    from triton_repo.openai_api.server import EndpointProcess
+    from triton_repo.server import LOOPBACK, TritonServer, free_port
 
     out = {}
-    with TritonServer(repo=repo) as server:
+    with TritonServer(repo=repo) as server, contextlib.ExitStack() as stack:
         t_start = time.perf_counter()
         server.wait_ready(models=["tensorrt_llm"], timeout=600)
         ready_s = time.perf_counter() - t_start
         generate(server.grpc_url, GenerateOptions(prompt="warm-up", sampling=SamplingParams(max_tokens=2)))
+        client = None
+        if openai_too:
+            endpoint = EndpointProcess(triton_url=server.grpc_url, repo=repo, host=LOOPBACK, port=free_port(),
+                                       log=lambda m: print(m, file=sys.stderr)).start()
+            stack.callback(endpoint.stop)
+            client = openai.OpenAI(base_url=f"http://{LOOPBACK}:{endpoint.port}/v1", api_key="unused",
+                                   max_retries=0, timeout=600)
+            openai_request(client, 2)("warm-up")
+
+        def grpc_request(prompt: str):
+            return generate(server.grpc_url, GenerateOptions(prompt=prompt, stream=True,
+                                                             sampling=SamplingParams(max_tokens=max_tokens)))
         for c in levels:
-            results = []
-
-            def worker(i: int) -> None:
-                for r in range(rounds):
-                    results.append(generate(server.grpc_url, GenerateOptions(prompt=PROMPT.format(i=i + r * c), stream=True, sampling=SamplingParams(max_tokens=max_tokens))))
-
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(c)]
             spy = start_profile(server.proc.pid, profile) if profile is not None and c == max(levels) else None
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
+            results, wall = run_level(c, rounds, grpc_request)
             if spy is not None:
                 stop_profile(spy)
             tokens = sum(len(r.responses) for r in results)  # one streamed response per token
             out[c] = {"tokens_per_s": tokens / wall, "ttft_ms": 1000 * statistics.mean(r.first_response_s for r in results),
                       "latency_ms": 1000 * statistics.mean(r.total_s for r in results), "requests": len(results)}
+            if client is not None:  # the same prompts right after, so both see the same machine
+                answers, wall = run_level(c, rounds, openai_request(client, max_tokens))
+                out[c] |= {"openai_tokens_per_s": sum(a[0] for a in answers) / wall,
+                           "openai_ttft_ms": 1000 * statistics.mean(a[1] for a in answers),
+                           "openai_over_grpc": sum(a[0] for a in answers) / wall / out[c]["tokens_per_s"]}
         out[0] = {"ready_s": ready_s}
     return out
 
@@ -161,6 +204,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client thread at each level")
     ap.add_argument("--repeats", type=int, default=1,
                     help="measure direct then served this many times on the same run; ratios per repeat and median")
+    ap.add_argument("--no-openai", action="store_true", help="skip the OpenAI-compatible endpoint's levels")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--profile", type=Path, help="py-spy raw samples of the highest level's serving (last repeat) "
@@ -175,7 +219,7 @@ def main() -> None:
             base = direct(run / "engines", levels, args.max_tokens)
             last = i == max(1, args.repeats) - 1
             srv = served(run / "package" / "triton_repo", levels, args.max_tokens, args.rounds,
-                         profile=args.profile if last else None)
+                         openai_too=not args.no_openai, profile=args.profile if last else None)
             repeats.append((base, srv, load))
     base, srv, _ = repeats[-1]
     rows = [{"concurrency": c, **srv[c], "direct_batch_tokens_per_s": base[f"batch{c}"],
@@ -183,7 +227,10 @@ def main() -> None:
              "served_over_direct_batch": srv[c]["tokens_per_s"] / base[f"batch{c}"],
              "served_over_direct_batch_per_repeat": [s[c]["tokens_per_s"] / b[f"batch{c}"] for b, s, _ in repeats],
              "served_over_direct_batch_median": statistics.median(
-                 s[c]["tokens_per_s"] / b[f"batch{c}"] for b, s, _ in repeats)} for c in levels]
+                 s[c]["tokens_per_s"] / b[f"batch{c}"] for b, s, _ in repeats)}
+            | ({"openai_over_grpc_per_repeat": [s[c]["openai_over_grpc"] for _, s, _ in repeats],
+                "openai_over_grpc_median": statistics.median(s[c]["openai_over_grpc"] for _, s, _ in repeats)}
+               if not args.no_openai else {}) for c in levels]
     result = {"direct_sequential_tokens_per_s": base["sequential"], "server_ready_s": srv[0]["ready_s"],
               "max_tokens": args.max_tokens, "repeats": len(repeats),
               "load_1min_at_start_of_each_repeat": [round(l, 2) for _, _, l in repeats], "levels": rows}
@@ -205,6 +252,12 @@ def main() -> None:
             for r in rows:
                 print(f"{r['concurrency']:>4} median {r['served_over_direct_batch_median']:.2f}  each "
                       + " ".join(f"{x:.2f}" for x in r["served_over_direct_batch_per_repeat"]))
+        if not args.no_openai:
+            print("OpenAI endpoint / Triton gRPC streaming, same prompts right after each gRPC level:")
+            for r in rows:
+                print(f"{r['concurrency']:>4} median {r['openai_over_grpc_median']:.2f}  each "
+                      + " ".join(f"{x:.2f}" for x in r["openai_over_grpc_per_repeat"])
+                      + f"  (TTFT {r['openai_ttft_ms']:.0f} ms vs {r['ttft_ms']:.0f} ms)")
         if args.profile:
             prof = result["profile"]
             print(f"profile at concurrency {max(levels)} ({prof['samples']} busy samples, py-spy):")
@@ -218,6 +271,8 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(levels, [r["tokens_per_s"] for r in rows], "o-", label="Triton (gRPC streaming)")
+        if not args.no_openai:
+            ax.plot(levels, [r["openai_tokens_per_s"] for r in rows], "^-", label="OpenAI endpoint (streaming)")
         ax.plot(levels, [r["direct_batch_tokens_per_s"] for r in rows], "s--", label="EngineService, one batch")
         ax.axhline(base["sequential"], color="grey", ls=":", label="EngineService, one at a time")
         ax.set_xlabel("concurrent requests")

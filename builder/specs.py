@@ -98,6 +98,9 @@ def fields_for(stages: tuple[str, ...], *, keyed_only: bool = False) -> tuple[st
     return tuple(out)
 
 
+_PER_DEVICE = "Default: as measured for the device the bundle is for (builder/data/fusion/defaults.yaml)."
+
+
 class RunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     # Where each value that is not a default came from ("command-line flag --tp", ...), for error messages.
@@ -157,6 +160,9 @@ class RunSpec(BaseModel):
     isl: int = opt(1024, "Mean input length in tokens.", stages=("plan", "build", "package"), ge=1, le=1 << 22)
     osl: int = opt(1024, "Mean output length in tokens.", stages=("plan", "build", "package"), ge=1, le=1 << 22)
     concurrency: int = opt(64, "Target concurrent sequences.", stages=("plan", "build", "package"), ge=1, le=1 << 20)
+    stream_interval: int = opt(1, "Streamed responses every N generated tokens (TensorRT-LLM's stream_interval): "
+                               "fewer, larger responses for clients that take several tokens per response; dsbuild "
+                               "bench's gRPC/HTTP token count needs 1.", stages=("build",), ge=1, le=1024)
     chunked_prefill: bool = opt(False, "TensorRT-LLM chunked prefill: max_num_tokens becomes a per-iteration budget "
                                 "instead of the longest prompt served (docs/tensorrt-llm-contract.md#C-LLM-2).",
                                 stages=("plan", "build", "package"))
@@ -193,15 +199,16 @@ class RunSpec(BaseModel):
     openai_port: int | None = opt(None, "Port of the OpenAI-compatible endpoint the GPU launch files start beside "
                                   "Triton (serve.sh/slurm.sbatch also take OPENAI_PORT at launch).",
                                   stages=("package",), ge=1, le=65535)
-    # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py) ---
-    fuse_gate_up: bool = opt(True, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj).",
-                             stages=("build",))
-    fuse_qkv_a: bool = opt(True, "Fuse q_a_proj, kv_a_proj_with_mqa and the indexer's wk into one GEMM (fused_a).",
-                           stages=("build",))
-    absorb_mla: bool = opt(True, "MLA weight absorption: decode attends in the kv_lora + rope latent space.",
-                           stages=("build",))
-    stack_experts: bool = opt(True, "Stack each rank's routed experts into 3-D tensors for one batched GEMM.",
-                              stages=("build",))
+    # --- build-time kernel fusion (each one switchable and measured by benchmarks/bench_engine.py; unset: the
+    # measured default of the device the bundle is built for, builder/data/fusion/defaults.yaml) ---
+    fuse_gate_up: bool | None = opt(None, "Fuse each MLP/expert gate_proj and up_proj into one GEMM (gate_up_proj). "
+                                    + _PER_DEVICE, stages=("build",))
+    fuse_qkv_a: bool | None = opt(None, "Fuse q_a_proj, kv_a_proj_with_mqa and the indexer's wk into one GEMM "
+                                  "(fused_a). " + _PER_DEVICE, stages=("build",))
+    absorb_mla: bool | None = opt(None, "MLA weight absorption: decode attends in the kv_lora + rope latent space. "
+                                  + _PER_DEVICE, stages=("build",))
+    stack_experts: bool | None = opt(None, "Stack each rank's routed experts into 3-D tensors for one batched GEMM. "
+                                     + _PER_DEVICE, stages=("build",))
     kv_cache_free_fraction: float = opt(0.9, "TensorRT-LLM kv_cache_config.free_gpu_memory_fraction.",
                                         stages=("build", "package"), gt=0, le=1)
 

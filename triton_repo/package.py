@@ -46,6 +46,7 @@ class PackageInputs:
     dsbuild_src: str = ""  # CPU: directory holding the ``builder`` package (empty: installed dsbuild)
     engine_max_batch_size: int = 16
     batch_window_ms: float = 5.0
+    stream_interval: int = 1  # CPU: a streamed response every N tokens (llm_api.yaml's stream_interval)
     max_seq_len: int = 0
     # CPU: speculative decoding in the reference engine, as the build configured it for TensorRT-LLM.
     speculative_mode: str = "none"  # none | mtp | draft
@@ -119,7 +120,7 @@ def render_repository(p: PackageInputs, out: Path) -> list[Path]:
     if p.flavour == "cpu":
         values.update(engine_dir=p.engine_dir_rel, dsbuild_src=p.dsbuild_src,
                       engine_max_batch_size=p.engine_max_batch_size, batch_window_ms=p.batch_window_ms,
-                      max_seq_len=p.max_seq_len, threads_per_rank=0, speculative_mode=p.speculative_mode,
+                      stream_interval=p.stream_interval, max_seq_len=p.max_seq_len, threads_per_rank=0, speculative_mode=p.speculative_mode,
                       draft_len=p.draft_len, draft_engine_dir=f"{p.engine_dir_rel}/draft")
     written = render_tree(template_dir(p.pin.version) / p.flavour, out, values)
     if p.flavour == "gpu":

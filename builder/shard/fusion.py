@@ -19,11 +19,14 @@ block, so the fused grid is not the grid of the fused weight; ``fused_parts`` sa
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from builder.model.config import FP8_BLOCK, ModelConfig
 from quantize.dequant import COMPANIONS, dequantize
@@ -57,6 +60,20 @@ class FusionOptions:
     @classmethod
     def none(cls) -> "FusionOptions":
         return cls(False, False, False, False)
+
+
+# Which fusions are on by default, per device the bundle is built for, chosen by measurement (the file says how).
+DEVICE_DEFAULTS = Path(__file__).resolve().parent.parent / "data" / "fusion" / "defaults.yaml"
+
+
+@functools.cache
+def device_defaults(device: str) -> FusionOptions:
+    """The fusions a bundle built for ``device`` ("cpu" or "cuda") gets unless a flag says otherwise."""
+    table = yaml.safe_load(DEVICE_DEFAULTS.read_text(encoding="utf-8"))
+    if set(table[device]) != set(FusionOptions.__dataclass_fields__):
+        raise ValueError(f"{DEVICE_DEFAULTS} must set exactly {sorted(FusionOptions.__dataclass_fields__)} "
+                         f"for {device}")
+    return FusionOptions(**{name: bool(on) for name, on in table[device].items()})
 
 
 def fused_a_parts(cfg: ModelConfig) -> list[tuple[str, int]]:

@@ -7,6 +7,7 @@ itself, from ``draft-quantized/``, with the target's mapping when it loads).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from builder.model.config import ModelConfig
 from builder.pipeline import Stage, StageContext
 from builder.rundir import DRAFT_BUNDLE, ENGINES, LLM_API_FILE
 from builder.shard.bundle import write_engine_bundle
-from builder.shard.fusion import FusionOptions
+from builder.shard.fusion import FusionOptions, device_defaults
 from builder.specs import RunSpec
 from builder.stages.draft import DRAFT_QUANTIZE
 from builder.trtllm import PINNED_VERSION, llm_api
@@ -27,8 +28,11 @@ VERSION = "3"
 
 
 def fusion_of(spec: RunSpec) -> FusionOptions:
-    return FusionOptions(fuse_gate_up=spec.fuse_gate_up, fuse_qkv_a=spec.fuse_qkv_a, stack_experts=spec.stack_experts,
-                         absorb_mla=spec.absorb_mla)
+    """The flags given, the rest from the measured defaults of the device the bundle is for: a GPU build's bundle
+    runs on CUDA, any other on the CPU."""
+    names = FusionOptions.__dataclass_fields__
+    given = {name: getattr(spec, name) for name in names if getattr(spec, name) is not None}
+    return replace(device_defaults("cuda" if spec.gpu else "cpu"), **given)
 
 
 def write_llm_api(spec: RunSpec, src: Path, out: Path, log=print) -> dict[str, Any]:
@@ -78,4 +82,6 @@ def stage(spec: RunSpec) -> Stage:
     upstream = ("plan", "quantize") + ((DRAFT_QUANTIZE.name,) if spec.spec == "draft" else ())
     return Stage(name="build", version=VERSION, output=ENGINES, upstream=upstream, run=run,
                  tools=("torch", "safetensors"),
+                 # the fusions the bundle gets, defaults resolved: a changed defaults file rebuilds it
+                 key_inputs=lambda spec, upstream: {"fusion": fusion_of(spec).to_dict()},
                  describe=lambda spec, extra: f"write {spec.layout.world_size} rank files")

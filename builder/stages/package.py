@@ -56,6 +56,7 @@ def package_inputs(spec: RunSpec, run_dir: Path, engines: Path):
         engine_dir_rel=relative_engine_dir(RunDir(run_dir).package, engines),
         dsbuild_src=str(Path(builder.__file__).resolve().parent.parent),
         engine_max_batch_size=min(spec.concurrency, 64), max_seq_len=max_seq_len, image=spec.image,
+        stream_interval=int(llm_api.get("stream_interval", 1)),
         speculative_mode=spec.spec, draft_len=spec.draft_len if spec.spec != "none" else 0,
         slurm_partition=spec.slurm_partition, slurm_account=spec.slurm_account, slurm_time=spec.slurm_time,
         k8s_pvc=spec.k8s_pvc, k8s_namespace=spec.k8s_namespace, openai_port=spec.openai_port,

@@ -182,6 +182,8 @@ def render(spec, cfg: ModelConfig) -> LlmApiConfig:
         warnings.append(PP_WARNING)
     if spec_block:
         options["speculative_config"] = spec_block
+    if spec.stream_interval != 1:  # 1 is TensorRT-LLM's default: left out, as the goldens are
+        options["stream_interval"] = spec.stream_interval
     require_conforming(options, version=PINNED_VERSION)
     info = {
         "moe_backend": backend,
