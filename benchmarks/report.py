@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -199,12 +200,20 @@ def run_once(bench: Benchmark) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
+    # Its own process group: an interrupted report takes the benchmark's workers (torch.distributed ranks,
+    # training processes) down with it instead of leaving them to load the machine the next run measures.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     with LoadSampler() as load:
-        proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            stdout, _ = proc.communicate()
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{bench.script} exited with code {proc.returncode}; its output is above")
-    data = json.loads(proc.stdout[proc.stdout.index("{"):])
+    data = json.loads(stdout[stdout.index("{"):])
     return {"started": started, "wall_s": round(wall, 1), "load": load.samples,
             "figures": {f.id: [round(v, 4) for v in f.extract(data)] for f in bench.figures}}
 
