@@ -187,9 +187,10 @@ def served(repo: Path, levels: list[int], max_tokens: int, rounds: int, *, opena
                       "latency_ms": 1000 * statistics.mean(r.total_s for r in results), "requests": len(results)}
             if client is not None:  # the same prompts right after, so both see the same machine
                 answers, wall = run_level(c, rounds, openai_request(client, max_tokens))
-                out[c] |= {"openai_tokens_per_s": sum(a[0] for a in answers) / wall,
-                           "openai_ttft_ms": 1000 * statistics.mean(a[1] for a in answers),
-                           "openai_over_grpc": sum(a[0] for a in answers) / wall / out[c]["tokens_per_s"]}
+                openai_rate = sum(tokens for tokens, _, _ in answers) / wall
+                out[c] |= {"openai_tokens_per_s": openai_rate,
+                           "openai_ttft_ms": 1000 * statistics.mean(first for _, first, _ in answers),
+                           "openai_over_grpc": openai_rate / out[c]["tokens_per_s"]}
         out[0] = {"ready_s": ready_s}
     return out
 
