@@ -19,7 +19,8 @@ Verified against (not just read from documentation):
   ``weight_scale [out, in/128]`` (+ BF16 ``pre_quant_scale [in]`` where ModelOpt could not fold it into the
   preceding norm) (INT4 AWQ), U8 ``[out, in/2]`` + F8 ``weight_scale [out, in/16]`` + F32 ``weight_scale_2`` and
   ``input_scale`` scalars (NVFP4). Everything unquantized is BF16 except the router bias (F32). The MTP layer, which
-  transformers does not load, is carried through from the source in BF16 and listed in ``exclude_modules``.
+  transformers does not load, is carried through from the source in BF16 and listed in ``exclude_modules``. nvfp4
+  leaves MLA's query/key-value projections and the indexer in BF16 (``MODELOPT_KINDS``).
 """
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ INT4_GROUP = 128
 NVFP4_BLOCK = 16
 
 EXPERT_KINDS = frozenset({Kind.EXPERT_GATE, Kind.EXPERT_UP, Kind.EXPERT_DOWN})
-# ModelOpt quantizes every linear we let it: the DeepSeek linears (FP8_KINDS). The LM head and router are excluded
-# by ModelOpt itself; the indexer's weights_proj is excluded by us (TensorRT-LLM builds it unquantized, fp32).
-MODELOPT_KINDS = FP8_KINDS
+# The linears each ModelOpt format quantizes; every other one stays BF16. The LM head and router are excluded by
+# ModelOpt itself; the indexer's weights_proj by us (TensorRT-LLM builds it unquantized, fp32). nvfp4 follows
+# ModelOpt's own DeepSeek recipe, the one NVIDIA's FP4 checkpoints and TensorRT-LLM's published FP4 results use
+# (docs/tensorrt-llm-contract.md#C-NVFP4-1): MLA's query/key-value projections and the DSA indexer stay BF16; o_proj,
+# dense MLPs, shared and routed experts go NVFP4.
+MLA_INPUT_KINDS = frozenset({Kind.Q_A, Kind.Q_B, Kind.KV_A, Kind.KV_B, Kind.IDX_WQ_B, Kind.IDX_WK})
+MODELOPT_KINDS: dict[str, frozenset[Kind]] = {
+    "fp8-tensor": FP8_KINDS, "int4-awq": FP8_KINDS, "nvfp4": FP8_KINDS - MLA_INPUT_KINDS}
 # ModelOpt folds AWQ's pre_quant_scale into the preceding norm where every consumer of that norm allows it; these
 # linears keep theirs (seen in its export of DeepseekV32ForCausalLM: routed experts, every down_proj, kv_b, o_proj).
 AWQ_PRE_QUANT_KINDS = frozenset({Kind.EXPERT_GATE, Kind.EXPERT_UP, Kind.EXPERT_DOWN, Kind.SHARED_DOWN,
@@ -99,7 +105,7 @@ def quantized_catalog(cfg: ModelConfig, mode: str, *, include_mtp: bool = True) 
         if is_mtp_tensor(s.name, cfg):
             out.append(_bf16(s) if s.kind in FP8_KINDS else s)  # carried from the source
             continue
-        if s.kind not in MODELOPT_KINDS:
+        if s.kind not in MODELOPT_KINDS[mode]:
             out.append(replace(s, dtype=Dtype.F32 if s.kind is Kind.ROUTER_BIAS else Dtype.BF16))
             continue
         rows, cols = s.shape
@@ -121,6 +127,14 @@ def quantized_catalog(cfg: ModelConfig, mode: str, *, include_mtp: bool = True) 
             out.append(_scale(base, "weight_scale", (rows, cols // NVFP4_BLOCK), Dtype.F8_E4M3, s))
             out.append(_scale(base, "weight_scale_2", (), Dtype.F32, s))
     return QuantizedCatalog(out, logical, algo)
+
+
+def unquantized_linears(cfg: ModelConfig, mode: str) -> list[str]:
+    """Module paths inside a decoder layer (``self_attn.q_a_proj``) of the DeepSeek linears ``mode`` leaves BF16:
+    what ModelOpt's quantizers must be switched off for."""
+    kept = FP8_KINDS - MODELOPT_KINDS[mode]
+    return sorted({s.name.split(".", 3)[3].removesuffix(".weight") for s in _weights(cfg, include_mtp=False)
+                   if s.kind in kept and s.layer is not None})
 
 
 def _with_fp8(cfg: ModelConfig) -> ModelConfig:

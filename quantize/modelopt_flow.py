@@ -32,17 +32,20 @@ from builder.model.safetensors_io import INDEX_NAME, read_header, write_index
 from builder.model.safetensors_tensors import TORCH_DTYPES
 from quantize import registry
 from quantize.calib import CalibrationProgress
+from quantize.formats import unquantized_linears
 from quantize.hf_model import float_model
 from quantize.report import reference_float
 from quantize.stream import Planned, TensorReader, computed, passthrough
 
 
-def modelopt_config(mode: str) -> dict[str, Any]:
+def modelopt_config(mode: str, model: ModelConfig) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
 
     cfg = copy.deepcopy(getattr(mtq, registry.get(mode).modelopt_cfg))
     # ModelOpt 0.47's quant_cfg is an ordered list of rules (later ones win).
     cfg["quant_cfg"].append({"quantizer_name": "*weights_proj*", "enable": False})
+    for module in unquantized_linears(model, mode):
+        cfg["quant_cfg"].append({"quantizer_name": f"*.{module}.*", "enable": False})
     return cfg
 
 
@@ -57,16 +60,16 @@ def calibration_passes(cfg: dict[str, Any]) -> int | None:
     return PASSES.get(method)
 
 
-def quantize_and_export(src: Path, export_dir: Path, *, mode: str, tokens: torch.Tensor,
+def quantize_and_export(src: Path, export_dir: Path, *, mode: str, model: ModelConfig, tokens: torch.Tensor,
                         progress: Callable[[str], None] = print) -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
+    cfg = modelopt_config(mode, model)
     with TensorReader(src) as ref:
-        model = float_model(((n, reference_float(ref, n)) for n in ref.names if not n.endswith("weight_scale_inv")),
-                            src / "config.json", dtype=torch.bfloat16)
+        hf = float_model(((n, reference_float(ref, n)) for n in ref.names if not n.endswith("weight_scale_inv")),
+                         src / "config.json", dtype=torch.bfloat16)
 
-    cfg = modelopt_config(mode)
     passes = calibration_passes(cfg)
     done = [0]
 
@@ -81,8 +84,8 @@ def quantize_and_export(src: Path, export_dir: Path, *, mode: str, tokens: torch
 
     # ModelOpt prints progress to stdout, which belongs to the CLI's --json output: send it to stderr.
     with contextlib.redirect_stdout(sys.stderr):
-        mtq.quantize(model, cfg, forward_loop)
-        export_hf_checkpoint(model, export_dir=str(export_dir))
+        mtq.quantize(hf, cfg, forward_loop)
+        export_hf_checkpoint(hf, export_dir=str(export_dir))
 
 
 def plan_output(export_dir: Path, src: Path, cfg: ModelConfig) -> tuple[list[list[Planned]], list[str], TensorReader, TensorReader]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +86,6 @@ def _source_config(src: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 def _copy_small(src: Path, out: Path) -> None:
-    import shutil
-
     for n in SMALL_FILES:
         if (src / n).is_file():
             shutil.copy2(src / n, out / n)
@@ -207,8 +206,6 @@ def run_fp8(job: QuantJob) -> dict[str, Any]:
         info = verify_block_fp8(reader)
         for shard in reader.layout.index.shard_files:
             link_or_copy(job.src / shard, job.out / shard)  # verified bytes, no copy needed
-    import shutil
-
     shutil.copy2(job.src / INDEX_NAME, job.out / INDEX_NAME)
     atomic_write_json(job.out / "config.json", raw)
     _copy_small(job.src, job.out)
@@ -319,7 +316,7 @@ def run_modelopt(job: QuantJob) -> dict[str, Any]:
     tokens = calibration_tokens(job)
     with mf.export_tmpdir(job.out.parent) as tmp:
         export = Path(tmp)
-        mf.quantize_and_export(job.src, export, mode=job.mode, tokens=tokens, progress=job.log)
+        mf.quantize_and_export(job.src, export, mode=job.mode, model=cfg, tokens=tokens, progress=job.log)
         shards, mtp_modules, ex, source = mf.plan_output(export, job.src, cfg)
         try:
             total = sum(e.nbytes for s in shards for e in s)

@@ -65,8 +65,9 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
                              "only), which needs FP8 input_scale/weight_scale_2 tensors that ModelOpt's INT4_AWQ export "
                              "does not write, so the checkpoint cannot load on a GPU; use --quant w4afp8 (INT4 experts "
                              "with FP8 activations, Hopper) for a TensorRT-LLM deployment"),
-    QuantFormat("nvfp4", "NVFP4 (ModelOpt NVFP4_DEFAULT_CFG)", "NVFP4", "fp4", frozenset({"blackwell"}),
-                calibrated=True, modelopt_cfg="NVFP4_DEFAULT_CFG", needs="Blackwell GPUs", cpu_builds=False),
+    QuantFormat("nvfp4", "NVFP4 MLPs, experts and o_proj, BF16 MLA projections (ModelOpt's DeepSeek recipe)", "NVFP4",
+                "fp4", frozenset({"blackwell"}), calibrated=True, modelopt_cfg="NVFP4_DEFAULT_CFG", needs="Blackwell GPUs",
+                cpu_builds=False),
     QuantFormat("bf16", "dequantized BF16", None, "bf16", frozenset(GPU_ARCHS), calibrated=False, needs="a GPU"),
 )}
 

@@ -12,9 +12,11 @@ parameters, their values and where each comes from are in docs/choosing-a-layout
 any of them per GPU:
 
 * ``hbm_efficiency``: achieved share of HBM bandwidth when a kernel streams weights or KV cache;
-* ``compute_efficiency``: achieved share of peak tensor FLOPs in GEMMs (dense and grouped MoE) and in R1/V3
-  prefill attention (a dense FMHA that runs like one); a GEMM's padded last tile runs at the peak;
+* ``compute_efficiency``: achieved share of peak tensor FLOPs in GEMMs (dense and grouped MoE), each at the peak of
+  the dtype it runs in; a GEMM's padded last tile runs at the peak;
 * ``attention_efficiency``: achieved share of peak tensor FLOPs in the MLA/DSA decode attention kernels;
+* ``context_attention_efficiency``: the same in prefill attention (R1/V3's dense FMHA, V3.2's sparse MQA), whose
+  many query rows per key keep the tensor cores far busier than decode's;
 * ``layer_overhead_us``: time per decoder layer and forward that its many small kernels take beyond their bytes
   and FLOPs (norms, RoPE, routing, quantize, launch gaps);
 * ``draft_overhead_us``: the same for one MTP draft step (sampling, input preparation) beyond its layer's kernels.
@@ -47,8 +49,8 @@ ScaleUp = Literal["nvlink", "pcie", "shm"]
 
 MIB = 1 << 20
 EFFICIENCY_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration" / "efficiency.yaml"
-EFFICIENCY_FIELDS = ("hbm_efficiency", "compute_efficiency", "attention_efficiency", "layer_overhead_us",
-                     "draft_overhead_us")
+EFFICIENCY_FIELDS = ("hbm_efficiency", "compute_efficiency", "attention_efficiency", "context_attention_efficiency",
+                     "layer_overhead_us", "draft_overhead_us")
 MAX_HARDWARE_FILE_BYTES = 1 << 20
 
 
@@ -68,6 +70,7 @@ class GPU:
     hbm_efficiency: float = 0.8
     compute_efficiency: float = 0.6
     attention_efficiency: float = 0.5
+    context_attention_efficiency: float = 0.5
     link_efficiency: float = 0.8
     runtime_reserve_gib: float = 2.0  # CUDA context, cuBLAS/DeepGEMM workspaces, NCCL buffers, CUDA-graph pool
     layer_overhead_us: float = 0.0
@@ -129,7 +132,8 @@ GPUS: dict[str, GPU] = {g.name: g for g in (
     # weights, gloo collectives over shared memory. Sized for a small CI machine so the tiny model's predictions
     # can be compared with measured runs; override it with a hardware YAML for a bigger host.
     GPU("cpu", "cpu", 8.0, 0.02, 0.1, 0, 0, "shm", 5, 100.0, gpus_per_node=4, hbm_efficiency=0.5,
-        compute_efficiency=0.3, attention_efficiency=0.3, link_efficiency=0.5, runtime_reserve_gib=0.5),
+        compute_efficiency=0.3, attention_efficiency=0.3, context_attention_efficiency=0.3, link_efficiency=0.5,
+        runtime_reserve_gib=0.5),
 )}
 
 NETWORKS: dict[str, Network] = {n.name: n for n in (
@@ -168,6 +172,7 @@ class _GPUOverride(BaseModel):
     hbm_efficiency: _Fraction | None = None
     compute_efficiency: _Fraction | None = None
     attention_efficiency: _Fraction | None = None
+    context_attention_efficiency: _Fraction | None = None
     link_efficiency: _Fraction | None = None
     runtime_reserve_gib: _NonNegative | None = None
     layer_overhead_us: _NonNegative | None = None

@@ -34,6 +34,7 @@ from builder.layout import Layout
 from builder.model.catalog import Dtype, Kind, TensorSpec
 from builder.model.config import ModelConfig
 from builder.shard.rules import RULES, PPStage, check_layout, plan_ranks
+from quantize import registry as quant_formats
 from quantize.formats import quantized_catalog
 
 GIB = 1 << 30
@@ -57,6 +58,7 @@ CATEGORY: dict[Kind, str] = {
     Kind.MTP_EMBED: "mtp_embed", Kind.MTP_HEAD: "mtp_head", Kind.MTP_EH_PROJ: "mtp_eh_proj",
 }
 PLACES = ("first", "last", "dense", "moe", "mtp")
+UNQUANTIZED = frozenset({Dtype.BF16, Dtype.F32})
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,10 @@ class WeightCatalog:
     moe_layer: int | None
     mtp_layers: frozenset[int]
     kv_b_block_fp8: bool  # kv_b_proj stored as 128x128 block FP8 (decides TensorRT-LLM's extra MLA copies)
+    # What each linear's GEMM runs in ("fp4" | "fp8" | "bf16"): the format's compute dtype where the weight is
+    # stored quantized, BF16 where the format leaves it unquantized (nvfp4's MLA projections, every MTP linear).
+    compute_dtypes: dict[Kind, str]  # decoder layers, embedding and LM head
+    mtp_compute_dtypes: dict[Kind, str]  # the MTP layer
 
     @functools.cached_property
     def total_bytes(self) -> int:
@@ -160,8 +166,14 @@ def weight_catalog(cfg: ModelConfig, quant: str, *, include_mtp: bool = True) ->
                     and s.name.endswith("weight_scale_inv")}
     kv_b_block_fp8 = any(s.kind is Kind.KV_B and s.dtype is Dtype.F8_E4M3 and s.name in block_scaled
                          for s in qc.specs)
+    mtp = frozenset(reduced.mtp_layers) if include_mtp else frozenset()
+    quantized_dtype = quant_formats.get(quant).compute_dtype
+    compute: tuple[dict[Kind, str], dict[Kind, str]] = ({}, {})
+    for s in qc.specs:
+        if not s.is_scale and len(s.shape) == 2:
+            compute[s.layer in mtp][s.kind] = "bf16" if s.dtype in UNQUANTIZED else quantized_dtype
     return WeightCatalog(cfg, tuple(qc.specs), dict(qc.logical_shapes), 0 if k else None, k if has_moe else None,
-                         frozenset(reduced.mtp_layers) if include_mtp else frozenset(), kv_b_block_fp8)
+                         mtp, kv_b_block_fp8, *compute)
 
 
 def _where(cat: WeightCatalog, spec: TensorSpec) -> str:

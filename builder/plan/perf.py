@@ -2,7 +2,9 @@
 
 Every decoder layer of a step is a short list of kernels; each kernel takes the longer of its bytes over the GPU's
 achieved HBM bandwidth and its FLOPs over its achieved tensor throughput (``hbm_efficiency``,
-``compute_efficiency``, ``attention_efficiency`` of the GPU generation, fitted to published TensorRT-LLM results):
+``compute_efficiency``, ``attention_efficiency``, ``context_attention_efficiency`` of the GPU generation, fitted to
+published TensorRT-LLM results); a GEMM runs at the peak of the dtype its weight is stored in (BF16 where the format
+leaves a linear unquantized, e.g. nvfp4's MLA projections and every MTP linear):
 
 * attention projections (``q_a``/``kv_a`` and the DSA indexer's replicated everywhere, ``q_b``/``kv_b``/``o`` split
   by heads unless attention-DP) on the rank's query tokens;
@@ -34,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 
 from builder.layout import Layout
+from builder.model.catalog import Kind
 from builder.model.config import ModelConfig
 from builder.plan.hardware import GPU, Cluster
 from builder.plan.memory import PlaceBytes, RankWeights
@@ -154,30 +157,35 @@ class Placement:
         return cls(worst, pp)
 
 
+GEMM_DTYPES = ("fp4", "fp8", "bf16")
+
+
 @dataclass(frozen=True)
 class Rates:
     """What one GPU achieves on this model: bytes/s, GEMM and attention FLOP/s, fixed latencies (seconds)."""
 
     hbm: float
-    gemm: float  # a large GEMM (and prefill attention, which runs like one)
-    peak: float  # the GEMM dtype's datasheet peak: padding rows cost tensor-core time at full rate
+    gemm: dict[str, float]  # a large GEMM in each compute dtype (fp4 / fp8 / bf16)
+    peak: dict[str, float]  # each dtype's datasheet peak: padding rows cost tensor-core time at full rate
     attention: float  # MLA decode attention
+    context_attention: float  # prefill attention: R1/V3's dense FMHA, V3.2's sparse MQA (in the KV dtype)
     layer_s: float
     draft_s: float
 
     @classmethod
-    def of(cls, gpu: GPU, *, compute_dtype: str, kv_cache_dtype: str) -> "Rates":
+    def of(cls, gpu: GPU, *, kv_cache_dtype: str) -> "Rates":
         attn_dtype = "fp8" if kv_cache_dtype == "fp8" else "bf16"  # FP8 KV runs FP8 MLA kernels (tech blog 3)
-        peak = gpu.peak_tflops(compute_dtype) * 1e12
-        return cls(gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency, peak * gpu.compute_efficiency, peak,
-                   gpu.peak_tflops(attn_dtype) * 1e12 * gpu.attention_efficiency,
-                   gpu.layer_overhead_us * 1e-6, gpu.draft_overhead_us * 1e-6)
+        peak = {d: gpu.peak_tflops(d) * 1e12 for d in GEMM_DTYPES}
+        gemm = {d: p * gpu.compute_efficiency for d, p in peak.items()}
+        return cls(gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency, gemm, peak, peak[attn_dtype] * gpu.attention_efficiency,
+                   peak[attn_dtype] * gpu.context_attention_efficiency, gpu.layer_overhead_us * 1e-6,
+                   gpu.draft_overhead_us * 1e-6)
 
-    def gemm_seconds(self, params: float, rows: float, gemms: float = 1.0) -> float:
-        """Tensor-core time of ``gemms`` GEMMs of ``params`` weights each with ``rows`` token rows in all: the rows
-        at the achieved rate, plus each GEMM's last tile padded to ``GEMM_TILE_ROWS`` rows at the peak rate (a
-        grouped MoE GEMM with a few tokens per expert is mostly padding)."""
-        return 2 * params * (rows / self.gemm + GEMM_TILE_ROWS / 2 * gemms / self.peak)
+    def gemm_seconds(self, params: dict[str, float], rows: float, gemms: float = 1.0) -> float:
+        """Tensor-core time of ``gemms`` GEMMs of ``params`` weights each (by compute dtype) with ``rows`` token rows
+        in all: the rows at the achieved rate, plus each GEMM's last tile padded to ``GEMM_TILE_ROWS`` rows at the
+        peak rate (a grouped MoE GEMM with a few tokens per expert is mostly padding)."""
+        return sum(2 * n * (rows / self.gemm[d] + GEMM_TILE_ROWS / 2 * gemms / self.peak[d]) for d, n in params.items())
 
 
 def expert_fraction_read(cfg: ModelConfig, tokens: float) -> float:
@@ -243,44 +251,61 @@ class StageTime:
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """Parameters per rank of each kernel's weight (for FLOPs; bytes come from the rank's stored pieces)."""
+    """Parameters per rank of each kernel's weight, by the dtype its GEMM runs in (for FLOPs; bytes come from the
+    rank's stored pieces). ``compute``: each linear's compute dtype (``WeightCatalog.compute_dtypes``)."""
 
     cfg: ModelConfig
     layout: Layout
+    compute: dict[Kind, str]
+
+    def _by_dtype(self, *parts: tuple[Kind, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, n in parts:
+            if n:
+                d = self.compute.get(kind, "bf16")
+                out[d] = out.get(d, 0.0) + n
+        return out
 
     @property
     def heads(self) -> float:
         return self.cfg.num_attention_heads / (1 if self.layout.attention_dp else self.layout.tp)
 
     @property
-    def attention_params(self) -> float:
-        c = self.cfg
-        rep = c.hidden_size * (c.q_lora_rank + c.kv_lora_rank + c.qk_rope_head_dim)
+    def attention_params(self) -> dict[str, float]:
+        c, h = self.cfg, self.heads
+        parts = [(Kind.Q_A, c.hidden_size * c.q_lora_rank), (Kind.KV_A, c.hidden_size * (c.kv_lora_rank
+                                                                                        + c.qk_rope_head_dim)),
+                 (Kind.Q_B, h * c.q_lora_rank * c.qk_head_dim),
+                 (Kind.KV_B, h * c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim)),
+                 (Kind.O_PROJ, h * c.v_head_dim * c.hidden_size)]
         if c.has_indexer:
-            rep += c.q_lora_rank * c.index_n_heads * c.index_head_dim + c.hidden_size * (c.index_head_dim
-                                                                                         + c.index_n_heads)
-        per_head = c.q_lora_rank * c.qk_head_dim + c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim) \
-            + c.v_head_dim * c.hidden_size
-        return rep + self.heads * per_head
+            parts += [(Kind.IDX_WQ_B, c.q_lora_rank * c.index_n_heads * c.index_head_dim),
+                      (Kind.IDX_WK, c.hidden_size * c.index_head_dim),
+                      (Kind.IDX_WEIGHTS, c.hidden_size * c.index_n_heads)]
+        return self._by_dtype(*parts)
 
-    def dense_mlp_params(self) -> float:
+    def dense_mlp_params(self) -> dict[str, float]:
         c = self.cfg
-        return 3 * c.hidden_size * c.intermediate_size / mlp_tp(c.intermediate_size, self.layout)
+        return self._by_dtype((Kind.DENSE_GATE, 3 * c.hidden_size * c.intermediate_size
+                               / mlp_tp(c.intermediate_size, self.layout)))
 
-    def shared_params(self) -> float:
+    def shared_params(self) -> dict[str, float]:
         c = self.cfg
         shared = c.moe_intermediate_size * c.n_shared_experts
-        return (3 * c.hidden_size * shared / mlp_tp(shared, self.layout) if shared else 0) \
-            + c.hidden_size * c.n_routed_experts
+        return self._by_dtype((Kind.SHARED_GATE, 3 * c.hidden_size * shared / mlp_tp(shared, self.layout)
+                               if shared else 0), (Kind.ROUTER, c.hidden_size * c.n_routed_experts))
 
-    def expert_params(self) -> float:
+    def expert_params(self) -> dict[str, float]:
         """One routed expert's parameters on the rank it lives on (split over MoE-TP)."""
         c = self.cfg
-        return 3 * c.hidden_size * c.moe_intermediate_size / self.layout.moe_tp
+        return self._by_dtype((Kind.EXPERT_GATE, 3 * c.hidden_size * c.moe_intermediate_size / self.layout.moe_tp))
 
-    @property
-    def vocab(self) -> float:
-        return self.cfg.vocab_size / (1 if self.layout.attention_dp else self.layout.tp)
+    def head_params(self) -> dict[str, float]:
+        vocab = self.cfg.vocab_size / (1 if self.layout.attention_dp else self.layout.tp)
+        return self._by_dtype((Kind.LM_HEAD, vocab * self.cfg.hidden_size))
+
+    def eh_proj_params(self) -> dict[str, float]:
+        return self._by_dtype((Kind.MTP_EH_PROJ, 2 * self.cfg.hidden_size ** 2))
 
 
 def _stage_comm(cfg: ModelConfig, layout: Layout, place: Placement, *, tokens: float, n_layers: int, n_moe: int,
@@ -316,8 +341,7 @@ def _layer(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *
     cfg = shapes.cfg
     layout = shapes.layout
     bw = rates.hbm
-    # R1/V3 prefill attention is a dense FMHA (runs like a GEMM); decode, and DSA in both phases, an MLA kernel.
-    attn = rates.gemm if prefill and not cfg.has_indexer else rates.attention
+    attn = rates.context_attention if prefill else rates.attention
     t.kernel(place.attention, rates.gemm_seconds(shapes.attention_params, own), bw=bw)
     if prefill and not cfg.has_indexer:  # MHA over up-projected keys (absorbed MQA only in decode)
         core_flops = 2 * own * shapes.heads * keys * (cfg.qk_head_dim + cfg.v_head_dim)
@@ -345,7 +369,7 @@ def _layer(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *
 
 
 def _head(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *, own: float) -> None:
-    t.kernel(place.head, rates.gemm_seconds(shapes.vocab * shapes.cfg.hidden_size, own), bw=rates.hbm)
+    t.kernel(place.head, rates.gemm_seconds(shapes.head_params(), own), bw=rates.hbm)
 
 
 @dataclass
@@ -371,12 +395,15 @@ class DecodeEstimate:
 
 def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement,
                 weights: list[list[RankWeights]], *, batch: int, context: float, kv_bytes_per_token_layer: int,
-                rates: Rates, speculation: Speculation = Speculation()) -> DecodeEstimate:
-    """One decode step of a replica holding ``batch`` sequences at mean ``context`` (PP: ``pp`` micro-batches)."""
+                rates: Rates, compute_dtypes: dict[Kind, str], mtp_compute_dtypes: dict[Kind, str],
+                speculation: Speculation = Speculation()) -> DecodeEstimate:
+    """One decode step of a replica holding ``batch`` sequences at mean ``context`` (PP: ``pp`` micro-batches).
+    ``compute_dtypes`` / ``mtp_compute_dtypes``: the GEMM dtype of each linear of the decoder layers / MTP layer."""
     m = max(1, min(batch, layout.pp))
     b = math.ceil(batch / m)
     k = speculation.draft_len
-    shapes = ModelShapes(cfg, layout)
+    shapes = ModelShapes(cfg, layout, compute_dtypes)
+    mtp_shapes = ModelShapes(cfg, layout, mtp_compute_dtypes)
     stages = layout.stage_layers(cfg.num_hidden_layers)
     seqs_rank = b / layout.tp if layout.attention_dp else b  # sequences through one rank's attention
     idx_bytes = cfg.indexer_cache_bytes_per_token_per_layer
@@ -399,10 +426,10 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
             _head(t, shapes, rates, w.last, own=seqs_rank * (k + 1))
             if k:
                 draft = StageTime()
-                _layer(draft, shapes, rates, w.mtp_layer, moe=True, tokens=b, own=seqs_rank, seqs=seqs_rank,
+                _layer(draft, mtp_shapes, rates, w.mtp_layer, moe=True, tokens=b, own=seqs_rank, seqs=seqs_rank,
                        keys=keys, scored=scored, kv_token_bytes=latent_bytes, idx_token_bytes=idx_bytes,
                        prefill=False)
-                draft.kernel(w.mtp_layer.mtp_eh_proj, rates.gemm_seconds(2 * cfg.hidden_size ** 2, seqs_rank),
+                draft.kernel(w.mtp_layer.mtp_eh_proj, rates.gemm_seconds(mtp_shapes.eh_proj_params(), seqs_rank),
                              bw=rates.hbm)
                 _head(draft, shapes, rates, w.last, own=seqs_rank)
                 draft.overhead_ms += rates.draft_s * 1e3
@@ -441,10 +468,11 @@ class PrefillEstimate:
 
 
 def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement,
-            weights: list[list[RankWeights]], *, isl: int, max_num_tokens: int, rates: Rates) -> PrefillEstimate:
+            weights: list[list[RankWeights]], *, isl: int, max_num_tokens: int, rates: Rates,
+            compute_dtypes: dict[Kind, str]) -> PrefillEstimate:
     """Prompts in chunks of up to ``max_num_tokens`` tokens. Throughput: each rank's chunks (every attention-DP
     rank prefills its own requests) as a steady stream; TTFT: one prompt's chunks in order on an idle replica."""
-    shapes = ModelShapes(cfg, layout)
+    shapes = ModelShapes(cfg, layout, compute_dtypes)
     stages = layout.stage_layers(cfg.num_hidden_layers)
     chunks = max(1, math.ceil(isl / max_num_tokens))
     chunk = isl / chunks

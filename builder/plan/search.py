@@ -153,12 +153,13 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
     if not lp.feasible:
         return lp
 
-    rates = Rates.of(gpu, compute_dtype=quant_formats.get(quant).compute_dtype, kv_cache_dtype=kv_cache_dtype)
+    rates = Rates.of(gpu, kv_cache_dtype=kv_cache_dtype)
     context = workload.decode_context
 
     def step(batch: int) -> DecodeEstimate:
         return decode_step(cfg, layout, cluster, place, weights, batch=batch, context=context,
-                           kv_bytes_per_token_layer=per_layer, rates=rates, speculation=spec)
+                           kv_bytes_per_token_layer=per_layer, rates=rates, compute_dtypes=catalog.compute_dtypes,
+                           mtp_compute_dtypes=catalog.mtp_compute_dtypes, speculation=spec)
 
     scheduled = lp.max_batch_size * dp
     target = math.ceil(workload.concurrency / replicas) if workload.concurrency is not None else scheduled
@@ -192,7 +193,7 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
                            "decode step")
     lp.kv_used = math.ceil(batch / dp) * seq_tokens * lp.kv_bytes_per_token
     lp.prefill = prefill(cfg, layout, cluster, place, weights, isl=workload.isl, max_num_tokens=lp.max_num_tokens,
-                         rates=rates)
+                         rates=rates, compute_dtypes=catalog.compute_dtypes)
     if workload.ttft_ms is not None and lp.prefill.ttft_ms > workload.ttft_ms:
         lp.meets_slo = False
         lp.warnings.append(f"TTFT {lp.prefill.ttft_ms:.0f} ms exceeds the {workload.ttft_ms:g} ms limit")

@@ -4,6 +4,7 @@ build stage slices it. ModelOpt modes and the full CLI runs are slow (calibratio
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from builder.errors import QuantizationError
 from builder.model.config import ModelConfig
 from builder.model.safetensors_io import validate_checkpoint
-from quantize.formats import mode_of_checkpoint, quantized_catalog
+from quantize.formats import mode_of_checkpoint, quantized_catalog, unquantized_linears
 from quantize.modes import QuantJob, quantize
 
 
@@ -166,7 +167,8 @@ def test_calibrated_modes_show_progress(outputs):
 @pytest.mark.parametrize("mode", ["fp8-tensor", "int4-awq", "nvfp4"])
 def test_modelopt_modes_schema_and_quality(mode, tiny_ckpt, tmp_path):
     log: list[str] = []
-    run_mode(tiny_ckpt, tmp_path / mode, mode, gpu="b200", log=log)
+    # nvfp4 is made for Blackwell only; int4-awq is reference-engine only, so for no GPU.
+    run_mode(tiny_ckpt, tmp_path / mode, mode, log=log, **({"gpu": "b200"} if mode == "nvfp4" else {}))
     # progress of each of ModelOpt's passes over the prompts: max calibration one, AWQ two (cache, then search)
     passes = {"fp8-tensor": 1, "int4-awq": 2, "nvfp4": 1}[mode]
     ends = [line for line in calibration_lines(log) if " 4/4 prompts, 128/128 tokens, " in line]
@@ -177,6 +179,15 @@ def test_modelopt_modes_schema_and_quality(mode, tiny_ckpt, tmp_path):
     assert hq["producer"]["name"] == "modelopt"
     assert q["quant_algo"] == {"fp8-tensor": "FP8", "int4-awq": "W4A16_AWQ", "nvfp4": "NVFP4"}[mode]
     assert "model.layers.4.*" in q["exclude_modules"] and "lm_head" in q["exclude_modules"]
+    # TensorRT-LLM builds a linear unquantized when its module name fnmatches an exclude_modules entry
+    # (QuantConfig.is_module_excluded_from_quantization): for every layer, exactly the linears the format keeps BF16
+    # (nvfp4: MLA projections and the indexer, docs/tensorrt-llm-contract.md#C-NVFP4-1) and the router.
+    cfg = ModelConfig.from_json_file(tiny_ckpt / "config.json")
+    kept = set(unquantized_linears(cfg, mode)) | {"mlp.gate", "self_attn.indexer.weights_proj"}
+    linears = {s.name.split(".", 3)[3].removesuffix(".weight") for s in quantized_catalog(cfg, mode).specs
+               if s.layer == 1 and not s.is_scale and len(s.shape) == 2 and s.expert in (None, 0)}
+    excluded = {m for m in linears if any(fnmatch.fnmatchcase(f"model.layers.1.{m}", e) for e in q["exclude_modules"])}
+    assert excluded == kept & linears, sorted(excluded ^ (kept & linears))
     if mode == "int4-awq":
         assert q["group_size"] == 128 and q["pre_quant_scale"] is True
     rep = json.loads((tmp_path / mode / "quant_report.json").read_text())
