@@ -168,12 +168,13 @@ def weight_catalog(cfg: ModelConfig, quant: str, *, include_mtp: bool = True) ->
                          for s in qc.specs)
     mtp = frozenset(reduced.mtp_layers) if include_mtp else frozenset()
     quantized_dtype = quant_formats.get(quant).compute_dtype
-    compute: tuple[dict[Kind, str], dict[Kind, str]] = ({}, {})
+    layers: dict[Kind, str] = {}
+    mtp_layer: dict[Kind, str] = {}
     for s in qc.specs:
         if not s.is_scale and len(s.shape) == 2:
-            compute[s.layer in mtp][s.kind] = "bf16" if s.dtype in UNQUANTIZED else quantized_dtype
+            (mtp_layer if s.layer in mtp else layers)[s.kind] = "bf16" if s.dtype in UNQUANTIZED else quantized_dtype
     return WeightCatalog(cfg, tuple(qc.specs), dict(qc.logical_shapes), 0 if k else None, k if has_moe else None,
-                         mtp, kv_b_block_fp8, *compute)
+                         mtp, kv_b_block_fp8, layers, mtp_layer)
 
 
 def _where(cat: WeightCatalog, spec: TensorSpec) -> str:
