@@ -42,7 +42,7 @@ BENCH_OVERRIDES = {"hidden_size": 2048, "intermediate_size": 2048, "moe_intermed
 
 def synthetic_config(size_gb: float):
     from builder.model.catalog import build_catalog, total_bytes
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     layers = 2
     while True:

@@ -54,7 +54,7 @@ def make_checkpoint(root: Path, *, experts: int) -> int:
 
     from builder.atomic import atomic_write_json
     from builder.model.catalog import Dtype, build_catalog
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
     from quantize.stream import computed, write_checkpoint
 
     cfg = tiny_config("tiny", {"hidden_size": 1024, "moe_intermediate_size": 1024, "n_routed_experts": experts,

@@ -465,7 +465,8 @@ def make_tiny_cmd(out: Path, seed: int, preset_name: str | None, do_train: bool,
     if not do_train:
         if steps is not None or write_builtin:
             raise SpecError("--steps and --write-builtin only apply with --train")
-        from builder.model.tiny import generated_model, make_tiny
+        from builder.model.config import generated_model
+        from builder.model.tiny import make_tiny
 
         preset, trained = generated_model(preset_name or "tiny")
         if trained:

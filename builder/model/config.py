@@ -392,3 +392,28 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ModelConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig.from_dict(json.loads(json.dumps(PRESETS[name])), source=f"preset {name}")
+
+
+# Generated models: name -> (preset, trained). The trained ones are committed under builder/data/trained/
+# (``dsbuild make-tiny --train`` reproduces them); the ``-random`` ones are the seeded random init.
+GENERATED: dict[str, tuple[str, bool]] = {
+    "tiny": ("tiny", True), "tiny-draft": ("tiny-draft", True),
+    "tiny-random": ("tiny", False), "tiny-draft-random": ("tiny-draft", False),
+}
+
+
+def tiny_config(name: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The config of a tiny preset or generated model name ('tiny-random' has the config of 'tiny')."""
+    data = json.loads(json.dumps(PRESETS[generated_model(name)[0]]))
+    data.update(overrides or {})
+    return ModelConfig.from_dict(data, source=f"preset {name}")
+
+
+def generated_model(name: str) -> tuple[str, bool]:
+    """``(preset, trained)`` of a generated model name: 'tiny'/'tiny-draft' are the committed trained weights,
+    'tiny-random'/'tiny-draft-random' the seeded random init (a bare preset name with ``-random``)."""
+    if name in GENERATED:
+        return GENERATED[name]
+    if name in PRESETS:
+        return name, False
+    raise ModelConfigError(f"unknown generated model {name!r}; choose one of {sorted(GENERATED)}")

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from builder.model import trained
-from builder.model.config import PRESETS
-from builder.model.tiny import TINY_FORMAT_VERSION, generated_model, make_tiny
+from builder.model.config import PRESETS, generated_model
+from builder.model.tiny import TINY_FORMAT_VERSION, make_tiny
 from builder.model.tokenizer import corpus_sha256
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from builder.errors import CheckpointError, ModelConfigError, SpecError, closest_choices
 from builder.hub import hub_repo, read_file
-from builder.model.config import PRESETS, ModelConfig, preset
-from builder.model.tiny import GENERATED, tiny_config
+from builder.model.config import GENERATED, PRESETS, ModelConfig, preset, tiny_config
 
 # Hub ids whose config.json is known without a download (the planner must work before anything is fetched), as
 # the hub spells them, with the preset that holds their config. The first of each preset is where its weights are.

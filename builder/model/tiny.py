@@ -15,9 +15,8 @@ from typing import Any
 import torch
 
 from builder.atomic import atomic_write_json, staging_dir
-from builder.errors import ModelConfigError
 from builder.model.catalog import Dtype, Kind, TensorSpec, build_catalog
-from builder.model.config import PRESETS, ModelConfig
+from builder.model.config import ModelConfig, tiny_config
 from builder.model.safetensors_io import shard_file_name, write_index
 from builder.model.safetensors_tensors import TORCH_DTYPES, write_safetensors
 from builder.model.tokenizer import train_tokenizer, write_tokenizer_files
@@ -25,21 +24,6 @@ from quantize import fp8_block
 
 # Bump when the bytes make-tiny writes for a given seed change: it is part of every cache key of a tiny model.
 TINY_FORMAT_VERSION = 3  # 3: the real checkpoint's dtypes (weights_proj BF16)
-# Generated models: name -> (preset, trained). The trained ones are committed under builder/data/trained/
-# (``dsbuild make-tiny --train`` reproduces them); the ``-random`` ones are the seeded random init.
-GENERATED: dict[str, tuple[str, bool]] = {
-    "tiny": ("tiny", True), "tiny-draft": ("tiny-draft", True),
-    "tiny-random": ("tiny", False), "tiny-draft-random": ("tiny-draft", False),
-}
-
-
-def tiny_config(name: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
-    """The config of a tiny preset or generated model name ('tiny-random' has the config of 'tiny')."""
-    data = json.loads(json.dumps(PRESETS[generated_model(name)[0]]))
-    data.update(overrides or {})
-    return ModelConfig.from_dict(data, source=f"preset {name}")
-
-
 def _generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -119,13 +103,3 @@ def _shard_groups(specs: list[TensorSpec], cfg: ModelConfig) -> list[list[str]]:
         groups.setdefault(key, []).append(s.name)
     order = [("embed",)] + [("layer", i) for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)] + [("head",)]
     return [groups[k] for k in order if k in groups]
-
-
-def generated_model(name: str) -> tuple[str, bool]:
-    """``(preset, trained)`` of a generated model name: 'tiny'/'tiny-draft' are the committed trained weights,
-    'tiny-random'/'tiny-draft-random' the seeded random init (a bare preset name with ``-random``)."""
-    if name in GENERATED:
-        return GENERATED[name]
-    if name in PRESETS:
-        return name, False
-    raise ModelConfigError(f"unknown generated model {name!r}; choose one of {sorted(GENERATED)}")

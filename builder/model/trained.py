@@ -20,8 +20,9 @@ from tokenizers import Tokenizer
 from builder.atomic import atomic_write_json, atomic_write_text
 from builder.errors import CheckpointError
 from builder.model.catalog import build_catalog
+from builder.model.config import tiny_config
 from builder.model.safetensors_tensors import write_safetensors
-from builder.model.tiny import make_tiny, stored_tensors, tiny_config
+from builder.model.tiny import make_tiny, stored_tensors
 from quantize import fp8_block
 
 TRAINED_DIR = Path(__file__).resolve().parent.parent / "data" / "trained"

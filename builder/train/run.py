@@ -17,8 +17,9 @@ import torch
 
 from builder.atomic import atomic_write_json
 from builder.model import trained as builtin
+from builder.model.config import tiny_config
 from builder.model.hf_compat import iter_dequantized
-from builder.model.tiny import make_tiny, tiny_config
+from builder.model.tiny import make_tiny
 from builder.model.tokenizer import corpus_sha256, train_tokenizer
 from builder.safeio import dumps_json
 from builder.train.data import TokenData

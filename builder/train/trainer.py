@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from builder.model.tiny import tiny_config
+from builder.model.config import tiny_config
 from builder.train.data import TokenData, perplexity, unigram_nll
 from builder.train.model import TinyDeepseekV32, export_weights, init_weights
 

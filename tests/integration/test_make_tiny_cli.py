@@ -9,9 +9,9 @@ import torch
 
 from builder.model import trained as builtin
 from builder.model.catalog import catalog_by_name
+from builder.model.config import tiny_config
 from builder.model.hf_compat import iter_dequantized
 from builder.model.safetensors_io import validate_checkpoint
-from builder.model.tiny import tiny_config
 
 
 def test_default_export_is_the_committed_trained_draft(dsbuild, tmp_path):

@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builder.model.catalog import build_catalog
-from builder.model.tiny import init_tensor, make_tiny, tiny_config
 from builder.engine.bundle import EngineBundle
 from builder.engine.distributed import make_comm
 from builder.engine.generate import Engine
 from builder.engine.kv_cache import StepPositions
 from builder.engine.mtp import MTPModule
+from builder.model.catalog import build_catalog
+from builder.model.config import tiny_config
+from builder.model.tiny import init_tensor, make_tiny
 from tests.support.engines import build_bundle
 
 
@@ -80,9 +81,9 @@ def test_mtp_drafts_from_the_final_normed_hidden_state_as_the_trainer_taught_it(
     """The runtime's MTP path (engine hidden -> final norm -> module) on the trained checkpoint computes the training
     model's MTP head (builder.train.model, which feeds ``hnorm`` the post-final-norm state, as TensorRT-LLM and vLLM
     do); feeding the pre-norm state instead gives clearly different logits."""
+    from builder.engine.mtp import MTPProposer
     from builder.model import trained as builtin
     from builder.model.hf_compat import iter_dequantized
-    from builder.engine.mtp import MTPProposer
     from builder.train.model import TinyDeepseekV32, load_weights
 
     bundle = EngineBundle.open(build_bundle(tiny_ckpt, tmp_path / "b", tp=1, pp=1, ep=1))

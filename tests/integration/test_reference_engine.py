@@ -153,8 +153,9 @@ def test_gcd_rule_mlp_split_over_fewer_ranks_than_tp(tmp_path_factory, tmp_path)
     """A dense MLP of 256 (two 128-blocks) at TP4 is split over gcd(2, 4) = 2 ranks and replicated on the other
     two; the engine must count each slice once."""
     from builder.layout import Layout
+    from builder.model.config import tiny_config
     from builder.model.hf_compat import write_dequantized_checkpoint
-    from builder.model.tiny import make_tiny, tiny_config
+    from builder.model.tiny import make_tiny
     from builder.shard.rules import mlp_tp
 
     cfg = tiny_config(overrides={"intermediate_size": 256})

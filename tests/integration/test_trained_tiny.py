@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from builder.model import trained as builtin
 from builder.model.catalog import catalog_by_name
+from builder.model.config import tiny_config
 from builder.model.generated import ensure_tiny
 from builder.model.hf_compat import iter_dequantized, load_hf_model, write_dequantized_checkpoint
 from builder.model.safetensors_io import validate_checkpoint
-from builder.model.tiny import tiny_config
 from builder.train.data import TokenData
 from builder.train.model import TinyDeepseekV32, load_weights
 from builder.train.trainer import RECIPES, SMALL_EVAL_SEQUENCES, TrainConfig, evaluate, train, with_steps

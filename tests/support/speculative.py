@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from builder.model.catalog import build_catalog
-from builder.model.tiny import init_tensor, make_tiny, tiny_config
+from builder.model.config import tiny_config
+from builder.model.tiny import init_tensor, make_tiny
 
 
 def target_weights(*, seed: int = 0, layer_scale: float = 0.3) -> dict[str, torch.Tensor]:

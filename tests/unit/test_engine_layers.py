@@ -38,7 +38,7 @@ def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
     """Same top-k key sets per query as transformers' DeepseekV32Indexer; a differing set is only accepted where
     the k-th and (k+1)-th scores are a near-tie (< 1e-5 apart), which docs/upstream-facts.md#U-HF-4 says happens."""
     from builder.engine.layers import Indexer
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     cfg = tiny_config()
     B, S, k = 2, 40, cfg.index_topk
@@ -69,7 +69,7 @@ def test_indexer_selects_the_same_key_sets_as_transformers(hf_model):
 
 def test_router_matches_transformers(hf_model):
     from builder.engine.layers import route
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     cfg = tiny_config()
     x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
@@ -119,7 +119,7 @@ def test_sampling_greedy_top_k_top_p_and_seed():
     (GenerationRequest([1], SamplingParams(max_tokens=600)), "positions"),
 ])
 def test_bad_requests_are_refused_with_one_sentence(req, message):
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     with pytest.raises(RequestError, match=message):
         validate_request(req, tiny_config())
@@ -130,9 +130,8 @@ def test_composed_absorption_matches_the_factored_one_and_is_chosen_by_size(hf_m
     attention's output; DeepSeek-V3.2's shapes (kv_lora 512 > nope 128) keep the factors."""
     from builder.engine.kv_cache import KVCache, StepPositions
     from builder.engine.layers import MLA, Step, absorbed_compositions
+    from builder.model.config import preset, tiny_config
     from builder.model.functional import RopeTable
-    from builder.model.config import preset
-    from builder.model.tiny import tiny_config
 
     cfg = tiny_config()
     rope = RopeTable.from_config(cfg)

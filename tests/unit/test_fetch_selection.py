@@ -7,9 +7,9 @@ import pytest
 from builder import hub
 from builder.errors import DiskSpaceError, UnsafePathError
 from builder.hostfit import spec_flags
+from builder.model.config import tiny_config
 from builder.model.safetensors_io import CheckpointIndex
 from builder.model.selection import path_selected, select_shards
-from builder.model.tiny import tiny_config
 from builder.specs import RunSpec
 
 

@@ -15,8 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builder.errors import QuantizationError
-from builder.model.config import ModelConfig, preset
-from builder.model.tiny import tiny_config
+from builder.model.config import ModelConfig, preset, tiny_config
 from quantize.modelopt_flow import DEEPSEEK_V32_COMMIT, MODELOPT_COMMIT, gpu_script
 from quantize.w4afp8 import expected_act_scales, read_act_scales
 

@@ -18,7 +18,7 @@ from builder.engine.sampling import (
     validate_request,
 )
 from builder.errors import RequestError
-from builder.model.tiny import tiny_config
+from builder.model.config import tiny_config
 from builder.sampling_params import SamplingParams
 
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 import pytest
 
 from builder.errors import LayoutError
-from builder.model.config import preset
-from builder.model.tiny import tiny_config
-from builder.plan.search import plan_cluster
-from builder.plan.memory import (FREE_GPU_MEMORY_FRACTION, kv_bytes_per_token_per_layer, stage_weights,
-                                 weight_catalog)
-from builder.shard.rules import plan_ranks
 from builder.layout import Layout
+from builder.model.config import preset, tiny_config
+from builder.plan.memory import FREE_GPU_MEMORY_FRACTION, kv_bytes_per_token_per_layer, stage_weights, weight_catalog
+from builder.plan.search import plan_cluster
+from builder.shard.rules import plan_ranks
 from quantize.formats import quantized_catalog
 
 GIB = 1 << 30

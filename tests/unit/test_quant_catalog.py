@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from builder.layout import Layout
-from builder.model.config import preset
-from builder.model.tiny import tiny_config
+from builder.model.config import preset, tiny_config
 from builder.shard.rules import plan_ranks
 from quantize.formats import quantized_catalog
 from quantize.registry import NAMES

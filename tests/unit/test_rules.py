@@ -1,10 +1,10 @@
 import pytest
 
 from builder.errors import LayoutError
+from builder.layout import Layout
 from builder.model.catalog import build_catalog
 from builder.model.config import preset
 from builder.shard.rules import mlp_tp, plan_ranks
-from builder.layout import Layout
 
 
 def test_stage_layers_put_the_remainder_on_leading_stages():
@@ -17,7 +17,7 @@ def test_stage_layers_put_the_remainder_on_leading_stages():
 @pytest.mark.parametrize("pp", [1, 2, 4])
 @pytest.mark.parametrize("ep", [1, 2, 4, 8])
 def test_every_tiny_layout_tiles_every_tensor_on_whole_blocks(tp, pp, ep):
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     cfg = tiny_config()
     specs = build_catalog(cfg)
@@ -49,7 +49,7 @@ def test_every_tiny_layout_tiles_every_tensor_on_whole_blocks(tp, pp, ep):
 
 
 def test_experts_are_owned_by_one_ep_rank_and_split_by_moe_tp():
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     cfg = tiny_config()
     specs = build_catalog(cfg)
@@ -80,7 +80,7 @@ def test_mlp_tp_is_gcd_of_blocks_and_tp():
 
 
 def test_a_split_that_cuts_fp8_blocks_is_refused_with_the_reason():
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     cfg = tiny_config(overrides={"moe_intermediate_size": 256})
     with pytest.raises(LayoutError, match="cuts its 128x128 FP8 blocks"):
@@ -94,7 +94,7 @@ def test_a_split_that_cuts_fp8_blocks_is_refused_with_the_reason():
     (Layout(tp=2, ep=4), "must divide TP"),
 ])
 def test_bad_layouts(layout, msg):
-    from builder.model.tiny import tiny_config
+    from builder.model.config import tiny_config
 
     cfg = tiny_config()
     with pytest.raises(LayoutError, match=msg):

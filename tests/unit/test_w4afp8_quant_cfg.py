@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 
 from builder.model.catalog import Dtype, Kind
-from builder.model.config import preset
-from builder.model.tiny import tiny_config
+from builder.model.config import preset, tiny_config
 from quantize.formats import quantized_catalog
 from quantize.w4afp8_config import quant_cfg
 
