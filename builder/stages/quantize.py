@@ -11,7 +11,7 @@ from builder.pipeline import Stage, StageContext
 from builder.rundir import QUANTIZED
 from quantize.modes import QuantJob, quantize
 
-VERSION = "2"
+VERSION = "3"  # 3: nvfp4 keeps the MLA projections and the indexer BF16 (ModelOpt's DeepSeek recipe)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
