@@ -4,9 +4,9 @@ For each generation with calibration rows (Hopper, Blackwell) the six parameters
 (``hbm_efficiency``, ``compute_efficiency``, ``attention_efficiency``, ``context_attention_efficiency``,
 ``layer_overhead_us``, ``draft_overhead_us``) are chosen to minimise the squared log of predicted/published over
 that generation's rows of ``builder/data/calibration/trtllm_deepseek_published.yaml``, plus a steep penalty for any
-row outside its band (so the fit prefers every row inside to a smaller average error). Nelder-Mead from several starts (scipy), in
-log space with the efficiencies kept in (0, 1]. The result is written to ``builder/data/calibration/efficiency.yaml``
-(``--write``), which the planner loads; ``--json`` prints it.
+row outside its band (so the fit prefers every row inside to a smaller average error). Nelder-Mead from several
+starts (scipy), in log space with the efficiencies kept in (0, 1]. The result is written to
+``builder/data/calibration/efficiency.yaml`` (``--write``), which the planner loads; ``--json`` prints it.
 
 Usage: ``python benchmarks/fit_planner.py [--write] [--json]`` (a few minutes on two cores).
 """
@@ -28,22 +28,18 @@ from builder.atomic import atomic_write_bytes
 from builder.plan.calibration import load_rows, predict, with_efficiency
 from builder.plan.hardware import EFFICIENCY_FIELDS, EFFICIENCY_FILE, GPUS, load_hardware
 
-# Shares of a peak: (0, 1].
-BOUNDED = ("hbm_efficiency", "compute_efficiency", "attention_efficiency", "context_attention_efficiency")
+BOUNDED = tuple(k for k in EFFICIENCY_FIELDS if k.endswith("_efficiency"))  # shares of a peak: (0, 1]
 # Where the search starts, and the weak prior that keeps a parameter the rows barely constrain (Hopper has one
 # latency row) at a plausible value: 0.05 x (log(value / prior))^2 per parameter, against ~1 for a row off by 2.7x.
 PRIOR = {"hbm_efficiency": 0.8, "compute_efficiency": 0.5, "attention_efficiency": 0.4,
-         "context_attention_efficiency": 0.4, "layer_overhead_us": 100,
-         "draft_overhead_us": 300}
+         "context_attention_efficiency": 0.4, "layer_overhead_us": 100, "draft_overhead_us": 300}
 PRIOR_WEIGHT = 0.05
 STARTS = (
     PRIOR,
     {"hbm_efficiency": 0.6, "compute_efficiency": 0.25, "attention_efficiency": 0.15,
-     "context_attention_efficiency": 0.2, "layer_overhead_us": 150,
-     "draft_overhead_us": 500},
+     "context_attention_efficiency": 0.2, "layer_overhead_us": 150, "draft_overhead_us": 500},
     {"hbm_efficiency": 0.9, "compute_efficiency": 0.7, "attention_efficiency": 0.3,
-     "context_attention_efficiency": 0.6, "layer_overhead_us": 60,
-     "draft_overhead_us": 150},
+     "context_attention_efficiency": 0.6, "layer_overhead_us": 60, "draft_overhead_us": 150},
 )
 
 

@@ -133,8 +133,7 @@ def unquantized_linears(cfg: ModelConfig, mode: str) -> list[str]:
     """Module paths inside a decoder layer (``self_attn.q_a_proj``) of the DeepSeek linears ``mode`` leaves BF16:
     what ModelOpt's quantizers must be switched off for."""
     kept = FP8_KINDS - MODELOPT_KINDS[mode]
-    return sorted({s.name.split(".", 3)[3].removesuffix(".weight") for s in _weights(cfg, include_mtp=False)
-                   if s.kind in kept and s.layer is not None})
+    return sorted({s.layer_module for s in _weights(cfg, include_mtp=False) if s.kind in kept and s.layer is not None})
 
 
 def _with_fp8(cfg: ModelConfig) -> ModelConfig:

@@ -111,6 +111,12 @@ class TensorSpec:
     def is_scale(self) -> bool:
         return self.scale_of is not None
 
+    @property
+    def layer_module(self) -> str:
+        """A decoder-layer tensor's module path inside its layer (``self_attn.q_a_proj`` for
+        ``model.layers.3.self_attn.q_a_proj.weight``)."""
+        return self.name.split(".", 3)[3].removesuffix(".weight")
+
 
 def block_scale_shape(shape: tuple[int, ...], block: int = FP8_BLOCK) -> tuple[int, int]:
     rows, cols = shape

@@ -8,7 +8,6 @@ shards named with a six-digit total, ``model.safetensors.index.json``, a byte-le
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 

@@ -41,6 +41,7 @@ from builder.model.config import ModelConfig
 from builder.plan.hardware import GPU, Cluster
 from builder.plan.memory import PlaceBytes, RankWeights
 from builder.shard.rules import mlp_tp
+from quantize import registry as quant_formats
 
 ACT_BYTES = 2  # bf16 activations on the wire
 # Mean tokens accepted per step for each MTP draft length: DeepSeek-R1 on a real dataset (tech blog 1, strict
@@ -157,7 +158,8 @@ class Placement:
         return cls(worst, pp)
 
 
-GEMM_DTYPES = ("fp4", "fp8", "bf16")
+# Every dtype a GEMM can run in: a format's quantized dtype, or BF16 for what it leaves unquantized.
+GEMM_DTYPES = frozenset({f.compute_dtype for f in quant_formats.FORMATS.values()} | {"bf16"})
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ def test_modelopt_modes_schema_and_quality(mode, tiny_ckpt, tmp_path):
     # (nvfp4: MLA projections and the indexer, docs/tensorrt-llm-contract.md#C-NVFP4-1) and the router.
     cfg = ModelConfig.from_json_file(tiny_ckpt / "config.json")
     kept = set(unquantized_linears(cfg, mode)) | {"mlp.gate", "self_attn.indexer.weights_proj"}
-    linears = {s.name.split(".", 3)[3].removesuffix(".weight") for s in quantized_catalog(cfg, mode).specs
+    linears = {s.layer_module for s in quantized_catalog(cfg, mode).specs
                if s.layer == 1 and not s.is_scale and len(s.shape) == 2 and s.expert in (None, 0)}
     excluded = {m for m in linears if any(fnmatch.fnmatchcase(f"model.layers.1.{m}", e) for e in q["exclude_modules"])}
     assert excluded == kept & linears, sorted(excluded ^ (kept & linears))

@@ -45,7 +45,7 @@ def test_fitted_parameters_are_physical():
     for arch in ("hopper", "blackwell"):
         p = data["generations"][arch]
         assert set(p) == set(EFFICIENCY_FIELDS)
-        for k in ("hbm_efficiency", "compute_efficiency", "attention_efficiency", "context_attention_efficiency"):
+        for k in [f for f in EFFICIENCY_FIELDS if f.endswith("_efficiency")]:
             assert 0.05 < p[k] <= 1.0, (arch, k)
         assert 1 <= p["layer_overhead_us"] <= 1000
         assert 1 <= p["draft_overhead_us"] <= 5000

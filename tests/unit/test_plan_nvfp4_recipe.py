@@ -38,7 +38,7 @@ def attention_bytes(heads: int) -> int:
 def test_the_catalogue_keeps_mla_projections_and_the_indexer_bf16():
     cat = quantized_catalog(CFG, "nvfp4")
     layer = [s for s in cat.specs if s.layer == 5 and not s.is_scale and s.expert in (None, 0)]
-    dtypes = {s.name.split(".", 3)[3].removesuffix(".weight"): s.dtype for s in layer}
+    dtypes = {s.layer_module: s.dtype for s in layer}
     for name in BF16_LINEARS:
         assert dtypes[f"self_attn.{name}"] is Dtype.BF16, name
     for name in ("self_attn.o_proj", "mlp.shared_experts.gate_proj", "mlp.experts.0.down_proj"):
@@ -54,9 +54,6 @@ def test_the_catalogue_keeps_mla_projections_and_the_indexer_bf16():
 def test_attention_bytes_of_a_rank_are_the_hand_computation(layout, heads):
     w = stage_weights(weight_catalog(CFG, "nvfp4"), layout)[0][0]
     assert w.moe_layer.attention == attention_bytes(heads)
-    # The same layer in dsbuild's old all-NVFP4 layout would be ~3.3x smaller in the BF16 part: the difference is
-    # what NVIDIA's FP4 checkpoints hold per layer and rank.
-    assert w.moe_layer.attention > 2 * (H * Q_LORA + heads * Q_LORA * (NOPE + ROPE))
 
 
 def test_each_gemm_runs_in_the_dtype_its_weight_is_stored_in():
