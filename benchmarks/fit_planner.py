@@ -31,21 +31,26 @@ from builder.plan.hardware import EFFICIENCY_FIELDS, EFFICIENCY_FILE, GPUS, load
 BOUNDED = tuple(k for k in EFFICIENCY_FIELDS if k.endswith("_efficiency"))  # shares of a peak: (0, 1]
 # Where the search starts, and the weak prior that keeps a parameter the rows barely constrain (Hopper has one
 # latency row) at a plausible value: 0.05 x (log(value / prior))^2 per parameter, against ~1 for a row off by 2.7x.
-PRIOR = {"hbm_efficiency": 0.8, "compute_efficiency": 0.5, "attention_efficiency": 0.4,
+PRIOR = {"hbm_efficiency": 0.8, "compute_efficiency": 0.5, "gemm_half_rows": 64, "attention_efficiency": 0.4,
          "context_attention_efficiency": 0.4, "layer_overhead_us": 100, "draft_overhead_us": 300}
 PRIOR_WEIGHT = 0.05
+RESTARTS = 5
+OUTSIDE_WEIGHT = 2000  # per squared log-distance outside a row's band: a row 2 % outside costs ~1 row off by 2.7x
 STARTS = (
     PRIOR,
-    {"hbm_efficiency": 0.6, "compute_efficiency": 0.25, "attention_efficiency": 0.15,
+    {"hbm_efficiency": 0.6, "compute_efficiency": 0.25, "gemm_half_rows": 16, "attention_efficiency": 0.15,
      "context_attention_efficiency": 0.2, "layer_overhead_us": 150, "draft_overhead_us": 500},
-    {"hbm_efficiency": 0.9, "compute_efficiency": 0.7, "attention_efficiency": 0.3,
+    {"hbm_efficiency": 0.9, "compute_efficiency": 0.7, "gemm_half_rows": 256, "attention_efficiency": 0.3,
      "context_attention_efficiency": 0.6, "layer_overhead_us": 60, "draft_overhead_us": 150},
 )
 
 
 def encode(params: dict[str, float]) -> np.ndarray:
-    return np.array([math.log(params[k] / (1 - params[k])) if k in BOUNDED else math.log(params[k])
-                     for k in EFFICIENCY_FIELDS])
+    def logit(p: float) -> float:
+        p = min(p, 1 - 1e-4)  # a share fitted to its bound (1.0) starts just inside it
+        return math.log(p / (1 - p))
+
+    return np.array([logit(params[k]) if k in BOUNDED else math.log(params[k]) for k in EFFICIENCY_FIELDS])
 
 
 def decode(x: np.ndarray) -> dict[str, float]:
@@ -65,18 +70,26 @@ def loss(x: np.ndarray, arch: str, rows, table) -> float:
         err = math.log(p.ratio)
         lo, hi = (math.log(b) for b in row.band)
         outside = max(0.0, err - hi, lo - err)
-        total += err * err + 50 * outside * outside
+        total += err * err + OUTSIDE_WEIGHT * outside * outside
     params = decode(x)
     return total + PRIOR_WEIGHT * sum(math.log(params[k] / PRIOR[k]) ** 2 for k in EFFICIENCY_FIELDS)
 
 
-def fit(arch: str, rows, table) -> tuple[dict[str, float], float]:
+def fit(arch: str, rows, table, current: dict[str, float] | None = None) -> tuple[dict[str, float], float]:
+    """Nelder-Mead from each start (and from the parameters in use), then restarted from the best point until a
+    restart gains nothing: a fresh simplex gets the search out of the flat valleys a collapsed one stalls in."""
     best = None
-    for start in STARTS:
+    for start in STARTS + ((current,) if current else ()):
         res = minimize(loss, encode(start), args=(arch, rows, table), method="Nelder-Mead",
                        options={"maxiter": 1500, "xatol": 1e-3, "fatol": 1e-6})
         if best is None or res.fun < best.fun:
             best = res
+    for _ in range(RESTARTS):
+        res = minimize(loss, best.x, args=(arch, rows, table), method="Nelder-Mead",
+                       options={"maxiter": 1500, "xatol": 1e-3, "fatol": 1e-6})
+        if res.fun > best.fun - 1e-5:
+            break
+        best = res
     return {k: round(v, 4 if k in BOUNDED else 1) for k, v in decode(best.x).items()}, float(best.fun)
 
 
@@ -93,7 +106,9 @@ def main() -> int:
     report = {}
     for arch in sorted({GPUS[r.gpu].arch for r in rows} & set(args.arch or [GPUS[r.gpu].arch for r in rows])):
         mine = [r for r in rows if GPUS[r.gpu].arch == arch]
-        params, value = fit(arch, mine, table)
+        current = {k: float(v) for k, v in fitted[arch].items()} if set(fitted.get(arch, {})) == set(
+            EFFICIENCY_FIELDS) else None
+        params, value = fit(arch, mine, table, current)
         fitted[arch] = params
         table = with_efficiency(table, arch, params)
         ratios = {r.id: round(predict(r, hardware=table).ratio, 4) for r in mine}

@@ -12,8 +12,11 @@ parameters, their values and where each comes from are in docs/choosing-a-layout
 any of them per GPU:
 
 * ``hbm_efficiency``: achieved share of HBM bandwidth when a kernel streams weights or KV cache;
-* ``compute_efficiency``: achieved share of peak tensor FLOPs in GEMMs (dense and grouped MoE), each at the peak of
-  the dtype it runs in; a GEMM's padded last tile runs at the peak;
+* ``compute_efficiency``: achieved share of peak tensor FLOPs in a large GEMM (dense or one expert's of a grouped
+  MoE GEMM), each at the peak of the dtype it runs in;
+* ``gemm_half_rows``: token rows at which a GEMM reaches half that share: a GEMM of M rows takes as long as
+  M + ``gemm_half_rows`` rows at the large-GEMM rate (tile padding, pipeline fill and drain, partial waves), so a
+  decode step's grouped MoE GEMM with a few tokens per expert runs far below the rate of a prefill chunk's;
 * ``attention_efficiency``: achieved share of peak tensor FLOPs in the MLA/DSA decode attention kernels;
 * ``context_attention_efficiency``: the same in prefill attention (R1/V3's dense FMHA, V3.2's sparse MQA), whose
   many query rows per key keep the tensor cores far busier than decode's;
@@ -49,8 +52,8 @@ ScaleUp = Literal["nvlink", "pcie", "shm"]
 
 MIB = 1 << 20
 EFFICIENCY_FILE = Path(__file__).resolve().parent.parent / "data" / "calibration" / "efficiency.yaml"
-EFFICIENCY_FIELDS = ("hbm_efficiency", "compute_efficiency", "attention_efficiency", "context_attention_efficiency",
-                     "layer_overhead_us", "draft_overhead_us")
+EFFICIENCY_FIELDS = ("hbm_efficiency", "compute_efficiency", "gemm_half_rows", "attention_efficiency",
+                     "context_attention_efficiency", "layer_overhead_us", "draft_overhead_us")
 MAX_HARDWARE_FILE_BYTES = 1 << 20
 
 
@@ -66,9 +69,11 @@ class GPU:
     scale_up: ScaleUp  # the link between GPUs of one node
     scale_up_gb_s: float  # per GPU, per direction
     scale_up_latency_us: float  # one small collective over it (NCCL / custom all-reduce)
+    sms: int = 132  # streaming multiprocessors
     gpus_per_node: int = 8
     hbm_efficiency: float = 0.8
     compute_efficiency: float = 0.6
+    gemm_half_rows: float = 64.0
     attention_efficiency: float = 0.5
     context_attention_efficiency: float = 0.5
     link_efficiency: float = 0.8
@@ -120,19 +125,22 @@ def _gpu(name: str, arch: Arch, memory_mib: int, hbm_tb_s: float, bf16: float, f
 
 
 GPUS: dict[str, GPU] = {g.name: g for g in (
-    _gpu("h100-sxm", "hopper", 81559, 3.35, 989, 1979, 0, "nvlink", 450, 6.0),
-    _gpu("h200-sxm", "hopper", 143771, 4.8, 989, 1979, 0, "nvlink", 450, 6.0),
-    _gpu("h100-pcie", "hopper", 81559, 2.0, 756, 1513, 0, "pcie", 64, 15.0),
-    _gpu("a100-sxm-80g", "ampere", 81920, 2.0, 312, 0, 0, "nvlink", 300, 8.0),
-    _gpu("b200", "blackwell", 183359, 7.7, 2250, 4500, 9000, "nvlink", 900, 5.0),
+    _gpu("h100-sxm", "hopper", 81559, 3.35, 989, 1979, 0, "nvlink", 450, 6.0, sms=132),
+    _gpu("h200-sxm", "hopper", 143771, 4.8, 989, 1979, 0, "nvlink", 450, 6.0, sms=132),
+    _gpu("h100-pcie", "hopper", 81559, 2.0, 756, 1513, 0, "pcie", 64, 15.0, sms=114),
+    _gpu("a100-sxm-80g", "ampere", 81920, 2.0, 312, 0, 0, "nvlink", 300, 8.0, sms=108),
+    _gpu("b200", "blackwell", 183359, 7.7, 2250, 4500, 9000, "nvlink", 900, 5.0, sms=148),
     # One GPU of a GB200 NVL72 rack (186 GB HBM3e as MLPerf lists it): the 72-GPU NVLink domain is its "node".
-    _gpu("gb200", "blackwell", 189471, 8.0, 2500, 5000, 10000, "nvlink", 900, 5.0, gpus_per_node=72),
-    _gpu("l40s", "ada", 46068, 0.864, 362, 733, 0, "pcie", 32, 15.0),
+    _gpu("gb200", "blackwell", 189471, 8.0, 2500, 5000, 10000, "nvlink", 900, 5.0, sms=148,
+         gpus_per_node=72),
+    _gpu("l40s", "ada", 46068, 0.864, 362, 733, 0, "pcie", 32, 15.0, sms=142),
     # The CPU reference engine (builder/engine): one process per rank on one host, fp32 math on dequantized
     # weights, gloo collectives over shared memory. Sized for a small CI machine so the tiny model's predictions
-    # can be compared with measured runs; override it with a hardware YAML for a bigger host.
-    GPU("cpu", "cpu", 8.0, 0.02, 0.1, 0, 0, "shm", 5, 100.0, gpus_per_node=4, hbm_efficiency=0.5,
-        compute_efficiency=0.3, attention_efficiency=0.3, context_attention_efficiency=0.3, link_efficiency=0.5,
+    # can be compared with measured runs (no tensor-core tiles: a GEMM's rows cost the same at any M); override it
+    # with a hardware YAML for a bigger host.
+    GPU("cpu", "cpu", 8.0, 0.02, 0.1, 0, 0, "shm", 5, 100.0, sms=4, gpus_per_node=4, hbm_efficiency=0.5,
+        compute_efficiency=0.3, gemm_half_rows=0.0, attention_efficiency=0.3, context_attention_efficiency=0.3,
+        link_efficiency=0.5,
         runtime_reserve_gib=0.5),
 )}
 
@@ -168,9 +176,11 @@ class _GPUOverride(BaseModel):
     scale_up: ScaleUp | None = None
     scale_up_gb_s: _Positive | None = None
     scale_up_latency_us: _NonNegative | None = None
+    sms: Annotated[int, Field(ge=1, le=4096)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
     hbm_efficiency: _Fraction | None = None
     compute_efficiency: _Fraction | None = None
+    gemm_half_rows: _NonNegative | None = None
     attention_efficiency: _Fraction | None = None
     context_attention_efficiency: _Fraction | None = None
     link_efficiency: _Fraction | None = None

@@ -2,14 +2,16 @@
 
 Every decoder layer of a step is a short list of kernels; each kernel takes the longer of its bytes over the GPU's
 achieved HBM bandwidth and its FLOPs over its achieved tensor throughput (``hbm_efficiency``,
-``compute_efficiency``, ``attention_efficiency``, ``context_attention_efficiency`` of the GPU generation, fitted to
-published TensorRT-LLM results); a GEMM runs at the peak of the dtype its weight is stored in (BF16 where the format
-leaves a linear unquantized, e.g. nvfp4's MLA projections and every MTP linear):
+``compute_efficiency`` with ``gemm_half_rows``, ``attention_efficiency``, ``context_attention_efficiency`` of the GPU
+generation, fitted to published TensorRT-LLM results); a GEMM runs at the peak of the dtype its weight is stored in
+(BF16 where the format leaves a linear unquantized, e.g. nvfp4's MLA projections and every MTP linear). Per layer,
+on the busiest rank (under attention-DP the one with the most sequences, which the MoE waits for):
 
 * attention projections (``q_a``/``kv_a`` and the DSA indexer's replicated everywhere, ``q_b``/``kv_b``/``o`` split
   by heads unless attention-DP) on the rank's query tokens;
 * MLA attention over the KV cache: absorbed MQA in the 512+64 latent for decode (and for DSA prefill), the latent
-  of every attended key read once per sequence; DSA attends ``index_topk`` keys, its indexer scores every key;
+  of every attended key read once per sequence; DSA attends ``index_topk`` keys (in prefill too, each query token
+  gathering its own), its indexer scores every key and a top-k of one CTA per query row selects them;
   R1/V3 prefill runs MHA over the up-projected keys;
 * the MoE: the routed experts of the rank (each read only when a token of the step selects it, FLOPs for the
   tokens routed to it, i.e. grouped GEMMs whose size per expert grows with the batch), the shared expert, the
@@ -47,12 +49,12 @@ ACT_BYTES = 2  # bf16 activations on the wire
 # Mean tokens accepted per step for each MTP draft length: DeepSeek-R1 on a real dataset (tech blog 1, strict
 # acceptance; docs/choosing-a-layout.md, Sources). Longer drafts accept no more than 5 did.
 DEFAULT_ACCEPTANCE = {0: 1.0, 1: 1.92, 2: 2.58, 3: 2.82, 4: 2.99, 5: 3.01}
-# DSA's top-k selection is a radix select per query row, not FLOPs: 64 rows of 9295 scores each in 14.3 us on a B200
-# (tech blog 15, TopKPerRow average) -> scores selected per second (no Hopper figure published: the same assumed).
-TOPK_SCORES_PER_S = 64 * 9295 / 14.327e-6
-# Rows of a GEMM tile along the token dimension: the last tile of every GEMM is on average half padding.
-# TensorRT-LLM's CUTLASS / TRTLLM-gen MoE GEMMs tile M by 64 to 128 rows; 64 taken.
-GEMM_TILE_ROWS = 64
+# DSA's top-k selection is a radix select per query row, one CTA per row, not FLOPs: a row of N scores takes
+# TOPK_ROW_S + N * TOPK_S_PER_SCORE on a B200 (tech blog 19's single-row production radix kernel: 21.98 us at
+# N = 16,384, 76.13 us at N = 131,072; blog 15's 64 rows of 9295 in 14.3 us agree), rows run one per SM at once.
+# No Hopper figure is published: the same per-SM figures are assumed.
+TOPK_ROW_S = 14.27e-6
+TOPK_S_PER_SCORE = (76.128e-6 - 21.984e-6) / (131072 - 16384)
 
 
 def default_acceptance(draft_len: int) -> float:
@@ -168,26 +170,33 @@ class Rates:
 
     hbm: float
     gemm: dict[str, float]  # a large GEMM in each compute dtype (fp4 / fp8 / bf16)
-    peak: dict[str, float]  # each dtype's datasheet peak: padding rows cost tensor-core time at full rate
+    gemm_half_rows: float  # a GEMM of M token rows takes as long as M + this many at the large-GEMM rate
     attention: float  # MLA decode attention
     context_attention: float  # prefill attention: R1/V3's dense FMHA, V3.2's sparse MQA (in the KV dtype)
     layer_s: float
     draft_s: float
+    sms: int  # streaming multiprocessors: kernels of one CTA per row run this many rows at once
 
     @classmethod
     def of(cls, gpu: GPU, *, kv_cache_dtype: str) -> "Rates":
         attn_dtype = "fp8" if kv_cache_dtype == "fp8" else "bf16"  # FP8 KV runs FP8 MLA kernels (tech blog 3)
         peak = {d: gpu.peak_tflops(d) * 1e12 for d in GEMM_DTYPES}
         gemm = {d: p * gpu.compute_efficiency for d, p in peak.items()}
-        return cls(gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency, gemm, peak, peak[attn_dtype] * gpu.attention_efficiency,
+        return cls(gpu.hbm_tb_s * 1e12 * gpu.hbm_efficiency, gemm, gpu.gemm_half_rows,
+                   peak[attn_dtype] * gpu.attention_efficiency,
                    peak[attn_dtype] * gpu.context_attention_efficiency, gpu.layer_overhead_us * 1e-6,
-                   gpu.draft_overhead_us * 1e-6)
+                   gpu.draft_overhead_us * 1e-6, gpu.sms)
 
     def gemm_seconds(self, params: dict[str, float], rows: float, gemms: float = 1.0) -> float:
         """Tensor-core time of ``gemms`` GEMMs of ``params`` weights each (by compute dtype) with ``rows`` token rows
-        in all: the rows at the achieved rate, plus each GEMM's last tile padded to ``GEMM_TILE_ROWS`` rows at the
-        peak rate (a grouped MoE GEMM with a few tokens per expert is mostly padding)."""
-        return sum(2 * n * (rows / self.gemm[d] + GEMM_TILE_ROWS / 2 * gemms / self.peak[d]) for d, n in params.items())
+        in all, each GEMM ``gemm_half_rows`` rows longer than it is (a grouped MoE GEMM with a few tokens per
+        expert runs at a small share of the large-GEMM rate)."""
+        return sum(2 * n * (rows + self.gemm_half_rows * gemms) / self.gemm[d] for d, n in params.items())
+
+
+def topk_seconds(rows: float, scores: float, sms: int) -> float:
+    """DSA's top-k of ``rows`` query rows of ``scores`` indexer scores each: waves of one row per SM."""
+    return math.ceil(rows / sms) * (TOPK_ROW_S + scores * TOPK_S_PER_SCORE)
 
 
 def expert_fraction_read(cfg: ModelConfig, tokens: float) -> float:
@@ -351,13 +360,14 @@ def _layer(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *
     else:
         latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         core_flops = 2 * own * shapes.heads * keys * (latent + cfg.kv_lora_rank)
-        kv_read = 0.0 if prefill else seqs * keys * kv_token_bytes
+        # DSA gathers each query token's own top-k latents (no key is shared by a tile of queries), in prefill too
+        kv_read = own * keys * kv_token_bytes if prefill else seqs * keys * kv_token_bytes
     if scored:  # the indexer: FP8 MQA logits over every scored key, then top-k selection per query
         core_flops += 2 * own * cfg.index_n_heads * cfg.index_head_dim * scored
         kv_read += 0.0 if prefill else seqs * scored * idx_token_bytes
     t.kernel(kv_read, core_flops / attn, bw=bw, reads="kv")
     if scored:
-        t.compute_ms += own * scored / TOPK_SCORES_PER_S * 1e3
+        t.compute_ms += topk_seconds(own, scored, rates.sms) * 1e3
     if moe:
         t.kernel(place.mlp, rates.gemm_seconds(shapes.shared_params(), own), bw=bw)
         touched = expert_fraction_read(cfg, tokens)
@@ -407,7 +417,9 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
     shapes = ModelShapes(cfg, layout, compute_dtypes)
     mtp_shapes = ModelShapes(cfg, layout, mtp_compute_dtypes)
     stages = layout.stage_layers(cfg.num_hidden_layers)
-    seqs_rank = b / layout.tp if layout.attention_dp else b  # sequences through one rank's attention
+    # Sequences through the busiest rank's attention: under attention-DP each rank runs its own, and the MoE waits
+    # for the rank with the most (a lone request keeps one rank busy while the others wait).
+    seqs_rank = math.ceil(b / layout.tp) if layout.attention_dp else b
     idx_bytes = cfg.indexer_cache_bytes_per_token_per_layer
     latent_bytes = kv_bytes_per_token_layer - idx_bytes
     keys, scored = attended_keys(cfg, context), indexed_keys(cfg, context)
@@ -470,8 +482,8 @@ class PrefillEstimate:
 
 
 def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement,
-            weights: list[list[RankWeights]], *, isl: int, max_num_tokens: int, rates: Rates,
-            compute_dtypes: dict[Kind, str]) -> PrefillEstimate:
+            weights: list[list[RankWeights]], *, isl: int, max_num_tokens: int, kv_bytes_per_token_layer: int,
+            rates: Rates, compute_dtypes: dict[Kind, str]) -> PrefillEstimate:
     """Prompts in chunks of up to ``max_num_tokens`` tokens. Throughput: each rank's chunks (every attention-DP
     rank prefills its own requests) as a steady stream; TTFT: one prompt's chunks in order on an idle replica."""
     shapes = ModelShapes(cfg, layout, compute_dtypes)
@@ -479,6 +491,7 @@ def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement
     chunks = max(1, math.ceil(isl / max_num_tokens))
     chunk = isl / chunks
     share = layout.tp if layout.attention_dp else 1  # chunks in flight per TP group
+    latent_bytes = kv_bytes_per_token_layer - cfg.indexer_cache_bytes_per_token_per_layer
 
     def chunk_times(start: float, group: float, own: float) -> list[StageTime]:
         """Per stage, one chunk position's forward: ``group`` tokens meet in the MoE, ``own`` per rank."""
@@ -491,7 +504,7 @@ def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement
                 one = StageTime()
                 if n:
                     _layer(one, shapes, rates, placed, moe=moe, tokens=group, own=own, seqs=0, keys=keys,
-                           scored=scored, kv_token_bytes=0, idx_token_bytes=0, prefill=True)
+                           scored=scored, kv_token_bytes=latent_bytes, idx_token_bytes=0, prefill=True)
                 _add(t, one, n)
             t.comm.accumulate(_stage_comm(cfg, layout, place, tokens=group, n_layers=len(layers),
                                           n_moe=w.n_moe, first=s == 0, last=False, per_token=True))

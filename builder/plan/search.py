@@ -193,7 +193,7 @@ def evaluate_layout(cfg: ModelConfig, layout: Layout, cluster: Cluster, *, quant
                            "decode step")
     lp.kv_used = math.ceil(batch / dp) * seq_tokens * lp.kv_bytes_per_token
     lp.prefill = prefill(cfg, layout, cluster, place, weights, isl=workload.isl, max_num_tokens=lp.max_num_tokens,
-                         rates=rates, compute_dtypes=catalog.compute_dtypes)
+                         kv_bytes_per_token_layer=per_layer, rates=rates, compute_dtypes=catalog.compute_dtypes)
     if workload.ttft_ms is not None and lp.prefill.ttft_ms > workload.ttft_ms:
         lp.meets_slo = False
         lp.warnings.append(f"TTFT {lp.prefill.ttft_ms:.0f} ms exceeds the {workload.ttft_ms:g} ms limit")

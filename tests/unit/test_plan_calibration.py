@@ -29,12 +29,12 @@ def test_rows_name_their_source_and_a_known_metric():
         assert r.metric in METRICS and r.value > 0 and r.gpu in GPUS, r.id
         assert {"repo", "path", "commit", "quote"} <= set(r.source), r.id
         if r.band != DEFAULT_BAND:  # a wider band only with the reason the model cannot do better, and not much wider
-            assert len(r.band_reason) > 40 and 0.7 <= r.band[0] <= 0.8 and 1.25 <= r.band[1] <= 1.3, r.id
+            assert len(r.band_reason) > 40 and 0.65 <= r.band[0] <= 0.8 and 1.25 <= r.band[1] <= 1.4, r.id
         assert r.acceptance is None or 1 <= r.acceptance <= r.draft_len + 1, r.id
     # The starting points are all in: perf-overview (both forms), blogs 1 and 15, MLPerf v5.1.
     groups = {r.group for r in ROWS}
     assert {"perf-overview (main)", "perf-overview (release/1.2)", "tech blog 1 (MTP)", "tech blog 15 (V3.2)",
-            "MLPerf Inference v5.1"} <= groups
+            "tech blog 19 (V3.2 long context)", "MLPerf Inference v5.1"} <= groups
     raw = yaml.safe_load(PUBLISHED.read_text())["rows"]
     assert len(raw) == len(ROWS)
     assert sum(r.band == DEFAULT_BAND for r in ROWS) >= 0.8 * len(ROWS)
@@ -47,6 +47,7 @@ def test_fitted_parameters_are_physical():
         assert set(p) == set(EFFICIENCY_FIELDS)
         for k in [f for f in EFFICIENCY_FIELDS if f.endswith("_efficiency")]:
             assert 0.05 < p[k] <= 1.0, (arch, k)
+        assert 1 <= p["gemm_half_rows"] <= 1024  # a few tiles of rows at most
         assert 1 <= p["layer_overhead_us"] <= 1000
         assert 1 <= p["draft_overhead_us"] <= 5000
         assert GPUS["h200-sxm" if arch == "hopper" else "b200"].hbm_efficiency == p["hbm_efficiency"]

@@ -12,7 +12,7 @@ from builder.model.catalog import Dtype, Kind
 from builder.model.config import preset
 from builder.plan.hardware import load_hardware
 from builder.plan.memory import stage_weights, weight_catalog
-from builder.plan.perf import GEMM_TILE_ROWS, ModelShapes, Rates
+from builder.plan.perf import ModelShapes, Rates
 from quantize.formats import quantized_catalog, unquantized_linears
 
 H, Q_LORA, KV_LORA, ROPE, NOPE, V_HEAD, HEADS = 7168, 1536, 512, 64, 128, 128, 128
@@ -78,8 +78,12 @@ def test_attention_projection_time_is_the_sum_over_dtypes_by_hand():
             + Q_LORA * IDX_HEADS * IDX_DIM + H * IDX_DIM + H * IDX_HEADS)
     assert params == {"bf16": bf16, "fp4": HEADS * V_HEAD * H}
     rows = 4096
-    expected = sum(2 * n * (rows / (b200.peak_tflops(d) * 1e12 * b200.compute_efficiency)
-                            + GEMM_TILE_ROWS / 2 / (b200.peak_tflops(d) * 1e12)) for d, n in params.items())
+    expected = sum(2 * n * (rows + b200.gemm_half_rows) / (b200.peak_tflops(d) * 1e12 * b200.compute_efficiency)
+                   for d, n in params.items())
     assert rates.gemm_seconds(params, rows) == pytest.approx(expected, rel=1e-12)
+    # A grouped GEMM of 64 experts with gemm_half_rows tokens each runs at half the large-GEMM rate.
+    experts, fp4 = 64, {"fp4": 1e8}
+    half = rates.gemm_seconds(fp4, experts * b200.gemm_half_rows, experts)
+    assert half == pytest.approx(2 * 2 * 1e8 * experts * b200.gemm_half_rows / rates.gemm["fp4"], rel=1e-12)
     # BF16 runs at a quarter of B200's dense FP4 rate: the BF16 projections cost more than o_proj although smaller.
     assert b200.peak_tflops("fp4") == 4 * b200.peak_tflops("bf16")
