@@ -1,11 +1,12 @@
 """Fit the planner's efficiency parameters per GPU generation to the published TensorRT-LLM results.
 
-For each generation with calibration rows (Hopper, Blackwell) the six parameters of docs/choosing-a-layout.md
-(``hbm_efficiency``, ``compute_efficiency``, ``attention_efficiency``, ``context_attention_efficiency``,
-``layer_overhead_us``, ``draft_overhead_us``) are chosen to minimise the squared log of predicted/published over
-that generation's rows of ``builder/data/calibration/trtllm_deepseek_published.yaml``, plus a steep penalty for any
-row outside its band (so the fit prefers every row inside to a smaller average error). Nelder-Mead from several
-starts (scipy), in log space with the efficiencies kept in (0, 1]. The result is written to
+For each generation with calibration rows (Hopper, Blackwell) the seven parameters of docs/choosing-a-layout.md
+(``hbm_efficiency``, ``compute_efficiency``, ``gemm_half_rows``, ``attention_efficiency``,
+``context_attention_efficiency``, ``layer_overhead_us``, ``draft_overhead_us``) are chosen to minimise the squared
+log of predicted/published over that generation's rows of ``builder/data/calibration/trtllm_deepseek_published.yaml``,
+plus a steep penalty for any row outside its band (so the fit prefers every row inside to a smaller average error).
+Nelder-Mead from several starts and from the parameters in use (scipy), in log space with the efficiencies kept in
+(0, 1]. The result is written to
 ``builder/data/calibration/efficiency.yaml`` (``--write``), which the planner loads; ``--json`` prints it.
 
 Usage: ``python benchmarks/fit_planner.py [--write] [--json]`` (a few minutes on two cores).
@@ -106,9 +107,8 @@ def main() -> int:
     report = {}
     for arch in sorted({GPUS[r.gpu].arch for r in rows} & set(args.arch or [GPUS[r.gpu].arch for r in rows])):
         mine = [r for r in rows if GPUS[r.gpu].arch == arch]
-        current = {k: float(v) for k, v in fitted[arch].items()} if set(fitted.get(arch, {})) == set(
-            EFFICIENCY_FIELDS) else None
-        params, value = fit(arch, mine, table, current)
+        in_use = fitted.get(arch, {})
+        params, value = fit(arch, mine, table, in_use if set(in_use) == set(EFFICIENCY_FIELDS) else None)
         fitted[arch] = params
         table = with_efficiency(table, arch, params)
         ratios = {r.id: round(predict(r, hardware=table).ratio, 4) for r in mine}

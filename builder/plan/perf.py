@@ -360,8 +360,9 @@ def _layer(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *
     else:
         latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         core_flops = 2 * own * shapes.heads * keys * (latent + cfg.kv_lora_rank)
-        # DSA gathers each query token's own top-k latents (no key is shared by a tile of queries), in prefill too
-        kv_read = own * keys * kv_token_bytes if prefill else seqs * keys * kv_token_bytes
+        # Decode reads each sequence's attended latents once; DSA's prefill gathers every query token's own top-k
+        # (no key is shared by a tile of queries).
+        kv_read = (own if prefill else seqs) * keys * kv_token_bytes
     if scored:  # the indexer: FP8 MQA logits over every scored key, then top-k selection per query
         core_flops += 2 * own * cfg.index_n_heads * cfg.index_head_dim * scored
         kv_read += 0.0 if prefill else seqs * scored * idx_token_bytes
