@@ -79,15 +79,13 @@ def loss(x: np.ndarray, arch: str, rows, table) -> float:
 def fit(arch: str, rows, table, current: dict[str, float] | None = None) -> tuple[dict[str, float], float]:
     """Nelder-Mead from each start (and from the parameters in use), then restarted from the best point until a
     restart gains nothing: a fresh simplex gets the search out of the flat valleys a collapsed one stalls in."""
-    best = None
-    for start in STARTS + ((current,) if current else ()):
-        res = minimize(loss, encode(start), args=(arch, rows, table), method="Nelder-Mead",
-                       options={"maxiter": 1500, "xatol": 1e-3, "fatol": 1e-6})
-        if best is None or res.fun < best.fun:
-            best = res
+    def search(x0: np.ndarray):
+        return minimize(loss, x0, args=(arch, rows, table), method="Nelder-Mead",
+                        options={"maxiter": 1500, "xatol": 1e-3, "fatol": 1e-6})
+
+    best = min((search(encode(start)) for start in STARTS + ((current,) if current else ())), key=lambda r: r.fun)
     for _ in range(RESTARTS):
-        res = minimize(loss, best.x, args=(arch, rows, table), method="Nelder-Mead",
-                       options={"maxiter": 1500, "xatol": 1e-3, "fatol": 1e-6})
+        res = search(best.x)
         if res.fun > best.fun - 1e-5:
             break
         best = res

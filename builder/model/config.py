@@ -391,7 +391,12 @@ PRESETS["tiny-draft"] = {
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ModelConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig.from_dict(json.loads(json.dumps(PRESETS[name])), source=f"preset {name}")
+    return ModelConfig.from_dict(_preset_data(name), source=f"preset {name}")
+
+
+def _preset_data(name: str) -> dict[str, Any]:
+    """A deep copy of a preset's config.json, free to change."""
+    return json.loads(json.dumps(PRESETS[name]))
 
 
 # Generated models: name -> (preset, trained). The trained ones are committed under builder/data/trained/
@@ -404,7 +409,7 @@ GENERATED: dict[str, tuple[str, bool]] = {
 
 def tiny_config(name: str = "tiny", overrides: dict[str, Any] | None = None) -> ModelConfig:
     """The config of a tiny preset or generated model name ('tiny-random' has the config of 'tiny')."""
-    data = json.loads(json.dumps(PRESETS[generated_model(name)[0]]))
+    data = _preset_data(generated_model(name)[0])
     data.update(overrides or {})
     return ModelConfig.from_dict(data, source=f"preset {name}")
 

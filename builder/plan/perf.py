@@ -343,13 +343,16 @@ def _stage_comm(cfg: ModelConfig, layout: Layout, place: Placement, *, tokens: f
 
 
 def _layer(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *, moe: bool, tokens: float,
-           own: float, seqs: float, keys: float, scored: float, kv_token_bytes: float, idx_token_bytes: float,
+           own: float, seqs: float, keys: float, scored: float, kv_bytes_per_token_layer: float,
            prefill: bool) -> None:
     """One decoder layer on one rank. ``tokens``: query tokens of the TP group this step (every sequence's verified
     tokens, or prefill chunks), which meet in the MoE; ``own``: those through this rank's attention and MLPs (all
     of them under attention-TP); ``seqs``: sequences whose KV the rank reads (decode); ``keys``/``scored``: keys
-    attended / scored by the indexer per query token."""
+    attended / scored by the indexer per query token; ``kv_bytes_per_token_layer``: the MLA latent and the DSA
+    indexer key of one token in this layer's cache."""
     cfg = shapes.cfg
+    idx_token_bytes = cfg.indexer_cache_bytes_per_token_per_layer
+    latent_token_bytes = kv_bytes_per_token_layer - idx_token_bytes
     layout = shapes.layout
     bw = rates.hbm
     attn = rates.context_attention if prefill else rates.attention
@@ -362,7 +365,7 @@ def _layer(t: StageTime, shapes: ModelShapes, rates: Rates, place: PlaceBytes, *
         core_flops = 2 * own * shapes.heads * keys * (latent + cfg.kv_lora_rank)
         # Decode reads each sequence's attended latents once; DSA's prefill gathers every query token's own top-k
         # (no key is shared by a tile of queries).
-        kv_read = (own if prefill else seqs) * keys * kv_token_bytes
+        kv_read = (own if prefill else seqs) * keys * latent_token_bytes
     if scored:  # the indexer: FP8 MQA logits over every scored key, then top-k selection per query
         core_flops += 2 * own * cfg.index_n_heads * cfg.index_head_dim * scored
         kv_read += 0.0 if prefill else seqs * scored * idx_token_bytes
@@ -420,9 +423,7 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
     stages = layout.stage_layers(cfg.num_hidden_layers)
     # Sequences through the busiest rank's attention: under attention-DP each rank runs its own, and the MoE waits
     # for the rank with the most (a lone request keeps one rank busy while the others wait).
-    seqs_rank = math.ceil(b / layout.tp) if layout.attention_dp else b
-    idx_bytes = cfg.indexer_cache_bytes_per_token_per_layer
-    latent_bytes = kv_bytes_per_token_layer - idx_bytes
+    seqs_rank = math.ceil(b / layout.attention_dp_ranks)
     keys, scored = attended_keys(cfg, context), indexed_keys(cfg, context)
     out: list[StageTime] = []
     total = Comm()
@@ -433,8 +434,8 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
             one = StageTime()
             if n:
                 _layer(one, shapes, rates, placed, moe=moe, tokens=b * (k + 1), own=seqs_rank * (k + 1),
-                       seqs=seqs_rank, keys=keys, scored=scored, kv_token_bytes=latent_bytes,
-                       idx_token_bytes=idx_bytes, prefill=False)
+                       seqs=seqs_rank, keys=keys, scored=scored,
+                       kv_bytes_per_token_layer=kv_bytes_per_token_layer, prefill=False)
             _add(t, one, n)
         last = s == layout.pp - 1
         if last:
@@ -442,8 +443,7 @@ def decode_step(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Place
             if k:
                 draft = StageTime()
                 _layer(draft, mtp_shapes, rates, w.mtp_layer, moe=True, tokens=b, own=seqs_rank, seqs=seqs_rank,
-                       keys=keys, scored=scored, kv_token_bytes=latent_bytes, idx_token_bytes=idx_bytes,
-                       prefill=False)
+                       keys=keys, scored=scored, kv_bytes_per_token_layer=kv_bytes_per_token_layer, prefill=False)
                 draft.kernel(w.mtp_layer.mtp_eh_proj, rates.gemm_seconds(mtp_shapes.eh_proj_params(), seqs_rank),
                              bw=rates.hbm)
                 _head(draft, shapes, rates, w.last, own=seqs_rank)
@@ -491,8 +491,7 @@ def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement
     stages = layout.stage_layers(cfg.num_hidden_layers)
     chunks = max(1, math.ceil(isl / max_num_tokens))
     chunk = isl / chunks
-    share = layout.tp if layout.attention_dp else 1  # chunks in flight per TP group
-    latent_bytes = kv_bytes_per_token_layer - cfg.indexer_cache_bytes_per_token_per_layer
+    share = layout.attention_dp_ranks  # chunks in flight per TP group
 
     def chunk_times(start: float, group: float, own: float) -> list[StageTime]:
         """Per stage, one chunk position's forward: ``group`` tokens meet in the MoE, ``own`` per rank."""
@@ -505,7 +504,7 @@ def prefill(cfg: ModelConfig, layout: Layout, cluster: Cluster, place: Placement
                 one = StageTime()
                 if n:
                     _layer(one, shapes, rates, placed, moe=moe, tokens=group, own=own, seqs=0, keys=keys,
-                           scored=scored, kv_token_bytes=latent_bytes, idx_token_bytes=0, prefill=True)
+                           scored=scored, kv_bytes_per_token_layer=kv_bytes_per_token_layer, prefill=True)
                 _add(t, one, n)
             t.comm.accumulate(_stage_comm(cfg, layout, place, tokens=group, n_layers=len(layers),
                                           n_moe=w.n_moe, first=s == 0, last=False, per_token=True))

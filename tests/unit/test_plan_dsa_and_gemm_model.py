@@ -36,24 +36,24 @@ def test_v32_prefill_gathers_every_query_tokens_own_topk_latents():
     """Sparse MLA shares no key among a tile of queries: the kernel reads own x top-k latents from memory. With
     tensor cores made free, the attention kernel's time is exactly those bytes over the achieved bandwidth."""
     layout = Layout(tp=4, pp=1, ep=1, attention_dp=False)
-    gpu = load_hardware().gpu("b200")
-    free = Rates.of(gpu, kv_cache_dtype="fp8")
-    free = Rates(free.hbm, {d: 1e30 for d in free.gemm}, free.gemm_half_rows, 1e30, 1e30, 0.0, 0.0, free.sms)
+    rates = Rates.of(B200, kv_cache_dtype="fp8")
+    free = replace(rates, gemm={d: 1e30 for d in rates.gemm}, attention=1e30, context_attention=1e30, layer_s=0.0,
+                   draft_s=0.0)
     shapes = ModelShapes(V32, layout, weight_catalog(V32, "nvfp4").compute_dtypes)
     latent = V32.kv_lora_rank + V32.qk_rope_head_dim  # FP8 KV: one byte per element
+    cache = latent + V32.indexer_cache_bytes_per_token_per_layer  # what a token of the layer's cache holds
     own = 8192
     keys, scored = mean_prefill_keys(V32, 0, own)
     t = StageTime()
     _layer(t, shapes, free, PlaceBytes(), moe=False, tokens=own, own=own, seqs=0, keys=keys, scored=scored,
-           kv_token_bytes=latent, idx_token_bytes=0, prefill=True)
+           kv_bytes_per_token_layer=cache, prefill=True)
     assert keys < V32.index_topk  # positions below top-k attend their whole prefix
     assert t.kv_ms == pytest.approx(own * keys * latent / free.hbm * 1e3, rel=1e-12)
     # R1/V3's dense prefill (MHA over up-projected keys) reads no latents per query.
     r1 = preset("deepseek-v3")
     t = StageTime()
     _layer(t, ModelShapes(r1, layout, weight_catalog(r1, "nvfp4").compute_dtypes), free, PlaceBytes(), moe=False,
-           tokens=own, own=own, seqs=0, keys=own / 2, scored=0, kv_token_bytes=latent, idx_token_bytes=0,
-           prefill=True)
+           tokens=own, own=own, seqs=0, keys=own / 2, scored=0, kv_bytes_per_token_layer=latent, prefill=True)
     assert t.kv_ms == 0
 
 
